@@ -1,0 +1,3 @@
+"""peftseg: PEFT experiment runner for instance segmentation."""
+
+__version__ = "0.1.0"
