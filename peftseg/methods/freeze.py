@@ -1,0 +1,50 @@
+"""The shared freezing policy: freeze everything, then unfreeze by accounting group.
+
+Groups are resolved through the model's FamilyMap, so no method names a module path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+from peftseg.errors import UserError
+from peftseg.models import family_of
+
+# what "train the heads" means for methods that keep the backbone frozen: the neck is
+# randomly initialised (ViTDet's pyramid is not part of MAE weights), so it trains too
+NECK_AND_HEADS = ("neck", "heads")
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def unfreeze_groups(model: nn.Module, groups: Iterable[str]) -> None:
+    """Make trainable every parameter whose accounting group is in `groups`."""
+    family = family_of(model)
+    wanted = set(groups)
+    unknown = wanted - set(family.groups)
+    if unknown:
+        raise UserError(
+            f"parameter groups {sorted(unknown)} are not defined for model family "
+            f"{family.name!r}; the groups it has are {sorted(family.groups)}."
+        )
+    for name, p in model.named_parameters():
+        if family.group_of(name) in wanted:
+            p.requires_grad_(True)
+
+
+def unfreeze_params(model: nn.Module, param_ids: Iterable[int]) -> None:
+    """Make trainable the parameters whose id() is listed (e.g. those a method added)."""
+    ids = set(param_ids)
+    for p in model.parameters():
+        if id(p) in ids:
+            p.requires_grad_(True)

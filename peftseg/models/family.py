@@ -1,0 +1,32 @@
+"""What methods and accounting may know about a model family: names, never code.
+
+Each family publishes one FamilyMap. Methods freeze, unfreeze and wrap modules only
+through it, so a new family needs no change in any method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACCOUNTING_GROUPS = ("backbone", "neck", "heads")
+
+
+@dataclass(frozen=True)
+class FamilyMap:
+    name: str  # the family, for messages
+    # accounting group -> parameter-name prefixes; the longest matching prefix wins, so
+    # "backbone.net." (backbone) can sit inside "backbone." (neck)
+    groups: dict[str, tuple[str, ...]]
+    # module path of the transformer block list (for per-block methods such as adapters)
+    blocks: str
+    # LoRA target group -> regex that fullmatches full module names
+    lora_targets: dict[str, str]
+
+    def group_of(self, param_name: str) -> str | None:
+        """Accounting group of a parameter name, or None when no prefix matches."""
+        best, best_len = None, -1
+        for group, prefixes in self.groups.items():
+            for prefix in prefixes:
+                if param_name.startswith(prefix) and len(prefix) > best_len:
+                    best, best_len = group, len(prefix)
+        return best
