@@ -1,0 +1,74 @@
+"""Structured-config schema: every config group option is typed by a dataclass.
+
+Each YAML under conf/<group>/ extends its schema (`/schema/<group>/<name>@_here_`), so
+a mistyped key or a wrong type in an override fails in Hydra, before any model is built.
+Schemas live under `schema/` so they don't show up as choices of the real groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from peftseg.data.register import CocoDatasetConfig, CocoFormatDatasetConfig
+from peftseg.data.shapes import ShapesDatasetConfig
+from peftseg.methods.full import FullConfig
+from peftseg.methods.heads import HeadsConfig
+from peftseg.methods.lora import LoraConfig
+from peftseg.models.vitdet import VitDetConfig
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    max_iter: int = 1000
+    ims_per_batch: int = 4
+    optimizer: str = "adamw"  # adamw | sgd
+    base_lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    lr_schedule: str = "cosine"  # cosine | step
+    lr_steps: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions of max_iter
+    warmup_iters: int = 50
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0  # 0 disables
+    eval_period: int = 0  # 0: evaluate once, at the end
+    checkpoint_period: int = 0  # 0: only the final checkpoint
+    log_period: int = 20
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False
+    num_workers: int = 2
+    seed: int = 0
+    progress: bool = True
+    timing_warmup_iters: int = 5  # steps excluded from the mean step time
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    method: Any = MISSING
+    dataset: Any = MISSING
+    train: TrainConfig = MISSING
+
+
+SCHEMAS = {
+    "model": {"vitdet": VitDetConfig},
+    "method": {"full": FullConfig, "heads": HeadsConfig, "lora": LoraConfig},
+    "dataset": {
+        "shapes": ShapesDatasetConfig,
+        "coco": CocoDatasetConfig,
+        "coco_format": CocoFormatDatasetConfig,
+    },
+    "train": {"train": TrainConfig},
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)

@@ -1,0 +1,83 @@
+"""Training with detectron2's trainer and hooks; returns the final evaluation and timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, hooks
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+from peftseg.data.loaders import train_loader
+from peftseg.engine.checkpoint import AtomicCheckpointer
+from peftseg.engine.efficiency import peak_memory, reset_peak_memory, step_time_stats
+from peftseg.engine.evaluate import evaluate
+from peftseg.engine.optim import build_lr_scheduler, build_optimizer
+from peftseg.engine.progress import RichProgress
+
+FINAL_CHECKPOINT = "model_final"
+
+
+@dataclass
+class TrainOutcome:
+    eval_results: dict = field(default_factory=dict)
+    efficiency: dict = field(default_factory=dict)
+
+
+class _TrainClock(HookBase):
+    """Stops the clock when the last step is done, before the final evaluation runs."""
+
+    def __init__(self, outcome: TrainOutcome, ims_per_batch: int, device: torch.device):
+        self._outcome, self._ims, self._device = outcome, ims_per_batch, device
+
+    def before_train(self):
+        reset_peak_memory(self._device)
+        self._start = time.perf_counter()
+
+    def after_train(self):
+        eff = self._outcome.efficiency
+        eff["train_wall_time_s"] = time.perf_counter() - self._start
+        eff.update(step_time_stats(self.trainer.storage, self._ims))
+        eff.update(peak_memory(self._device))
+
+
+def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, image_size: int) -> TrainOutcome:
+    tcfg = cfg.train
+    seed_all_rng(tcfg.seed)
+    outcome = TrainOutcome()
+    data = train_loader(splits.train, image_size, model.input_format, tcfg.ims_per_batch, tcfg.num_workers, tcfg.seed)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_lr_scheduler(optimizer, tcfg)
+    model.train()
+    if tcfg.amp and device.type == "cuda":
+        trainer = AMPTrainer(model, data, optimizer)
+    else:
+        trainer = SimpleTrainer(model, data, optimizer)
+    checkpointer = AtomicCheckpointer(model, save_dir=str(run_dir), optimizer=optimizer, scheduler=scheduler)
+
+    def do_eval():
+        outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
+        return outcome.eval_results
+
+    writers = [JSONWriter(str(run_dir / "metrics.json")), TensorboardXWriter(str(run_dir / "tb"))]
+    if not tcfg.progress:
+        writers.append(CommonMetricPrinter(tcfg.max_iter))
+    trainer.register_hooks([
+        hooks.IterationTimer(warmup_iter=tcfg.timing_warmup_iters),
+        _TrainClock(outcome, tcfg.ims_per_batch, device),
+        hooks.LRScheduler(optimizer, scheduler),
+        RichProgress() if tcfg.progress else None,  # before EvalHook: bar closes before eval logs
+        hooks.PeriodicCheckpointer(
+            checkpointer, tcfg.checkpoint_period or tcfg.max_iter, max_iter=tcfg.max_iter,
+            file_prefix="model",
+        ),
+        hooks.EvalHook(tcfg.eval_period, do_eval),
+        hooks.PeriodicWriter(writers, period=tcfg.log_period),
+    ])
+    trainer.train(0, tcfg.max_iter)
+    final = run_dir / f"{FINAL_CHECKPOINT}.pth"
+    outcome.efficiency["checkpoint_bytes"] = final.stat().st_size if final.exists() else None
+    return outcome
