@@ -14,9 +14,10 @@ from peftseg.models.family import ACCOUNTING_GROUPS, FamilyMap
 
 GROUPS = (*ACCOUNTING_GROUPS, "peft", "other")
 
-# parameter-name fragments of modules that methods insert (peft's LoRA: lora_A, lora_B,
-# lora_embedding_*, lora_magnitude_vector); a new method adds its own here
-PEFT_NAME_MARKERS: tuple[str, ...] = ("lora_",)
+# parameter-name fragments of modules that methods insert: peft's LoRA/DoRA (lora_A,
+# lora_B, lora_magnitude_vector), LoHa (hada_*), LoKr (lokr_*), IA3 (ia3_l) and the
+# project's bottleneck adapters (peft_adapters.*); a new method adds its own here
+PEFT_NAME_MARKERS: tuple[str, ...] = ("lora_", "hada_", "lokr_", "ia3_", "peft_adapters.")
 
 
 @dataclass(frozen=True)

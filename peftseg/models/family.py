@@ -17,8 +17,10 @@ class FamilyMap:
     # accounting group -> parameter-name prefixes; the longest matching prefix wins, so
     # "backbone.net." (backbone) can sit inside "backbone." (neck)
     groups: dict[str, tuple[str, ...]]
-    # module path of the transformer block list (for per-block methods such as adapters)
-    blocks: str
+    # adapter site -> regex that fullmatches the modules adapters follow, one per
+    # transformer block: "attn" (attention sub-layer) and "mlp" (MLP sub-layer, whose
+    # input also feeds AdaptFormer-style parallel adapters)
+    adapter_sites: dict[str, str]
     # LoRA target group -> regex that fullmatches full module names
     lora_targets: dict[str, str]
 

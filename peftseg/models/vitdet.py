@@ -42,11 +42,12 @@ FAMILY = FamilyMap(
         "neck": ("backbone.",),
         "heads": ("proposal_generator.", "roi_heads."),
     },
-    blocks="backbone.net.blocks",
+    adapter_sites={"attn": _BLOCK + r"\.attn", "mlp": _BLOCK + r"\.mlp"},
     lora_targets={
         "attn_qkv": _BLOCK + r"\.attn\.qkv",
         "attn_proj": _BLOCK + r"\.attn\.proj",
         "mlp": _BLOCK + r"\.mlp\.fc[12]",
+        "heads": r"roi_heads\.(box_head\.fc\d+|box_predictor\.(cls_score|bbox_pred))",
     },
 )
 
