@@ -8,7 +8,7 @@ Schemas live under `schema/` so they don't show up as choices of the real groups
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -17,6 +17,10 @@ from peftseg.data.register import CocoDatasetConfig, CocoFormatDatasetConfig
 from peftseg.data.shapes import ShapesDatasetConfig
 from peftseg.methods.full import FullConfig
 from peftseg.methods.heads import HeadsConfig
+from peftseg.methods.bitfit import BitfitConfig
+from peftseg.methods.ia3 import Ia3Config
+from peftseg.methods.loha import LohaConfig
+from peftseg.methods.lokr import LokrConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.models.vitdet import VitDetConfig
 
@@ -27,7 +31,9 @@ class TrainConfig:
     max_iter: int = 1000
     ims_per_batch: int = 4
     optimizer: str = "adamw"  # adamw | sgd
-    base_lr: float = 1e-3
+    base_lr: float = 1e-3  # backbone (and anything without a group LR below)
+    peft_lr: Optional[float] = None  # LR of method modules (LoRA, adapters…); None: base_lr
+    heads_lr: Optional[float] = None  # LR of neck + heads; None: base_lr
     momentum: float = 0.9
     weight_decay: float = 0.05
     lr_schedule: str = "cosine"  # cosine | step
@@ -56,7 +62,8 @@ class Config:
 
 SCHEMAS = {
     "model": {"vitdet": VitDetConfig},
-    "method": {"full": FullConfig, "heads": HeadsConfig, "lora": LoraConfig},
+    "method": {"full": FullConfig, "heads": HeadsConfig, "lora": LoraConfig,
+               "loha": LohaConfig, "lokr": LokrConfig, "ia3": Ia3Config, "bitfit": BitfitConfig},
     "dataset": {
         "shapes": ShapesDatasetConfig,
         "coco": CocoDatasetConfig,

@@ -13,14 +13,53 @@ from fvcore.common.param_scheduler import (
 from detectron2.solver.lr_scheduler import WarmupParamScheduler
 
 from peftseg.errors import UserError
+from peftseg.params import group_of
+
+
+def _lr_factor(model: torch.nn.Module, cfg):
+    """Per-parameter LR multiplier: PEFT modules and neck+heads may get their own LR (the
+    reference study trained PEFT parameters at 1e-3 but decoder-only runs at 1e-4)."""
+    family = getattr(model, "peftseg_family", None)
+    group_lr = {"peft": cfg.peft_lr, "neck": cfg.heads_lr, "heads": cfg.heads_lr}
+    for key, lr in (("peft_lr", cfg.peft_lr), ("heads_lr", cfg.heads_lr)):
+        if lr is not None and not lr > 0:
+            raise UserError(f"train.{key}={lr} must be greater than 0, or null to use train.base_lr.")
+
+    def factor(name: str) -> float:
+        lr = group_lr.get(group_of(name, family))
+        return 1.0 if lr is None else lr / cfg.base_lr
+
+    return factor
+
+
+def _no_decay_on_norms(model: torch.nn.Module, groups: list[dict]) -> list[dict]:
+    """detectron2's norm list misses its own channels-first LayerNorm (ViTDet's neck and
+    heads use it), so those weights would be decayed; split them into no-decay groups."""
+    norm_ids = {
+        id(p) for m in model.modules() if "norm" in type(m).__name__.lower()
+        for p in m.parameters(recurse=False)
+    }
+    out = []
+    for g in groups:
+        decayed = [p for p in g["params"] if id(p) not in norm_ids]
+        if g.get("weight_decay", 0.0) == 0.0 or len(decayed) == len(g["params"]):
+            out.append(g)
+            continue
+        if decayed:
+            out.append({**g, "params": decayed})
+        out.append({**g, "params": [p for p in g["params"] if id(p) in norm_ids], "weight_decay": 0.0})
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    if not cfg.base_lr > 0:
+        raise UserError(f"train.base_lr={cfg.base_lr} must be greater than 0, e.g. train.base_lr=1e-3.")
     # Only trainable parameters; norms and biases carry no weight decay.
     params = get_default_optimizer_params(
         model, base_lr=cfg.base_lr, weight_decay=cfg.weight_decay,
-        weight_decay_norm=0.0, weight_decay_bias=0.0,
+        weight_decay_norm=0.0, weight_decay_bias=0.0, lr_factor_func=_lr_factor(model, cfg),
     )
+    params = _no_decay_on_norms(model, params)
     if not params:
         raise UserError(
             "The method left no trainable parameter, so there is nothing to optimise. "

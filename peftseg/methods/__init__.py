@@ -7,12 +7,16 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from peftseg.errors import UserError
-from peftseg.methods import full, heads, lora
+from peftseg.methods import bitfit, full, heads, ia3, loha, lokr, lora
 
 METHODS: dict[str, Callable[[nn.Module, Any], nn.Module]] = {
     "full": full.apply,
     "heads": heads.apply,
     "lora": lora.apply,
+    "loha": loha.apply,
+    "lokr": lokr.apply,
+    "ia3": ia3.apply,
+    "bitfit": bitfit.apply,
 }
 
 __all__ = ["METHODS", "apply_method"]

@@ -1,0 +1,41 @@
+"""Method `ia3`: learned per-feature scaling vectors (IA3), through HF peft.
+
+IA3 scales a targeted Linear's output, or its input for the groups listed in
+`feedforward` (the paper scales the MLP's hidden activation, i.e. fc2's input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import peft
+import torch.nn as nn
+
+from peftseg.errors import UserError
+from peftseg.methods.peft_inject import family_targets, inject, target_regex
+from peftseg.models import family_of
+
+
+@dataclass
+class Ia3Config:
+    name: str = "ia3"
+    targets: list[str] = field(default_factory=lambda: ["attn_qkv", "mlp"])
+    feedforward: list[str] = field(default_factory=lambda: ["mlp"])  # subset of targets
+    train_heads: bool = True
+
+
+def apply(model: nn.Module, cfg: Ia3Config) -> nn.Module:
+    targets = family_targets(model, cfg.targets)
+    stray = [g for g in cfg.feedforward if g not in cfg.targets]
+    if stray:
+        raise UserError(
+            f"method.feedforward lists {stray}, which are not in method.targets={list(cfg.targets)}; "
+            "IA3 can only scale the input of a module it targets, so add them to method.targets "
+            "or drop them from method.feedforward."
+        )
+    peft_cfg = peft.IA3Config(
+        target_modules=targets,
+        # an empty regex would fullmatch nothing; peft wants a list then
+        feedforward_modules=target_regex(family_of(model), list(cfg.feedforward)) if cfg.feedforward else [],
+    )
+    return inject(model, peft_cfg, cfg.train_heads)

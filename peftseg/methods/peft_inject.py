@@ -1,0 +1,118 @@
+"""Shared plumbing of the peft-backed methods (lora, loha, lokr, ia3).
+
+Targets are group names (`attn_qkv`, `attn_proj`, `mlp`, `heads`, …) that the model's
+FamilyMap turns into module-name regexes; peft matches their union with `re.fullmatch`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import peft
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from peftseg.errors import UserError
+from peftseg.methods.freeze import NECK_AND_HEADS, freeze_all, unfreeze_groups, unfreeze_params
+from peftseg.models import family_of
+from peftseg.models.family import FamilyMap
+
+
+def target_regex(family: FamilyMap, groups: list[str]) -> str:
+    """One regex for peft's `target_modules` (a str is re.fullmatch-ed against names)."""
+    return "|".join(f"(?:{family.lora_targets[g]})" for g in groups)
+
+
+def resolve_targets(model: nn.Module, family: FamilyMap, targets: list[str], field: str = "method.targets") -> list[str]:
+    """Full names of the modules the target groups select; UserError for anything peft
+    could not wrap the way a low-rank method means."""
+    known = ", ".join(family.lora_targets)
+    if not targets:
+        raise UserError(
+            f"{field} is empty; list at least one target group of family {family.name!r}: {known}."
+        )
+    unknown = [t for t in targets if t not in family.lora_targets]
+    if unknown:
+        raise UserError(
+            f"{field} names {unknown}, which model family {family.name!r} does not "
+            f"define; the target groups it has are: {known}."
+        )
+    modules = dict(model.named_modules())
+    chosen: list[str] = []
+    for group in targets:
+        pattern = family.lora_targets[group]
+        hits = [n for n in modules if re.fullmatch(pattern, n)]
+        if not hits:
+            raise UserError(
+                f"{field} group {group!r} (pattern {pattern!r}) matches no module of "
+                f"this {family.name} model; the target groups of this family are: {known}."
+            )
+        for name in hits:
+            _check_wrappable(name, modules[name], group, field)
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> None:
+    if isinstance(module, BaseTunerLayer):
+        raise UserError(
+            f"{field} group {group!r} selects {name}, which another peft method of this run "
+            "already wraps; give each method of a combination its own target groups."
+        )
+    if isinstance(module, nn.Linear):
+        return
+    if isinstance(module, nn.Conv2d) and (
+        getattr(module, "norm", None) is not None or getattr(module, "activation", None) is not None
+    ):
+        raise UserError(
+            f"{field} group {group!r} selects {name}, a detectron2 Conv2d that applies its "
+            "own norm/activation inside forward, so peft would add the update after the "
+            "norm instead of to the convolution; only nn.Linear layers are supported as "
+            f"targets here, so drop this group from {field}."
+        )
+    raise UserError(
+        f"{field} group {group!r} selects {name}, a {type(module).__name__}; only "
+        f"nn.Linear layers are supported as targets here, so drop this group from {field}."
+    )
+
+
+def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool) -> nn.Module:
+    """Insert peft's layers, then train exactly them (plus neck and heads if asked)."""
+    before = {id(p) for p in model.parameters()}
+    model = peft.inject_adapter_in_model(peft_config, model)
+    added = [id(p) for p in model.parameters() if id(p) not in before]
+    freeze_all(model)
+    unfreeze_params(model, added)
+    if train_heads:
+        unfreeze_groups(model, NECK_AND_HEADS)
+    return model
+
+
+def family_targets(model: nn.Module, targets: list[str], field: str = "method.targets") -> str:
+    """Validate `targets` against the model's family and return peft's target regex."""
+    family = family_of(model)
+    resolve_targets(model, family, list(targets), field)
+    return target_regex(family, list(targets))
+
+
+def check_rank(rank, field: str = "method.rank") -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise UserError(
+            f"{field} must be a positive integer (got {rank!r}); it is the rank of each "
+            f"low-rank update, e.g. {field}=8."
+        )
+
+
+def check_alpha(alpha, field: str = "method.alpha") -> None:
+    if not alpha > 0:
+        raise UserError(
+            f"{field} must be greater than 0 (got {alpha!r}); the update is scaled by "
+            "alpha/rank, and alpha equal to the rank (scale 1) is a common choice."
+        )
+
+
+def check_dropout(p, field: str = "method.dropout") -> None:
+    if not 0.0 <= p < 1.0:
+        raise UserError(
+            f"{field} must be in [0, 1) (got {p!r}); it is a dropout probability, 0 to disable."
+        )

@@ -1,0 +1,26 @@
+"""Real training batches for unit tests: shapes images through detectron2's DatasetMapper."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
+from detectron2.data.datasets.coco import load_coco_json
+
+from peftseg.data.shapes import generate_split
+
+
+def shapes_batch(tmp_dir, n: int = 2, image_size: int = 128, seed: int = 0) -> list[dict]:
+    """`n` mapped training dicts (image + instances with polygon masks), as the loader makes."""
+    json_path = generate_split(tmp_dir, "train", n, image_size, 4, seed)
+    with open(json_path) as f:
+        assert json.load(f)["annotations"], "the generator wrote no instances"
+    # a dataset name makes load_coco_json map category ids to contiguous 0..K-1
+    dicts = load_coco_json(json_path, os.path.join(tmp_dir, "train"), dataset_name=f"peftseg_unit_{image_size}")
+    mapper = DatasetMapper(
+        is_train=True, augmentations=[T.ResizeShortestEdge(image_size, max_size=image_size)],
+        image_format="RGB", use_instance_mask=True, instance_mask_format="polygon",
+    )
+    return [mapper(d) for d in dicts]
