@@ -82,6 +82,26 @@ def test_json_masks_equal_painted_pixels(tmp_path):
     assert min(sizes) < 0.3 and max(sizes) > 0.3
 
 
+def test_downstream_domain_has_other_classes_sizes_and_palette_with_exact_masks(tmp_path):
+    size = 96
+    json_path = generate_split(str(tmp_path), "train", 12, size, 4, seed=1, domain="downstream")
+    coco = json.loads(Path(json_path).read_text())
+    assert [c["name"] for c in coco["categories"]] == ["pentagon", "hexagon", "star"]
+    for im in coco["images"]:
+        img = np.asarray(Image.open(tmp_path / "train" / im["file_name"]))
+        union = np.zeros((size, size), dtype=bool)
+        for ann in (a for a in coco["annotations"] if a["image_id"] == im["id"]):
+            mask = _decode(ann["segmentation"], size)
+            assert len(np.unique(img[mask], axis=0)) == 1
+            union |= mask
+        # inverted palette: light background, so the dark pixels are exactly the shapes
+        np.testing.assert_array_equal(img.min(axis=2) < 255 - BG_MAX, union)
+    sizes = [max(a["bbox"][2:]) / size for a in coco["annotations"]]
+    assert max(sizes) <= 0.36
+    with pytest.raises(UserError, match="dataset.domain=<name>"):
+        generate_split(str(tmp_path / "x"), "train", 2, size, 2, seed=1, domain="moon")
+
+
 def test_generation_is_deterministic_and_splits_differ(tmp_path):
     def gen(d, split, seed):
         p = generate_split(str(tmp_path / d), split, 5, 48, 3, seed=seed)

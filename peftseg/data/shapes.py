@@ -5,6 +5,11 @@ the rasterization of that very polygon (pycocotools, as Detectron2 uses to build
 masks), and instances never touch, so the GT mask equals the painted pixels exactly.
 Backgrounds are dark (every channel <= BG_MAX) and shapes bright (some channel >=
 FG_MIN), so no background pixel can share an instance's colour.
+
+A `domain` picks the classes, sizes and palette. `default` is the built-in dataset;
+`downstream` (pentagons, hexagons, stars; smaller; dark shapes on light backgrounds,
+i.e. the default palette inverted, so the same exactness argument holds) is a different
+domain for transfer experiments: pretrain on one, fine-tune on the other.
 """
 
 from __future__ import annotations
@@ -25,16 +30,41 @@ from PIL import Image
 from peftseg.errors import UserError
 
 # Bump whenever the generator's output changes, so stale caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
-CLASSES = ("circle", "square", "triangle")
-_VERTICES = {"circle": 32, "square": 4, "triangle": 3}
 BG_MAX = 120
 FG_MIN = 150
-_MIN_SIZE, _MAX_SIZE = 0.15, 0.5  # circumscribed diameter, as a fraction of the side
 _PLACEMENT_TRIES = 50
 _STALE_TMP_S = 3600
-_KEYED = ("num_train", "num_val", "image_size", "max_instances", "seed")
+_KEYED = ("num_train", "num_val", "image_size", "max_instances", "seed", "domain")
+
+
+@dataclass(frozen=True)
+class Domain:
+    # class name -> polygon vertices; a negative count -n draws an n-pointed star
+    vertices: dict[str, int]
+    size: tuple[float, float]  # circumscribed diameter, as fractions of the image side
+    inverted: bool  # False: bright shapes on dark backgrounds; True: the palette inverted
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.vertices)
+
+
+DOMAINS = {
+    "default": Domain({"circle": 32, "square": 4, "triangle": 3}, (0.15, 0.5), inverted=False),
+    "downstream": Domain({"pentagon": 5, "hexagon": 6, "star": -5}, (0.12, 0.35), inverted=True),
+}
+CLASSES = DOMAINS["default"].classes
+
+
+def get_domain(name: str) -> Domain:
+    if name not in DOMAINS:
+        raise UserError(
+            f"Unknown shapes domain {name!r}; the generator knows {', '.join(DOMAINS)}. "
+            "Pick one with dataset.domain=<name>."
+        )
+    return DOMAINS[name]
 
 
 @dataclass
@@ -45,6 +75,7 @@ class ShapesDatasetConfig:
     image_size: int = 128
     max_instances: int = 4
     seed: int = 0
+    domain: str = "default"  # classes, sizes and palette: default | downstream
     # Base cache folder; empty: $PEFTSEG_CACHE, else ~/.cache/peftseg. The data lands in
     # <base>/shapes/<key>, key = hash of the generation parameters.
     cache_dir: str = ""
@@ -67,12 +98,17 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rgb)
 
 
-def _polygon(rng: np.random.Generator, cls: str, size: int) -> list[float]:
-    radius = rng.uniform(_MIN_SIZE, _MAX_SIZE) * size / 2
+def _polygon(rng: np.random.Generator, domain: Domain, cls: str, size: int) -> list[float]:
+    radius = rng.uniform(*domain.size) * size / 2
     cx, cy = rng.uniform(radius, size - radius, size=2)
-    n = _VERTICES[cls]
-    angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(n) / n
-    xy = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
+    n = domain.vertices[cls]
+    if n > 0:
+        angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(n) / n
+        radii = np.full(n, radius)
+    else:  # star: alternate outer and inner vertices
+        angles = rng.uniform(0, 2 * np.pi) + np.pi * np.arange(-2 * n) / -n
+        radii = np.where(np.arange(-2 * n) % 2 == 0, radius, 0.45 * radius)
+    xy = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
     # Rounded before rasterizing so the json holds exactly the polygon that was painted.
     return [round(float(v), 2) for v in np.clip(xy, 0, size).ravel()]
 
@@ -91,14 +127,14 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _image(rng: np.random.Generator, size: int, max_instances: int):
+def _image(rng: np.random.Generator, domain: Domain, size: int, max_instances: int):
     img = _background(rng, size)
     taken = np.zeros((size, size), dtype=bool)
     instances = []
     for _ in range(int(rng.integers(1, max_instances + 1))):
         for _ in range(_PLACEMENT_TRIES):
-            cls_idx = int(rng.integers(len(CLASSES)))
-            poly = _polygon(rng, CLASSES[cls_idx], size)
+            cls_idx = int(rng.integers(len(domain.classes)))
+            poly = _polygon(rng, domain, domain.classes[cls_idx], size)
             mask = _rasterize(poly, size)
             # A one-pixel gap keeps every instance whole and separable from the others.
             if mask.any() and not (_dilate(mask) & taken).any():
@@ -108,7 +144,7 @@ def _image(rng: np.random.Generator, size: int, max_instances: int):
         img[mask] = _colour(rng)
         taken |= mask
         instances.append((cls_idx + 1, poly, mask))
-    return img, instances
+    return (255 - img if domain.inverted else img), instances
 
 
 def _split_rng(seed: int, split_name: str) -> np.random.Generator:
@@ -124,6 +160,7 @@ def generate_split(
     max_instances: int,
     seed: int,
     json_path: str | os.PathLike | None = None,
+    domain: str = "default",
 ) -> str:
     """Write `<out_dir>/<split_name>/*.png` and a COCO instances json; return its path.
 
@@ -137,13 +174,14 @@ def generate_split(
             "least 1 (image_size at least 16). Fix the values, e.g. dataset.num_train=200 "
             "dataset.image_size=128 dataset.max_instances=4."
         )
+    dom = get_domain(domain)
     out_dir = os.fspath(out_dir)
     rng = _split_rng(seed, split_name)
     image_dir = os.path.join(out_dir, split_name)
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
-        img, instances = _image(rng, image_size, max_instances)
+        img, instances = _image(rng, dom, image_size, max_instances)
         file_name = f"{image_id:06d}.png"
         Image.fromarray(img).save(os.path.join(image_dir, file_name), compress_level=1)
         images.append(
@@ -162,11 +200,11 @@ def generate_split(
                 "iscrowd": 0,
             })
     coco = {
-        "info": {"description": f"peftseg synthetic shapes, generator v{GENERATOR_VERSION}"},
+        "info": {"description": f"peftseg synthetic shapes ({domain}), generator v{GENERATOR_VERSION}"},
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)
+            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(dom.classes)
         ],
     }
     json_path = os.fspath(json_path or os.path.join(out_dir, f"{split_name}.json"))
@@ -177,17 +215,18 @@ def generate_split(
 
 
 def write_coco_layout(
-    root: str | os.PathLike, num_train: int, num_val: int, image_size: int = 128, seed: int = 0
+    root: str | os.PathLike, num_train: int, num_val: int, image_size: int = 128, seed: int = 0,
+    domain: str = "default",
 ) -> str:
     """Write shapes in COCO's on-disk layout under `root` (annotations/, train2017/, val2017/)."""
     for split, num in (("train2017", num_train), ("val2017", num_val)):
         json_path = os.path.join(root, "annotations", f"instances_{split}.json")
-        generate_split(root, split, num, image_size, 4, seed, json_path=json_path)
+        generate_split(root, split, num, image_size, 4, seed, json_path=json_path, domain=domain)
     return os.fspath(root)
 
 
 def cache_key(cfg) -> str:
-    params = {k: int(getattr(cfg, k)) for k in _KEYED}
+    params = {k: getattr(cfg, k) for k in _KEYED}
     params["version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -222,6 +261,7 @@ def _remove_stale_tmp(parent: str, key: str) -> None:
 
 def ensure_shapes(cfg: ShapesDatasetConfig) -> str:
     """Return the cache folder with `train.json`, `val.json`, `train/`, `val/`; build if absent."""
+    get_domain(cfg.domain)  # refuse an unknown domain before touching the cache
     root = cache_root(cfg)
     if os.path.isdir(root) and _complete(root, cfg):
         return root
@@ -240,7 +280,7 @@ def ensure_shapes(cfg: ShapesDatasetConfig) -> str:
         ) from e
     try:
         for split, num in (("train", cfg.num_train), ("val", cfg.num_val)):
-            generate_split(tmp, split, num, cfg.image_size, cfg.max_instances, cfg.seed)
+            generate_split(tmp, split, num, cfg.image_size, cfg.max_instances, cfg.seed, domain=cfg.domain)
         try:
             os.rename(tmp, root)
         except OSError:
@@ -254,6 +294,7 @@ def ensure_shapes(cfg: ShapesDatasetConfig) -> str:
 
 __all__ = [
     "CLASSES",
+    "DOMAINS",
     "ShapesDatasetConfig",
     "ensure_shapes",
     "generate_split",
