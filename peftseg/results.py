@@ -13,26 +13,34 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 FILENAME = "results.json"
 SCHEMA_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(f)` on a temp file beside `path`, fsync, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file a normal mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    write_atomic_with(path, lambda f: f.write(data))
 
 
 def _json_safe(value: Any) -> Any:
@@ -46,11 +54,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_record(run_dir: Path, record: dict) -> Path:
-    path = Path(run_dir) / FILENAME
-    text = json.dumps(_json_safe(record), indent=2, allow_nan=False)
+def write_json(path: Path, obj: dict) -> Path:
+    text = json.dumps(_json_safe(obj), indent=2, allow_nan=False)
     write_atomic(path, (text + "\n").encode())
-    return path
+    return Path(path)
+
+
+def write_record(run_dir: Path, record: dict) -> Path:
+    return write_json(Path(run_dir) / FILENAME, record)
 
 
 def read_record(path: Path) -> dict:

@@ -50,4 +50,32 @@ def run_table(record: dict) -> Table:
     table.add_column("value", justify="right")
     for name, value in columns.items():
         table.add_row(name, value)
+    add_group_rows(table, params)
+    return table
+
+
+def add_group_rows(table: Table, params: dict) -> None:
+    """Trainable / total per accounting group; the ratio's denominator is the whole model
+    as run, PEFT modules included."""
+    groups = params.get("by_group") or {}
+    if not groups:
+        return
+    table.add_section()
+    for group, counts in groups.items():
+        if counts["total"]:
+            table.add_row(f"  {group}", f"{fmt_count(counts['trainable'])} / {fmt_count(counts['total'])}")
+    table.caption = "trainable % is over the whole model as run, PEFT modules included"
+
+
+def eval_table(record: dict) -> Table:
+    """`peftseg eval`'s table: the checkpoint's AP on the evaluated dataset."""
+    params = record["params"]
+    table = Table(title=f"{record['checkpoint']} on {record['dataset']}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    for task, label in (("segm", "mask"), ("bbox", "box")):
+        for key in ("AP", "AP50", "AP75"):
+            table.add_row(f"{label} {key}", fmt_num((record["metrics"].get(task) or {}).get(key)))
+    table.add_row("trainable %", fmt_num(100 * params["ratio"], ".3f"))
+    add_group_rows(table, params)
     return table

@@ -159,3 +159,44 @@ def test_one_module_cannot_take_two_peft_methods(model):
     model = apply_method(model, method("lora", targets=["attn_qkv"]))
     with pytest.raises(UserError, match="already wraps"):
         apply_method(model, method("loha", targets=["attn_qkv"]))
+
+
+def test_adapter_lora_trains_the_union_and_starts_at_the_base_output(base, model):
+    from peftseg.config import SCHEMAS
+    from peftseg.methods.adapter import AdapterConfig
+    cfg = preset("method", "adapter_lora", SCHEMAS["method"]["adapter_lora"])
+    model = apply_method(model, cfg).eval()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("peft_adapters." in n for n in names) and any("lora_" in n for n in names)
+    assert not any(n.startswith("backbone.net.") and "peft_adapters." not in n and "lora_" not in n for n in names)
+    depth, d = len(model.backbone.net.blocks), model.backbone.net.blocks[0].attn.proj.out_features
+    b, n_ad = cfg.adapter.bottleneck, cfg.adapter.adapters_per_block
+    lora = sum(cfg.lora.rank * (m.in_features + m.out_features) for m in qkv_and_proj(base))
+    expected = depth * 2 * n_ad * (2 * d * b + d + b) + lora
+    assert count_parameters(model).by_group["peft"]["trainable"] == expected
+    batch = images()
+    fb, fm = features(base, batch), features(model, batch)
+    assert all(torch.equal(fb[k], fm[k]) for k in fb)
+
+
+def test_merge_refuses_adapters_and_folds_loha_and_dora(base):
+    from peftseg.config import SCHEMAS
+    from peftseg.methods.merge import merge_and_unload
+    adapted = apply_method(copy.deepcopy(base), preset("method", "adapter", SCHEMAS["method"]["adapter"]))
+    with pytest.raises(UserError, match="non-linear"):
+        merge_and_unload(adapted)
+    batch = images()
+    for name, kw in (("loha", {}), ("lora", {"use_dora": True}), ("ia3", {})):
+        model = apply_method(copy.deepcopy(base), method(name, **kw)).eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # make every update non-trivial before folding it in
+            for n, p in model.named_parameters():
+                if any(k in n for k in ("lora_", "hada_", "ia3_")):
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        before = features(model, batch)
+        merged = merge_and_unload(model)
+        assert not any(k in n for n, _ in merged.named_parameters() for k in ("lora_", "hada_", "ia3_"))
+        after = features(merged, batch)
+        assert not all(torch.equal(before[k], v) for k, v in features(base, batch).items())
+        for k in before:
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-5)

@@ -1,33 +1,170 @@
-"""Detectron2's checkpointer, with saves made atomic (temp file + rename)."""
+"""PEFT checkpoints: only what the method trains, plus what it takes to rebuild the rest.
+
+A checkpoint holds the trainable parameters (and the buffers of modules that own one),
+the run's resolved config, the class names and a fingerprint of the frozen base
+weights. The base itself is rebuilt from the config (`model.weights`, or the seeded
+random init), so a ViT-B LoRA checkpoint is megabytes, not the whole model.
+Periodic checkpoints also carry optimizer, scheduler and iteration for resuming;
+`model_final` does not (nothing is left to resume).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
+from pathlib import Path
 
 import torch
+import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 
+from peftseg.errors import UserError
+from peftseg.results import write_atomic_with
 
-class AtomicCheckpointer(DetectionCheckpointer):
-    """A run killed mid-save leaves the previous checkpoint, never a truncated one."""
+FORMAT = 1
+FINAL = "model_final"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters, and buffers of the modules that own a trainable parameter."""
+    state = {}
+    for mod_name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not any(p.requires_grad for _, p in own):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        state.update({prefix + n: p.detach() for n, p in own if p.requires_grad})
+        state.update({prefix + n: b for n, b in module.named_buffers(recurse=False)
+                      if n not in module._non_persistent_buffers_set})
+    return state
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over the frozen parameters: a checkpoint only fits the base it was trained on."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if not p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory's final (else latest) checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        for candidate in (p / f"{FINAL}.pth", p / "last_checkpoint"):
+            if candidate.name == "last_checkpoint" and candidate.is_file():
+                candidate = p / candidate.read_text().strip()
+            if candidate.is_file():
+                return candidate
+        raise UserError(
+            f"{p} holds no checkpoint (neither {FINAL}.pth nor a last_checkpoint file); give a run "
+            "directory of a finished `peftseg train` or the path of one of its model_*.pth files."
+        )
+    if not p.is_file():
+        raise UserError(
+            f"checkpoint {p} does not exist; give a run directory (outputs/<date>/<time>) or the "
+            "path of a model_*.pth file inside one."
+        )
+    return p
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
+    """Load a peftseg checkpoint onto the CPU; UserError if it is not one."""
+    f = checkpoint_file(path)
+    try:
+        data = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises a zoo of types for a truncated or foreign file
+        raise UserError(f"could not read checkpoint {f} ({type(e).__name__}: {e}); it is damaged or not a "
+                        "PyTorch file — point at a model_*.pth written by `peftseg train`.") from e
+    if not isinstance(data, dict) or "peftseg" not in data:
+        raise UserError(
+            f"{f} is not a peftseg checkpoint (it has no 'peftseg' metadata). A plain detectron2 or "
+            "PyTorch checkpoint is loaded as pretrained weights instead: `peftseg train model.weights=<file>`."
+        )
+    return f, data
+
+
+def _model_key(config: dict) -> dict:
+    # where the base weights come from matters (the fingerprint checks it); the path does not
+    return {k: v for k, v in config["model"].items() if k != "weights"}
+
+
+def check_compatible(meta: dict, config: dict, source: Path) -> None:
+    """A checkpoint must come from the same model shape and the same method settings."""
+    theirs = meta["config"]
+    for what, mine, other in (
+        ("model", _model_key(config), _model_key(theirs)),
+        ("method", config["method"], theirs["method"]),
+    ):
+        if mine != other:
+            diff = sorted(k for k in set(mine) | set(other) if mine.get(k) != other.get(k))
+            if "name" in diff:  # a different method/model altogether: its knobs are noise
+                diff = ["name"]
+            shown = ", ".join(f"{what}.{k}: checkpoint {other.get(k)!r} vs this run {mine.get(k)!r}" for k in diff[:4])
+            raise UserError(
+                f"checkpoint {source} was trained with a different {what} ({shown}); a PEFT checkpoint "
+                f"only fits the {what} it was made with, so run with the checkpoint's settings "
+                f"({what}={other.get('name')} and the same {what}.* values) or start a new run."
+            )
+
+
+class PeftCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer, saving the trainable part only, atomically."""
+
+    def __init__(self, model: nn.Module, save_dir: str = "", *, meta: dict, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.meta = {"format": FORMAT, **meta}
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:  # frozen weights never change: hash them once
+            self._fingerprint = base_fingerprint(self.model)
+        return self._fingerprint
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
-        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        state = trainable_state(self.model)
+        data = {
+            "model": {k: v.to("cpu") for k, v in state.items()},
+            "peftseg": {**self.meta, "trainable": sorted(state), "base_fingerprint": self.fingerprint},
+        }
+        if name != FINAL:
+            data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"
-        os.makedirs(self.save_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.save_dir, prefix=f".{basename}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
-            os.replace(tmp, os.path.join(self.save_dir, basename))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        # atomic: a run killed mid-save leaves the previous checkpoint, never a truncated one
+        write_atomic_with(Path(self.save_dir) / basename, lambda f: torch.save(data, f))
         self.logger.info("Saved checkpoint %s", os.path.join(self.save_dir, basename))
         self.tag_last_checkpoint(basename)
+
+    def load_peft(self, path: str | os.PathLike, config: dict) -> dict:
+        """Load a peftseg checkpoint into the (rebuilt) model, plus optimizer/scheduler if
+        present; returns what is left (e.g. `iteration`)."""
+        source, data = read_checkpoint(path)
+        meta = data.pop("peftseg")
+        check_compatible(meta, config, source)
+        if meta["base_fingerprint"] != self.fingerprint:
+            raise UserError(
+                f"checkpoint {source} was trained on different frozen base weights than this model has "
+                f"(model.weights={meta['config']['model'].get('weights')!r}, train.seed="
+                f"{meta['config']['train'].get('seed')!r} when it was made); rebuild the same base: "
+                "use the checkpoint's model.weights and train.seed, and the same torch version."
+            )
+        state = data.pop("model")
+        missing = set(meta["trainable"]) - set(state)
+        unknown = set(state) - set(self.model.state_dict())
+        if missing or unknown:
+            raise UserError(
+                f"checkpoint {source} does not fit this model: missing {sorted(missing)[:3]}, unknown "
+                f"{sorted(unknown)[:3]}; it was written by a different peftseg version or edited."
+            )
+        self.model.load_state_dict(state, strict=False)
+        for key, obj in self.checkpointables.items():
+            if key in data:
+                obj.load_state_dict(data.pop(key))
+        self.logger.info("Loaded %d tensors of checkpoint %s", len(state), source)
+        return data

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from peftseg.errors import UserError
-from peftseg.methods import bitfit, full, heads, ia3, loha, lokr, lora
+from peftseg.methods import adapter, bitfit, combine, full, heads, ia3, loha, lokr, lora
 
 METHODS: dict[str, Callable[[nn.Module, Any], nn.Module]] = {
     "full": full.apply,
@@ -17,6 +17,8 @@ METHODS: dict[str, Callable[[nn.Module, Any], nn.Module]] = {
     "lokr": lokr.apply,
     "ia3": ia3.apply,
     "bitfit": bitfit.apply,
+    "adapter": adapter.apply,
+    "adapter_lora": combine.apply,
 }
 
 __all__ = ["METHODS", "apply_method"]

@@ -1,4 +1,4 @@
-"""Method `bitfit`: only bias terms train (every bias of the model), plus neck and heads."""
+"""Method `bitfit`: only bias terms train (every bias of the model), plus the task heads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from peftseg.methods.freeze import NECK_AND_HEADS, freeze_all, unfreeze_groups
+from peftseg.methods.freeze import freeze_all, unfreeze_task_heads
 
 
 @dataclass
@@ -21,5 +21,5 @@ def apply(model: nn.Module, cfg: BitfitConfig) -> nn.Module:
         if name.rsplit(".", 1)[-1] == "bias":
             p.requires_grad_(True)
     if cfg.train_heads:
-        unfreeze_groups(model, NECK_AND_HEADS)
+        unfreeze_task_heads(model)
     return model

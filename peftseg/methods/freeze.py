@@ -48,3 +48,15 @@ def unfreeze_params(model: nn.Module, param_ids: Iterable[int]) -> None:
     for p in model.parameters():
         if id(p) in ids:
             p.requires_grad_(True)
+
+
+def unfreeze_task_heads(model: nn.Module) -> None:
+    """What a PEFT method's `train_heads` trains: the family's task heads (default: the
+    neck and heads groups, which start untrained in the R-CNN families)."""
+    family = family_of(model)
+    if not family.task_heads:
+        unfreeze_groups(model, NECK_AND_HEADS)
+        return
+    for name, p in model.named_parameters():
+        if name.startswith(family.task_heads):
+            p.requires_grad_(True)

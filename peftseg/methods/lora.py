@@ -23,7 +23,7 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["attn_qkv", "attn_proj"])
     use_rslora: bool = False
     use_dora: bool = False
-    train_heads: bool = True  # neck + heads train next to LoRA (they start untrained)
+    train_heads: bool = True  # the family's task heads train too (FamilyMap.task_heads)
 
 
 def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:

@@ -13,7 +13,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peftseg.errors import UserError
-from peftseg.methods.freeze import NECK_AND_HEADS, freeze_all, unfreeze_groups, unfreeze_params
+from peftseg.methods.freeze import freeze_all, unfreeze_params, unfreeze_task_heads
 from peftseg.models import family_of
 from peftseg.models.family import FamilyMap
 
@@ -84,7 +84,7 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool) ->
     freeze_all(model)
     unfreeze_params(model, added)
     if train_heads:
-        unfreeze_groups(model, NECK_AND_HEADS)
+        unfreeze_task_heads(model)
     return model
 
 

@@ -23,6 +23,10 @@ class FamilyMap:
     adapter_sites: dict[str, str]
     # LoRA target group -> regex that fullmatches full module names
     lora_targets: dict[str, str]
+    # parameter-name prefixes that PEFT methods train next to their own modules (their
+    # `train_heads`); empty: the whole neck and heads groups. A query-based decoder is most
+    # of the model and is what LoRA/adapters adapt, so there only the prediction heads train.
+    task_heads: tuple[str, ...] = ()
 
     def group_of(self, param_name: str) -> str | None:
         """Accounting group of a parameter name, or None when no prefix matches."""

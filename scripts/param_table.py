@@ -1,0 +1,105 @@
+"""Trainable-parameter table of a model preset across methods, as `peftseg train` builds them.
+
+    .venv/bin/python scripts/param_table.py --model vitdet_b
+    .venv/bin/python scripts/param_table.py --model swin_t --markdown
+
+Each row is a list of Hydra overrides composed over conf/ (exactly the CLI's config),
+then build_model + apply_method + count_parameters. No data or training needed;
+num_classes defaults to COCO's 80.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from peftseg.config import register_schemas  # noqa: E402
+from peftseg.engine.run import build_for_run  # noqa: E402
+from peftseg.params import count_parameters  # noqa: E402
+from peftseg.summary import fmt_count  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# (label, overrides): the settings the reference study compares
+ROWS = [
+    ("full", ["method=full"]),
+    ("heads", ["method=heads"]),
+    ("bitfit", ["method=bitfit"]),
+    ("lora r=8 attn_qkv+attn_proj", ["method=lora", "method.rank=8", "method.targets=[attn_qkv,attn_proj]"]),
+    ("lora r=8 all block linears", ["method=lora", "method.rank=8", "method.targets=[attn_qkv,attn_proj,mlp]"]),
+    ("adapter 1/block", ["method=adapter", "method.adapters_per_block=1"]),
+    ("adapter 2/block", ["method=adapter", "method.adapters_per_block=2"]),
+    ("adapter 3/block", ["method=adapter", "method.adapters_per_block=3"]),
+]
+# rows only a family with those target groups has
+FAMILY_ROWS = {
+    "mask2former": [
+        ("lora r=8 deform_attn", ["method=lora", "method.targets=[deform_attn]"]),
+        ("lora r=8 sampling_offsets+value_proj",
+         ["method=lora", "method.targets=[deform_sampling_offsets,deform_value_proj]"]),
+        ("lora r=8 decoder_attn", ["method=lora", "method.targets=[decoder_attn]"]),
+    ],
+}
+
+
+def backbone_side(r: dict) -> float:
+    return 100 * (r["peft"] + r["backbone_trainable"]) / r["backbone"]
+
+
+def table_rows(model: str, rows, num_classes: int) -> list[dict]:
+    register_schemas()
+    out = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for label, overrides in rows:
+            cfg = compose("config", overrides=[f"model={model}", *overrides])
+            counts = count_parameters(build_for_run(cfg, num_classes))
+            out.append({"label": label, "total": counts.total, "trainable": counts.trainable,
+                        "ratio": counts.ratio, "peft": counts.by_group["peft"]["total"],
+                        "backbone": counts.by_group["backbone"]["total"],
+                        "backbone_trainable": counts.by_group["backbone"]["trainable"]})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vitdet_b")
+    ap.add_argument("--num-classes", type=int, default=80)
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    ap.add_argument("--only", nargs="*", help="labels to keep (default: all rows whose method exists)")
+    args = ap.parse_args(argv)
+    methods = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    rows = [(label, ov) for label, ov in ROWS
+            if ov[0].split("=", 1)[1] in methods and (not args.only or label in args.only)]
+    family = OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml").get("family", "vitdet")
+    rows += [(label, ov) for label, ov in FAMILY_ROWS.get(family, []) if not args.only or label in args.only]
+    result = table_rows(args.model, rows, args.num_classes)
+    if args.markdown:
+        print(f"| {args.model} ({args.num_classes} classes) | trainable | total | trainable % | vs backbone % |")
+        print("|---|---:|---:|---:|---:|")
+        for r in result:
+            print(f"| {r['label']} | {fmt_count(r['trainable'])} | {fmt_count(r['total'])} | "
+                  f"{100 * r['ratio']:.2f} | {backbone_side(r):.2f} |")
+        return 0
+    table = Table(title=f"{args.model}: trainable parameters ({args.num_classes} classes; % of the model as run)")
+    for col in ("method", "trainable", "total", "trainable %", "PEFT params", "vs backbone %"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in result:
+        table.add_row(r["label"], fmt_count(r["trainable"]), fmt_count(r["total"]), f"{100 * r['ratio']:.2f}",
+                      fmt_count(r["peft"]), f"{backbone_side(r):.2f}")
+    table.caption = ("vs backbone % = (PEFT + trainable backbone params) / backbone params: the ratio "
+                     "papers quote when neck and heads train in every method")
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""PEFT-only checkpoints: size, contents, resume, `peftseg eval`, `peftseg merge`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from conftest import records_under
+from peftseg.engine.restore import restore
+from peftseg.methods.merge import merge_and_unload
+from peftseg.models.weights import load_weights
+
+SHORT = ("train=smoke", "train.max_iter=6", "train.checkpoint_period=3", "train.log_period=1")
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, shapes_cache):
+    work = tmp_path_factory.mktemp("ckpt")
+
+    def _run(*args):
+        env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200"}
+        return subprocess.run([sys.executable, "-m", "peftseg.cli", *args], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    _run.work = work
+    return _run
+
+
+@pytest.fixture(scope="module")
+def lora_run(cli):
+    proc = cli("train", *SHORT, "method.targets=[attn_qkv,mlp]", "hydra.run.dir=lora")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return cli.work / "lora"
+
+
+def test_final_checkpoint_holds_only_the_trainable_part(lora_run):
+    record = json.loads((lora_run / "results.json").read_text())
+    final = lora_run / "model_final.pth"
+    data = torch.load(final, map_location="cpu", weights_only=False)
+    trainable = record["params"]["trainable"]
+    saved = {k: v for k, v in data["model"].items()}
+    assert sum(v.numel() for k, v in saved.items() if v.is_floating_point()) == trainable
+    assert set(data["peftseg"]["trainable"]) == set(saved)
+    assert not any(k.startswith("backbone.net.") and "lora_" not in k for k in saved)  # no frozen weight
+    assert "optimizer" not in data and "scheduler" not in data
+    assert final.stat().st_size <= 1.05 * 4 * trainable + 64 * 1024
+    assert record["efficiency"]["checkpoint_bytes"] == final.stat().st_size
+    assert oct(final.stat().st_mode & 0o777) != oct(0o600)  # a normal file, not mkstemp's mode
+    periodic = torch.load(lora_run / "model_0000002.pth", map_location="cpu", weights_only=False)
+    assert periodic["iteration"] == 2 and "optimizer" in periodic and "scheduler" in periodic
+
+
+def test_eval_reproduces_the_recorded_ap(cli, lora_run):
+    proc = cli("eval", f"checkpoint={lora_run}", "output=reeval")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again = json.loads((cli.work / "reeval" / "eval.json").read_text())
+    record = json.loads((lora_run / "results.json").read_text())
+    assert again["metrics"]["segm"] == record["metrics"]["segm"]
+    assert again["metrics"]["bbox"] == record["metrics"]["bbox"]
+    assert again["params"]["trainable"] == record["params"]["trainable"]
+    peft = record["params"]["by_group"]["peft"]["trainable"]
+    assert peft > 0 and f"{peft / 1e3:.2f}K / {peft / 1e3:.2f}K" in proc.stdout  # the per-group rows
+    assert "PEFT modules included" in " ".join(proc.stdout.split())
+
+
+def test_resume_continues_from_the_saved_iteration(cli, lora_run):
+    proc = cli("train", *SHORT, "method.targets=[attn_qkv,mlp]", f"train.resume={lora_run / 'model_0000002.pth'}",
+               "hydra.run.dir=resumed")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    iterations = [json.loads(line)["iteration"] for line in (cli.work / "resumed" / "metrics.json").read_text().splitlines()
+                  if "total_loss" in line]
+    assert iterations and min(iterations) == 3 and max(iterations) == 5
+    (record,) = records_under(cli.work / "resumed")
+    assert record["status"] == "ok"
+
+
+TARGETS = "method.targets=[attn_qkv,mlp]"
+
+
+@pytest.mark.parametrize("override,needle", [
+    (("method=heads",), "different method (method.name: checkpoint 'lora' vs this run 'heads')"),
+    ((TARGETS, "method.rank=4"), "method.rank: checkpoint 8 vs this run 4"),
+    ((TARGETS, "model.depth=2"), "different model"),
+    ((TARGETS, "train.seed=5"), "different frozen base weights"),
+])
+def test_resume_refuses_a_checkpoint_of_another_setup(cli, lora_run, override, needle):
+    proc = cli("train", *SHORT, *override,
+               f"train.resume={lora_run}/model_0000002.pth", f"hydra.run.dir=bad_{override[-1].replace('=', '_')}")
+    assert proc.returncode == 2
+    assert needle in " ".join(proc.stderr.split())
+    (record,) = records_under(cli.work / f"bad_{override[-1].replace('=', '_')}")
+    assert record["status"] == "failed"
+
+
+def test_eval_refuses_what_is_not_a_peftseg_checkpoint(cli, tmp_path):
+    plain = tmp_path / "plain.pth"
+    torch.save({"model": {"w": torch.zeros(2)}}, plain)
+    proc = cli("eval", f"checkpoint={plain}")
+    assert proc.returncode == 2 and "not a peftseg checkpoint" in proc.stderr
+    assert "model.weights=" in " ".join(proc.stderr.split())
+    proc = cli("eval", f"checkpoint={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = cli("eval", "checkpoint=x", "method.rank=2")
+    assert proc.returncode == 2 and "cannot be set here" in proc.stderr
+
+
+def test_merged_lora_matches_unmerged_and_loads_as_plain_detectron2(cli, lora_run, shapes_cache, monkeypatch):
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    proc = cli("merge", f"checkpoint={lora_run}", "output=merged.pth")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = restore(str(lora_run), [])
+    model = r.model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 128, 128, generator=g) * 255
+    with torch.no_grad():
+        unmerged = model.backbone(model.preprocess_image([{"image": i} for i in x]).tensor)
+        merged_model = merge_and_unload(model)
+        merged = merged_model.backbone(merged_model.preprocess_image([{"image": i} for i in x]).tensor)
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged_model.modules())
+    assert not any("lora_" in n for n in merged_model.state_dict())
+    for k in unmerged:
+        torch.testing.assert_close(merged[k], unmerged[k], rtol=0, atol=1e-5)
+    # the written file is a plain detectron2 checkpoint: a fresh base takes every tensor of it
+    fresh = restore(str(lora_run), []).model
+    fresh = merge_and_unload(fresh)  # same module tree, merged weights to be overwritten
+    for p in fresh.parameters():
+        torch.nn.init.zeros_(p)
+    report = load_weights(fresh, str(cli.work / "merged.pth"))
+    assert not report.missing and not report.unexpected and not report.shape_mismatch
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), merged_model.state_dict().values()))
