@@ -7,13 +7,15 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from peftseg.errors import UserError
-from peftseg.models import vitdet
+from peftseg.models import mask2former, swin, vitdet
 from peftseg.models.family import FamilyMap
 from peftseg.models.weights import load_weights
 
 # family name -> (build(cfg, num_classes), its FamilyMap)
 FAMILIES: dict[str, tuple[Callable[[Any, int], nn.Module], FamilyMap]] = {
     "vitdet": (vitdet.build, vitdet.FAMILY),
+    "mask2former": (mask2former.build, mask2former.FAMILY),
+    "swin": (swin.build, swin.FAMILY),
 }
 
 __all__ = ["FAMILIES", "FamilyMap", "build_model", "family_of"]
@@ -34,10 +36,13 @@ def build_model(cfg_model: Any, num_classes: int) -> nn.Module:
         )
     build, family_map = FAMILIES[family]
     model = build(cfg_model, int(num_classes))
-    if cfg_model.weights:
-        load_weights(model, cfg_model.weights)
-    # a plain attribute, not a submodule: state_dict and .to() ignore it
+    # a plain attribute, not a submodule: state_dict and .to() ignore it; set before
+    # loading weights so the loader can ask the model for its family
     model.peftseg_family = family_map
+    # a family that reads its own checkpoint format in build (mask2former: a transformers
+    # directory) leaves its report on the model; everything else goes through detectron2's
+    if cfg_model.weights and getattr(model, "weights_report", None) is None:
+        load_weights(model, cfg_model.weights)
     return model
 
 

@@ -2,9 +2,10 @@
 
 The graph mirrors detectron2's model-zoo LazyConfig
 `configs/common/models/mask_rcnn_vitdet.py` (itself `mask_rcnn_fpn.py` with the ViT
-backbone, LN in neck and heads, 2-conv RPN head, 4conv1fc box head). Every module is
-detectron2's own class built from constructor kwargs; only the sizes come from the
-config, so one code path serves the CPU-sized preset and the published ViT-B shape.
+backbone, LN in neck and heads, 2-conv RPN head, 4conv1fc box head); the Mask R-CNN part
+is `rcnn.build_mask_rcnn`, shared with the swin family. Every module is detectron2's own
+class built from constructor kwargs; only the sizes come from the config, so one code
+path serves the CPU-sized preset and the published ViT-B shape.
 """
 
 from __future__ import annotations
@@ -13,25 +14,14 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch.nn as nn
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import SimpleFeaturePyramid, ViT
-from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch import GeneralizedRCNN
-from detectron2.modeling.poolers import ROIPooler
-from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
-from detectron2.modeling.roi_heads import (
-    FastRCNNConvFCHead,
-    FastRCNNOutputLayers,
-    MaskRCNNConvUpsampleHead,
-    StandardROIHeads,
-)
 from omegaconf import MISSING
 
 from peftseg.errors import UserError
 from peftseg.models.family import FamilyMap
+from peftseg.models.rcnn import HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
 
 _BLOCK = r"backbone\.net\.blocks\.\d+"
 
@@ -40,14 +30,14 @@ FAMILY = FamilyMap(
     groups={
         "backbone": ("backbone.net.",),
         "neck": ("backbone.",),
-        "heads": ("proposal_generator.", "roi_heads."),
+        "heads": HEAD_PREFIXES,
     },
     adapter_sites={"attn": _BLOCK + r"\.attn", "mlp": _BLOCK + r"\.mlp"},
     lora_targets={
         "attn_qkv": _BLOCK + r"\.attn\.qkv",
         "attn_proj": _BLOCK + r"\.attn\.proj",
         "mlp": _BLOCK + r"\.mlp\.fc[12]",
-        "heads": r"roi_heads\.(box_head\.fc\d+|box_predictor\.(cls_score|bbox_pred))",
+        "heads": HEADS_LORA_TARGETS,
     },
 )
 
@@ -56,14 +46,15 @@ _SUPPORTED_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
 @dataclass
-class VitDetConfig:
+class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
     family: str = "vitdet"
     name: str = MISSING
-    weights: str = ""  # path or URL; MAE backbone-only files need "?matching_heuristics=True"
+    # path or URL: a detectron2 checkpoint, or a timm/MAE ViT state dict (mapped onto
+    # backbone.net, position embeddings resized; see weights.py)
+    weights: str = ""
     # ViT input size: batches are padded to this square (ViTDet's square_pad), so the data
     # mapper must resize every image's long side to at most this
     image_size: int = 1024
-    input_format: str = "RGB"
     # ViT
     embed_dim: int = 768
     depth: int = 12
@@ -80,32 +71,6 @@ class VitDetConfig:
     out_channels: int = 256
     scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     norm: str = "LN"  # neck and box/mask head convs
-    # RPN; one anchor size per pyramid level (scale factors + the max-pool level)
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    anchor_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    rpn_head_convs: int = 2
-    rpn_batch_size_per_image: int = 256
-    rpn_pre_nms_topk_train: int = 2000
-    rpn_pre_nms_topk_test: int = 1000
-    rpn_post_nms_topk_train: int = 1000
-    rpn_post_nms_topk_test: int = 1000
-    rpn_nms_thresh: float = 0.7
-    # ROI heads
-    roi_batch_size_per_image: int = 512
-    roi_positive_fraction: float = 0.25
-    box_pooler_resolution: int = 7
-    box_head_convs: int = 4
-    box_head_dim: int = 256  # channels of each box-head conv
-    box_head_fcs: int = 1
-    box_head_fc_dim: int = 1024
-    mask_pooler_resolution: int = 14
-    mask_head_convs: int = 4
-    mask_head_dim: int = 256
-    score_thresh_test: float = 0.05
-    nms_thresh_test: float = 0.5
-    detections_per_image: int = 100
-    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
 
 
 def _check(cfg: VitDetConfig) -> None:
@@ -172,83 +137,6 @@ def _backbone(cfg: VitDetConfig) -> SimpleFeaturePyramid:
     )
 
 
-def _rpn(cfg: VitDetConfig, levels: list[str]) -> RPN:
-    strides = [2 ** int(name[1:]) for name in levels]
-    return RPN(
-        in_features=levels,
-        head=StandardRPNHead(
-            in_channels=cfg.out_channels,
-            num_anchors=len(cfg.anchor_aspect_ratios),
-            conv_dims=[-1] * cfg.rpn_head_convs,
-        ),
-        anchor_generator=DefaultAnchorGenerator(
-            sizes=[[s] for s in cfg.anchor_sizes],
-            aspect_ratios=list(cfg.anchor_aspect_ratios),
-            strides=strides,
-            offset=0.0,
-        ),
-        anchor_matcher=Matcher(thresholds=[0.3, 0.7], labels=[0, -1, 1], allow_low_quality_matches=True),
-        box2box_transform=Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0)),
-        batch_size_per_image=cfg.rpn_batch_size_per_image,
-        positive_fraction=0.5,
-        pre_nms_topk=(cfg.rpn_pre_nms_topk_train, cfg.rpn_pre_nms_topk_test),
-        post_nms_topk=(cfg.rpn_post_nms_topk_train, cfg.rpn_post_nms_topk_test),
-        nms_thresh=cfg.rpn_nms_thresh,
-    )
-
-
-def _roi_heads(cfg: VitDetConfig, levels: list[str], num_classes: int) -> StandardROIHeads:
-    scales = tuple(1.0 / 2 ** int(name[1:]) for name in levels)
-    ch = cfg.out_channels
-    box_res, mask_res = cfg.box_pooler_resolution, cfg.mask_pooler_resolution
-    box_head = FastRCNNConvFCHead(
-        input_shape=ShapeSpec(channels=ch, height=box_res, width=box_res),
-        conv_dims=[cfg.box_head_dim] * cfg.box_head_convs,
-        fc_dims=[cfg.box_head_fc_dim] * cfg.box_head_fcs,
-        conv_norm=cfg.norm,
-    )
-    return StandardROIHeads(
-        num_classes=num_classes,
-        batch_size_per_image=cfg.roi_batch_size_per_image,
-        positive_fraction=cfg.roi_positive_fraction,
-        proposal_matcher=Matcher(thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False),
-        box_in_features=levels,
-        box_pooler=ROIPooler(
-            output_size=box_res, scales=scales, sampling_ratio=0, pooler_type="ROIAlignV2"
-        ),
-        box_head=box_head,
-        box_predictor=FastRCNNOutputLayers(
-            input_shape=box_head.output_shape,
-            box2box_transform=Box2BoxTransform(weights=(10, 10, 5, 5)),
-            num_classes=num_classes,
-            test_score_thresh=cfg.score_thresh_test,
-            test_nms_thresh=cfg.nms_thresh_test,
-            test_topk_per_image=cfg.detections_per_image,
-        ),
-        mask_in_features=levels,
-        mask_pooler=ROIPooler(
-            output_size=mask_res, scales=scales, sampling_ratio=0, pooler_type="ROIAlignV2"
-        ),
-        mask_head=MaskRCNNConvUpsampleHead(
-            input_shape=ShapeSpec(channels=ch, width=mask_res, height=mask_res),
-            num_classes=num_classes,
-            conv_dims=[cfg.mask_head_dim] * (cfg.mask_head_convs + 1),  # +1: the upsampling deconv
-            conv_norm=cfg.norm,
-        ),
-    )
-
-
 def build(cfg: VitDetConfig, num_classes: int) -> GeneralizedRCNN:
     _check(cfg)
-    backbone = _backbone(cfg)
-    all_levels = list(backbone.output_shape())  # p-levels incl. the max-pool one, in order
-    roi_levels = all_levels[:-1]  # ROI pooling skips the max-pool level, as in the zoo config
-    return GeneralizedRCNN(
-        backbone=backbone,
-        proposal_generator=_rpn(cfg, all_levels),
-        roi_heads=_roi_heads(cfg, roi_levels, num_classes),
-        pixel_mean=list(cfg.pixel_mean),
-        pixel_std=list(cfg.pixel_std),
-        input_format=cfg.input_format,
-    )
-
+    return build_mask_rcnn(cfg, _backbone(cfg), num_classes, norm=cfg.norm)

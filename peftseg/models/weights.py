@@ -1,26 +1,58 @@
 """Load pretrained weights through detectron2's checkpointer and say what matched.
 
-DetectionCheckpointer already handles local paths, URLs (http(s)://, detectron2://),
-Detectron/Caffe2 .pkl files and `?matching_heuristics=True` name alignment; we only
-add the checks a user needs: the file exists, and at least one tensor was used.
+DetectionCheckpointer reads the file: local paths, URLs (http(s)://, detectron2://),
+Detectron/Caffe2 .pkl files and `?matching_heuristics=True` name alignment. Two foreign
+layouts are translated onto the model's own names before it matches them, chosen from the
+checkpoint's keys and the model's family:
+
+- a timm / MAE ViT state dict (`patch_embed.proj.*`, `blocks.N.*`, `pos_embed`, …) onto the
+  vitdet family's detectron2 ViT (`backbone.net.*`);
+- an official Swin state dict (`patch_embed.*`, `layers.N.blocks.M.*`, …; timm's Swin
+  layout too) onto the swin family's detectron2 SwinTransformer (`backbone.bottom_up.*`).
+
+Keys without a counterpart (cls_token, the classifier head, the final norm, MAE's decoder,
+Swin's attention masks) are dropped and reported as unexpected. Position tables that only
+differ in grid size are resized: ViT's absolute `pos_embed` (bicubic, as detectron2's
+ViT resizes it at run time) and Swin's `relative_position_bias_table` (bicubic, as the
+official Swin code does when fine-tuning at another window size).
+
+Every load logs a key report. It fails with a UserError when nothing matched, and when a
+backbone tensor differs in shape: methods freeze the backbone, so a backbone left at its
+random init would be trained around rather than adapted. Neck and head tensors of another
+shape (another class count, other head sizes) stay at their init and are reported; every
+method trains them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from peftseg.errors import UserError
+from peftseg.models.family import FamilyMap
 
 log = logging.getLogger(__name__)
 
 _SHOWN = 5  # names listed per category in the log line
+
+# checkpoint layouts this module translates, by the family that can take them
+_LAYOUT_FAMILY = {"timm_vit": "vitdet", "swin": "swin"}
+_LAYOUT_NAME = {"timm_vit": "a timm/MAE ViT", "swin": "an official Swin"}
+_PRESET_HINT = {
+    "vitdet": "e.g. model=vitdet_b for ViT-B/16 weights such as MAE's mae_pretrain_vit_base.pth",
+    "swin": "e.g. model=swin_t for swin_tiny_patch4_window7_224.pth, model=swin_b for "
+            "swin_base_patch4_window7_224.pth",
+}
 
 
 @dataclass(frozen=True)
@@ -44,12 +76,165 @@ class LoadReport:
         )
 
 
+def _family(model: nn.Module) -> FamilyMap | None:
+    """The model's FamilyMap: attached by build_model, or (while build_model is still
+    loading) the registered family whose backbone prefix the model's names carry."""
+    attached = getattr(model, "peftseg_family", None)
+    if attached is not None:
+        return attached
+    from peftseg.models import FAMILIES  # the registry imports this module
+
+    names = list(model.state_dict())
+    for _, family in FAMILIES.values():
+        prefixes = family.groups.get("backbone", ())
+        if any(n.startswith(p) for n in names for p in prefixes):
+            return family
+    return None
+
+
+def _unwrap(state: dict) -> dict:
+    """The tensors of a state dict nested under "model"/"state_dict" (MAE, Swin, timm
+    training checkpoints), without a DataParallel "module." prefix."""
+    while not any(torch.is_tensor(v) or hasattr(v, "shape") for v in state.values()):
+        inner = next((state[k] for k in ("model", "state_dict", "module") if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    # in place: the dict keeps the _metadata (module versions) that load_state_dict reads
+    consume_prefix_in_state_dict_if_present(state, "module.")
+    return state
+
+
+def _layout(state: dict) -> str:
+    if "patch_embed.proj.weight" not in state:
+        return "detectron2"
+    if any(k.startswith("layers.") and ".blocks." in k for k in state):
+        return "swin"
+    if any(k.startswith("blocks.") for k in state):
+        return "timm_vit"
+    return "detectron2"
+
+
+def _square(n: int) -> int | None:
+    side = math.isqrt(n)
+    return side if side > 0 and side * side == n else None
+
+
+def _resize_pos_embed(theirs: torch.Tensor, ours: torch.Tensor, model_has_cls: bool, notes: list[str]) -> torch.Tensor:
+    """ViT absolute position table (1, [cls +] grid², C) onto the model's grid and cls slot."""
+    n = theirs.shape[1]
+    if _square(n - 1):
+        cls, grid = theirs[:, :1], theirs[:, 1:]
+    elif _square(n):
+        cls, grid = None, theirs
+    else:
+        return theirs  # not a square grid: left to the shape check, which names it
+    size = _square(grid.shape[1])
+    target = _square(ours.shape[1] - (1 if model_has_cls else 0))
+    if target is None:
+        return theirs
+    if size != target:
+        notes.append(f"pos_embed from a {size}x{size} to a {target}x{target} grid")
+        grid = F.interpolate(
+            grid.reshape(1, size, size, -1).permute(0, 3, 1, 2).float(),
+            size=(target, target), mode="bicubic", align_corners=False,
+        ).permute(0, 2, 3, 1).reshape(1, target * target, -1).to(theirs.dtype)
+    if not model_has_cls:
+        return grid
+    # detectron2's ViT skips the cls slot at run time; keep the checkpoint's when it has one
+    return torch.cat([cls if cls is not None else ours[:, :1].to(grid.dtype), grid], dim=1)
+
+
+def _resize_bias_table(theirs: torch.Tensor, ours: torch.Tensor, notes: list[str]) -> torch.Tensor:
+    """Swin relative-position bias table ((2W-1)², heads) onto the model's window."""
+    s1, s2 = _square(theirs.shape[0]), _square(ours.shape[0])
+    if s1 is None or s2 is None or s1 == s2:
+        return theirs
+    notes.append(f"relative_position_bias_table from window {(s1 + 1) // 2} to window {(s2 + 1) // 2}")
+    heads = theirs.shape[1]
+    table = theirs.float().permute(1, 0).reshape(1, heads, s1, s1)
+    table = F.interpolate(table, size=(s2, s2), mode="bicubic", align_corners=False)
+    return table.reshape(heads, s2 * s2).permute(1, 0).to(theirs.dtype)
+
+
+def _timm_swin_to_official(state: dict) -> dict:
+    """timm (>= 0.6) puts each PatchMerging at the start of the next stage
+    (layers.{i+1}.downsample); the official code and detectron2 at the end of its own."""
+    if any(k.startswith("layers.0.downsample.") for k in state):
+        return state
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) - 1)
+        out[".".join(parts)] = v
+    return out
+
+
+def _translate(model: nn.Module, state: dict, layout: str, family: FamilyMap) -> tuple[dict, list[str]]:
+    """A foreign state dict under the model's names; returns it and the dropped keys."""
+    if layout == "swin":
+        state = _timm_swin_to_official(state)
+    prefix = family.groups["backbone"][0]
+    ours = model.state_dict()
+    kept, dropped = {}, []
+    for k, v in state.items():
+        if prefix + k in ours:
+            kept[prefix + k] = v
+        else:
+            dropped.append(k)
+    return kept, dropped
+
+
+def _resize_tables(model: nn.Module, state: dict) -> None:
+    """Resize, in place, position tables whose only difference from the model's is the grid."""
+    ours = model.state_dict()
+    notes: list[str] = []
+    for k in list(state):
+        if k not in ours or tuple(state[k].shape) == tuple(ours[k].shape):
+            continue
+        theirs = torch.as_tensor(state[k])
+        if k.endswith("relative_position_index"):
+            # derived from the window size, not learned: the model's own is the right one
+            state[k] = ours[k]
+        elif k.endswith("relative_position_bias_table") and theirs.shape[1:] == ours[k].shape[1:]:
+            state[k] = _resize_bias_table(theirs, ours[k], notes)
+        elif k.endswith("pos_embed") and theirs.dim() == 3 and theirs.shape[2] == ours[k].shape[2]:
+            owner = model.get_submodule(k.rpartition(".")[0]) if "." in k else model
+            has_cls = bool(getattr(owner, "pretrain_use_cls_token", True))
+            state[k] = _resize_pos_embed(theirs, ours[k], has_cls, notes)
+    for note in sorted(set(notes)):
+        log.info("weights: resized %d× %s (bicubic)", notes.count(note), note)
+
+
 class _ReportingCheckpointer(DetectionCheckpointer):
-    """Keeps the incompatible-keys result that `load` only logs."""
+    """Translates foreign layouts before detectron2 matches names, and keeps the
+    incompatible-keys result that `load` only logs."""
 
     incompatible = None
+    dropped: tuple[str, ...] = ()  # foreign keys without a counterpart
+    source = ""
 
     def _load_model(self, checkpoint):
+        state = _unwrap(checkpoint["model"])
+        layout = _layout(state)
+        family = _family(self.model)
+        if layout in _LAYOUT_FAMILY:
+            wanted = _LAYOUT_FAMILY[layout]
+            if family is None or family.name != wanted:
+                got = family.name if family is not None else type(self.model).__name__
+                raise UserError(
+                    f"model.weights={self.source!r} holds {_LAYOUT_NAME[layout]} state dict "
+                    f"(keys such as {sorted(state)[:3]}), which only the {wanted!r} model family "
+                    f"takes, but the model is {got!r}; pick a {wanted} preset that matches the "
+                    f"checkpoint ({_PRESET_HINT[wanted]}), or give a checkpoint of this model."
+                )
+            state, dropped = _translate(self.model, state, layout, family)
+            self.dropped = tuple(dropped)
+            # the names are exact now; detectron2's suffix heuristics could only mis-assign them
+            checkpoint.pop("matching_heuristics", None)
+        _resize_tables(self.model, state)
+        checkpoint["model"] = state
         self.incompatible = super()._load_model(checkpoint)
         return self.incompatible
 
@@ -58,8 +243,26 @@ def _is_url(source: str) -> bool:
     return "://" in source
 
 
+def _check_backbone_shapes(source: str, incorrect: list, family: FamilyMap | None) -> None:
+    if family is None:
+        return
+    bad = [(k, theirs, ours) for k, theirs, ours in incorrect if family.group_of(k) == "backbone"]
+    if not bad:
+        return
+    key, theirs, ours = bad[0]
+    more = f" (and {len(bad) - 1} more backbone tensors)" if len(bad) > 1 else ""
+    raise UserError(
+        f"model.weights={source!r} does not fit this {family.name} model's backbone: {key} has "
+        f"shape {tuple(theirs)} in the checkpoint but {tuple(ours)} in the model{more}, so the "
+        "checkpoint was made for another backbone size; pick the model preset that matches the "
+        f"checkpoint ({_PRESET_HINT.get(family.name, 'see conf/model/')}), or set the model's "
+        "sizes to the checkpoint's."
+    )
+
+
 def load_weights(model: nn.Module, source: str) -> LoadReport:
-    """Load `source` into `model` in place (non-strict); raise UserError if nothing matched."""
+    """Load `source` into `model` in place (non-strict); raise UserError if nothing matched
+    or a backbone tensor has another shape (the model is then partly loaded: discard it)."""
     if not _is_url(source):
         local = urlparse(source)._replace(query="").geturl()  # allow ?matching_heuristics=True
         if not os.path.isfile(local):
@@ -69,6 +272,7 @@ def load_weights(model: nn.Module, source: str) -> LoadReport:
                 "to start from random initialisation."
             )
     ckpt = _ReportingCheckpointer(model)
+    ckpt.source = source
     try:
         ckpt.load(source, checkpointables=[])
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AssertionError) as e:
@@ -82,17 +286,21 @@ def load_weights(model: nn.Module, source: str) -> LoadReport:
         source=source,
         loaded=tuple(k for k in model.state_dict() if k not in missing),
         missing=tuple(inc.missing_keys),
-        unexpected=tuple(inc.unexpected_keys),
+        unexpected=tuple(inc.unexpected_keys) + tuple(ckpt.dropped),
         shape_mismatch=tuple(k for k, *_ in inc.incorrect_shapes),
     )
+    log.info(report.summary())
+    # before the nothing-matched check: a backbone of another size matches nothing either,
+    # and its first misfit says more
+    _check_backbone_shapes(source, inc.incorrect_shapes, _family(model))
     if not report.loaded:
         raise UserError(
             f"model.weights={source!r} matched no parameter of the model "
             f"({len(report.unexpected)} checkpoint keys such as {list(report.unexpected[:3])} "
             f"have no counterpart, and shape mismatches: {len(report.shape_mismatch)}); use a "
-            "checkpoint of the same model family, or append '?matching_heuristics=True' for a "
-            "backbone-only checkpoint (e.g. MAE ImageNet weights) whose names lack the "
-            "'backbone.net.' prefix."
+            "checkpoint of the same model family (a detectron2 checkpoint of this model, a "
+            "timm/MAE ViT state dict for vitdet, an official Swin state dict for swin), or "
+            "append '?matching_heuristics=True' to let detectron2 align the names of another "
+            "backbone-only checkpoint by suffix."
         )
-    log.info(report.summary())
     return report
