@@ -27,6 +27,10 @@ usage: peftseg <command> [args]
 
 commands:
   train    train + evaluate one run, or a sweep with -m (Hydra overrides: method=lora model=vitdet_b ...)
+  eval     evaluate a trained run again: checkpoint=<run dir or model_*.pth> [dataset.*=… train.device=…]
+  merge    fold LoRA/LoHa/LoKr/IA3 into the base weights, write a plain detectron2 checkpoint:
+           checkpoint=<run dir or model_*.pth> [output=<file>]
+  report   table, report.csv and pareto.png of every results.json under a directory (a sweep)
 
 `peftseg train --help` lists the config groups and their options.
 """
@@ -59,31 +63,31 @@ def report_error(exc: UserError) -> None:
     err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
 
 
-_failures: list[str] = []
-_runs: list[str] = []
-
-
 def _train_task(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
-    from peftseg.engine.run import run
+    from peftseg.engine.distributed import launch_run
     from peftseg.summary import run_table
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     run_id = str(run_dir.relative_to(Path.cwd())) if run_dir.is_relative_to(Path.cwd()) else str(run_dir)
-    _runs.append(run_id)
+    # Spawned training processes get the job's logging (console + run dir log file) from here.
+    log_config = OmegaConf.to_container(hc.job_logging, resolve=True) if hc.job_logging else None
     try:
-        record = run(cfg, run_dir, run_id)
+        record = launch_run(cfg, run_dir, run_id, log_config)
     except Exception as exc:
-        _failures.append(run_id)
         if isinstance(exc, UserError):
             report_error(exc)
         else:
             log.exception("run %s failed", run_id)
         if hc.mode == RunMode.RUN:
             sys.exit(2 if isinstance(exc, UserError) else 1)
+        return None
+    if record is None:
+        console.print(f"machine {cfg.train.machine_rank} done; machine 0 writes the record")
         return None
     console.print(run_table(record))
     console.print(f"record: {run_dir / 'results.json'}")
@@ -94,18 +98,78 @@ def train(argv: list[str]) -> int:
     import hydra
 
     from peftseg.config import register_schemas
+    from peftseg.sweep import last_sweep
 
     check_group_choices(argv)
     register_schemas()
-    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_train_task)
+    # Under `python -m peftseg.cli` this module is __main__, whose functions cloudpickle
+    # (submitit launchers) copies by value, consoles and all; by module name it pickles a reference.
+    from peftseg.cli import _train_task as task
+
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     sys.argv = ["peftseg train", *argv]
     app()
-    if len(_runs) > 1 or _failures:
-        console.print(f"{len(_runs) - len(_failures)} of {len(_runs)} runs succeeded, {len(_failures)} failed")
-    return 1 if _failures else 0
+    outcome = last_sweep()
+    if outcome is None:
+        return 0  # a single run: failures already exited from inside the task
+    sweep_dir, members, failed = outcome
+    if members == 0:
+        console.print(f"sweep: no run left a record under {sweep_dir}; see the launcher's logs there")
+        return 1
+    console.print(f"sweep: {failed} of {members} runs failed; records under {sweep_dir}")
+    return 1 if failed else 0
 
 
-COMMANDS = {"train": train}
+def report(argv: list[str]) -> int:
+    from peftseg.report import main as report_main
+
+    return report_main(argv)
+
+
+def evaluate_checkpoint(argv: list[str]) -> int:
+    """`peftseg eval`: rebuild base + method, load the checkpoint, run COCOEvaluator."""
+    from peftseg.engine.evaluate import evaluate
+    from peftseg.engine.restore import parse_args, restore
+    from peftseg.engine.run import resolve_device
+    from peftseg.params import count_parameters
+    from peftseg.results import coco_metrics, write_json
+    from peftseg.summary import eval_table
+
+    options, overrides = parse_args(argv, ("checkpoint", "output"))
+    r = restore(options["checkpoint"], overrides)
+    device = resolve_device(r.cfg.train.device)
+    r.model.to(device)
+    out_dir = Path(options.get("output") or r.source.parent / f"eval_{r.source.stem}")
+    results = evaluate(r.model, r.splits.val, r.cfg.model.image_size, out_dir, r.cfg.train.num_workers)
+    record = {
+        "checkpoint": str(r.source), "dataset": r.cfg.dataset.name,
+        "params": count_parameters(r.model).to_dict(), "metrics": coco_metrics(results),
+    }
+    write_json(out_dir / "eval.json", record)
+    console.print(eval_table(record))
+    console.print(f"record: {out_dir / 'eval.json'}")
+    return 0
+
+
+def merge(argv: list[str]) -> int:
+    """`peftseg merge`: fold the method into the base, save a plain detectron2 checkpoint."""
+    import torch
+    from peftseg.engine.restore import parse_args, restore
+    from peftseg.methods.merge import merge_and_unload
+    from peftseg.results import write_atomic_with
+    from peftseg.summary import fmt_bytes
+
+    options, overrides = parse_args(argv, ("checkpoint", "output"))
+    r = restore(options["checkpoint"], overrides)
+    model = merge_and_unload(r.model.eval())
+    out = Path(options.get("output") or r.source.parent / "model_merged.pth")
+    # detectron2's checkpoint layout: loadable with model.weights=<out> or DetectionCheckpointer
+    write_atomic_with(out, lambda f: torch.save({"model": model.state_dict(), "merged_from": str(r.source)}, f))
+    console.print(f"merged {r.cfg.method.name} into {r.cfg.model.name}: {out} ({fmt_bytes(out.stat().st_size)})")
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate_checkpoint, "merge": merge, "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:

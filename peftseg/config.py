@@ -15,6 +15,8 @@ from omegaconf import MISSING
 
 from peftseg.data.register import CocoDatasetConfig, CocoFormatDatasetConfig
 from peftseg.data.shapes import ShapesDatasetConfig
+from peftseg.methods.adapter import AdapterConfig
+from peftseg.methods.combine import AdapterLoraConfig
 from peftseg.methods.full import FullConfig
 from peftseg.methods.heads import HeadsConfig
 from peftseg.methods.bitfit import BitfitConfig
@@ -22,6 +24,8 @@ from peftseg.methods.ia3 import Ia3Config
 from peftseg.methods.loha import LohaConfig
 from peftseg.methods.lokr import LokrConfig
 from peftseg.methods.lora import LoraConfig
+from peftseg.models.mask2former import Mask2FormerConfig
+from peftseg.models.swin import SwinConfig
 from peftseg.models.vitdet import VitDetConfig
 
 
@@ -43,6 +47,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.0  # 0 disables
     eval_period: int = 0  # 0: evaluate once, at the end
     checkpoint_period: int = 0  # 0: only the final checkpoint
+    resume: str = ""  # a run dir or model_*.pth: continue its iteration, optimizer and scheduler
     log_period: int = 20
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False
@@ -50,6 +55,12 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     timing_warmup_iters: int = 5  # steps excluded from the mean step time
+    # Multi-process training (detectron2's launch); ims_per_batch is the total over all processes.
+    num_gpus: int = 1  # processes per machine: one per GPU, or CPU processes (gloo) without CUDA
+    num_machines: int = 1
+    machine_rank: int = 0
+    dist_url: str = "auto"  # tcp://host:port of machine 0; auto: a free local port
+    find_unused_parameters: bool = False  # DDP's; only for trainable params a forward can skip
 
 
 @dataclass
@@ -61,9 +72,10 @@ class Config:
 
 
 SCHEMAS = {
-    "model": {"vitdet": VitDetConfig},
+    "model": {"vitdet": VitDetConfig, "mask2former": Mask2FormerConfig, "swin": SwinConfig},
     "method": {"full": FullConfig, "heads": HeadsConfig, "lora": LoraConfig,
-               "loha": LohaConfig, "lokr": LokrConfig, "ia3": Ia3Config, "bitfit": BitfitConfig},
+               "loha": LohaConfig, "lokr": LokrConfig, "ia3": Ia3Config, "bitfit": BitfitConfig,
+               "adapter": AdapterConfig, "adapter_lora": AdapterLoraConfig},
     "dataset": {
         "shapes": ShapesDatasetConfig,
         "coco": CocoDatasetConfig,

@@ -30,3 +30,21 @@ def peftseg(tmp_path, shapes_cache):
 
 def records_under(path: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(path).rglob("results.json"))]
+
+
+SMOKE_SWEEP = ("train", "-m", "method=adapter", "method.adapters_per_block=1,2,3", "train=smoke",
+               "train.max_iter=8")
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory, shapes_cache):
+    """One 3-member sweep (1, 2, 3 adapters per block), shared by the sweep and report tests.
+
+    Returns (completed process, sweep dir)."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "peftseg.cli", *SMOKE_SWEEP], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (sweep_dir,) = (cwd / "multirun").glob("*/*")
+    return proc, sweep_dir

@@ -11,6 +11,14 @@ import torch
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Peak RSS only ever grows, so without a reset every member of an in-process sweep
+    # would inherit the peaks of the members before it. Linux resets it on "5" here.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not permitted: the peak then counts from process start
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -7,18 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, hooks
+from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, create_ddp_model, hooks
+from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 from peftseg.data.loaders import train_loader
-from peftseg.engine.checkpoint import AtomicCheckpointer
+from peftseg.engine.checkpoint import FINAL, PeftCheckpointer
 from peftseg.engine.efficiency import peak_memory, reset_peak_memory, step_time_stats
 from peftseg.engine.evaluate import evaluate
 from peftseg.engine.optim import build_lr_scheduler, build_optimizer
 from peftseg.engine.progress import RichProgress
 
-FINAL_CHECKPOINT = "model_final"
 
 
 @dataclass
@@ -44,40 +44,56 @@ class _TrainClock(HookBase):
         eff.update(peak_memory(self._device))
 
 
-def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, image_size: int) -> TrainOutcome:
+def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, image_size: int,
+                       meta: dict) -> TrainOutcome:
+    """`meta` (resolved config, class names) goes into every checkpoint so it can be rebuilt."""
     tcfg = cfg.train
-    seed_all_rng(tcfg.seed)
+    # Per-rank seeds (detectron2's default_setup does the same): ranks draw different
+    # augmentations; DDP broadcasts rank 0's weights, so initialisation stays shared.
+    seed_all_rng(tcfg.seed + comm.get_rank())
     outcome = TrainOutcome()
     data = train_loader(splits.train, image_size, model.input_format, tcfg.ims_per_batch, tcfg.num_workers, tcfg.seed)
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_lr_scheduler(optimizer, tcfg)
     model.train()
+    # Frozen parameters are outside DDP's bookkeeping, so frozen backbones need no
+    # find_unused_parameters; only trainable ones a forward can skip do. No-op on 1 process.
+    ddp_model = create_ddp_model(
+        model, broadcast_buffers=False, find_unused_parameters=tcfg.find_unused_parameters,
+        device_ids=[comm.get_local_rank()] if device.type == "cuda" else None,
+    )
     if tcfg.amp and device.type == "cuda":
-        trainer = AMPTrainer(model, data, optimizer)
+        trainer = AMPTrainer(ddp_model, data, optimizer)
     else:
-        trainer = SimpleTrainer(model, data, optimizer)
-    checkpointer = AtomicCheckpointer(model, save_dir=str(run_dir), optimizer=optimizer, scheduler=scheduler)
+        trainer = SimpleTrainer(ddp_model, data, optimizer)
+    checkpointer = PeftCheckpointer(model, save_dir=str(run_dir), meta=meta, optimizer=optimizer, scheduler=scheduler)
+    start_iter = 0
+    if tcfg.resume:
+        start_iter = checkpointer.load_peft(tcfg.resume, meta["config"]).get("iteration", -1) + 1
 
     def do_eval():
         outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
         return outcome.eval_results
 
-    writers = [JSONWriter(str(run_dir / "metrics.json")), TensorboardXWriter(str(run_dir / "tb"))]
-    if not tcfg.progress:
+    main = comm.is_main_process()  # the other ranks neither print nor write files
+    writers = [JSONWriter(str(run_dir / "metrics.json")), TensorboardXWriter(str(run_dir / "tb"))] if main else []
+    if main and not tcfg.progress:
         writers.append(CommonMetricPrinter(tcfg.max_iter))
     trainer.register_hooks([
         hooks.IterationTimer(warmup_iter=tcfg.timing_warmup_iters),
         _TrainClock(outcome, tcfg.ims_per_batch, device),
         hooks.LRScheduler(optimizer, scheduler),
-        RichProgress() if tcfg.progress else None,  # before EvalHook: bar closes before eval logs
+        RichProgress() if tcfg.progress and main else None,  # before EvalHook: bar closes before eval logs
         hooks.PeriodicCheckpointer(
-            checkpointer, tcfg.checkpoint_period or tcfg.max_iter, max_iter=tcfg.max_iter,
+            # period 0: a period past the end, so only model_final is written (a period of
+            # max_iter would also save model_<max_iter-1> with the optimizer state)
+            checkpointer, tcfg.checkpoint_period or tcfg.max_iter + 1, max_iter=tcfg.max_iter,
             file_prefix="model",
         ),
         hooks.EvalHook(tcfg.eval_period, do_eval),
-        hooks.PeriodicWriter(writers, period=tcfg.log_period),
+        hooks.PeriodicWriter(writers, period=tcfg.log_period) if writers else None,
     ])
-    trainer.train(0, tcfg.max_iter)
-    final = run_dir / f"{FINAL_CHECKPOINT}.pth"
+    trainer.train(start_iter, tcfg.max_iter)
+    final = run_dir / f"{FINAL}.pth"
     outcome.efficiency["checkpoint_bytes"] = final.stat().st_size if final.exists() else None
     return outcome

@@ -1,0 +1,163 @@
+"""Multi-process training through detectron2's `launch`.
+
+`train.num_gpus` processes on each of `train.num_machines` machines all run the same
+`run()`. DDP keeps their weights in step, detectron2's TrainingSampler and
+InferenceSampler shard the data by rank, COCOEvaluator gathers the predictions on rank 0,
+and only rank 0 writes results.json, the checkpoint and the event files.
+
+`train.ims_per_batch` is the total batch over all processes (detectron2's
+SOLVER.IMS_PER_BATCH convention): each process loads ims_per_batch / world_size images
+per step, so a run keeps its optimisation schedule when it moves to more processes.
+
+On a machine where torch sees no CUDA device, launch's workers pick the gloo backend
+and the processes are CPU processes; nothing here needs to work around launch for that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.config
+import os
+from pathlib import Path
+
+import torch
+
+from peftseg.errors import UserError
+from peftseg.results import FILENAME, read_record, write_record
+
+log = logging.getLogger(__name__)
+
+
+def world_size(tcfg) -> int:
+    return int(tcfg.num_gpus) * int(tcfg.num_machines)
+
+
+def check(tcfg) -> None:
+    """Catch what launch would only assert on (or hang on) inside its workers."""
+    if tcfg.num_gpus < 1 or tcfg.num_machines < 1:
+        raise UserError(
+            f"train.num_gpus={tcfg.num_gpus} and train.num_machines={tcfg.num_machines} must both "
+            "be at least 1; train.num_gpus is the number of processes per machine (one per GPU, "
+            "or CPU processes on a machine without CUDA)."
+        )
+    if not 0 <= tcfg.machine_rank < tcfg.num_machines:
+        raise UserError(
+            f"train.machine_rank={tcfg.machine_rank} must be in [0, train.num_machines="
+            f"{tcfg.num_machines}); give each machine its own rank, 0 for the one that writes "
+            "the record."
+        )
+    world = world_size(tcfg)
+    if tcfg.ims_per_batch % world:
+        raise UserError(
+            f"train.ims_per_batch={tcfg.ims_per_batch} is the total batch over all {world} "
+            f"processes (train.num_gpus x train.num_machines) and must divide evenly among them; "
+            f"use a multiple of {world}, e.g. train.ims_per_batch={world * max(1, tcfg.ims_per_batch // world)}."
+        )
+    if tcfg.num_machines > 1 and tcfg.dist_url == "auto" and _slurm_env() is None:
+        raise UserError(
+            "train.dist_url=auto only works on one machine (or inside a SLURM job, where the "
+            "first node's address is known). For several machines, give every machine the same "
+            "train.dist_url=tcp://<address of machine 0>:<free port> and its own "
+            "train.machine_rank."
+        )
+    if world > 1 and tcfg.device != "cpu" and torch.cuda.is_available():
+        if tcfg.num_gpus > torch.cuda.device_count():
+            raise UserError(
+                f"train.num_gpus={tcfg.num_gpus} asks for one process per GPU but this machine has "
+                f"{torch.cuda.device_count()} visible CUDA device(s); lower train.num_gpus, or use "
+                "train.device=cpu for CPU processes."
+            )
+
+
+def _slurm_env():
+    """submitit's view of the SLURM job, when this process runs inside one."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    try:
+        import submitit
+
+        return submitit.JobEnvironment()
+    except Exception:  # not a submitit job (plain sbatch/srun): no hostnames to rely on
+        return None
+
+
+def _rendezvous(tcfg) -> tuple[str, int]:
+    if tcfg.num_machines > 1 and tcfg.dist_url == "auto":
+        env = _slurm_env()
+        # One SLURM task per node (conf/hydra/launcher/slurm.yaml); launch spawns the rest.
+        port = 20000 + int(env.job_id.split("_")[0]) % 20000
+        return f"tcp://{env.hostnames[0]}:{port}", env.node
+    return tcfg.dist_url, tcfg.machine_rank
+
+
+@contextlib.contextmanager
+def _cpu_children(device: str):
+    # launch picks NCCL and binds one GPU per process whenever the *children* see CUDA;
+    # hiding the GPUs from them is what makes train.device=cpu mean gloo on a GPU machine.
+    if device != "cpu" or not torch.cuda.is_available():
+        yield
+        return
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _worker(cfg, run_dir: Path, run_id: str, log_config: dict | None) -> None:
+    from detectron2.utils import comm
+
+    from peftseg.engine.run import run
+
+    # Spawned processes start with no logging set up: rank 0 gets the run's (console + the
+    # run dir's log file), the others only warnings so the console shows one run's story.
+    if comm.is_main_process() and log_config:
+        logging.config.dictConfig(log_config)
+    else:
+        logging.basicConfig(level=logging.WARNING)
+    if not torch.cuda.is_available():
+        # N CPU processes each defaulting to all cores would oversubscribe them N times.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    run(cfg, run_dir, run_id)
+
+
+def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None) -> dict | None:
+    """Run one experiment on `world_size` processes; the record (None on machines other than 0)."""
+    from detectron2.engine import launch
+
+    from peftseg.engine.run import failed_record, run
+
+    tcfg = cfg.train
+    check(tcfg)
+    if world_size(tcfg) == 1:
+        return run(cfg, run_dir, run_id)
+    dist_url, machine_rank = _rendezvous(tcfg)
+    path = Path(run_dir) / FILENAME
+    if machine_rank == 0:
+        # A leftover record in a reused dir must not pass for this run's if rank 0 is killed.
+        path.unlink(missing_ok=True)
+    log.info("launching %d processes (%d per machine, machine %d), dist_url=%s",
+             world_size(tcfg), tcfg.num_gpus, machine_rank, dist_url)
+    try:
+        with _cpu_children(tcfg.device):
+            launch(_worker, tcfg.num_gpus, num_machines=tcfg.num_machines, machine_rank=machine_rank,
+                   dist_url=dist_url, args=(cfg, Path(run_dir), run_id, log_config))
+    except Exception as exc:
+        if machine_rank != 0:
+            raise
+        # When another rank fails first, rank 0 is terminated before it can write.
+        record = read_record(path) if path.exists() else None
+        if record is None or record.get("status") != "failed":
+            record = failed_record(cfg, run_dir, run_id, exc)
+            write_record(run_dir, record)
+        if record["error"]["type"] == "UserError":
+            raise UserError(record["error"]["message"]) from None
+        raise
+    if machine_rank != 0:
+        return None
+    return read_record(path)

@@ -1,0 +1,400 @@
+"""`peftseg report DIR`: every results.json under DIR as one table, report.csv and pareto.png.
+
+Rows are grouped by model and dataset, since AP is only comparable within one of those.
+Next to each method the table shows its knobs that vary within the group (rank, targets,
+adapters_per_block, …), so the members of a sweep tell apart; report.csv has every
+flattened config value and number of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from peftseg.errors import UserError
+from peftseg.results import FILENAME, read_record, write_atomic
+from peftseg.summary import fmt_bytes, fmt_num
+
+CSV_NAME = "report.csv"
+PLOT_NAME = "pareto.png"
+DASH = "—"
+# Cheapest-to-train last would bury the baseline; this puts the usual reading order first.
+METHOD_ORDER = ("full", "heads", "bitfit", "adapter", "lora")
+CONFIG_GROUPS = ("model", "method", "dataset", "train")
+
+
+@dataclass
+class Group:
+    model: str
+    dataset: str
+    records: list[dict] = field(default_factory=list)
+    knobs: list[str] = field(default_factory=list)  # config keys shown as columns
+    baseline_note: str | None = None
+
+
+def load_records(root: Path, console: Console | None = None) -> list[dict]:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(
+            f"{root} is not a directory. Give `peftseg report` the folder of a sweep or of runs "
+            "(e.g. peftseg report multirun/2024-05-01/12-00-00); it reads every results.json under it."
+        )
+    paths = sorted(root.rglob(FILENAME))
+    if not paths:
+        raise UserError(
+            f"No {FILENAME} under {root}. Point `peftseg report` at a folder that `peftseg train` "
+            "wrote into (outputs/… for single runs, multirun/… for sweeps), or run a sweep first, "
+            "e.g. peftseg train -m method=full,heads,lora."
+        )
+    records = []
+    for path in paths:
+        try:
+            record = read_record(path)
+        except (OSError, ValueError) as exc:  # a hand-edited or foreign file: skip, say so
+            if console:
+                console.print(f"[yellow]skipping {path}: {exc}[/]", highlight=False)
+            continue
+        record.setdefault("run", {}).setdefault("dir", str(path.parent))
+        records.append(record)
+    if not records:
+        raise UserError(f"None of the {len(paths)} {FILENAME} files under {root} could be read; "
+                        "see the messages above, and re-run the runs they belong to.")
+    return records
+
+
+# --- reading numbers out of a record ----------------------------------------------------
+
+def cfg(record: dict, key: str):
+    return (record.get("config") or {}).get(key)
+
+
+def mask_ap(record: dict) -> float | None:
+    return ((record.get("metrics") or {}).get("segm") or {}).get("AP")
+
+
+def box_ap(record: dict) -> float | None:
+    return ((record.get("metrics") or {}).get("bbox") or {}).get("AP")
+
+
+def ratio(record: dict) -> float | None:
+    return (record.get("params") or {}).get("ratio")
+
+
+def eff(record: dict, key: str):
+    return (record.get("efficiency") or {}).get(key)
+
+
+def _hashable(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _sort_value(value):
+    # Numbers sort numerically (ranks 4 < 8 < 16), everything else by its text.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, _hashable(value))
+
+
+# --- grouping and knobs -----------------------------------------------------------------
+
+def varying_knobs(records: list[dict]) -> list[str]:
+    """Config keys worth a column: a method's keys that differ among that method's runs,
+    and other (non-name) keys that differ across the group."""
+    keys: list[str] = []
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(cfg(r, "method.name"), []).append(r)
+    for runs in by_method.values():
+        for key in dict.fromkeys(k for r in runs for k in r.get("config") or {}):
+            if key.startswith("method.") and key != "method.name" and key not in keys:
+                if len({_hashable(cfg(r, key)) for r in runs}) > 1:
+                    keys.append(key)
+    for key in dict.fromkeys(k for r in records for k in r.get("config") or {}):
+        if key.startswith("method.") or key.endswith(".name") or key in keys:
+            continue
+        if len({_hashable(cfg(r, key)) for r in records}) > 1:
+            keys.append(key)
+    return keys
+
+
+def _method_rank(name) -> tuple:
+    return (METHOD_ORDER.index(name), "") if name in METHOD_ORDER else (len(METHOD_ORDER), str(name))
+
+
+def group_records(records: list[dict]) -> list[Group]:
+    groups: dict[tuple[str, str], Group] = {}
+    for r in records:
+        model, dataset = str(cfg(r, "model.name")), str(cfg(r, "dataset.name"))
+        groups.setdefault((model, dataset), Group(model, dataset)).records.append(r)
+    for g in groups.values():
+        g.knobs = varying_knobs(g.records)
+        g.records.sort(key=lambda r: (
+            _method_rank(cfg(r, "method.name")),
+            [_sort_value(cfg(r, k)) for k in g.knobs],
+            str((r.get("run") or {}).get("id")),
+        ))
+    return [groups[k] for k in sorted(groups)]
+
+
+# --- baseline ---------------------------------------------------------------------------
+
+def find_baseline(record: dict, group: Group, method: str) -> dict | None:
+    """The group's ok `method` run closest in config to `record` (most equal config values)."""
+    candidates = [r for r in group.records
+                  if cfg(r, "method.name") == method and r.get("status") == "ok" and mask_ap(r) is not None]
+    if not candidates:
+        return None
+    own = record.get("config") or {}
+
+    def shared(r):
+        other = r.get("config") or {}
+        return sum(_hashable(other.get(k)) == _hashable(v) for k, v in own.items() if not k.startswith("method."))
+
+    return max(candidates, key=shared)  # max keeps the first (sorted) one on ties
+
+
+def _ratio_of(a, b) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def baseline_numbers(record: dict, base: dict | None) -> dict:
+    if base is None or record.get("status") != "ok":
+        return {}
+    same_mem = eff(record, "peak_memory_kind") == eff(base, "peak_memory_kind")
+    ap, base_ap = mask_ap(record), mask_ap(base)
+    return {
+        "baseline.run_id": (base.get("run") or {}).get("id"),
+        "baseline.delta_mask_AP": None if ap is None or base_ap is None else ap - base_ap,
+        "baseline.step_time_ratio": _ratio_of(eff(record, "mean_step_time_s"), eff(base, "mean_step_time_s")),
+        "baseline.peak_memory_ratio": _ratio_of(eff(record, "peak_memory_bytes"), eff(base, "peak_memory_bytes"))
+        if same_mem else None,
+    }
+
+
+# --- table ------------------------------------------------------------------------------
+
+def _knob_text(value) -> str:
+    if value is None:
+        return DASH
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _knob_header(key: str) -> str:
+    return key.removeprefix("method.")
+
+
+def _or_dash(text: str) -> str:
+    return DASH if text in ("-", "- s") else text
+
+
+def group_table(group: Group, baseline: str | None, extras: dict[int, dict]) -> Table:
+    table = Table(title=f"{group.model} · {group.dataset}", title_justify="left")
+    table.add_column("method", style="bold")
+    for key in group.knobs:
+        table.add_column(_knob_header(key))
+    for name in ("trainable %", "mask AP", "box AP", "peak mem", "step time", "ckpt size"):
+        table.add_column(name, justify="right")
+    if baseline:
+        table.add_column("ΔAP", justify="right")
+        table.add_column("time ×", justify="right")
+        table.add_column("mem ×", justify="right")
+    table.add_column("status")
+    for r in group.records:
+        ok = r.get("status") == "ok"
+        row = [str(cfg(r, "method.name"))]
+        row += [_knob_text(cfg(r, k)) if k in (r.get("config") or {}) else "" for k in group.knobs]
+        rt = ratio(r)
+        step = eff(r, "mean_step_time_s")
+        row += [
+            DASH if rt is None else fmt_num(100 * rt, ".3f"),
+            _or_dash(fmt_num(mask_ap(r))),
+            _or_dash(fmt_num(box_ap(r))),
+            _or_dash(fmt_bytes(eff(r, "peak_memory_bytes"))),
+            DASH if step is None else f"{step:.3f} s",
+            _or_dash(fmt_bytes(eff(r, "checkpoint_bytes"))),
+        ]
+        if baseline:
+            b = extras.get(id(r), {})
+            d = b.get("baseline.delta_mask_AP")
+            row += [
+                DASH if d is None else f"{d:+.2f}",
+                DASH if b.get("baseline.step_time_ratio") is None else f"{b['baseline.step_time_ratio']:.2f}×",
+                DASH if b.get("baseline.peak_memory_ratio") is None else f"{b['baseline.peak_memory_ratio']:.2f}×",
+            ]
+        row.append("[green]ok[/]" if ok else f"[red]{r.get('status')}[/]")
+        table.add_row(*row)
+    return table
+
+
+# --- CSV ----------------------------------------------------------------------------------
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def flat_row(record: dict, extra: dict) -> dict:
+    row: dict = {"run.id": (record.get("run") or {}).get("id"), "status": record.get("status")}
+    row.update(record.get("config") or {})  # already flat: model.*, method.*, …
+    for section in ("params", "metrics", "efficiency", "run", "versions"):
+        _flatten(section, record.get(section) or {}, row)
+    error = record.get("error") or {}
+    row["error.type"], row["error.message"] = error.get("type"), error.get("message")
+    row.update(extra)
+    return row
+
+
+def _column_rank(key: str) -> int:
+    order = ("run.id", "status", "model.name", "dataset.name", "method.name", "model.", "method.",
+             "dataset.", "train.", "params.", "metrics.", "efficiency.", "baseline.", "run.", "versions.",
+             "error.")
+    for i, prefix in enumerate(order):
+        if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
+            return i
+    return len(order)
+
+
+def _csv_value(value):
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return value
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    keys.sort(key=_column_rank)  # stable: first-seen order within a section
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    write_atomic(path, buf.getvalue().encode())
+
+
+# --- plot ---------------------------------------------------------------------------------
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: the best AP at that trainable % or less."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _plottable(r: dict) -> bool:
+    ap, rt = mask_ap(r), ratio(r)
+    return r.get("status") == "ok" and ap is not None and math.isfinite(ap) and rt is not None and rt > 0
+
+
+def write_plot(path: Path, groups: list[Group]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display here or on a cluster node
+    import matplotlib.pyplot as plt
+
+    methods = sorted({str(cfg(r, "method.name")) for g in groups for r in g.records}, key=_method_rank)
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    n = len(groups)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, g in zip(axes.flat, groups):
+        runs = [r for r in g.records if _plottable(r)]
+        ax.set_title(f"{g.model} · {g.dataset}")
+        ax.set_xlabel("trainable parameters (%, log scale)")
+        ax.set_ylabel("mask AP")
+        ax.grid(True, which="both", alpha=0.3)
+        if not runs:
+            ax.text(0.5, 0.5, "no successful run to plot", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.set_xscale("log")
+        points = [(100 * ratio(r), mask_ap(r)) for r in runs]
+        for m in methods:
+            xs = [p for p, r in zip(points, runs) if str(cfg(r, "method.name")) == m]
+            if xs:
+                ax.scatter([x for x, _ in xs], [y for _, y in xs], color=colours[m], label=m, zorder=3)
+        for (x, y), r in zip(points, runs):
+            label = " ".join(f"{_knob_header(k)}={_knob_text(cfg(r, k))}" for k in g.knobs
+                             if k in (r.get("config") or {}))
+            if label:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = [points[i] for i in pareto_front(points)]
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black",
+                linestyle="--", linewidth=1, zorder=2, label="Pareto front")
+        ax.scatter([x for x, _ in front], [y for _, y in front], s=160, facecolors="none",
+                   edgecolors="black", zorder=4)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+# --- command ------------------------------------------------------------------------------
+
+def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Path, Path]:
+    root = Path(root)
+    records = load_records(root, console)
+    groups = group_records(records)
+    rows = []
+    for g in groups:
+        extras: dict[int, dict] = {}
+        if baseline:
+            for r in g.records:
+                base = find_baseline(r, g, baseline)
+                extras[id(r)] = baseline_numbers(r, base)
+            if not any(cfg(r, "method.name") == baseline and r.get("status") == "ok" for r in g.records):
+                g.baseline_note = (
+                    f"no successful `{baseline}` run for {g.model} · {g.dataset}, so ΔAP and the "
+                    f"ratios show {DASH}; add one with: peftseg train method={baseline} "
+                    f"model={g.model} dataset={g.dataset}"
+                )
+        console.print(group_table(g, baseline, extras))
+        if g.baseline_note:
+            console.print(f"[yellow]note:[/] {g.baseline_note}", highlight=False)
+        rows += [flat_row(r, extras.get(id(r), {})) for r in g.records]
+    csv_path, plot_path = root / CSV_NAME, root / PLOT_NAME
+    write_csv(csv_path, rows)
+    write_plot(plot_path, groups)
+    failed = sum(r.get("status") != "ok" for r in records)
+    console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·dataset group(s); "
+                  f"wrote {csv_path} and {plot_path}", highlight=False)
+    return csv_path, plot_path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="peftseg report",
+        description="Aggregate every results.json under DIR: a table per model and dataset, "
+                    f"DIR/{CSV_NAME} (one row per run) and DIR/{PLOT_NAME} (mask AP vs trainable %).",
+    )
+    parser.add_argument("dir", type=Path, help="a sweep folder (multirun/<date>/<time>) or any folder of runs")
+    parser.add_argument("--baseline", metavar="METHOD",
+                        help="add ΔAP and step-time / peak-memory ratios against this method's run "
+                             "of the same model and dataset (e.g. --baseline full)")
+    args = parser.parse_args(argv)
+    build_report(args.dir, args.baseline, Console())
+    return 0

@@ -1,0 +1,145 @@
+"""`peftseg report`: table, report.csv and pareto.png over the records under a folder."""
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from rich.console import Console
+
+from conftest import records_under
+
+from peftseg.errors import UserError
+from peftseg.report import build_report, pareto_front
+from peftseg.results import write_record
+
+EXPECTED_COLUMNS = {
+    "run.id", "status", "model.name", "dataset.name", "method.name", "method.adapters_per_block", "method.bottleneck",
+    "train.max_iter", "params.total", "params.trainable", "params.ratio", "metrics.segm.AP",
+    "metrics.bbox.AP", "efficiency.peak_memory_bytes", "efficiency.mean_step_time_s",
+    "efficiency.images_per_s", "efficiency.train_wall_time_s", "efficiency.checkpoint_bytes",
+}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path: Path) -> None:
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 0  # something was drawn on it
+
+
+def table_rows(stdout: str, method: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("│") and f"│ {method} " in line]
+
+
+def test_report_of_a_sweep(smoke_sweep, peftseg):
+    _, sweep_dir = smoke_sweep
+    proc = peftseg("report", str(sweep_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = table_rows(proc.stdout, "adapter")
+    assert len(rows) == 3
+    # The knob that varies gets a column; the ones every member shares do not.
+    header = next(line for line in proc.stdout.splitlines() if "method" in line and "mask AP" in line)
+    assert "adapters_per_block" in header and "bottleneck" not in header and "sites" not in header
+    assert [row.split("│")[2].strip() for row in rows] == ["1", "2", "3"]
+    assert all(row.rstrip("│ ").endswith("ok") for row in rows)
+    assert "vitdet_tiny · shapes" in proc.stdout
+
+    table = read_csv(sweep_dir / "report.csv")
+    assert len(table) == 3
+    assert EXPECTED_COLUMNS <= set(table[0])
+    by_id = {row["run.id"]: row for row in table}
+    for record in records_under(sweep_dir):
+        row = by_id[record["run"]["id"]]
+        assert row["status"] == "ok"
+        assert float(row["params.ratio"]) == pytest.approx(record["params"]["ratio"])
+        assert float(row["metrics.segm.AP"]) == pytest.approx(record["metrics"]["segm"]["AP"])
+        assert int(row["efficiency.checkpoint_bytes"]) == record["efficiency"]["checkpoint_bytes"]
+    assert_png(sweep_dir / "pareto.png")
+    assert not list(sweep_dir.glob(".*.tmp"))
+
+
+def fake(root: Path, name: str, *, model="vitdet_tiny", dataset="shapes", method="lora", status="ok",
+         ap=30.0, box=35.0, ratio=0.05, step=0.5, mem=600, ckpt=100, **knobs) -> dict:
+    config = {"model.name": model, "dataset.name": dataset, "method.name": method,
+              **{f"method.{k}": v for k, v in knobs.items()}, "train.max_iter": 100}
+    ok = status == "ok"
+    record = {
+        "run": {"id": name, "dir": str(root / name), "start_time": "2024-01-01T00:00:00+00:00"},
+        "config": config,
+        "params": {"total": 1000, "trainable": int(1000 * ratio), "ratio": ratio},
+        "metrics": {"segm": {"AP": ap}, "bbox": {"AP": box}} if ok else None,
+        "efficiency": {"mean_step_time_s": step, "peak_memory_bytes": mem, "peak_memory_kind": "cpu_peak_rss",
+                       "checkpoint_bytes": ckpt} if ok else None,
+        "status": status,
+        "error": None if ok else {"type": "RuntimeError", "message": "boom", "traceback": "..."},
+    }
+    write_record(root / name, record)
+    return record
+
+
+@pytest.fixture
+def two_groups(tmp_path):
+    fake(tmp_path, "a/full", method="full", ap=40.0, ratio=1.0, step=1.0, mem=1000)
+    fake(tmp_path, "a/heads", method="heads", ap=32.0, ratio=0.4, step=0.6, mem=700)
+    fake(tmp_path, "a/lora4", rank=4, alpha=8, ap=37.0, ratio=0.01, step=0.5, mem=600)
+    fake(tmp_path, "a/lora16", rank=16, alpha=8, ap=36.0, ratio=0.04, step=0.55, mem=650)
+    fake(tmp_path, "a/lora0", rank=0, alpha=8, status="failed")
+    fake(tmp_path, "b/lora8", model="vitdet_b", dataset="coco", rank=8, alpha=8)
+    return tmp_path
+
+
+def test_baseline_adds_delta_ap_and_ratios_per_model_and_dataset(two_groups):
+    out = io.StringIO()
+    build_report(two_groups, "full", Console(file=out, width=200))
+    text = out.getvalue()
+    rows = {row["run.id"]: row for row in read_csv(two_groups / "report.csv")}
+    assert len(rows) == 6
+    lora4 = rows["a/lora4"]
+    assert float(lora4["baseline.delta_mask_AP"]) == pytest.approx(-3.0)
+    assert float(lora4["baseline.step_time_ratio"]) == pytest.approx(0.5)
+    assert float(lora4["baseline.peak_memory_ratio"]) == pytest.approx(0.6)
+    assert lora4["baseline.run_id"] == "a/full"
+    assert float(rows["a/full"]["baseline.delta_mask_AP"]) == 0.0
+    # A failed member is a row with its status and no numbers.
+    assert rows["a/lora0"]["status"] == "failed" and rows["a/lora0"]["metrics.segm.AP"] == ""
+    assert rows["a/lora0"]["error.message"] == "boom"
+    # No `full` run for vitdet_b on coco: blanks and a note, not a crash.
+    assert rows["b/lora8"]["baseline.delta_mask_AP"] == ""
+    assert "no successful `full` run for vitdet_b · coco" in text
+    assert "-3.00" in text and "0.50×" in text and "0.60×" in text
+    (failed_row,) = [line for line in text.splitlines() if "failed" in line and "│" in line]
+    assert failed_row.count("—") >= 6
+    assert_png(two_groups / "pareto.png")
+
+
+def test_rows_are_grouped_and_knobs_shown_only_where_they_vary(two_groups):
+    out = io.StringIO()
+    build_report(two_groups, None, Console(file=out, width=200))
+    text = out.getvalue()
+    assert text.index("vitdet_b · coco") < text.index("vitdet_tiny · shapes")  # one table each
+    tiny = text[text.index("vitdet_tiny · shapes"):]
+    header = next(line for line in tiny.splitlines() if "mask AP" in line)
+    assert "rank" in header and "alpha" not in header and "ΔAP" not in header
+    methods = [line.split("│")[1].strip() for line in tiny.splitlines() if line.startswith("│")]
+    assert methods == ["full", "heads", "lora", "lora", "lora"]
+    ranks = [line.split("│")[2].strip() for line in tiny.splitlines() if line.startswith("│")]
+    assert ranks == ["", "", "0", "4", "16"]  # numeric order, blank for methods without the knob
+
+
+def test_pareto_front_keeps_the_best_ap_at_each_budget():
+    points = [(1.0, 30.0), (4.0, 36.0), (40.0, 32.0), (100.0, 40.0), (4.0, 20.0)]
+    assert pareto_front(points) == [0, 1, 3]
+
+
+def test_missing_or_empty_folder_is_a_user_error(tmp_path, peftseg):
+    proc = peftseg("report", str(tmp_path / "nope"))
+    assert proc.returncode == 2
+    assert "is not a directory" in proc.stderr
+    with pytest.raises(UserError, match="No results.json under .*peftseg train -m"):
+        build_report(tmp_path, None, Console(file=io.StringIO()))
