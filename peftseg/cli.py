@@ -95,12 +95,13 @@ def _train_task(cfg) -> dict | None:
 
 
 def train(argv: list[str]) -> int:
+    check_group_choices(argv)  # before the heavy imports: a typo fails in a second, not six
+
     import hydra
 
     from peftseg.config import register_schemas
     from peftseg.sweep import last_sweep
 
-    check_group_choices(argv)
     register_schemas()
     # Under `python -m peftseg.cli` this module is __main__, whose functions cloudpickle
     # (submitit launchers) copies by value, consoles and all; by module name it pickles a reference.
