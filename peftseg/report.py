@@ -188,11 +188,15 @@ def _knob_text(value) -> str:
         return DASH
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
+    if isinstance(value, str) and "/" in value:
+        return Path(value).name  # a weights path: its file name tells runs apart
     return str(value)
 
 
 def _knob_header(key: str) -> str:
-    return key.removeprefix("method.")
+    # the last component is what tells columns apart (rank, targets, weights, domain);
+    # keep the group only where two knobs would otherwise share a header
+    return key.removeprefix("method.") if key.startswith("method.") else key.rsplit(".", 1)[-1]
 
 
 def _or_dash(text: str) -> str:
@@ -201,16 +205,16 @@ def _or_dash(text: str) -> str:
 
 def group_table(group: Group, baseline: str | None, extras: dict[int, dict]) -> Table:
     table = Table(title=f"{group.model} · {group.dataset}", title_justify="left")
-    table.add_column("method", style="bold")
-    for key in group.knobs:
-        table.add_column(_knob_header(key))
+    table.add_column("method", style="bold", no_wrap=True)
+    for key in group.knobs:  # knobs may be cut short (…); numbers never wrap
+        table.add_column(_knob_header(key), overflow="ellipsis", no_wrap=True)
     for name in ("trainable %", "mask AP", "box AP", "peak mem", "step time", "ckpt size"):
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     if baseline:
-        table.add_column("ΔAP", justify="right")
-        table.add_column("time ×", justify="right")
-        table.add_column("mem ×", justify="right")
-    table.add_column("status")
+        table.add_column("ΔAP", justify="right", no_wrap=True)
+        table.add_column("time ×", justify="right", no_wrap=True)
+        table.add_column("mem ×", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     for r in group.records:
         ok = r.get("status") == "ok"
         row = [str(cfg(r, "method.name"))]
@@ -336,8 +340,10 @@ def write_plot(path: Path, groups: list[Group]) -> None:
             if xs:
                 ax.scatter([x for x, _ in xs], [y for _, y in xs], color=colours[m], label=m, zorder=3)
         for (x, y), r in zip(points, runs):
+            # only the method's own knobs: other varying settings are in the table, and
+            # long labels would squeeze the axes
             label = " ".join(f"{_knob_header(k)}={_knob_text(cfg(r, k))}" for k in g.knobs
-                             if k in (r.get("config") or {}))
+                             if k.startswith("method.") and k in (r.get("config") or {}))[:40]
             if label:
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         front = [points[i] for i in pareto_front(points)]
@@ -396,5 +402,7 @@ def main(argv: list[str]) -> int:
                         help="add ΔAP and step-time / peak-memory ratios against this method's run "
                              "of the same model and dataset (e.g. --baseline full)")
     args = parser.parse_args(argv)
-    build_report(args.dir, args.baseline, Console())
+    # at least 160 columns: piped output (CI logs) defaults to 80, too narrow for the table
+    console = Console()
+    build_report(args.dir, args.baseline, Console(width=max(console.width, 160)))
     return 0

@@ -125,7 +125,8 @@ def test_parameter_count_matches_the_closed_form(model, n, overrides):
     d = model.backbone.net.blocks[0].attn.proj.out_features
     depth = len(model.backbone.net.blocks)
     cfg = adapter_cfg(adapters_per_block=n, **overrides)
-    b = d // 8 if "reduction" in overrides else cfg.bottleneck
+    # default width is automatic: min(64, d // 4), i.e. 24 for vitdet_tiny's d=96
+    b = d // 8 if "reduction" in overrides else (cfg.bottleneck or min(64, d // 4))
     expected = closed_form(n, len(cfg.sites), depth, d, b)
     c = count_parameters(apply_method(model, cfg))
     assert c.by_group["peft"] == {"total": expected, "trainable": expected}
@@ -235,7 +236,7 @@ def test_training_moves_exactly_the_trainable_parameters(model, tmp_path):
 @pytest.mark.parametrize("overrides,fix", [
     ({"adapters_per_block": -1}, r"method\.adapters_per_block must be an integer from 0 to 4"),
     ({"adapters_per_block": 5}, r"method\.adapters_per_block=2"),
-    ({"bottleneck": 0}, r"choose method\.bottleneck from 1 to 95"),
+    ({"bottleneck": -1}, r"method\.bottleneck=-1 is negative.*or 0 for the automatic"),
     ({"bottleneck": 96}, r"hidden width d=96 .*choose method\.bottleneck from 1 to 95"),
     ({"reduction": 0.5}, r"96 // 0\.5 = 192.*method\.reduction above 1"),
     ({"reduction": 4.0, "bottleneck": 32}, r"set only one of them: method\.reduction=0"),
@@ -303,6 +304,6 @@ def test_cli_adapter_run_records_closed_form_params(peftseg, tmp_path):
     assert record["status"] == "ok"
     assert record["config"]["method.name"] == "adapter"
     tiny = preset("model", "vitdet_tiny", VitDetConfig)
-    expected = closed_form(2, 2, tiny.depth, tiny.embed_dim, AdapterConfig.bottleneck)
+    expected = closed_form(2, 2, tiny.depth, tiny.embed_dim, min(64, tiny.embed_dim // 4))
     assert record["params"]["by_group"]["peft"] == {"total": expected, "trainable": expected}
     assert 0.0 <= record["metrics"]["segm"]["AP"] <= 100.0

@@ -170,7 +170,7 @@ def test_adapter_lora_trains_the_union_and_starts_at_the_base_output(base, model
     assert any("peft_adapters." in n for n in names) and any("lora_" in n for n in names)
     assert not any(n.startswith("backbone.net.") and "peft_adapters." not in n and "lora_" not in n for n in names)
     depth, d = len(model.backbone.net.blocks), model.backbone.net.blocks[0].attn.proj.out_features
-    b, n_ad = cfg.adapter.bottleneck, cfg.adapter.adapters_per_block
+    b, n_ad = cfg.adapter.bottleneck or min(64, d // 4), cfg.adapter.adapters_per_block
     lora = sum(cfg.lora.rank * (m.in_features + m.out_features) for m in qkv_and_proj(base))
     expected = depth * 2 * n_ad * (2 * d * b + d + b) + lora
     assert count_parameters(model).by_group["peft"]["trainable"] == expected

@@ -36,7 +36,7 @@ from peftseg.models import family_of
 SITES = ("attn", "mlp", "mlp_parallel")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 MAX_PER_BLOCK = 4
-DEFAULT_BOTTLENECK = 64
+DEFAULT_BOTTLENECK = 64  # AdaptFormer's width on ViT-B (d=768)
 
 
 @dataclass
@@ -44,9 +44,10 @@ class AdapterConfig:
     name: str = "adapter"
     adapters_per_block: int = 2  # stacked in sequence at each site; 0: no adapters
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # attn | mlp | mlp_parallel
-    # width b of every adapter; ignored when `reduction` > 0, which sets b = d // reduction
-    # for each site's hidden width d (a non-default bottleneck next to it is an error)
-    bottleneck: int = DEFAULT_BOTTLENECK
+    # width b of every adapter. 0 (auto): min(64, d // 4) for each site's hidden width d, so
+    # ViT-B gets the usual 64 and narrow CPU presets (d = 16..96) a width below d. Or set
+    # `bottleneck` (fixed b) or `reduction` (b = d // reduction), not both.
+    bottleneck: int = 0
     reduction: float = 0.0
     scale: float = 1.0
     activation: str = "gelu"  # gelu | relu
@@ -166,11 +167,16 @@ def _check_config(cfg: AdapterConfig) -> tuple[int, list[str]]:
             "with reduction > 0 each adapter's width is the hidden width // reduction, "
             "e.g. method.reduction=4."
         )
-    if cfg.reduction > 0 and cfg.bottleneck != DEFAULT_BOTTLENECK:
+    if cfg.reduction > 0 and cfg.bottleneck != 0:
         raise UserError(
             f"method.bottleneck={cfg.bottleneck} and method.reduction={cfg.reduction} both set "
             "the adapter width; set only one of them: method.reduction=0 to use the bottleneck, "
-            f"or method.bottleneck={DEFAULT_BOTTLENECK} (the default) to use the reduction."
+            "or method.bottleneck=0 (the default, automatic) to use the reduction."
+        )
+    if cfg.bottleneck < 0:
+        raise UserError(
+            f"method.bottleneck={cfg.bottleneck} is negative; give the adapter width (e.g. "
+            "method.bottleneck=64), or 0 for the automatic min(64, hidden width // 4)."
         )
     return n, sites
 
@@ -212,8 +218,15 @@ def _hidden_width(name: str, module: nn.Module, site: str) -> int:
     return d
 
 
+def adapter_width(cfg: AdapterConfig, d: int) -> int:
+    """The bottleneck width b the config gives for a site of hidden width d."""
+    if cfg.reduction > 0:
+        return int(d // cfg.reduction)
+    return cfg.bottleneck or min(DEFAULT_BOTTLENECK, max(1, d // 4))
+
+
 def _bottleneck(cfg: AdapterConfig, d: int, name: str) -> int:
-    b = int(d // cfg.reduction) if cfg.reduction > 0 else cfg.bottleneck
+    b = adapter_width(cfg, d)
     if not 1 <= b < d:
         how = (
             f"method.reduction={cfg.reduction} gives a width of {d} // {cfg.reduction} = {b}"
