@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from peftseg.errors import UserError
 from peftseg.models.family import FamilyMap
+from peftseg.models.swin import check_swin_stages
 from peftseg.models.weights import LoadReport
 
 log = logging.getLogger(__name__)
@@ -128,20 +129,8 @@ class Mask2FormerConfig:
 
 def _check(cfg: Mask2FormerConfig) -> None:
     """Fail with a fix on shapes transformers would reject deep inside a forward."""
-    if len(cfg.depths) != 4 or len(cfg.num_heads) != 4:
-        raise UserError(
-            f"model.depths={list(cfg.depths)} and model.num_heads={list(cfg.num_heads)} must each "
-            "list 4 Swin stages: the pixel decoder reads strides 4, 8, 16 and 32; e.g. "
-            "model.depths=[2,2,6,2] model.num_heads=[3,6,12,24]."
-        )
-    for i, heads in enumerate(cfg.num_heads):
-        width = cfg.embed_dim * 2**i
-        if heads < 1 or width % heads:
-            raise UserError(
-                f"Swin stage {i + 1} is {width} channels wide (model.embed_dim={cfg.embed_dim} x "
-                f"{2**i}) but model.num_heads[{i}]={heads} does not divide it; pick head counts "
-                "that divide embed_dim x 2^stage, e.g. doubling per stage like [3,6,12,24]."
-            )
+    check_swin_stages(cfg.embed_dim, cfg.depths, cfg.num_heads,
+                      "the pixel decoder reads strides 4, 8, 16 and 32")
     for key in ("feature_size", "mask_feature_size"):
         if getattr(cfg, key) % 32:
             raise UserError(

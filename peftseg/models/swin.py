@@ -68,22 +68,28 @@ class SwinConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
     norm: str = "LN"  # FPN and box/mask head convs
 
 
-def _check(cfg: SwinConfig) -> None:
-    """Fail with a fix on shapes detectron2 would reject with a bare assertion, or not at all."""
-    if len(cfg.depths) != _STAGES or len(cfg.num_heads) != _STAGES:
+def check_swin_stages(embed_dim: int, depths, num_heads, why_four: str) -> None:
+    """Four stages whose head counts divide each stage's width (embed_dim·2^stage); shared
+    with the mask2former family, whose backbone is a Swin too."""
+    if len(depths) != _STAGES or len(num_heads) != _STAGES:
         raise UserError(
-            f"model.depths={list(cfg.depths)} and model.num_heads={list(cfg.num_heads)} must "
-            f"each list {_STAGES} stages: the FPN builds p2..p5 from Swin's four stages; "
-            "change the numbers per stage, not their count (e.g. depths [2, 2, 6, 2])."
+            f"model.depths={list(depths)} and model.num_heads={list(num_heads)} must "
+            f"each list {_STAGES} stages: {why_four}; change the numbers per stage, not "
+            "their count (e.g. depths [2, 2, 6, 2], num_heads [3, 6, 12, 24])."
         )
-    for i, heads in enumerate(cfg.num_heads):
-        dim = cfg.embed_dim * 2**i
+    for i, heads in enumerate(num_heads):
+        dim = embed_dim * 2**i
         if heads < 1 or dim % heads:
             raise UserError(
-                f"stage {i} of model.embed_dim={cfg.embed_dim} is {dim} channels wide, which "
+                f"stage {i} of model.embed_dim={embed_dim} is {dim} channels wide, which "
                 f"model.num_heads[{i}]={heads} does not divide; Swin doubles the width per "
                 "stage, so pick heads that divide embed_dim·2^stage (e.g. [3, 6, 12, 24] for 96)."
             )
+
+
+def _check(cfg: SwinConfig) -> None:
+    """Fail with a fix on shapes detectron2 would reject with a bare assertion, or not at all."""
+    check_swin_stages(cfg.embed_dim, cfg.depths, cfg.num_heads, "the FPN builds p2..p5 from Swin's four stages")
     if cfg.window_size < 1 or any(d < 1 for d in cfg.depths):
         raise UserError(
             f"model.window_size={cfg.window_size} and model.depths={list(cfg.depths)} must be "
