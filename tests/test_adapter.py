@@ -10,7 +10,7 @@ import torch
 from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
-from batches import shapes_batch
+from helpers import shapes_batch
 from conftest import records_under
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
@@ -18,14 +18,8 @@ from peftseg.methods.adapter import AdapterConfig, BottleneckAdapter, remove_ada
 from peftseg.models import build_model
 from peftseg.models.vitdet import VitDetConfig
 from peftseg.params import count_parameters
+from helpers import preset
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def preset(group: str, name: str, schema, **overrides):
-    raw = OmegaConf.load(CONF / group / f"{name}.yaml")
-    raw.pop("defaults")
-    return OmegaConf.merge(OmegaConf.structured(schema), raw, overrides)
 
 
 def adapter_cfg(**overrides):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from batches import shapes_batch
+from helpers import shapes_batch
 from conftest import records_under
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import META_ARCH_REGISTRY

@@ -16,14 +16,8 @@ from peftseg.methods.heads import HeadsConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.models import build_model
 from peftseg.models.vitdet import VitDetConfig
+from helpers import preset
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def preset(group: str, name: str, schema, **overrides):
-    raw = OmegaConf.load(CONF / group / f"{name}.yaml")
-    raw.pop("defaults")
-    return OmegaConf.merge(OmegaConf.structured(schema), raw, overrides)
 
 
 def lora_cfg(**overrides):

@@ -13,7 +13,7 @@ from peftseg.errors import UserError
 from peftseg.methods import apply_method
 from peftseg.models import build_model
 from peftseg.models.vitdet import VitDetConfig
-from test_peft_family import preset
+from helpers import preset
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,8 @@ from peftseg.methods.lora import LoraConfig
 from peftseg.models import build_model, family_of
 from peftseg.models.vitdet import VitDetConfig
 from peftseg.params import GROUPS, count_parameters
+from helpers import preset
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def preset(group: str, name: str, schema, **overrides):
-    raw = OmegaConf.load(CONF / group / f"{name}.yaml")
-    raw.pop("defaults")
-    return OmegaConf.merge(OmegaConf.structured(schema), raw, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,9 @@ from peftseg.methods.lora import LoraConfig
 from peftseg.models import build_model
 from peftseg.models.vitdet import VitDetConfig
 from peftseg.params import count_parameters
+from helpers import preset
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 SCHEMAS = {"lora": LoraConfig, "loha": LohaConfig, "lokr": LokrConfig, "ia3": Ia3Config, "bitfit": BitfitConfig}
-
-
-def preset(group, name, schema, **overrides):
-    raw = OmegaConf.load(CONF / group / f"{name}.yaml")
-    raw.pop("defaults")
-    return OmegaConf.merge(OmegaConf.structured(schema), raw, overrides)
 
 
 def method(name, **overrides):

@@ -13,7 +13,7 @@ from detectron2.modeling import FPN, SwinTransformer
 from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
-from batches import shapes_batch
+from helpers import shapes_batch
 from conftest import records_under
 from peftseg.errors import UserError
 from peftseg.methods import apply_method

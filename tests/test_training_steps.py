@@ -7,13 +7,13 @@ import torch
 from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
-from batches import shapes_batch
+from helpers import shapes_batch
 from peftseg.config import SCHEMAS
 from peftseg.engine.optim import build_optimizer
 from peftseg.methods import METHODS, apply_method
 from peftseg.models import build_model
 from peftseg.models.vitdet import VitDetConfig
-from test_peft_family import preset
+from helpers import preset
 
 TRAIN = OmegaConf.create({"base_lr": 1e-3, "weight_decay": 0.05, "optimizer": "adamw", "momentum": 0.9,
                           "peft_lr": None, "heads_lr": None})

@@ -1,15 +1,26 @@
-"""Real training batches for unit tests: shapes images through detectron2's DatasetMapper."""
+"""Shared test helpers: conf/ presets without Hydra, and real training batches."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.data.datasets.coco import load_coco_json
+from omegaconf import OmegaConf
 
 from peftseg.data.shapes import generate_split
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def preset(group: str, name: str, schema, **overrides):
+    """A conf/<group>/<name>.yaml validated against its schema, without composing Hydra."""
+    raw = OmegaConf.load(CONF / group / f"{name}.yaml")
+    raw.pop("defaults")
+    return OmegaConf.merge(OmegaConf.structured(schema), raw, overrides)
 
 
 def shapes_batch(tmp_dir, n: int = 2, image_size: int = 128, seed: int = 0) -> list[dict]:
