@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -5,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +50,19 @@ def smoke_sweep(tmp_path_factory, shapes_cache):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (sweep_dir,) = (cwd / "multirun").glob("*/*")
     return proc, sweep_dir
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A seeded vitdet_tiny (3 classes) in eval mode; tests that train call .train()."""
+    from helpers import preset
+    from peftseg.models import build_model
+    from peftseg.models.vitdet import VitDetConfig
+
+    torch.manual_seed(0)
+    return build_model(preset("model", "vitdet_tiny", VitDetConfig), num_classes=3).eval()
+
+
+@pytest.fixture
+def model(base):
+    return copy.deepcopy(base)

@@ -3,19 +3,16 @@
 import copy
 import dataclasses
 import io
-from pathlib import Path
 
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
-from omegaconf import OmegaConf
 
 from helpers import shapes_batch
 from conftest import records_under
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
 from peftseg.methods.adapter import AdapterConfig, BottleneckAdapter, remove_adapters
-from peftseg.models import build_model
 from peftseg.models.vitdet import VitDetConfig
 from peftseg.params import count_parameters
 from helpers import preset
@@ -24,17 +21,6 @@ from helpers import preset
 
 def adapter_cfg(**overrides):
     return preset("method", "adapter", AdapterConfig, **overrides)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return build_model(preset("model", "vitdet_tiny", VitDetConfig), num_classes=3).eval()
-
-
-@pytest.fixture
-def model(base):
-    return copy.deepcopy(base)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The runner end to end, through the real CLI."""
 
-import json
 from pathlib import Path
 
 from conftest import records_under

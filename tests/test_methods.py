@@ -1,8 +1,6 @@
 """Methods `full`, `heads`, `lora`: what trains, what gets wrapped, what is refused."""
 
-import copy
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,25 +12,12 @@ from peftseg.methods import apply_method
 from peftseg.methods.full import FullConfig
 from peftseg.methods.heads import HeadsConfig
 from peftseg.methods.lora import LoraConfig
-from peftseg.models import build_model
-from peftseg.models.vitdet import VitDetConfig
 from helpers import preset
 
 
 
 def lora_cfg(**overrides):
     return preset("method", "lora", LoraConfig, **overrides)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return build_model(preset("model", "vitdet_tiny", VitDetConfig), num_classes=3)
-
-
-@pytest.fixture
-def model(base):
-    return copy.deepcopy(base)
 
 
 def trainable(model) -> set[str]:

@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
@@ -11,15 +10,7 @@ from peftseg.config import SCHEMAS, TrainConfig
 from peftseg.engine.optim import build_optimizer
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
-from peftseg.models import build_model
-from peftseg.models.vitdet import VitDetConfig
 from helpers import preset
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return build_model(preset("model", "vitdet_tiny", VitDetConfig), num_classes=3)
 
 
 def train_cfg(**kw):

@@ -1,35 +1,18 @@
 """Parameter accounting against closed forms."""
 
-import copy
 import json
 import re
-from pathlib import Path
 
 import pytest
-import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 
 from peftseg.methods import apply_method
 from peftseg.methods.full import FullConfig
 from peftseg.methods.heads import HeadsConfig
 from peftseg.methods.lora import LoraConfig
-from peftseg.models import build_model, family_of
-from peftseg.models.vitdet import VitDetConfig
+from peftseg.models import family_of
 from peftseg.params import GROUPS, count_parameters
-from helpers import preset
 
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return build_model(preset("model", "vitdet_tiny", VitDetConfig), num_classes=3)
-
-
-@pytest.fixture
-def model(base):
-    return copy.deepcopy(base)
 
 
 def assert_consistent(c):

@@ -1,12 +1,10 @@
 """The peft-backed methods beyond plain LoRA: rsLoRA, DoRA, LoHa, LoKr, IA3, and BitFit."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
@@ -15,8 +13,6 @@ from peftseg.methods.ia3 import Ia3Config
 from peftseg.methods.loha import LohaConfig
 from peftseg.methods.lokr import LokrConfig
 from peftseg.methods.lora import LoraConfig
-from peftseg.models import build_model
-from peftseg.models.vitdet import VitDetConfig
 from peftseg.params import count_parameters
 from helpers import preset
 
@@ -25,17 +21,6 @@ SCHEMAS = {"lora": LoraConfig, "loha": LohaConfig, "lokr": LokrConfig, "ia3": Ia
 
 def method(name, **overrides):
     return preset("method", name, SCHEMAS[name], **overrides)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return build_model(preset("model", "vitdet_tiny", VitDetConfig), num_classes=3).eval()
-
-
-@pytest.fixture
-def model(base):
-    return copy.deepcopy(base)
 
 
 def images(n=2, size=128):
@@ -157,7 +142,6 @@ def test_one_module_cannot_take_two_peft_methods(model):
 
 def test_adapter_lora_trains_the_union_and_starts_at_the_base_output(base, model):
     from peftseg.config import SCHEMAS
-    from peftseg.methods.adapter import AdapterConfig
     cfg = preset("method", "adapter_lora", SCHEMAS["method"]["adapter_lora"])
     model = apply_method(model, cfg).eval()
     names = {n for n, p in model.named_parameters() if p.requires_grad}

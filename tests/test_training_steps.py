@@ -11,18 +11,10 @@ from helpers import shapes_batch
 from peftseg.config import SCHEMAS
 from peftseg.engine.optim import build_optimizer
 from peftseg.methods import METHODS, apply_method
-from peftseg.models import build_model
-from peftseg.models.vitdet import VitDetConfig
 from helpers import preset
 
 TRAIN = OmegaConf.create({"base_lr": 1e-3, "weight_decay": 0.05, "optimizer": "adamw", "momentum": 0.9,
                           "peft_lr": None, "heads_lr": None})
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    return build_model(preset("model", "vitdet_tiny", VitDetConfig), num_classes=3)
 
 
 @pytest.fixture(scope="module")
