@@ -31,6 +31,21 @@ class ParamCounts:
         return asdict(self)
 
 
+def mark_added(model: nn.Module, params, owner: str) -> None:
+    """Record parameters a method inserted (called by the method, at injection, when their
+    ids are known): accounting, learning-rate groups and checkpoints read this record
+    instead of guessing from parameter names."""
+    owned = model.__dict__.setdefault("peftseg_added", {})  # plain attribute: not in state_dict
+    for p in params:
+        owned[id(p)] = owner
+
+
+def added_param_ids(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> owning method, for every parameter a method added (DDP-aware)."""
+    inner = getattr(model, "module", model) if not hasattr(model, "peftseg_added") else model
+    return dict(getattr(inner, "peftseg_added", {}))
+
+
 def group_of(name: str, family: FamilyMap | None) -> str:
     # method parameters first: a LoRA matrix inside backbone.net is `peft`, not backbone
     if any(m in name for m in PEFT_NAME_MARKERS):
