@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -27,12 +26,12 @@ usage: peftseg <command> [args]
 
 commands:
   train    train + evaluate one run, or a sweep with -m (Hydra overrides: method=lora model=vitdet_b ...)
-  eval     evaluate a trained run again: checkpoint=<run dir or model_*.pth> [dataset.*=… train.device=…]
-  merge    fold LoRA/LoHa/LoKr/IA3 into the base weights, write a plain detectron2 checkpoint:
+  eval     evaluate a trained run again: checkpoint=<run dir or model_*.pth> [dataset=… dataset.*=… train.device=…]
+  merge    fold a mergeable method (LoRA family) into the base weights, write a plain detectron2 checkpoint:
            checkpoint=<run dir or model_*.pth> [output=<file>]
   report   table, report.csv and pareto.png of every results.json under a directory (a sweep)
 
-`peftseg train --help` lists the config groups and their options.
+`peftseg <command> --help` tells more; `peftseg train --help` lists the config groups and their options.
 """
 
 
@@ -40,18 +39,36 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-_CHOICE = re.compile(rf"^(?:\+\+|\+)?({'|'.join(GROUPS)})=(.*)$")
-
-
 def check_group_choices(overrides: list[str]) -> None:
-    """Name the available options for an unknown model/method/dataset/train before Hydra starts."""
+    """Name the available options for an unknown model/method/dataset/train before Hydra
+    starts (Hydra's own message is a traceback-like block). Sweep syntax is understood:
+    each element of `a,b` and `choice(a,b)` is checked; `glob(...)` must match something."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob, ValueType
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
     for arg in overrides:
-        m = _CHOICE.match(arg)
-        if not m:
+        if arg.startswith("-") or "=" not in arg:
             continue
-        group, value = m.groups()
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            raise UserError(f"cannot read the override {arg!r}: {e}") from None
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete():
+            continue
         options = group_options(group)
-        for choice in value.split(","):
+        value = override.value()
+        if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            assert isinstance(value, Glob)
+            if not value.filter(options):
+                raise UserError(
+                    f"{arg!r} matches no {group} option; available {group} options: {', '.join(options)}."
+                )
+            continue
+        choices = list(override.sweep_iterator()) if override.is_sweep_override() else [value]
+        for choice in choices:
             if choice not in options:
                 raise UserError(
                     f"Unknown {group} {choice!r}. Available {group} options: {', '.join(options)}. "
@@ -60,20 +77,36 @@ def check_group_choices(overrides: list[str]) -> None:
 
 
 def report_error(exc: UserError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+    from rich.markup import escape
+
+    # escaped: messages quote values such as method.sites=[attn,mlp], which rich would eat
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
 
 
-def _train_task(cfg) -> dict | None:
+def _train_task(cfg):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from peftseg.engine.distributed import launch_run
-    from peftseg.summary import run_table
+    from peftseg.config import validate
+    from peftseg.results import failed_record, write_record
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     run_id = str(run_dir.relative_to(Path.cwd())) if run_dir.is_relative_to(Path.cwd()) else str(run_dir)
+    try:
+        validate(cfg)  # ranges, choices, unknown keys: before any heavy import
+    except UserError as exc:
+        report_error(exc)
+        # a sweep member with a bad value still leaves a record, so the sweep counts it
+        write_record(run_dir, failed_record(cfg, run_dir, run_id, exc))
+        if hc.mode == RunMode.RUN:
+            sys.exit(2)
+        return None
+
+    from peftseg.engine.distributed import launch_run
+    from peftseg.summary import run_table
+
     # Spawned training processes get the job's logging (console + run dir log file) from here.
     log_config = OmegaConf.to_container(hc.job_logging, resolve=True) if hc.job_logging else None
     try:
@@ -127,16 +160,45 @@ def report(argv: list[str]) -> int:
     return report_main(argv)
 
 
+EVAL_HELP = """\
+usage: peftseg eval checkpoint=<run dir or model_*.pth> [output=<dir>] [overrides…]
+
+Rebuilds the run's model and method from the checkpoint, loads the trained tensors and
+evaluates them. The model and method come from the checkpoint; these may be overridden
+with Hydra's syntax, as for `peftseg train`:
+  dataset=<{datasets}> and dataset.<key>=…   evaluate on other data (same classes)
+  train.device=…  train.num_workers=…
+Writes <output>/eval.json (default: eval_<checkpoint name>/ beside the checkpoint).
+"""
+
+MERGE_HELP = """\
+usage: peftseg merge checkpoint=<run dir or model_*.pth> [output=<file>] [train.device=…]
+
+Folds the method into the base weights (mergeable methods: {mergeable}) and writes a plain
+detectron2 checkpoint (default: model_merged.pth beside the checkpoint), loadable with
+model.weights=<file>.
+"""
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
 def evaluate_checkpoint(argv: list[str]) -> int:
-    """`peftseg eval`: rebuild base + method, load the checkpoint, run COCOEvaluator."""
+    """`peftseg eval`: rebuild base + method, load the checkpoint, run the dataset's evaluator."""
+    if _wants_help(argv):
+        from peftseg.registry import DATASETS
+
+        console.print(EVAL_HELP.format(datasets="|".join(DATASETS.names())), highlight=False, markup=False, soft_wrap=True)
+        return 0
     from peftseg.engine.evaluate import evaluate
-    from peftseg.engine.restore import parse_args, restore
+    from peftseg.engine.restore import restore, split_command_args
     from peftseg.engine.run import resolve_device
     from peftseg.params import count_parameters
-    from peftseg.results import coco_metrics, write_json
+    from peftseg.results import evaluator_metrics, write_json
     from peftseg.summary import eval_table
 
-    options, overrides = parse_args(argv, ("checkpoint", "output"))
+    options, overrides = split_command_args(argv, ("checkpoint", "output"))
     r = restore(options["checkpoint"], overrides)
     device = resolve_device(r.cfg.train.device)
     r.model.to(device)
@@ -144,7 +206,7 @@ def evaluate_checkpoint(argv: list[str]) -> int:
     results = evaluate(r.model, r.splits.val, r.cfg.model.image_size, out_dir, r.cfg.train.num_workers)
     record = {
         "checkpoint": str(r.source), "dataset": r.cfg.dataset.name,
-        "params": count_parameters(r.model).to_dict(), "metrics": coco_metrics(results),
+        "params": count_parameters(r.model).to_dict(), "metrics": evaluator_metrics(results),
     }
     write_json(out_dir / "eval.json", record)
     console.print(eval_table(record))
@@ -154,13 +216,20 @@ def evaluate_checkpoint(argv: list[str]) -> int:
 
 def merge(argv: list[str]) -> int:
     """`peftseg merge`: fold the method into the base, save a plain detectron2 checkpoint."""
+    if _wants_help(argv):
+        from peftseg.registry import METHODS
+
+        mergeable = ", ".join(m.name for m in METHODS if m.mergeable)
+        console.print(MERGE_HELP.format(mergeable=mergeable), highlight=False, markup=False, soft_wrap=True)
+        return 0
     import torch
-    from peftseg.engine.restore import parse_args, restore
-    from peftseg.methods.merge import merge_and_unload
+
+    from peftseg.engine.restore import restore, split_command_args
+    from peftseg.methods._merge import merge_and_unload
     from peftseg.results import write_atomic_with
     from peftseg.summary import fmt_bytes
 
-    options, overrides = parse_args(argv, ("checkpoint", "output"))
+    options, overrides = split_command_args(argv, ("checkpoint", "output"))
     r = restore(options["checkpoint"], overrides)
     model = merge_and_unload(r.model.eval())
     out = Path(options.get("output") or r.source.parent / "model_merged.pth")

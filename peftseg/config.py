@@ -1,32 +1,31 @@
-"""Structured-config schema: every config group option is typed by a dataclass.
+"""Structured-config schema and its validation at compose time.
 
 Each YAML under conf/<group>/ extends its schema (`/schema/<group>/<name>@_here_`), so
 a mistyped key or a wrong type in an override fails in Hydra, before any model is built.
-Schemas live under `schema/` so they don't show up as choices of the real groups.
+Schemas live under `schema/` so they don't show up as choices of the real groups; they
+are the config classes of the registered methods, model families and datasets.
+
+`validate(cfg)` builds every group's dataclass (`OmegaConf.to_object`), which runs the
+range and choice checks in their `__post_init__`, and refuses keys no dataclass defines
+(Hydra's `+group.key=…` adds them past the schema). It runs before any heavy import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from peftseg.data.register import CocoDatasetConfig, CocoFormatDatasetConfig
-from peftseg.data.shapes import ShapesDatasetConfig
-from peftseg.methods.adapter import AdapterConfig
-from peftseg.methods.combine import AdapterLoraConfig
-from peftseg.methods.full import FullConfig
-from peftseg.methods.heads import HeadsConfig
-from peftseg.methods.bitfit import BitfitConfig
-from peftseg.methods.ia3 import Ia3Config
-from peftseg.methods.loha import LohaConfig
-from peftseg.methods.lokr import LokrConfig
-from peftseg.methods.lora import LoraConfig
-from peftseg.models.mask2former import Mask2FormerConfig
-from peftseg.models.swin import SwinConfig
-from peftseg.models.vitdet import VitDetConfig
+from peftseg import checks
+from peftseg.errors import UserError
+from peftseg.registry import DATASETS, FAMILIES, METHODS
+
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "step")
+AMP_DTYPES = ("fp16", "bf16")
 
 
 @dataclass
@@ -38,18 +37,20 @@ class TrainConfig:
     base_lr: float = 1e-3  # backbone (and anything without a group LR below)
     peft_lr: Optional[float] = None  # LR of method modules (LoRA, adapters…); None: base_lr
     heads_lr: Optional[float] = None  # LR of neck + heads; None: base_lr
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05
     lr_schedule: str = "cosine"  # cosine | step
     lr_steps: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions of max_iter
     warmup_iters: int = 50
     warmup_factor: float = 0.001
-    clip_grad_norm: float = 0.0  # 0 disables
+    # global (full-model) gradient-norm clip of the trainable parameters; None: the model
+    # preset's recipe value (model.clip_grad_norm: 0 for Mask R-CNN, 0.01 for Mask2Former); 0: off
+    clip_grad_norm: Optional[float] = None
     eval_period: int = 0  # 0: evaluate once, at the end
     checkpoint_period: int = 0  # 0: only the final checkpoint
     resume: str = ""  # a run dir or model_*.pth: continue its iteration, optimizer and scheduler
     log_period: int = 20
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False
     num_workers: int = 2
     seed: int = 0
@@ -62,6 +63,44 @@ class TrainConfig:
     dist_url: str = "auto"  # tcp://host:port of machine 0; auto: a free local port
     find_unused_parameters: bool = False  # DDP's; only for trainable params a forward can skip
 
+    def __post_init__(self) -> None:
+        for key, low in (("max_iter", 1), ("ims_per_batch", 1), ("log_period", 1), ("num_gpus", 1),
+                         ("num_machines", 1), ("warmup_iters", 0), ("eval_period", 0),
+                         ("checkpoint_period", 0), ("num_workers", 0), ("seed", 0),
+                         ("timing_warmup_iters", 0), ("machine_rank", 0)):
+            checks.integer(f"train.{key}", getattr(self, key), minimum=low)
+        checks.choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        checks.choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        checks.number("train.base_lr", self.base_lr, low=0, low_open=True, why="e.g. train.base_lr=1e-3")
+        for key in ("peft_lr", "heads_lr"):
+            if getattr(self, key) is not None:
+                checks.number(f"train.{key}", getattr(self, key), low=0, low_open=True,
+                              why="or null to use train.base_lr")
+        checks.number("train.momentum", self.momentum, low=0, high=1, high_open=True)
+        checks.number("train.weight_decay", self.weight_decay, low=0, why="0 disables weight decay")
+        checks.number("train.warmup_factor", self.warmup_factor, low=0, high=1,
+                      why="the LR starts at warmup_factor × base_lr and ramps up to base_lr")
+        if self.clip_grad_norm is not None:
+            checks.number("train.clip_grad_norm", self.clip_grad_norm, low=0,
+                          why="0 disables clipping, null takes the model preset's value")
+        for f in self.lr_steps:
+            checks.number("train.lr_steps", f, low=0, high=1, low_open=True, high_open=True,
+                          why="each step is a fraction of train.max_iter, e.g. [0.8, 0.9]")
+        if list(self.lr_steps) != sorted(self.lr_steps):
+            raise UserError(f"train.lr_steps={list(self.lr_steps)} must be increasing, e.g. [0.8, 0.9].")
+        if not (self.device in ("auto", "cpu", "cuda") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise UserError(
+                f"train.device={self.device!r} is not one of the choices: auto, cpu, cuda, cuda:N "
+                "(e.g. train.device=auto)."
+            )
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise UserError(
+                f"train.machine_rank={self.machine_rank} must be in [0, train.num_machines="
+                f"{self.num_machines}); give each machine its own rank, 0 for the one that writes "
+                "the record."
+            )
+
 
 @dataclass
 class Config:
@@ -71,23 +110,67 @@ class Config:
     train: TrainConfig = MISSING
 
 
-SCHEMAS = {
-    "model": {"vitdet": VitDetConfig, "mask2former": Mask2FormerConfig, "swin": SwinConfig},
-    "method": {"full": FullConfig, "heads": HeadsConfig, "lora": LoraConfig,
-               "loha": LohaConfig, "lokr": LokrConfig, "ia3": Ia3Config, "bitfit": BitfitConfig,
-               "adapter": AdapterConfig, "adapter_lora": AdapterLoraConfig},
-    "dataset": {
-        "shapes": ShapesDatasetConfig,
-        "coco": CocoDatasetConfig,
-        "coco_format": CocoFormatDatasetConfig,
-    },
-    "train": {"train": TrainConfig},
-}
+def schemas() -> dict[str, dict[str, type]]:
+    """group -> {schema name -> dataclass}, from the registries."""
+    return {
+        "model": {spec.name: spec.config for spec in FAMILIES},
+        "method": {spec.name: spec.config for spec in METHODS},
+        "dataset": {spec.name: spec.config for spec in DATASETS},
+        "train": {"train": TrainConfig},
+    }
 
 
 def register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for group, schemas in SCHEMAS.items():
-        for name, node in schemas.items():
+    for group, by_name in schemas().items():
+        for name, node in by_name.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def _unknown_keys(node: DictConfig, path: str) -> list[str]:
+    """Keys of `node` (recursively) that its dataclass does not define."""
+    cls = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(cls):
+        return []
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    for key in node.keys():
+        if key not in fields:
+            out.append(f"{path}.{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            out += _unknown_keys(child, f"{path}.{key}")
+    return out
+
+
+def _close(key: str, fields: list[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key.rsplit(".", 1)[-1], fields, n=1)
+    return f" (did you mean {key.rsplit('.', 1)[0]}.{match[0]}?)" if match else ""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every group's values checked, unknown keys refused: UserError naming the field."""
+    for group in ("model", "method", "dataset", "train"):
+        node = cfg[group]
+        unknown = _unknown_keys(node, group)
+        if unknown:
+            cls = OmegaConf.get_type(node)
+            fields = [f.name for f in dataclasses.fields(cls)]
+            raise UserError(
+                f"{unknown[0]} is not a setting of {group} {node.get('name')!r}{_close(unknown[0], fields)}; "
+                f"its settings are: {', '.join(fields)}. Remove the key (a leading '+' adds keys "
+                "that nothing would read)."
+            )
+        try:
+            OmegaConf.to_object(node)  # runs the dataclass's __post_init__ checks
+        except OmegaConfBaseException as e:
+            cause = e.__cause__ if isinstance(e.__cause__, UserError) else None
+            if cause is not None:
+                raise cause from None
+            raise UserError(f"{group}: {e}") from None

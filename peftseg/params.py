@@ -7,17 +7,14 @@ count in the denominator too.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from peftseg.models.family import ACCOUNTING_GROUPS, FamilyMap
 
-GROUPS = (*ACCOUNTING_GROUPS, "peft", "other")
+if TYPE_CHECKING:
+    import torch.nn as nn
 
-# parameter-name fragments of modules that methods insert: peft's LoRA/DoRA (lora_A,
-# lora_B, lora_magnitude_vector), LoHa (hada_*), LoKr (lokr_*), IA3 (ia3_l) and the
-# project's bottleneck adapters (peft_adapters.*); a new method adds its own here
-PEFT_NAME_MARKERS: tuple[str, ...] = ("lora_", "hada_", "lokr_", "ia3_", "peft_adapters.")
+GROUPS = (*ACCOUNTING_GROUPS, "peft", "other")
 
 
 @dataclass(frozen=True)
@@ -32,23 +29,26 @@ class ParamCounts:
 
 
 def mark_added(model: nn.Module, params, owner: str) -> None:
-    """Record parameters a method inserted (called by the method, at injection, when their
-    ids are known): accounting, learning-rate groups and checkpoints read this record
-    instead of guessing from parameter names."""
+    """Record parameters a method inserted (called by the method, at injection, when they
+    are known): accounting, learning-rate groups and checkpoints read this record instead
+    of guessing from parameter names. Kept by name, so a deepcopy of the model keeps it."""
+    ids = {id(p) for p in params}
     owned = model.__dict__.setdefault("peftseg_added", {})  # plain attribute: not in state_dict
-    for p in params:
-        owned[id(p)] = owner
+    for name, p in model.named_parameters():
+        if id(p) in ids:
+            owned[name] = owner
 
 
-def added_param_ids(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> owning method, for every parameter a method added (DDP-aware)."""
-    inner = getattr(model, "module", model) if not hasattr(model, "peftseg_added") else model
-    return dict(getattr(inner, "peftseg_added", {}))
+def added_params(model: nn.Module) -> dict[str, str]:
+    """parameter name -> owning method, for every parameter a method added (names as the
+    unwrapped model's `named_parameters()` gives them)."""
+    return dict(model.__dict__.get("peftseg_added", {}))
 
 
-def group_of(name: str, family: FamilyMap | None) -> str:
+def group_of(name: str, family: FamilyMap | None, added: dict[str, str] | None = None) -> str:
+    """Accounting group of a parameter; `added` is `added_params(model)`."""
     # method parameters first: a LoRA matrix inside backbone.net is `peft`, not backbone
-    if any(m in name for m in PEFT_NAME_MARKERS):
+    if added and name in added:
         return "peft"
     group = family.group_of(name) if family is not None else None
     return group if group in ACCOUNTING_GROUPS else "other"
@@ -56,10 +56,11 @@ def group_of(name: str, family: FamilyMap | None) -> str:
 
 def count_parameters(model: nn.Module) -> ParamCounts:
     family = getattr(model, "peftseg_family", None)
+    added = added_params(model)
     by_group = {g: {"total": 0, "trainable": 0} for g in GROUPS}
     # named_parameters() yields a shared (tied) parameter once
     for name, p in model.named_parameters():
-        counts = by_group[group_of(name, family)]
+        counts = by_group[group_of(name, family, added)]
         counts["total"] += p.numel()
         if p.requires_grad:
             counts["trainable"] += p.numel()

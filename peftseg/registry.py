@@ -43,18 +43,16 @@ class FamilySpec:
     build: Callable[[Any, int], Any]  # build(cfg, num_classes) -> detectron2 model
     family_map: Any  # peftseg.models.family.FamilyMap
     summary: str
-    # foreign checkpoint layouts `model.weights` understands, for messages
-    weight_layouts: tuple[str, ...] = ()
-    # map a foreign state dict onto this family's names: (state_dict, model) -> (state_dict,
-    # layout name) or None when the dict is not one of this family's foreign layouts
-    convert_weights: Callable[[dict, Any], Any] | None = None
+    # foreign checkpoint layouts `model.weights` can load into this family's backbone
+    # (peftseg.models.family.WeightLayout), beside detectron2 checkpoints of the model itself
+    weight_layouts: tuple = ()
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
     config: type
-    register: Callable[[Any], Any]  # register(cfg) -> peftseg.data.register.DatasetSplits
+    register: Callable[[Any], Any]  # register(cfg) -> peftseg.data.DatasetSplits
     summary: str
     # detectron2's MetadataCatalog `evaluator_type` convention: which evaluator scores it
     evaluator_type: str = "coco"
@@ -81,6 +79,8 @@ class Registry(Generic[S]):
         self._loaded = True
         pkg = importlib.import_module(self._package)
         for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name.startswith("_"):  # heavy implementation, imported where used
+                continue
             importlib.import_module(f"{self._package}.{info.name}")
 
     def get(self, name: str) -> S:
@@ -105,6 +105,16 @@ class Registry(Generic[S]):
         return name in self._specs
 
 
+def check_config(cfg) -> None:
+    """Run a config's dataclass checks (`__post_init__`): `OmegaConf.to_object` builds the
+    dataclass. The CLI does this for the whole config at compose time; builders call it too,
+    so code that uses them directly gets the same answers."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        OmegaConf.to_object(cfg)
+
+
 METHODS: Registry[MethodSpec] = Registry("method", "peftseg.methods")
 FAMILIES: Registry[FamilySpec] = Registry("model family", "peftseg.models")
 DATASETS: Registry[DatasetSpec] = Registry("dataset", "peftseg.data")
@@ -119,11 +129,10 @@ def register_method(name: str, *, config: type, summary: str, mergeable: bool = 
     return deco
 
 
-def register_family(name: str, *, config: type, family_map: Any, summary: str,
-                    weight_layouts: tuple[str, ...] = (), convert_weights: Callable | None = None):
+def register_family(name: str, *, config: type, family_map: Any, summary: str, weight_layouts: tuple = ()):
     """Decorator on a family module's `build(cfg, num_classes)`."""
     def deco(build: Callable) -> Callable:
-        FAMILIES.add(FamilySpec(name, config, build, family_map, summary, weight_layouts, convert_weights))
+        FAMILIES.add(FamilySpec(name, config, build, family_map, summary, tuple(weight_layouts)))
         return build
     return deco
 

@@ -20,14 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from peftseg.errors import UserError
-from peftseg.results import FILENAME, read_record, write_atomic
+from peftseg.registry import METHODS
+from peftseg.results import FILENAME, Record, read_record, write_atomic
 from peftseg.summary import fmt_bytes, fmt_num
 
 CSV_NAME = "report.csv"
 PLOT_NAME = "pareto.png"
 DASH = "—"
-# Cheapest-to-train last would bury the baseline; this puts the usual reading order first.
-METHOD_ORDER = ("full", "heads", "bitfit", "adapter", "lora")
 CONFIG_GROUPS = ("model", "method", "dataset", "train")
 
 
@@ -35,12 +34,12 @@ CONFIG_GROUPS = ("model", "method", "dataset", "train")
 class Group:
     model: str
     dataset: str
-    records: list[dict] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     knobs: list[str] = field(default_factory=list)  # config keys shown as columns
     baseline_note: str | None = None
 
 
-def load_records(root: Path, console: Console | None = None) -> list[dict]:
+def load_records(root: Path, console: Console | None = None) -> list[Record]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(
@@ -62,7 +61,7 @@ def load_records(root: Path, console: Console | None = None) -> list[dict]:
             if console:
                 console.print(f"[yellow]skipping {path}: {exc}[/]", highlight=False)
             continue
-        record.setdefault("run", {}).setdefault("dir", str(path.parent))
+        record.run.dir = record.run.dir or str(path.parent)
         records.append(record)
     if not records:
         raise UserError(f"None of the {len(paths)} {FILENAME} files under {root} could be read; "
@@ -72,24 +71,24 @@ def load_records(root: Path, console: Console | None = None) -> list[dict]:
 
 # --- reading numbers out of a record ----------------------------------------------------
 
-def cfg(record: dict, key: str):
-    return (record.get("config") or {}).get(key)
+def cfg(record: Record, key: str):
+    return record.knob(key)
 
 
-def mask_ap(record: dict) -> float | None:
-    return ((record.get("metrics") or {}).get("segm") or {}).get("AP")
+def mask_ap(record: Record) -> float | None:
+    return record.mask_ap
 
 
-def box_ap(record: dict) -> float | None:
-    return ((record.get("metrics") or {}).get("bbox") or {}).get("AP")
+def box_ap(record: Record) -> float | None:
+    return record.box_ap
 
 
-def ratio(record: dict) -> float | None:
-    return (record.get("params") or {}).get("ratio")
+def ratio(record: Record) -> float | None:
+    return record.trainable_ratio
 
 
-def eff(record: dict, key: str):
-    return (record.get("efficiency") or {}).get(key)
+def eff(record: Record, key: str):
+    return record.eff(key)
 
 
 def _hashable(value) -> str:
@@ -105,19 +104,19 @@ def _sort_value(value):
 
 # --- grouping and knobs -----------------------------------------------------------------
 
-def varying_knobs(records: list[dict]) -> list[str]:
+def varying_knobs(records: list[Record]) -> list[str]:
     """Config keys worth a column: a method's keys that differ among that method's runs,
     and other (non-name) keys that differ across the group."""
     keys: list[str] = []
-    by_method: dict[str, list[dict]] = {}
+    by_method: dict[str, list[Record]] = {}
     for r in records:
         by_method.setdefault(cfg(r, "method.name"), []).append(r)
     for runs in by_method.values():
-        for key in dict.fromkeys(k for r in runs for k in r.get("config") or {}):
+        for key in dict.fromkeys(k for r in runs for k in r.config):
             if key.startswith("method.") and key != "method.name" and key not in keys:
                 if len({_hashable(cfg(r, key)) for r in runs}) > 1:
                     keys.append(key)
-    for key in dict.fromkeys(k for r in records for k in r.get("config") or {}):
+    for key in dict.fromkeys(k for r in records for k in r.config):
         if key.startswith("method.") or key.endswith(".name") or key in keys:
             continue
         if len({_hashable(cfg(r, key)) for r in records}) > 1:
@@ -126,10 +125,13 @@ def varying_knobs(records: list[dict]) -> list[str]:
 
 
 def _method_rank(name) -> tuple:
-    return (METHOD_ORDER.index(name), "") if name in METHOD_ORDER else (len(METHOD_ORDER), str(name))
+    # the registry's order: baselines first, then methods by their usual footprint; a name
+    # this install does not know (a record from a newer peftseg) goes last
+    order = METHODS.names()
+    return (order.index(name), "") if name in order else (len(order), str(name))
 
 
-def group_records(records: list[dict]) -> list[Group]:
+def group_records(records: list[Record]) -> list[Group]:
     groups: dict[tuple[str, str], Group] = {}
     for r in records:
         model, dataset = str(cfg(r, "model.name")), str(cfg(r, "dataset.name"))
@@ -139,23 +141,23 @@ def group_records(records: list[dict]) -> list[Group]:
         g.records.sort(key=lambda r: (
             _method_rank(cfg(r, "method.name")),
             [_sort_value(cfg(r, k)) for k in g.knobs],
-            str((r.get("run") or {}).get("id")),
+            str(r.run.id),
         ))
     return [groups[k] for k in sorted(groups)]
 
 
 # --- baseline ---------------------------------------------------------------------------
 
-def find_baseline(record: dict, group: Group, method: str) -> dict | None:
+def find_baseline(record: Record, group: Group, method: str) -> Record | None:
     """The group's ok `method` run closest in config to `record` (most equal config values)."""
     candidates = [r for r in group.records
-                  if cfg(r, "method.name") == method and r.get("status") == "ok" and mask_ap(r) is not None]
+                  if cfg(r, "method.name") == method and r.ok and mask_ap(r) is not None]
     if not candidates:
         return None
-    own = record.get("config") or {}
+    own = record.config
 
     def shared(r):
-        other = r.get("config") or {}
+        other = r.config
         return sum(_hashable(other.get(k)) == _hashable(v) for k, v in own.items() if not k.startswith("method."))
 
     return max(candidates, key=shared)  # max keeps the first (sorted) one on ties
@@ -167,13 +169,13 @@ def _ratio_of(a, b) -> float | None:
     return a / b
 
 
-def baseline_numbers(record: dict, base: dict | None) -> dict:
-    if base is None or record.get("status") != "ok":
+def baseline_numbers(record: Record, base: Record | None) -> dict:
+    if base is None or not record.ok:
         return {}
     same_mem = eff(record, "peak_memory_kind") == eff(base, "peak_memory_kind")
     ap, base_ap = mask_ap(record), mask_ap(base)
     return {
-        "baseline.run_id": (base.get("run") or {}).get("id"),
+        "baseline.run_id": base.run.id,
         "baseline.delta_mask_AP": None if ap is None or base_ap is None else ap - base_ap,
         "baseline.step_time_ratio": _ratio_of(eff(record, "mean_step_time_s"), eff(base, "mean_step_time_s")),
         "baseline.peak_memory_ratio": _ratio_of(eff(record, "peak_memory_bytes"), eff(base, "peak_memory_bytes"))
@@ -216,9 +218,9 @@ def group_table(group: Group, baseline: str | None, extras: dict[int, dict]) -> 
         table.add_column("mem ×", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for r in group.records:
-        ok = r.get("status") == "ok"
+        ok = r.ok
         row = [str(cfg(r, "method.name"))]
-        row += [_knob_text(cfg(r, k)) if k in (r.get("config") or {}) else "" for k in group.knobs]
+        row += [_knob_text(cfg(r, k)) if k in r.config else "" for k in group.knobs]
         rt = ratio(r)
         step = eff(r, "mean_step_time_s")
         row += [
@@ -237,7 +239,7 @@ def group_table(group: Group, baseline: str | None, extras: dict[int, dict]) -> 
                 DASH if b.get("baseline.step_time_ratio") is None else f"{b['baseline.step_time_ratio']:.2f}×",
                 DASH if b.get("baseline.peak_memory_ratio") is None else f"{b['baseline.peak_memory_ratio']:.2f}×",
             ]
-        row.append("[green]ok[/]" if ok else f"[red]{r.get('status')}[/]")
+        row.append("[green]ok[/]" if ok else f"[red]{r.status}[/]")
         table.add_row(*row)
     return table
 
@@ -252,12 +254,12 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
-def flat_row(record: dict, extra: dict) -> dict:
-    row: dict = {"run.id": (record.get("run") or {}).get("id"), "status": record.get("status")}
-    row.update(record.get("config") or {})  # already flat: model.*, method.*, …
+def flat_row(record: Record, extra: dict) -> dict:
+    row: dict = {"run.id": record.run.id, "status": record.status}
+    row.update(record.config)  # already flat: model.*, method.*, …
     for section in ("params", "metrics", "efficiency", "run", "versions"):
-        _flatten(section, record.get(section) or {}, row)
-    error = record.get("error") or {}
+        _flatten(section, getattr(record, section) or {}, row)
+    error = record.error or {}
     row["error.type"], row["error.message"] = error.get("type"), error.get("message")
     row.update(extra)
     return row
@@ -281,7 +283,7 @@ def _csv_value(value):
     return value
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[Record]) -> None:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     keys.sort(key=_column_rank)  # stable: first-seen order within a section
     buf = io.StringIO()
@@ -305,9 +307,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _plottable(r: dict) -> bool:
+def _plottable(r: Record) -> bool:
     ap, rt = mask_ap(r), ratio(r)
-    return r.get("status") == "ok" and ap is not None and math.isfinite(ap) and rt is not None and rt > 0
+    return r.ok and ap is not None and math.isfinite(ap) and rt is not None and rt > 0
 
 
 def write_plot(path: Path, groups: list[Group]) -> None:
@@ -343,7 +345,7 @@ def write_plot(path: Path, groups: list[Group]) -> None:
             # only the method's own knobs: other varying settings are in the table, and
             # long labels would squeeze the axes
             label = " ".join(f"{_knob_header(k)}={_knob_text(cfg(r, k))}" for k in g.knobs
-                             if k.startswith("method.") and k in (r.get("config") or {}))[:40]
+                             if k.startswith("method.") and k in r.config)[:40]
             if label:
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         front = [points[i] for i in pareto_front(points)]
@@ -372,7 +374,7 @@ def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Pa
             for r in g.records:
                 base = find_baseline(r, g, baseline)
                 extras[id(r)] = baseline_numbers(r, base)
-            if not any(cfg(r, "method.name") == baseline and r.get("status") == "ok" for r in g.records):
+            if not any(cfg(r, "method.name") == baseline and r.ok for r in g.records):
                 g.baseline_note = (
                     f"no successful `{baseline}` run for {g.model} · {g.dataset}, so ΔAP and the "
                     f"ratios show {DASH}; add one with: peftseg train method={baseline} "
@@ -385,7 +387,7 @@ def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Pa
     csv_path, plot_path = root / CSV_NAME, root / PLOT_NAME
     write_csv(csv_path, rows)
     write_plot(plot_path, groups)
-    failed = sum(r.get("status") != "ok" for r in records)
+    failed = sum(not r.ok for r in records)
     console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·dataset group(s); "
                   f"wrote {csv_path} and {plot_path}", highlight=False)
     return csv_path, plot_path

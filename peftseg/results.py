@@ -1,4 +1,5 @@
-"""The run record (results.json): schema, atomic write, read.
+"""The run record (results.json): schema, atomic write, read — the only place that
+builds or parses one.
 
 One JSON object per run. Writers go through `write_atomic`, so a reader (or a killed
 run) never sees a half-written file: either the previous content or the new one.
@@ -12,14 +13,17 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 FILENAME = "results.json"
-SCHEMA_VERSION = 1
+# 2: schema_version added, metrics keep every number the evaluator returns, versions list
+# the whole stack; records without the field are version 1 and read the same way
+SCHEMA_VERSION = 2
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def write_atomic_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -60,24 +64,145 @@ def write_json(path: Path, obj: dict) -> Path:
     return Path(path)
 
 
-def write_record(run_dir: Path, record: dict) -> Path:
-    return write_json(Path(run_dir) / FILENAME, record)
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def read_record(path: Path) -> dict:
+@dataclass
+class RunInfo:
+    id: str
+    dir: str
+    start_time: str
+    end_time: str | None = None
+    seed: int | None = None
+    git: str = "unknown"
+
+
+@dataclass
+class Record:
+    """One run: what ran (config, versions), what it trained (params), how well (metrics:
+    per evaluator task, e.g. segm/bbox AP), at what cost (efficiency), and how it ended."""
+
+    run: RunInfo
+    config: dict[str, Any]  # flattened `group.key` values
+    status: str = "running"  # running | ok | failed | interrupted
+    params: dict[str, Any] | None = None  # peftseg.params.ParamCounts.to_dict()
+    metrics: dict[str, dict[str, float | None]] | None = None
+    efficiency: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    # the numbers every table reads; None when the run has none
+    def knob(self, key: str) -> Any:
+        return self.config.get(key)
+
+    def metric(self, task: str, key: str = "AP") -> float | None:
+        return ((self.metrics or {}).get(task) or {}).get(key)
+
+    @property
+    def mask_ap(self) -> float | None:
+        return self.metric("segm")
+
+    @property
+    def box_ap(self) -> float | None:
+        return self.metric("bbox")
+
+    @property
+    def trainable_ratio(self) -> float | None:
+        return (self.params or {}).get("ratio")
+
+    def eff(self, key: str) -> Any:
+        return (self.efficiency or {}).get(key)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def mark_failed(self, exc: BaseException, traceback_text: str | None) -> None:
+        self.status = "failed"
+        self.error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback_text}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Record":
+        """A record as written by any schema version; ValueError if it is not one."""
+        if not isinstance(data, dict) or not isinstance(data.get("run"), dict) or not isinstance(data.get("config"), dict):
+            raise ValueError("not a peftseg run record (no 'run' and 'config' objects)")
+        version = data.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(f"schema_version {version!r} is newer than this peftseg reads ({SCHEMA_VERSION})")
+        run_fields = {f for f in RunInfo.__dataclass_fields__}
+        try:
+            run = RunInfo(**{k: v for k, v in data["run"].items() if k in run_fields})
+        except TypeError as e:
+            raise ValueError(f"malformed 'run' section: {e}") from None
+        return cls(
+            run=run, config=data["config"], status=str(data.get("status", "unknown")),
+            params=data.get("params"), metrics=data.get("metrics"), efficiency=data.get("efficiency"),
+            versions=data.get("versions") or {}, error=data.get("error"), schema_version=version,
+        )
+
+
+def flatten_config(cfg) -> dict:
+    """The experiment's knobs as flat `group.key` entries, for tables and CSV."""
+    from omegaconf import OmegaConf
+
+    flat = {}
+    for group in ("model", "method", "dataset", "train"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            flat[f"{group}.{key}"] = value
+    return flat
+
+
+def new_record(cfg, run_dir: Path, run_id: str) -> Record:
+    return Record(
+        run=RunInfo(id=run_id, dir=str(run_dir), start_time=now(), seed=cfg.train.seed, git=git_describe()),
+        config=flatten_config(cfg), versions=versions(),
+    )
+
+
+def traceback_text(exc: BaseException) -> str | None:
+    """The traceback a failed record keeps: none for a UserError, whose message is the answer."""
+    import traceback
+
+    from peftseg.errors import UserError
+
+    return None if isinstance(exc, UserError) else "".join(traceback.format_exception(exc))
+
+
+def failed_record(cfg, run_dir: Path, run_id: str, exc: BaseException) -> Record:
+    """The record of a run that failed where it could not write one itself (a bad config
+    value, a killed worker)."""
+    record = new_record(cfg, run_dir, run_id)
+    record.mark_failed(exc, traceback_text(exc))
+    record.run.end_time = now()
+    return record
+
+
+def write_record(run_dir: Path, record: Record) -> Path:
+    return write_json(Path(run_dir) / FILENAME, record.to_dict())
+
+
+def read_record(path: Path) -> Record:
+    """The record at `path` (a results.json or its run dir); ValueError if it is not one."""
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return Record.from_dict(data)
 
 
-def coco_metrics(eval_results: dict) -> dict:
-    """Keep the standard COCO summary numbers of detectron2's COCOEvaluator output."""
-    return {
-        task: {k: eval_results[task].get(k) for k in METRIC_KEYS if k in eval_results[task]}
-        for task in ("segm", "bbox")
-        if task in eval_results
-    }
+def evaluator_metrics(eval_results: dict) -> dict:
+    """Every number the evaluator returned, per task, segm first (the number this project
+    is about), then the other tasks in the evaluator's order."""
+    tasks = sorted(eval_results, key=lambda t: (t != "segm", list(eval_results).index(t)))
+    return {t: dict(eval_results[t]) for t in tasks if isinstance(eval_results[t], dict)}
 
 
 def git_describe() -> str:
@@ -91,15 +216,17 @@ def git_describe() -> str:
     return out.stdout.strip() or "unknown"
 
 
+VERSIONED = ("torch", "torchvision", "detectron2", "peft", "transformers", "timm", "hydra-core", "peftseg")
+
+
 def versions() -> dict:
-    import detectron2
-    import torch
+    """python and the installed version of every library a number here depends on."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    import peftseg
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "detectron2": detectron2.__version__,
-        "peftseg": peftseg.__version__,
-    }
+    out = {"python": platform.python_version()}
+    for dist in VERSIONED:
+        try:
+            out[dist.removesuffix("-core")] = version(dist)
+        except PackageNotFoundError:
+            out[dist.removesuffix("-core")] = "not installed"
+    return out

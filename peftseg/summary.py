@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from peftseg.results import Record
+
 
 def fmt_count(n: int | None) -> str:
     if n is None:
@@ -27,24 +29,23 @@ def fmt_num(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def run_table(record: dict) -> Table:
-    cfg = record["config"]
-    params = record.get("params") or {}
-    metrics = record.get("metrics") or {}
-    eff = record.get("efficiency") or {}
-    title = f"{cfg.get('model.name')} · {cfg.get('method.name')} · {cfg.get('dataset.name')} · {record['status']}"
+def run_table(record: Record) -> Table:
+    params = record.params or {}
+    eff = record.eff
+    title = (f"{record.knob('model.name')} · {record.knob('method.name')} · "
+             f"{record.knob('dataset.name')} · {record.status}")
     # One row per number: readable at any terminal width (and in CI logs).
     table = Table(title=title, show_header=False)
     columns = {
         "total params": fmt_count(params.get("total")),
         "trainable": fmt_count(params.get("trainable")),
-        "trainable %": fmt_num(100 * params["ratio"], ".3f") if params.get("ratio") is not None else "-",
-        "mask AP": fmt_num((metrics.get("segm") or {}).get("AP")),
-        "box AP": fmt_num((metrics.get("bbox") or {}).get("AP")),
-        "peak mem": fmt_bytes(eff.get("peak_memory_bytes")),
-        "step time": f"{fmt_num(eff.get('mean_step_time_s'), '.3f')} s",
-        "train time": f"{fmt_num(eff.get('train_wall_time_s'), '.1f')} s",
-        "wall time": f"{fmt_num(eff.get('run_wall_time_s'), '.1f')} s",
+        "trainable %": fmt_num(100 * record.trainable_ratio, ".3f") if record.trainable_ratio is not None else "-",
+        "mask AP": fmt_num(record.mask_ap),
+        "box AP": fmt_num(record.box_ap),
+        "peak mem": fmt_bytes(eff("peak_memory_bytes")),
+        "step time": f"{fmt_num(eff('mean_step_time_s'), '.3f')} s",
+        "train time": f"{fmt_num(eff('train_wall_time_s'), '.1f')} s",
+        "wall time": f"{fmt_num(eff('run_wall_time_s'), '.1f')} s",
     }
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")

@@ -8,12 +8,11 @@ callback Hydra instantiates by name (`peftseg.sweep.SweepTracker`) share one sta
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from peftseg.results import FILENAME, read_record
+from peftseg.results import FILENAME, now, read_record
 
 _sweep: dict = {}
 
@@ -22,9 +21,8 @@ class SweepTracker(Callback):
     """Hydra callback (conf/config.yaml): notes where and when a multirun starts."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        # Same clock and format as the records' run.start_time (peftseg.engine.run).
-        start = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _sweep.update(dir=Path(str(config.hydra.sweep.dir)), start=start)
+        # Same clock and format as the records' run.start_time.
+        _sweep.update(dir=Path(str(config.hydra.sweep.dir)), start=now())
 
 
 def last_sweep() -> tuple[Path, int, int] | None:
@@ -33,5 +31,5 @@ def last_sweep() -> tuple[Path, int, int] | None:
         return None
     records = [read_record(p) for p in sorted(_sweep["dir"].rglob(FILENAME))]
     # A reused sweep dir may hold older records; theirs started before this sweep did.
-    mine = [r for r in records if (r.get("run") or {}).get("start_time", "") >= _sweep["start"]]
-    return _sweep["dir"], len(mine), sum(r.get("status") != "ok" for r in mine)
+    mine = [r for r in records if r.run.start_time >= _sweep["start"]]
+    return _sweep["dir"], len(mine), sum(not r.ok for r in mine)

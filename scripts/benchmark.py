@@ -157,7 +157,7 @@ def cpu_step_peak(fn) -> int:
 def build(names, args, device, console):
     from peftseg.config import register_schemas
     from peftseg.data import register_dataset
-    from peftseg.data.loaders import train_loader
+    from peftseg.data._loaders import train_loader
     from peftseg.engine.optim import build_optimizer
     from peftseg.methods import apply_method
     from peftseg.models import build_model

@@ -18,7 +18,6 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -55,6 +54,13 @@ def backbone_side(r: dict) -> float:
     return 100 * (r["peft"] + r["backbone_trainable"]) / r["backbone"]
 
 
+def family_of_preset(model: str) -> str:
+    """The family a conf/model preset builds (composed: presets set only what differs)."""
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"model={model}"]).model.family
+
+
 def table_rows(model: str, rows, num_classes: int) -> list[dict]:
     register_schemas()
     out = []
@@ -79,8 +85,8 @@ def main(argv=None) -> int:
     methods = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
     rows = [(label, ov) for label, ov in ROWS
             if ov[0].split("=", 1)[1] in methods and (not args.only or label in args.only)]
-    family = OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml").get("family", "vitdet")
-    rows += [(label, ov) for label, ov in FAMILY_ROWS.get(family, []) if not args.only or label in args.only]
+    rows += [(label, ov) for label, ov in FAMILY_ROWS.get(family_of_preset(args.model), [])
+             if not args.only or label in args.only]
     result = table_rows(args.model, rows, args.num_classes)
     if args.markdown:
         print(f"| {args.model} ({args.num_classes} classes) | trainable | total | trainable % | vs backbone % |")

@@ -12,7 +12,8 @@ from helpers import shapes_batch
 from conftest import records_under
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
-from peftseg.methods.adapter import AdapterConfig, BottleneckAdapter, remove_adapters
+from peftseg.methods._adapter_layers import BottleneckAdapter, remove_adapters
+from peftseg.methods.adapter import AdapterConfig
 from peftseg.models.vitdet import VitDetConfig
 from peftseg.params import count_parameters
 from helpers import preset

@@ -11,8 +11,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from conftest import records_under
 from peftseg.engine.restore import restore
-from peftseg.methods.merge import merge_and_unload
-from peftseg.models.weights import load_weights
+from peftseg.methods._merge import merge_and_unload
+from peftseg.models._weights import load_weights
 
 SHORT = ("train=smoke", "train.max_iter=6", "train.checkpoint_period=3", "train.log_period=1")
 

@@ -24,7 +24,7 @@ from peftseg.methods.adapter import AdapterConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.models import build_model, family_of
 from peftseg.models.mask2former import FAMILY, HFMask2Former, Mask2FormerConfig, hf_config
-from peftseg.models.weights import load_weights
+from peftseg.models._weights import load_weights
 from peftseg.params import count_parameters
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -96,7 +96,7 @@ def test_lora_at_init_leaves_outputs_unchanged(base, model):
 
 @pytest.mark.parametrize("rank", [0, -4])
 def test_lora_rank_must_be_positive(model, rank):
-    with pytest.raises(UserError, match=r"method\.rank must be a positive integer"):
+    with pytest.raises(UserError, match=r"method\.rank must be an integer at least 1"):
         apply_method(model, lora_cfg(rank=rank))
 
 

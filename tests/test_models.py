@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from peftseg.errors import UserError
 from peftseg.models import build_model, family_of
 from peftseg.models.vitdet import FAMILY, VitDetConfig
-from peftseg.models.weights import load_weights
+from peftseg.models._weights import load_weights
 from peftseg.params import count_parameters
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -130,7 +130,7 @@ def test_bitfit_trains_every_bias_plus_neck_and_heads(model):
 
 @pytest.mark.parametrize("name,field", [("loha", "rank"), ("lokr", "rank")])
 def test_rank_must_be_positive_for_every_low_rank_method(model, name, field):
-    with pytest.raises(UserError, match=rf"method\.{field} must be a positive integer"):
+    with pytest.raises(UserError, match=rf"method\.{field} must be an integer at least 1"):
         apply_method(model, method(name, **{field: 0}))
 
 
@@ -141,8 +141,8 @@ def test_one_module_cannot_take_two_peft_methods(model):
 
 
 def test_adapter_lora_trains_the_union_and_starts_at_the_base_output(base, model):
-    from peftseg.config import SCHEMAS
-    cfg = preset("method", "adapter_lora", SCHEMAS["method"]["adapter_lora"])
+    from peftseg.registry import METHODS
+    cfg = preset("method", "adapter_lora", METHODS.get("adapter_lora").config)
     model = apply_method(model, cfg).eval()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("peft_adapters." in n for n in names) and any("lora_" in n for n in names)
@@ -158,9 +158,9 @@ def test_adapter_lora_trains_the_union_and_starts_at_the_base_output(base, model
 
 
 def test_merge_refuses_adapters_and_folds_loha_and_dora(base):
-    from peftseg.config import SCHEMAS
-    from peftseg.methods.merge import merge_and_unload
-    adapted = apply_method(copy.deepcopy(base), preset("method", "adapter", SCHEMAS["method"]["adapter"]))
+    from peftseg.registry import METHODS
+    from peftseg.methods._merge import merge_and_unload
+    adapted = apply_method(copy.deepcopy(base), preset("method", "adapter", METHODS.get("adapter").config))
     with pytest.raises(UserError, match="non-linear"):
         merge_and_unload(adapted)
     batch = images()

@@ -15,7 +15,7 @@ from peftseg.errors import UserError
 from peftseg.models import build_model
 from peftseg.models.swin import SwinConfig
 from peftseg.models.vitdet import VitDetConfig
-from peftseg.models.weights import load_weights
+from peftseg.models._weights import load_weights
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 VIT, SWIN = "backbone.net.", "backbone.bottom_up."
@@ -92,7 +92,7 @@ def test_timm_vit_state_dict_maps_onto_vitdet_and_resizes_pos_embed(tmp_path, su
 
     model = build("vitdet_tiny", seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with caplog.at_level(logging.INFO, logger="peftseg.models.weights"):
+    with caplog.at_level(logging.INFO, logger="peftseg.models._weights"):
         report = load_weights(model, str(path) + suffix)
     ours = model.state_dict()
     for k in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.3.mlp.fc2.bias", "blocks.2.norm1.weight"):

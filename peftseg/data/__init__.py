@@ -1,17 +1,48 @@
-"""Datasets: validation and registration with Detectron2, and the synthetic `shapes` data."""
+"""Datasets: one module per dataset kind, registering itself (peftseg.registry).
 
-from peftseg.data.register import (
-    CocoDatasetConfig,
-    CocoFormatDatasetConfig,
-    DatasetSplits,
-    register_dataset,
-)
-from peftseg.data.shapes import ShapesDatasetConfig
+A dataset module declares its config dataclass and `register(cfg) -> DatasetSplits`
+under `@register_dataset`; this package finds them by importing every public module in it
+(modules named `_*` hold heavy implementation and are imported only when used).
+"""
 
-__all__ = [
-    "CocoDatasetConfig",
-    "CocoFormatDatasetConfig",
-    "DatasetSplits",
-    "ShapesDatasetConfig",
-    "register_dataset",
-]
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from peftseg.registry import DATASETS, check_config
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    train: str  # names in DatasetCatalog / MetadataCatalog
+    val: str
+    class_names: tuple[str, ...]
+    root: str  # where the data lives, for humans
+
+
+def _as_dictconfig(cfg) -> DictConfig:
+    if isinstance(cfg, DictConfig):
+        return cfg
+    if dataclasses.is_dataclass(cfg) or isinstance(cfg, dict):
+        return OmegaConf.structured(cfg)
+    raise TypeError(f"register_dataset needs a dataset config, got {type(cfg).__name__}")
+
+
+def register_dataset(cfg) -> DatasetSplits:
+    """Validate the dataset `cfg` describes and register its train/val splits with Detectron2.
+
+    `cfg` is a registered dataset config, as a dataclass or a DictConfig; `cfg.name` picks
+    the dataset. Safe to call again.
+    """
+    cfg = _as_dictconfig(cfg)
+    spec = DATASETS.get(cfg.get("name"))
+    check_config(cfg)
+    return spec.register(cfg)
+
+
+__all__ = ["DATASETS", "SPLITS", "DatasetSplits", "register_dataset"]

@@ -27,7 +27,10 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
+from peftseg import checks
+from peftseg.data import SPLITS, DatasetSplits
 from peftseg.errors import UserError
+from peftseg.registry import register_dataset
 
 # Bump whenever the generator's output changes, so stale caches are not reused.
 GENERATOR_VERSION = 2
@@ -79,6 +82,11 @@ class ShapesDatasetConfig:
     # Base cache folder; empty: $PEFTSEG_CACHE, else ~/.cache/peftseg. The data lands in
     # <base>/shapes/<key>, key = hash of the generation parameters.
     cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for key, low in (("num_train", 1), ("num_val", 1), ("image_size", 32), ("max_instances", 1), ("seed", 0)):
+            checks.integer(f"dataset.{key}", getattr(self, key), minimum=low)
+        checks.choice("dataset.domain", self.domain, DOMAINS)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -300,3 +308,16 @@ __all__ = [
     "generate_split",
     "write_coco_layout",
 ]
+
+
+@register_dataset("shapes", config=ShapesDatasetConfig,
+                  summary="built-in synthetic shapes with exact masks (generated, cached)")
+def register_shapes(cfg) -> DatasetSplits:
+    from peftseg.data._catalog import publish_splits
+
+    root = ensure_shapes(cfg)
+    fix = (
+        f"The shapes cache at {root} was altered; delete that folder and it is regenerated."
+    )
+    files = {s: (os.path.join(root, f"{s}.json"), os.path.join(root, s)) for s in SPLITS}
+    return publish_splits(cfg, files, root, {s: (fix, fix) for s in SPLITS})

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from peftseg.errors import UserError
-from peftseg.results import FILENAME, read_record, write_record
+from peftseg.results import FILENAME, Record, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,6 @@ def world_size(tcfg) -> int:
 
 def check(tcfg) -> None:
     """Catch what launch would only assert on (or hang on) inside its workers."""
-    if tcfg.num_gpus < 1 or tcfg.num_machines < 1:
-        raise UserError(
-            f"train.num_gpus={tcfg.num_gpus} and train.num_machines={tcfg.num_machines} must both "
-            "be at least 1; train.num_gpus is the number of processes per machine (one per GPU, "
-            "or CPU processes on a machine without CUDA)."
-        )
-    if not 0 <= tcfg.machine_rank < tcfg.num_machines:
-        raise UserError(
-            f"train.machine_rank={tcfg.machine_rank} must be in [0, train.num_machines="
-            f"{tcfg.num_machines}); give each machine its own rank, 0 for the one that writes "
-            "the record."
-        )
     world = world_size(tcfg)
     if tcfg.ims_per_batch % world:
         raise UserError(
@@ -82,11 +70,20 @@ def _slurm_env():
         return None
 
 
+def _port_of(job_id: str) -> int:
+    """A port in [20000, 40000) from a SLURM job id such as "1234" or "1234_7" (array task)."""
+    import zlib
+
+    return 20000 + zlib.crc32(job_id.encode()) % 20000
+
+
 def _rendezvous(tcfg) -> tuple[str, int]:
     if tcfg.num_machines > 1 and tcfg.dist_url == "auto":
         env = _slurm_env()
         # One SLURM task per node (conf/hydra/launcher/slurm.yaml); launch spawns the rest.
-        port = 20000 + int(env.job_id.split("_")[0]) % 20000
+        # The full job id, array task included: every member of a sweep array is its own
+        # rendezvous and must not share a port with its siblings on the same first node.
+        port = _port_of(env.job_id)
         return f"tcp://{env.hostnames[0]}:{port}", env.node
     return tcfg.dist_url, tcfg.machine_rank
 
@@ -126,11 +123,12 @@ def _worker(cfg, run_dir: Path, run_id: str, log_config: dict | None) -> None:
     run(cfg, run_dir, run_id)
 
 
-def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None) -> dict | None:
+def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None) -> Record | None:
     """Run one experiment on `world_size` processes; the record (None on machines other than 0)."""
     from detectron2.engine import launch
 
-    from peftseg.engine.run import failed_record, run
+    from peftseg.engine.run import run
+    from peftseg.results import failed_record
 
     tcfg = cfg.train
     check(tcfg)
@@ -152,11 +150,11 @@ def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None) 
             raise
         # When another rank fails first, rank 0 is terminated before it can write.
         record = read_record(path) if path.exists() else None
-        if record is None or record.get("status") != "failed":
+        if record is None or record.status != "failed":
             record = failed_record(cfg, run_dir, run_id, exc)
             write_record(run_dir, record)
-        if record["error"]["type"] == "UserError":
-            raise UserError(record["error"]["message"]) from None
+        if record.error["type"] == "UserError":
+            raise UserError(record.error["message"]) from None
         raise
     if machine_rank != 0:
         return None

@@ -1,20 +1,40 @@
-"""Evaluation with detectron2's COCOEvaluator (segm + bbox AP)."""
+"""Evaluation with the evaluator the dataset declares (detectron2's `evaluator_type`
+convention in MetadataCatalog): COCOEvaluator (segm + bbox AP) for COCO-format data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset
 
-from peftseg.data.loaders import test_loader
+from peftseg.data._loaders import test_loader
+from peftseg.errors import UserError
+
+
+def _coco(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
+    # use_fast_impl=False: the fast COCOeval lives in detectron2's C++ extension, which
+    # this install does not carry; pycocotools gives the same numbers.
+    return COCOEvaluator(
+        dataset_name, tasks=("segm", "bbox"), distributed=True, output_dir=str(output_dir),
+        use_fast_impl=False,
+    )
+
+
+EVALUATORS = {"coco": _coco}
+
+
+def build_evaluator(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
+    kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+    if kind not in EVALUATORS:
+        raise UserError(
+            f"dataset {dataset_name!r} declares evaluator_type={kind!r}, for which peftseg has no "
+            f"evaluator; the evaluators it has are: {', '.join(EVALUATORS)}."
+        )
+    return EVALUATORS[kind](dataset_name, output_dir)
 
 
 def evaluate(model, dataset_name: str, image_size: int, output_dir: Path, num_workers: int = 0) -> dict:
-    # use_fast_impl=False: the fast COCOeval lives in detectron2's C++ extension, which
-    # this install does not carry; pycocotools gives the same numbers.
-    evaluator = COCOEvaluator(
-        dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=str(output_dir),
-        use_fast_impl=False,
-    )
+    evaluator = build_evaluator(dataset_name, output_dir)
     loader = test_loader(dataset_name, image_size, model.input_format, num_workers)
     return dict(inference_on_dataset(model, loader, evaluator))

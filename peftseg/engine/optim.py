@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from detectron2.solver import LRMultiplier
-from detectron2.solver.build import get_default_optimizer_params
+from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping, get_default_optimizer_params
 from fvcore.common.param_scheduler import (
     CosineParamScheduler,
     MultiStepParamScheduler,
@@ -13,20 +13,18 @@ from fvcore.common.param_scheduler import (
 from detectron2.solver.lr_scheduler import WarmupParamScheduler
 
 from peftseg.errors import UserError
-from peftseg.params import group_of
+from peftseg.params import added_params, group_of
 
 
 def _lr_factor(model: torch.nn.Module, cfg):
     """Per-parameter LR multiplier: PEFT modules and neck+heads may get their own LR (the
     reference study trained PEFT parameters at 1e-3 but decoder-only runs at 1e-4)."""
     family = getattr(model, "peftseg_family", None)
+    added = added_params(model)
     group_lr = {"peft": cfg.peft_lr, "neck": cfg.heads_lr, "heads": cfg.heads_lr}
-    for key, lr in (("peft_lr", cfg.peft_lr), ("heads_lr", cfg.heads_lr)):
-        if lr is not None and not lr > 0:
-            raise UserError(f"train.{key}={lr} must be greater than 0, or null to use train.base_lr.")
 
     def factor(name: str) -> float:
-        lr = group_lr.get(group_of(name, family))
+        lr = group_lr.get(group_of(name, family, added))
         return 1.0 if lr is None else lr / cfg.base_lr
 
     return factor
@@ -51,9 +49,15 @@ def _no_decay_on_norms(model: torch.nn.Module, groups: list[dict]) -> list[dict]
     return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    if not cfg.base_lr > 0:
-        raise UserError(f"train.base_lr={cfg.base_lr} must be greater than 0, e.g. train.base_lr=1e-3.")
+def clip_norm_of(cfg) -> float:
+    """The global gradient-norm clip a run uses: train.clip_grad_norm, or when that is null
+    the model preset's recipe value (model.clip_grad_norm)."""
+    value = cfg.train.clip_grad_norm
+    return float(cfg.model.clip_grad_norm if value is None else value)
+
+
+def build_optimizer(model: torch.nn.Module, cfg, clip_grad_norm: float = 0.0) -> torch.optim.Optimizer:
+    """`cfg` is the train config (ranges and choices were checked at compose time)."""
     # Only trainable parameters; norms and biases carry no weight decay.
     params = get_default_optimizer_params(
         model, base_lr=cfg.base_lr, weight_decay=cfg.weight_decay,
@@ -66,22 +70,27 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
             "Pick a method that trains something (e.g. method=lora, method=heads) or enable "
             "method.train_heads=true."
         )
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.base_lr)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum)
-    raise UserError(f"Unknown train.optimizer={cfg.optimizer!r}; use train.optimizer=adamw or train.optimizer=sgd.")
+    cls, kwargs = {
+        "adamw": (torch.optim.AdamW, {}),
+        "sgd": (torch.optim.SGD, {"momentum": cfg.momentum}),
+    }[cfg.optimizer]
+    if clip_grad_norm > 0:
+        # detectron2's clipped-optimizer class with a global clipper: one norm over every
+        # trainable parameter (DETR/Mask2Former's "full_model" clipping), checked each step
+        def clip(all_params):
+            torch.nn.utils.clip_grad_norm_([p for p in all_params if p.grad is not None], clip_grad_norm)
+
+        cls = _generate_optimizer_class_with_gradient_clipping(cls, global_clipper=clip)
+    return cls(params, lr=cfg.base_lr, **kwargs)
 
 
 def _multiplier(cfg) -> ParamScheduler:
     if cfg.lr_schedule == "cosine":
         return CosineParamScheduler(1.0, 0.0)
-    if cfg.lr_schedule == "step":
-        steps = [int(f * cfg.max_iter) for f in cfg.lr_steps]
-        return MultiStepParamScheduler(
-            [0.1**i for i in range(len(steps) + 1)], milestones=steps, num_updates=cfg.max_iter
-        )
-    raise UserError(f"Unknown train.lr_schedule={cfg.lr_schedule!r}; use train.lr_schedule=cosine or step.")
+    steps = [int(f * cfg.max_iter) for f in cfg.lr_steps]  # lr_schedule == "step"
+    return MultiStepParamScheduler(
+        [0.1**i for i in range(len(steps) + 1)], milestones=steps, num_updates=cfg.max_iter
+    )
 
 
 def build_lr_scheduler(optimizer, cfg):

@@ -15,7 +15,7 @@ from peftseg.errors import UserError
 
 # what may change between training and evaluating a checkpoint; the model and the
 # method are fixed by the checkpoint itself
-_OVERRIDABLE = ("dataset.", "train.device", "train.num_workers")
+_OVERRIDABLE = ("dataset", "train.device", "train.num_workers")
 
 
 @dataclass
@@ -26,25 +26,74 @@ class Restored:
     source: Path  # the checkpoint file
 
 
-def parse_args(argv: list[str], allowed: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
-    """Split `key=value` arguments into the command's own options and config overrides."""
+def split_command_args(argv: list[str], own: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """The command's own `key=value` options (checkpoint=, output=) and the rest, which are
+    Hydra overrides of the checkpoint's config."""
     options, overrides = {}, []
     for arg in argv:
         key, eq, value = arg.partition("=")
-        if not eq:
-            raise UserError(f"argument {arg!r} is not key=value; write e.g. checkpoint=outputs/<date>/<time>.")
-        if key in allowed:
+        if eq and key in own:
             options[key] = value
-        elif key.startswith(_OVERRIDABLE):
-            overrides.append(arg)
         else:
-            raise UserError(
-                f"{key!r} cannot be set here; this command takes {', '.join(allowed)} and overrides of "
-                f"{', '.join(_OVERRIDABLE)} (the model and method come from the checkpoint)."
-            )
+            overrides.append(arg)
     if "checkpoint" not in options:
-        raise UserError("no checkpoint given; pass checkpoint=<run dir or model_*.pth>.")
+        raise UserError("no checkpoint given; pass checkpoint=<run dir or model_*.pth> (see --help).")
     return options, overrides
+
+
+def _parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise UserError(f"cannot read the overrides {overrides}: {e}") from None
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_sweep_override() or not (key == "dataset" or key.startswith(("dataset.", *_OVERRIDABLE[1:]))):
+            raise UserError(
+                f"{o.input_line!r} cannot be set here; the model and method come from the checkpoint, and "
+                f"this command takes checkpoint=, output= and single overrides of: dataset=<name>, "
+                f"dataset.<key>, {', '.join(_OVERRIDABLE[1:])} (see --help)."
+            )
+    return parsed
+
+
+def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
+    """The checkpoint's config, typed by the registered schemas, with Hydra-style overrides
+    applied (`dataset=<name>` composes that dataset's yaml, as `peftseg train` would), then
+    validated like a training config."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from peftseg.config import TrainConfig, validate
+    from peftseg.registry import DATASETS, FAMILIES, METHODS
+
+    parsed = _parse(overrides)
+    schema = {
+        "model": FAMILIES.get(saved["model"]["family"]).config,
+        "method": METHODS.get(saved["method"]["name"]).config,
+        "dataset": DATASETS.get(saved["dataset"]["name"]).config,
+        "train": TrainConfig,
+    }
+    try:
+        cfg = OmegaConf.create({g: OmegaConf.merge(OmegaConf.structured(cls), saved[g]) for g, cls in schema.items()})
+        chosen = [o for o in parsed if o.key_or_group == "dataset"]
+        if chosen:
+            from hydra import compose, initialize_config_dir
+
+            from peftseg.cli import CONF_DIR
+            from peftseg.config import register_schemas
+
+            register_schemas()
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                composed = compose("config", overrides=[o.input_line for o in chosen])
+            cfg.dataset = composed.dataset
+        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if o.key_or_group != "dataset"], cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(f"the overrides {overrides} do not fit the checkpoint's config: {e}") from None
+    validate(cfg)
+    return cfg
 
 
 def restore(checkpoint: str, overrides: list[str]) -> Restored:
@@ -52,12 +101,7 @@ def restore(checkpoint: str, overrides: list[str]) -> Restored:
 
     source, data = read_checkpoint(checkpoint)
     meta = data["peftseg"]
-    cfg = OmegaConf.create(meta["config"])
-    OmegaConf.set_struct(cfg, True)
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as e:
-        raise UserError(f"override {overrides} does not fit the checkpoint's config: {e}") from e
+    cfg = compose_for_checkpoint(meta["config"], overrides)
     splits = register_dataset(cfg.dataset)
     if list(splits.class_names) != list(meta["class_names"]):
         raise UserError(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from peftseg.errors import UserError
 from peftseg.methods import apply_method
 from peftseg.models import build_model
 from peftseg.params import count_parameters
-from peftseg.results import coco_metrics, git_describe, versions, write_record
+from peftseg.results import Record, evaluator_metrics, new_record, now, traceback_text, write_record
 
 log = logging.getLogger(__name__)
 
@@ -32,49 +30,7 @@ def resolve_device(name: str) -> torch.device:
             f"train.device={name} was asked for but torch sees no CUDA device on this machine. "
             "Run with train.device=cpu (or train.device=auto), or install a CUDA build of torch."
         )
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"Unknown train.device={name!r}; use train.device=auto, cpu or cuda.")
-    return torch.device(name)
-
-
-def flatten_config(cfg: DictConfig) -> dict:
-    """The experiment's knobs as flat `group.key` entries, for tables and CSV."""
-    flat = {}
-    for group in ("model", "method", "dataset", "train"):
-        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
-            flat[f"{group}.{key}"] = value
-    return flat
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def new_record(cfg: DictConfig, run_dir: Path, run_id: str) -> dict:
-    return {
-        "run": {"id": run_id, "dir": str(run_dir), "start_time": _now(), "end_time": None,
-                "seed": cfg.train.seed, "git": git_describe()},
-        "config": flatten_config(cfg),
-        "params": None, "metrics": None, "efficiency": None,
-        "versions": versions(), "status": "running", "error": None,
-    }
-
-
-def _mark_failed(record: dict, exc: BaseException) -> None:
-    record["status"] = "failed"
-    record["error"] = {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": None if isinstance(exc, UserError) else traceback.format_exc(),
-    }
-
-
-def failed_record(cfg: DictConfig, run_dir: Path, run_id: str, exc: BaseException) -> dict:
-    """The record of a run that died where it could not write one itself (a killed worker)."""
-    record = new_record(cfg, run_dir, run_id)
-    _mark_failed(record, exc)
-    record["run"]["end_time"] = _now()
-    return record
+    return torch.device(name)  # the value was checked against its choices at compose time
 
 
 def build_for_run(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
@@ -85,7 +41,7 @@ def build_for_run(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     return apply_method(model, cfg.method)
 
 
-def run(cfg: DictConfig, run_dir: Path, run_id: str) -> dict:
+def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
     """Run one experiment; always leaves a results.json (status ok or failed) in run_dir.
 
     Under multi-process training every rank runs this; only rank 0 writes the record.
@@ -97,22 +53,28 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> dict:
         device = resolve_device(cfg.train.device)
         model = build_for_run(cfg, len(splits.class_names))
         counts = count_parameters(model)
-        record["params"] = counts.to_dict()
+        record.params = counts.to_dict()
         log.info("parameters: %d total, %d trainable (%.3f%%)", counts.total, counts.trainable, 100 * counts.ratio)
         model.to(device)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(splits.class_names)}
         outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta)
-        record["metrics"] = coco_metrics(outcome.eval_results)
-        record["efficiency"] = {
+        record.metrics = evaluator_metrics(outcome.eval_results)
+        if record.mask_ap is None:
+            raise UserError(
+                f"evaluation on {splits.val!r} returned no mask AP (metrics: {sorted(record.metrics)}), "
+                "so this run has no result to record; check that the val split has instance "
+                "annotations with segmentations."
+            )
+        record.efficiency = {
             "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
             "run_wall_time_s": time.perf_counter() - start,
         }
-        record["status"] = "ok"
+        record.status = "ok"
     except BaseException as exc:
-        _mark_failed(record, exc)
+        record.mark_failed(exc, traceback_text(exc))
         raise
     finally:
-        record["run"]["end_time"] = _now()
+        record.run.end_time = now()
         if comm.is_main_process():
             write_record(run_dir, record)
     return record

@@ -12,13 +12,12 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
-from peftseg.data.loaders import train_loader
+from peftseg.data._loaders import train_loader
 from peftseg.engine.checkpoint import FINAL, PeftCheckpointer
 from peftseg.engine.efficiency import peak_memory, reset_peak_memory, step_time_stats
 from peftseg.engine.evaluate import evaluate
-from peftseg.engine.optim import build_lr_scheduler, build_optimizer
+from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_of
 from peftseg.engine.progress import RichProgress
-
 
 
 @dataclass
@@ -53,7 +52,7 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
     seed_all_rng(tcfg.seed + comm.get_rank())
     outcome = TrainOutcome()
     data = train_loader(splits.train, image_size, model.input_format, tcfg.ims_per_batch, tcfg.num_workers, tcfg.seed)
-    optimizer = build_optimizer(model, tcfg)
+    optimizer = build_optimizer(model, tcfg, clip_norm_of(cfg))
     scheduler = build_lr_scheduler(optimizer, tcfg)
     model.train()
     # Frozen parameters are outside DDP's bookkeeping, so frozen backbones need no

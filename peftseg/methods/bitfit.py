@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn as nn
-
 from peftseg.methods.freeze import freeze_all, unfreeze_task_heads
+from peftseg.registry import register_method
 
 
 @dataclass
@@ -15,7 +14,8 @@ class BitfitConfig:
     train_heads: bool = True
 
 
-def apply(model: nn.Module, cfg: BitfitConfig) -> nn.Module:
+@register_method("bitfit", config=BitfitConfig, order=20, summary="every bias term trains, plus the task heads")
+def apply(model, cfg: BitfitConfig):
     freeze_all(model)
     for name, p in model.named_parameters():
         if name.rsplit(".", 1)[-1] == "bias":

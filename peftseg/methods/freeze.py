@@ -6,11 +6,13 @@ Groups are resolved through the model's FamilyMap, so no method names a module p
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from peftseg.errors import UserError
 from peftseg.models import family_of
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 # what "train the heads" means for methods that keep the backbone frozen: the neck is
 # randomly initialised (ViTDet's pyramid is not part of MAE weights), so it trains too
@@ -60,3 +62,16 @@ def unfreeze_task_heads(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if name.startswith(family.task_heads):
             p.requires_grad_(True)
+
+
+def train_only_added(model: nn.Module, added, owner: str, train_heads: bool) -> nn.Module:
+    """The common ending of a PEFT method: record what it added, train exactly that (plus
+    the family's task heads if asked)."""
+    from peftseg.params import mark_added
+
+    mark_added(model, added, owner)
+    freeze_all(model)
+    unfreeze_params(model, [id(p) for p in added])
+    if train_heads:
+        unfreeze_task_heads(model)
+    return model

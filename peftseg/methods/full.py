@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn as nn
-
 from peftseg.methods.freeze import unfreeze_all
+from peftseg.registry import register_method
 
 
 @dataclass
@@ -14,6 +13,7 @@ class FullConfig:
     name: str = "full"
 
 
-def apply(model: nn.Module, cfg: FullConfig) -> nn.Module:
+@register_method("full", config=FullConfig, order=0, summary="every parameter trains (the upper-bound baseline)")
+def apply(model, cfg: FullConfig):
     unfreeze_all(model)
     return model

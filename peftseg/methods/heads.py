@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn as nn
-
 from peftseg.methods.freeze import NECK_AND_HEADS, freeze_all, unfreeze_groups
+from peftseg.registry import register_method
 
 
 @dataclass
@@ -14,7 +13,9 @@ class HeadsConfig:
     name: str = "heads"
 
 
-def apply(model: nn.Module, cfg: HeadsConfig) -> nn.Module:
+@register_method("heads", config=HeadsConfig, order=10,
+                 summary="backbone frozen; neck and heads train (conventional fine-tuning)")
+def apply(model, cfg: HeadsConfig):
     freeze_all(model)
     unfreeze_groups(model, NECK_AND_HEADS)
     return model

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import peft
-import torch.nn as nn
-
 from peftseg.errors import UserError
-from peftseg.methods.peft_inject import family_targets, inject, target_regex
-from peftseg.models import family_of
+from peftseg.registry import register_method
 
 
 @dataclass
@@ -23,19 +19,30 @@ class Ia3Config:
     feedforward: list[str] = field(default_factory=lambda: ["mlp"])  # subset of targets
     train_heads: bool = True
 
+    def __post_init__(self) -> None:
+        if not list(self.targets):
+            raise UserError("method.targets is empty; list at least one target group, e.g. method.targets=[attn_qkv,mlp].")
+        stray = [g for g in self.feedforward if g not in self.targets]
+        if stray:
+            raise UserError(
+                f"method.feedforward lists {stray}, which are not in method.targets={list(self.targets)}; "
+                "IA3 can only scale the input of a module it targets, so add them to method.targets "
+                "or drop them from method.feedforward."
+            )
 
-def apply(model: nn.Module, cfg: Ia3Config) -> nn.Module:
+
+@register_method("ia3", config=Ia3Config, mergeable=True, adds_parameters=True, order=30,
+                 summary="learned scaling vectors on target outputs / feed-forward inputs (HF peft)")
+def apply(model, cfg: Ia3Config):
+    import peft
+
+    from peftseg.methods._peft import family_targets, inject, target_regex
+    from peftseg.models import family_of
+
     targets = family_targets(model, cfg.targets)
-    stray = [g for g in cfg.feedforward if g not in cfg.targets]
-    if stray:
-        raise UserError(
-            f"method.feedforward lists {stray}, which are not in method.targets={list(cfg.targets)}; "
-            "IA3 can only scale the input of a module it targets, so add them to method.targets "
-            "or drop them from method.feedforward."
-        )
     peft_cfg = peft.IA3Config(
         target_modules=targets,
         # an empty regex would fullmatch nothing; peft wants a list then
         feedforward_modules=target_regex(family_of(model), list(cfg.feedforward)) if cfg.feedforward else [],
     )
-    return inject(model, peft_cfg, cfg.train_heads)
+    return inject(model, peft_cfg, cfg.train_heads, "ia3")

@@ -6,30 +6,33 @@ reaches rank up to r² per layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import peft
-import torch.nn as nn
-
-from peftseg.methods.peft_inject import check_alpha, check_dropout, check_rank, family_targets, inject
+from peftseg.methods.lowrank import LowRankConfig, check_alpha, check_probability
+from peftseg.registry import register_method
 
 
 @dataclass
-class LohaConfig:
+class LohaConfig(LowRankConfig):
     name: str = "loha"
-    rank: int = 8
     alpha: float = 8.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["attn_qkv", "attn_proj"])
-    train_heads: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_alpha(self.alpha)
+        check_probability("method.rank_dropout", self.rank_dropout)
+        check_probability("method.module_dropout", self.module_dropout)
 
 
-def apply(model: nn.Module, cfg: LohaConfig) -> nn.Module:
-    check_rank(cfg.rank)
-    check_alpha(cfg.alpha)
-    check_dropout(cfg.rank_dropout, "method.rank_dropout")
-    check_dropout(cfg.module_dropout, "method.module_dropout")
+@register_method("loha", config=LohaConfig, mergeable=True, adds_parameters=True, order=50,
+                 summary="LyCORIS Hadamard-product low-rank updates (HF peft)")
+def apply(model, cfg: LohaConfig):
+    import peft
+
+    from peftseg.methods._peft import family_targets, inject
+
     peft_cfg = peft.LoHaConfig(
         r=cfg.rank,
         alpha=cfg.alpha,
@@ -37,4 +40,4 @@ def apply(model: nn.Module, cfg: LohaConfig) -> nn.Module:
         module_dropout=cfg.module_dropout,
         target_modules=family_targets(model, cfg.targets),
     )
-    return inject(model, peft_cfg, cfg.train_heads)
+    return inject(model, peft_cfg, cfg.train_heads, "loha")

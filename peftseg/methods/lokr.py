@@ -6,32 +6,39 @@ The update is W1 ⊗ (B·A): peft splits each Linear's in/out sizes into factors
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import peft
-import torch.nn as nn
-
-from peftseg.methods.peft_inject import check_alpha, check_dropout, check_rank, family_targets, inject
+from peftseg import checks
+from peftseg.methods.lowrank import LowRankConfig, check_alpha, check_probability
+from peftseg.registry import register_method
 
 
 @dataclass
-class LokrConfig:
+class LokrConfig(LowRankConfig):
     name: str = "lokr"
-    rank: int = 8
     alpha: float = 8.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
-    decompose_factor: int = -1
+    decompose_factor: int = -1  # -1: as square as possible
     decompose_both: bool = False  # also low-rank the smaller Kronecker factor
-    targets: list[str] = field(default_factory=lambda: ["attn_qkv", "attn_proj"])
-    train_heads: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_alpha(self.alpha)
+        check_probability("method.rank_dropout", self.rank_dropout)
+        check_probability("method.module_dropout", self.module_dropout)
+        if self.decompose_factor != -1:
+            checks.integer("method.decompose_factor", self.decompose_factor, minimum=1,
+                           why="-1 splits each size as squarely as possible")
 
 
-def apply(model: nn.Module, cfg: LokrConfig) -> nn.Module:
-    check_rank(cfg.rank)
-    check_alpha(cfg.alpha)
-    check_dropout(cfg.rank_dropout, "method.rank_dropout")
-    check_dropout(cfg.module_dropout, "method.module_dropout")
+@register_method("lokr", config=LokrConfig, mergeable=True, adds_parameters=True, order=55,
+                 summary="LyCORIS Kronecker-product low-rank updates (HF peft)")
+def apply(model, cfg: LokrConfig):
+    import peft
+
+    from peftseg.methods._peft import family_targets, inject
+
     peft_cfg = peft.LoKrConfig(
         r=cfg.rank,
         alpha=cfg.alpha,
@@ -41,4 +48,4 @@ def apply(model: nn.Module, cfg: LokrConfig) -> nn.Module:
         decompose_both=cfg.decompose_both,
         target_modules=family_targets(model, cfg.targets),
     )
-    return inject(model, peft_cfg, cfg.train_heads)
+    return inject(model, peft_cfg, cfg.train_heads, "lokr")

@@ -6,30 +6,33 @@ learned magnitude vector per output feature.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import peft
-import torch.nn as nn
-
-from peftseg.methods.peft_inject import check_alpha, check_dropout, check_rank, family_targets, inject
+from peftseg.methods.lowrank import LowRankConfig, check_alpha, check_probability
+from peftseg.registry import register_method
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(LowRankConfig):
     name: str = "lora"
-    rank: int = 8
     alpha: float = 8.0  # the update is scaled by alpha / rank
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["attn_qkv", "attn_proj"])
-    use_rslora: bool = False
-    use_dora: bool = False
-    train_heads: bool = True  # the family's task heads train too (FamilyMap.task_heads)
+    use_rslora: bool = False  # scale by alpha / sqrt(rank)
+    use_dora: bool = False  # DoRA: learned magnitude per output feature
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_alpha(self.alpha)
+        check_probability("method.dropout", self.dropout)
 
 
-def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    check_rank(cfg.rank)
-    check_alpha(cfg.alpha)
-    check_dropout(cfg.dropout)
+@register_method("lora", config=LoraConfig, mergeable=True, adds_parameters=True, order=40,
+                 summary="low-rank updates W + (alpha/r)BA on target groups (HF peft); rsLoRA, DoRA")
+def apply(model, cfg: LoraConfig):
+    import peft
+
+    from peftseg.methods._peft import family_targets, inject
+
     peft_cfg = peft.LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -39,4 +42,4 @@ def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         use_dora=cfg.use_dora,
         bias="none",
     )
-    return inject(model, peft_cfg, cfg.train_heads)
+    return inject(model, peft_cfg, cfg.train_heads, "lora")

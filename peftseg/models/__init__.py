@@ -1,56 +1,48 @@
-"""Model builders by family, and the family map methods rely on."""
+"""Model families: one module each, registering itself (peftseg.registry), and the builder.
+
+A family module declares its config dataclass, its FamilyMap and `build(cfg, num_classes)`
+under `@register_family`; this package finds them by importing every public module in it
+(modules named `_*` hold heavy implementation and are imported only when used).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import torch.nn as nn
+from typing import Any
 
 from peftseg.errors import UserError
-from peftseg.models import mask2former, swin, vitdet
 from peftseg.models.family import FamilyMap
-from peftseg.models.weights import load_weights
-
-# family name -> (build(cfg, num_classes), its FamilyMap)
-FAMILIES: dict[str, tuple[Callable[[Any, int], nn.Module], FamilyMap]] = {
-    "vitdet": (vitdet.build, vitdet.FAMILY),
-    "mask2former": (mask2former.build, mask2former.FAMILY),
-    "swin": (swin.build, swin.FAMILY),
-}
+from peftseg.registry import FAMILIES, check_config
 
 __all__ = ["FAMILIES", "FamilyMap", "build_model", "family_of"]
 
 
-def build_model(cfg_model: Any, num_classes: int) -> nn.Module:
+def build_model(cfg_model: Any, num_classes: int):
     """Build the family's detectron2 model, load `cfg_model.weights` if set, attach its map."""
-    family = cfg_model.family
-    if family not in FAMILIES:
-        raise UserError(
-            f"model.family={family!r} is not a known model family; choose one of "
-            f"{sorted(FAMILIES)} (e.g. model=vitdet_tiny)."
-        )
+    spec = FAMILIES.get(cfg_model.family)
+    check_config(cfg_model)
     if int(num_classes) < 1:
         raise UserError(
             f"the dataset declares {num_classes} classes; a detector needs at least one "
             "foreground class, so check the dataset's category list."
         )
-    build, family_map = FAMILIES[family]
-    model = build(cfg_model, int(num_classes))
+    model = spec.build(cfg_model, int(num_classes))
     # a plain attribute, not a submodule: state_dict and .to() ignore it; set before
     # loading weights so the loader can ask the model for its family
-    model.peftseg_family = family_map
+    model.peftseg_family = spec.family_map
     # a family that reads its own checkpoint format in build (mask2former: a transformers
     # directory) leaves its report on the model; everything else goes through detectron2's
     if cfg_model.weights and getattr(model, "weights_report", None) is None:
+        from peftseg.models._weights import load_weights
+
         load_weights(model, cfg_model.weights)
     return model
 
 
-def family_of(model: nn.Module) -> FamilyMap:
+def family_of(model) -> FamilyMap:
     """The FamilyMap attached by build_model (looks through DDP-style `.module` wrappers)."""
     found = getattr(model, "peftseg_family", None)
-    if found is None and isinstance(getattr(model, "module", None), nn.Module):
-        found = getattr(model.module, "peftseg_family", None)
+    if found is None:
+        found = getattr(getattr(model, "module", None), "peftseg_family", None)
     if found is None:
         raise TypeError(f"{type(model).__name__} was not built by peftseg.models.build_model")
     return found

@@ -7,6 +7,7 @@ through it, so a new family needs no change in any method.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 ACCOUNTING_GROUPS = ("backbone", "neck", "heads")
 
@@ -36,3 +37,19 @@ class FamilyMap:
                 if param_name.startswith(prefix) and len(prefix) > best_len:
                     best, best_len = group, len(prefix)
         return best
+
+
+def _same(state: dict) -> dict:
+    return state
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """A foreign checkpoint layout a family's backbone can load (e.g. a timm ViT state dict):
+    how to recognise it, how to bring its names to the backbone's own (the backbone group's
+    prefix is then prepended), and which preset fits it, for messages."""
+
+    description: str  # "a timm/MAE ViT state dict"
+    detect: Callable[[dict], bool]  # on the unwrapped state dict's keys
+    hint: str  # "e.g. model=vitdet_b for ViT-B/16 weights such as MAE's …"
+    normalize: Callable[[dict], dict] = _same

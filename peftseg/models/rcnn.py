@@ -5,27 +5,23 @@ The graph is detectron2's model-zoo `configs/common/models/mask_rcnn_fpn.py` as 
 configures it for every backbone it studies (ViT, Swin, MViTv2): 2-conv RPN head,
 4conv1fc box head and 4-conv mask head, with the pyramid's norm in the head convs. Only
 the sizes come from the config, so a CPU-sized preset and a published shape share one
-code path. A family config inherits `MaskRCNNConfig` and builds only its backbone.
+code path. A family config inherits `MaskRCNNConfig` and builds only its backbone. detectron2 is
+imported inside the builders: the registries import family modules at start-up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import Backbone
-from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.matcher import Matcher
-from detectron2.modeling.meta_arch import GeneralizedRCNN
-from detectron2.modeling.poolers import ROIPooler
-from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
-from detectron2.modeling.roi_heads import (
-    FastRCNNConvFCHead,
-    FastRCNNOutputLayers,
-    MaskRCNNConvUpsampleHead,
-    StandardROIHeads,
-)
+from typing import TYPE_CHECKING
+
+from peftseg import checks
+from peftseg.errors import UserError
+
+if TYPE_CHECKING:
+    from detectron2.modeling import Backbone
+    from detectron2.modeling.meta_arch import GeneralizedRCNN
+    from detectron2.modeling.proposal_generator import RPN
 
 # accounting groups of the parts built here, for the family maps
 HEAD_PREFIXES = ("proposal_generator.", "roi_heads.")
@@ -62,9 +58,35 @@ class MaskRCNNConfig:
     score_thresh_test: float = 0.05
     nms_thresh_test: float = 0.5
     detections_per_image: int = 100
+    # the recipe's global gradient-norm clip (0: none, as detectron2's Mask R-CNN recipes);
+    # train.clip_grad_norm overrides it when set
+    clip_grad_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("rpn_head_convs", "box_head_convs", "box_head_fcs", "mask_head_convs"):
+            checks.integer(f"model.{key}", getattr(self, key), minimum=0)
+        for key in ("rpn_batch_size_per_image", "rpn_pre_nms_topk_train", "rpn_pre_nms_topk_test",
+                    "rpn_post_nms_topk_train", "rpn_post_nms_topk_test", "roi_batch_size_per_image",
+                    "box_pooler_resolution", "box_head_dim", "box_head_fc_dim", "mask_pooler_resolution",
+                    "mask_head_dim", "detections_per_image"):
+            checks.integer(f"model.{key}", getattr(self, key), minimum=1)
+        for key in ("rpn_nms_thresh", "roi_positive_fraction", "score_thresh_test", "nms_thresh_test"):
+            checks.number(f"model.{key}", getattr(self, key), low=0, high=1)
+        checks.number("model.clip_grad_norm", self.clip_grad_norm, low=0, why="0 disables clipping")
+        checks.choice("model.input_format", self.input_format, ("RGB", "BGR"))
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or not all(s > 0 for s in self.pixel_std):
+            raise UserError(
+                f"model.pixel_mean={list(self.pixel_mean)} and model.pixel_std={list(self.pixel_std)} "
+                "must give 3 channel values each, with every std > 0."
+            )
 
 
 def _rpn(cfg: MaskRCNNConfig, levels: list[str], channels: int) -> RPN:
+    from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+    from detectron2.modeling.box_regression import Box2BoxTransform
+    from detectron2.modeling.matcher import Matcher
+    from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
+
     strides = [2 ** int(name[1:]) for name in levels]
     return RPN(
         in_features=levels,
@@ -92,6 +114,17 @@ def _rpn(cfg: MaskRCNNConfig, levels: list[str], channels: int) -> RPN:
 def _roi_heads(
     cfg: MaskRCNNConfig, levels: list[str], channels: int, norm: str, num_classes: int
 ) -> StandardROIHeads:
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.box_regression import Box2BoxTransform
+    from detectron2.modeling.matcher import Matcher
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.modeling.roi_heads import (
+        FastRCNNConvFCHead,
+        FastRCNNOutputLayers,
+        MaskRCNNConvUpsampleHead,
+        StandardROIHeads,
+    )
+
     scales = tuple(1.0 / 2 ** int(name[1:]) for name in levels)
     box_res, mask_res = cfg.box_pooler_resolution, cfg.mask_pooler_resolution
     box_head = FastRCNNConvFCHead(
@@ -136,6 +169,8 @@ def build_mask_rcnn(cfg: MaskRCNNConfig, backbone: Backbone, num_classes: int, n
 
     `norm` is the head convs' norm ("" for none); the families use their neck's.
     """
+    from detectron2.modeling.meta_arch import GeneralizedRCNN
+
     shapes = backbone.output_shape()
     all_levels = list(shapes)  # p-levels incl. the max-pool one, in order
     roi_levels = all_levels[:-1]  # ROI pooling skips the max-pool level, as in the zoo config

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from detectron2.modeling import FPN, SwinTransformer
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detectron2.modeling.meta_arch import GeneralizedRCNN
 from omegaconf import MISSING
 
 from peftseg.errors import UserError
-from peftseg.models.family import FamilyMap
+from peftseg import checks
+from peftseg.models.family import FamilyMap, WeightLayout
 from peftseg.models.rcnn import HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
+from peftseg.registry import register_family
 
 _BLOCK = r"backbone\.bottom_up\.layers\.\d+\.blocks\.\d+"
 
@@ -67,6 +66,24 @@ class SwinConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
     out_channels: int = 256
     norm: str = "LN"  # FPN and box/mask head convs
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.integer("model.image_size", self.image_size, minimum=32)
+        # shapes detectron2 would reject with a bare assertion, or not at all
+        check_swin_stages(self.embed_dim, self.depths, self.num_heads, "the FPN builds p2..p5 from Swin's four stages")
+        if self.window_size < 1 or any(d < 1 for d in self.depths):
+            raise UserError(
+                f"model.window_size={self.window_size} and model.depths={list(self.depths)} must be "
+                "at least 1 (e.g. window_size 7, depths [2, 2, 6, 2])."
+            )
+        levels = _STAGES + 1  # + LastLevelMaxPool
+        if len(self.anchor_sizes) != levels:
+            raise UserError(
+                f"model.anchor_sizes has {len(self.anchor_sizes)} entries but the feature pyramid has "
+                f"{levels} levels (p2..p5 from the Swin stages + the max-pool level p6); give one "
+                "anchor size per level, e.g. [32, 64, 128, 256, 512]."
+            )
+
 
 def check_swin_stages(embed_dim: int, depths, num_heads, why_four: str) -> None:
     """Four stages whose head counts divide each stage's width (embed_dim·2^stage); shared
@@ -87,24 +104,10 @@ def check_swin_stages(embed_dim: int, depths, num_heads, why_four: str) -> None:
             )
 
 
-def _check(cfg: SwinConfig) -> None:
-    """Fail with a fix on shapes detectron2 would reject with a bare assertion, or not at all."""
-    check_swin_stages(cfg.embed_dim, cfg.depths, cfg.num_heads, "the FPN builds p2..p5 from Swin's four stages")
-    if cfg.window_size < 1 or any(d < 1 for d in cfg.depths):
-        raise UserError(
-            f"model.window_size={cfg.window_size} and model.depths={list(cfg.depths)} must be "
-            "at least 1 (e.g. window_size 7, depths [2, 2, 6, 2])."
-        )
-    levels = _STAGES + 1  # + LastLevelMaxPool
-    if len(cfg.anchor_sizes) != levels:
-        raise UserError(
-            f"model.anchor_sizes has {len(cfg.anchor_sizes)} entries but the feature pyramid has "
-            f"{levels} levels (p2..p5 from the Swin stages + the max-pool level p6); give one "
-            "anchor size per level, e.g. [32, 64, 128, 256, 512]."
-        )
+def _backbone(cfg: SwinConfig):
+    from detectron2.modeling import FPN, SwinTransformer
+    from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-
-def _backbone(cfg: SwinConfig) -> FPN:
     bottom_up = SwinTransformer(
         patch_size=4,
         embed_dim=cfg.embed_dim,
@@ -126,6 +129,31 @@ def _backbone(cfg: SwinConfig) -> FPN:
     )
 
 
-def build(cfg: SwinConfig, num_classes: int) -> GeneralizedRCNN:
-    _check(cfg)
+def _timm_swin_to_official(state: dict) -> dict:
+    """timm (>= 0.6) puts each PatchMerging at the start of the next stage
+    (layers.{i+1}.downsample); the official code and detectron2 at the end of its own."""
+    if any(k.startswith("layers.0.downsample.") for k in state):
+        return state
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) - 1)
+        out[".".join(parts)] = v
+    return out
+
+
+SWIN_STATE_DICT = WeightLayout(
+    description="an official Swin state dict",
+    detect=lambda state: "patch_embed.proj.weight" in state
+    and any(k.startswith("layers.") and ".blocks." in k for k in state),
+    hint="e.g. model=swin_t for swin_tiny_patch4_window7_224.pth, model=swin_b for "
+         "swin_base_patch4_window7_224.pth",
+    normalize=_timm_swin_to_official,
+)
+
+
+@register_family("swin", config=SwinConfig, family_map=FAMILY, weight_layouts=(SWIN_STATE_DICT,),
+                 summary="detectron2 SwinTransformer + FPN + Mask R-CNN")
+def build(cfg: SwinConfig, num_classes: int):
     return build_mask_rcnn(cfg, _backbone(cfg), num_classes, norm=cfg.norm)

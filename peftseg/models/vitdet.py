@@ -11,17 +11,14 @@ path serves the CPU-sized preset and the published ViT-B shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
-import torch.nn as nn
-from detectron2.modeling import SimpleFeaturePyramid, ViT
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detectron2.modeling.meta_arch import GeneralizedRCNN
 from omegaconf import MISSING
 
 from peftseg.errors import UserError
-from peftseg.models.family import FamilyMap
+from peftseg import checks
+from peftseg.models.family import FamilyMap, WeightLayout
 from peftseg.models.rcnn import HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
+from peftseg.registry import register_family
 
 _BLOCK = r"backbone\.net\.blocks\.\d+"
 
@@ -72,43 +69,50 @@ class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
     scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
     norm: str = "LN"  # neck and box/mask head convs
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.integer("model.image_size", self.image_size, minimum=32)
+        # shapes detectron2 would reject with a bare assertion, or not at all
+        if self.embed_dim % self.num_heads:
+            raise UserError(
+                f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads="
+                f"{self.num_heads}; pick values where embed_dim is a multiple of num_heads."
+            )
+        bad = [s for s in self.scale_factors if float(s) not in _SUPPORTED_SCALES]
+        if bad or not self.scale_factors:
+            raise UserError(
+                f"model.scale_factors={list(self.scale_factors)} is not supported: "
+                f"SimpleFeaturePyramid builds levels only for scale factors {list(_SUPPORTED_SCALES)}; "
+                "list one or more of them, largest first and halving each step (e.g. [2.0, 1.0, 0.5])."
+            )
+        strides = [int(self.patch_size / s) for s in self.scale_factors]
+        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
+            raise UserError(
+                f"model.scale_factors={list(self.scale_factors)} gives strides {strides}, which must "
+                "double from one level to the next; list the factors largest first without gaps "
+                "(e.g. [4.0, 2.0, 1.0, 0.5])."
+            )
+        levels = len(strides) + 1  # + LastLevelMaxPool
+        if len(self.anchor_sizes) != levels:
+            raise UserError(
+                f"model.anchor_sizes has {len(self.anchor_sizes)} entries but the feature pyramid has "
+                f"{levels} levels ({len(strides)} scale factors + the max-pool level); give one "
+                "anchor size per level, e.g. 8x each level's stride."
+            )
+        if self.image_size % self.patch_size:
+            raise UserError(
+                f"model.image_size={self.image_size} is not a multiple of model.patch_size="
+                f"{self.patch_size}; choose an image size the patch size divides."
+            )
 
-def _check(cfg: VitDetConfig) -> None:
-    """Fail with a fix on shapes detectron2 would reject with a bare assertion."""
-    if cfg.embed_dim % cfg.num_heads:
-        raise UserError(
-            f"model.embed_dim={cfg.embed_dim} is not divisible by model.num_heads="
-            f"{cfg.num_heads}; pick values where embed_dim is a multiple of num_heads."
-        )
-    bad = [s for s in cfg.scale_factors if float(s) not in _SUPPORTED_SCALES]
-    if bad or not cfg.scale_factors:
-        raise UserError(
-            f"model.scale_factors={list(cfg.scale_factors)} is not supported: "
-            f"SimpleFeaturePyramid builds levels only for scale factors {list(_SUPPORTED_SCALES)}; "
-            "list one or more of them, largest first and halving each step (e.g. [2.0, 1.0, 0.5])."
-        )
-    strides = [int(cfg.patch_size / s) for s in cfg.scale_factors]
-    if any(b != 2 * a for a, b in zip(strides, strides[1:])):
-        raise UserError(
-            f"model.scale_factors={list(cfg.scale_factors)} gives strides {strides}, which must "
-            "double from one level to the next; list the factors largest first without gaps "
-            "(e.g. [4.0, 2.0, 1.0, 0.5])."
-        )
-    levels = len(strides) + 1  # + LastLevelMaxPool
-    if len(cfg.anchor_sizes) != levels:
-        raise UserError(
-            f"model.anchor_sizes has {len(cfg.anchor_sizes)} entries but the feature pyramid has "
-            f"{levels} levels ({len(strides)} scale factors + the max-pool level); give one "
-            "anchor size per level, e.g. 8x each level's stride."
-        )
-    if cfg.image_size % cfg.patch_size:
-        raise UserError(
-            f"model.image_size={cfg.image_size} is not a multiple of model.patch_size="
-            f"{cfg.patch_size}; choose an image size the patch size divides."
-        )
 
+def _backbone(cfg: VitDetConfig):
+    from functools import partial
 
-def _backbone(cfg: VitDetConfig) -> SimpleFeaturePyramid:
+    import torch.nn as nn
+    from detectron2.modeling import SimpleFeaturePyramid, ViT
+    from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
     net = ViT(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -137,6 +141,14 @@ def _backbone(cfg: VitDetConfig) -> SimpleFeaturePyramid:
     )
 
 
-def build(cfg: VitDetConfig, num_classes: int) -> GeneralizedRCNN:
-    _check(cfg)
+TIMM_VIT = WeightLayout(
+    description="a timm/MAE ViT state dict",
+    detect=lambda state: "patch_embed.proj.weight" in state and any(k.startswith("blocks.") for k in state),
+    hint="e.g. model=vitdet_b for ViT-B/16 weights such as MAE's mae_pretrain_vit_base.pth",
+)
+
+
+@register_family("vitdet", config=VitDetConfig, family_map=FAMILY, weight_layouts=(TIMM_VIT,),
+                 summary="detectron2 ViT + SimpleFeaturePyramid + Mask R-CNN (ViTDet)")
+def build(cfg: VitDetConfig, num_classes: int):
     return build_mask_rcnn(cfg, _backbone(cfg), num_classes, norm=cfg.norm)

@@ -1,4 +1,4 @@
-"""Combinations: several methods in one run (e.g. `adapter_lora`), trainable = their union.
+"""Method `adapter_lora`: bottleneck adapters and LoRA in one run, trainable = their union.
 
 Each part is applied with its own config; a parameter trains if any part trains it.
 Adapters go in before LoRA: adapter widths are read from a site's Linear layers, which
@@ -8,13 +8,10 @@ must not yet contain LoRA's inner A/B Linears.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch.nn as nn
 
 from peftseg.methods.adapter import AdapterConfig
-from peftseg.methods.freeze import freeze_all, unfreeze_params
 from peftseg.methods.lora import LoraConfig
+from peftseg.registry import register_method
 
 
 @dataclass
@@ -24,17 +21,16 @@ class AdapterLoraConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
-def combine(model: nn.Module, parts: list[Any]) -> nn.Module:
-    from peftseg.methods import apply_method  # the registry imports this module
+@register_method("adapter_lora", config=AdapterLoraConfig, adds_parameters=True, order=70,
+                 summary="adapters and LoRA together (method.adapter.*, method.lora.*)")
+def apply(model, cfg: AdapterLoraConfig):
+    from peftseg.methods import apply_method
+    from peftseg.methods.freeze import freeze_all, unfreeze_params
 
     trainable: set[int] = set()
-    for part in parts:
+    for part in (cfg.adapter, cfg.lora):
         model = apply_method(model, part)
         trainable |= {id(p) for p in model.parameters() if p.requires_grad}
     freeze_all(model)
     unfreeze_params(model, trainable)
     return model
-
-
-def apply(model: nn.Module, cfg: AdapterLoraConfig) -> nn.Module:
-    return combine(model, [cfg.adapter, cfg.lora])

@@ -40,20 +40,11 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from peftseg.errors import UserError
 from peftseg.models.family import FamilyMap
+from peftseg.registry import FAMILIES
 
 log = logging.getLogger(__name__)
 
 _SHOWN = 5  # names listed per category in the log line
-
-# checkpoint layouts this module translates, by the family that can take them
-_LAYOUT_FAMILY = {"timm_vit": "vitdet", "swin": "swin"}
-_LAYOUT_NAME = {"timm_vit": "a timm/MAE ViT", "swin": "an official Swin"}
-_PRESET_HINT = {
-    "vitdet": "e.g. model=vitdet_b for ViT-B/16 weights such as MAE's mae_pretrain_vit_base.pth",
-    "swin": "e.g. model=swin_t for swin_tiny_patch4_window7_224.pth, model=swin_b for "
-            "swin_base_patch4_window7_224.pth",
-}
-
 
 @dataclass(frozen=True)
 class LoadReport:
@@ -82,10 +73,9 @@ def _family(model: nn.Module) -> FamilyMap | None:
     attached = getattr(model, "peftseg_family", None)
     if attached is not None:
         return attached
-    from peftseg.models import FAMILIES  # the registry imports this module
-
     names = list(model.state_dict())
-    for _, family in FAMILIES.values():
+    for spec in FAMILIES:
+        family = spec.family_map
         prefixes = family.groups.get("backbone", ())
         if any(n.startswith(p) for n in names for p in prefixes):
             return family
@@ -105,14 +95,13 @@ def _unwrap(state: dict) -> dict:
     return state
 
 
-def _layout(state: dict) -> str:
-    if "patch_embed.proj.weight" not in state:
-        return "detectron2"
-    if any(k.startswith("layers.") and ".blocks." in k for k in state):
-        return "swin"
-    if any(k.startswith("blocks.") for k in state):
-        return "timm_vit"
-    return "detectron2"
+def _foreign_layout(state: dict):
+    """(family spec, layout) of the registered foreign layout `state` is in, or None."""
+    for spec in FAMILIES:
+        for layout in spec.weight_layouts:
+            if layout.detect(state):
+                return spec, layout
+    return None
 
 
 def _square(n: int) -> int | None:
@@ -157,24 +146,9 @@ def _resize_bias_table(theirs: torch.Tensor, ours: torch.Tensor, notes: list[str
     return table.reshape(heads, s2 * s2).permute(1, 0).to(theirs.dtype)
 
 
-def _timm_swin_to_official(state: dict) -> dict:
-    """timm (>= 0.6) puts each PatchMerging at the start of the next stage
-    (layers.{i+1}.downsample); the official code and detectron2 at the end of its own."""
-    if any(k.startswith("layers.0.downsample.") for k in state):
-        return state
-    out = {}
-    for k, v in state.items():
-        parts = k.split(".")
-        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
-            parts[1] = str(int(parts[1]) - 1)
-        out[".".join(parts)] = v
-    return out
-
-
-def _translate(model: nn.Module, state: dict, layout: str, family: FamilyMap) -> tuple[dict, list[str]]:
+def _translate(model: nn.Module, state: dict, layout, family: FamilyMap) -> tuple[dict, list[str]]:
     """A foreign state dict under the model's names; returns it and the dropped keys."""
-    if layout == "swin":
-        state = _timm_swin_to_official(state)
+    state = layout.normalize(state)
     prefix = family.groups["backbone"][0]
     ours = model.state_dict()
     kept, dropped = {}, []
@@ -217,17 +191,17 @@ class _ReportingCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         state = _unwrap(checkpoint["model"])
-        layout = _layout(state)
+        foreign = _foreign_layout(state)
         family = _family(self.model)
-        if layout in _LAYOUT_FAMILY:
-            wanted = _LAYOUT_FAMILY[layout]
-            if family is None or family.name != wanted:
+        if foreign is not None:
+            wanted, layout = foreign
+            if family is None or family.name != wanted.name:
                 got = family.name if family is not None else type(self.model).__name__
                 raise UserError(
-                    f"model.weights={self.source!r} holds {_LAYOUT_NAME[layout]} state dict "
-                    f"(keys such as {sorted(state)[:3]}), which only the {wanted!r} model family "
-                    f"takes, but the model is {got!r}; pick a {wanted} preset that matches the "
-                    f"checkpoint ({_PRESET_HINT[wanted]}), or give a checkpoint of this model."
+                    f"model.weights={self.source!r} holds {layout.description} "
+                    f"(keys such as {sorted(state)[:3]}), which only the {wanted.name!r} model family "
+                    f"takes, but the model is {got!r}; pick a {wanted.name} preset that matches the "
+                    f"checkpoint ({layout.hint}), or give a checkpoint of this model."
                 )
             state, dropped = _translate(self.model, state, layout, family)
             self.dropped = tuple(dropped)
@@ -255,9 +229,17 @@ def _check_backbone_shapes(source: str, incorrect: list, family: FamilyMap | Non
         f"model.weights={source!r} does not fit this {family.name} model's backbone: {key} has "
         f"shape {tuple(theirs)} in the checkpoint but {tuple(ours)} in the model{more}, so the "
         "checkpoint was made for another backbone size; pick the model preset that matches the "
-        f"checkpoint ({_PRESET_HINT.get(family.name, 'see conf/model/')}), or set the model's "
-        "sizes to the checkpoint's."
+        f"checkpoint ({_preset_hint(family.name)}), or set the model's sizes to the checkpoint's."
     )
+
+
+def _preset_hint(family: str) -> str:
+    hints = [layout.hint for layout in FAMILIES.get(family).weight_layouts]
+    return "; ".join(hints) or "see conf/model/"
+
+
+def _layouts_for_message() -> str:
+    return ", ".join(f"{layout.description} for {spec.name}" for spec in FAMILIES for layout in spec.weight_layouts)
 
 
 def load_weights(model: nn.Module, source: str) -> LoadReport:
@@ -298,8 +280,8 @@ def load_weights(model: nn.Module, source: str) -> LoadReport:
             f"model.weights={source!r} matched no parameter of the model "
             f"({len(report.unexpected)} checkpoint keys such as {list(report.unexpected[:3])} "
             f"have no counterpart, and shape mismatches: {len(report.shape_mismatch)}); use a "
-            "checkpoint of the same model family (a detectron2 checkpoint of this model, a "
-            "timm/MAE ViT state dict for vitdet, an official Swin state dict for swin), or "
+            "checkpoint of the same model family (a detectron2 checkpoint of this model, "
+            f"{_layouts_for_message()}), or "
             "append '?matching_heuristics=True' to let detectron2 align the names of another "
             "backbone-only checkpoint by suffix."
         )

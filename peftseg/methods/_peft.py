@@ -1,4 +1,4 @@
-"""Shared plumbing of the peft-backed methods (lora, loha, lokr, ia3).
+"""Shared plumbing of the peft-backed methods (lora, loha, lokr, ia3, vera).
 
 Targets are group names (`attn_qkv`, `attn_proj`, `mlp`, `heads`, …) that the model's
 FamilyMap turns into module-name regexes; peft matches their union with `re.fullmatch`.
@@ -13,7 +13,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peftseg.errors import UserError
-from peftseg.methods.freeze import freeze_all, unfreeze_params, unfreeze_task_heads
+from peftseg.methods.freeze import train_only_added
 from peftseg.models import family_of
 from peftseg.models.family import FamilyMap
 
@@ -76,16 +76,12 @@ def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> No
     )
 
 
-def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool) -> nn.Module:
-    """Insert peft's layers, then train exactly them (plus neck and heads if asked)."""
+def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool, owner: str) -> nn.Module:
+    """Insert peft's layers, then train exactly them (plus the task heads if asked)."""
     before = {id(p) for p in model.parameters()}
     model = peft.inject_adapter_in_model(peft_config, model)
-    added = [id(p) for p in model.parameters() if id(p) not in before]
-    freeze_all(model)
-    unfreeze_params(model, added)
-    if train_heads:
-        unfreeze_task_heads(model)
-    return model
+    added = [p for p in model.parameters() if id(p) not in before]
+    return train_only_added(model, added, owner, train_heads)
 
 
 def family_targets(model: nn.Module, targets: list[str], field: str = "method.targets") -> str:
@@ -93,26 +89,3 @@ def family_targets(model: nn.Module, targets: list[str], field: str = "method.ta
     family = family_of(model)
     resolve_targets(model, family, list(targets), field)
     return target_regex(family, list(targets))
-
-
-def check_rank(rank, field: str = "method.rank") -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise UserError(
-            f"{field} must be a positive integer (got {rank!r}); it is the rank of each "
-            f"low-rank update, e.g. {field}=8."
-        )
-
-
-def check_alpha(alpha, field: str = "method.alpha") -> None:
-    if not alpha > 0:
-        raise UserError(
-            f"{field} must be greater than 0 (got {alpha!r}); the update is scaled by "
-            "alpha/rank, and alpha equal to the rank (scale 1) is a common choice."
-        )
-
-
-def check_dropout(p, field: str = "method.dropout") -> None:
-    if not 0.0 <= p < 1.0:
-        raise UserError(
-            f"{field} must be in [0, 1) (got {p!r}); it is a dropout probability, 0 to disable."
-        )

@@ -1,0 +1,38 @@
+"""Fold a trained method into the base weights: a plain detectron2 model, no extra modules.
+
+peft's layers merge their own update (LoRA/DoRA/LoHa/LoKr/IA3/VeRA) into the wrapped
+layer; we then put the wrapped layer back in its parent's place, as peft's unload does.
+Which methods can be merged is a property of their registration (`mergeable`); the
+methods applied to a model are known from its ownership record (params.mark_added).
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from peftseg.errors import UserError
+from peftseg.params import added_params
+from peftseg.registry import METHODS
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    owners = sorted(set(added_params(model).values()))
+    refused = [o for o in owners if not METHODS.get(o).mergeable]
+    if refused:
+        mergeable = [m.name for m in METHODS if m.mergeable]
+        raise UserError(
+            f"this model carries {', '.join(refused)} modules, which have no merged form (e.g. "
+            "bottleneck adapters are non-linear), so they cannot be folded into the base weights. "
+            f"Merge works for {', '.join(mergeable)}; evaluate this run with `peftseg eval` instead."
+        )
+    tuner_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in tuner_layers:
+        layer.merge(safe_merge=True)  # safe_merge: refuse NaN/inf instead of writing them
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):  # set by peft.inject_adapter_in_model
+        del model.peft_config
+    model.__dict__.pop("peftseg_added", None)  # nothing is left of the method's modules
+    return model

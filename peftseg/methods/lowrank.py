@@ -1,0 +1,39 @@
+"""Config fields shared by the low-rank methods (lora, loha, lokr, vera) and their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peftseg import checks
+
+
+def default_targets() -> list[str]:
+    return ["attn_qkv", "attn_proj"]
+
+
+@dataclass
+class LowRankConfig:
+    name: str = "lora"
+    rank: int = 8
+    # target groups, mapped to modules by the model family (FamilyMap.lora_targets); which
+    # groups exist depends on the family, so membership is checked when the method is applied
+    targets: list[str] = field(default_factory=default_targets)
+    train_heads: bool = True  # the family's task heads train too (FamilyMap.task_heads)
+
+    def __post_init__(self) -> None:
+        checks.integer("method.rank", self.rank, minimum=1,
+                       why="it is the rank of each low-rank update, e.g. method.rank=8")
+        if not list(self.targets):
+            from peftseg.errors import UserError
+
+            raise UserError("method.targets is empty; list at least one target group, "
+                            "e.g. method.targets=[attn_qkv,attn_proj].")
+
+
+def check_alpha(alpha) -> None:
+    checks.number("method.alpha", alpha, low=0, low_open=True,
+                  why="the update is scaled by alpha/rank; alpha equal to the rank (scale 1) is common")
+
+
+def check_probability(field: str, p) -> None:
+    checks.number(field, p, low=0, high=1, high_open=True, why="it is a dropout probability, 0 to disable")
