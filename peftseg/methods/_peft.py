@@ -79,7 +79,14 @@ def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> No
 def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool, owner: str) -> nn.Module:
     """Insert peft's layers, then train exactly them (plus the task heads if asked)."""
     before = {id(p) for p in model.parameters()}
-    model = peft.inject_adapter_in_model(peft_config, model)
+    tuner_cls = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
+    if tuner_cls.uses_shared_state:
+        # VeRA's projections are shared by all its layers and kept on the tuner, so peft's
+        # inject_adapter_in_model refuses it; the tuner injects in place all the same, and
+        # every layer holds the shared BufferDict as a submodule, so the tuner can go
+        model = tuner_cls(model, peft_config, adapter_name="default").model
+    else:
+        model = peft.inject_adapter_in_model(peft_config, model)
     added = [p for p in model.parameters() if id(p) not in before]
     return train_only_added(model, added, owner, train_heads)
 
