@@ -9,12 +9,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import OmegaConf
 from PIL import Image
 
-from peftseg.data import (
-    CocoDatasetConfig,
-    CocoFormatDatasetConfig,
-    ShapesDatasetConfig,
-    register_dataset,
-)
+from peftseg.data import register_dataset
+from peftseg.data.coco import CocoDatasetConfig, CocoFormatDatasetConfig
+from peftseg.data.shapes import ShapesDatasetConfig
 from peftseg.data.shapes import BG_MAX, CLASSES, generate_split, write_coco_layout
 from peftseg.errors import UserError
 

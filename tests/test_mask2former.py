@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import helpers
 import torch.nn as nn
 from helpers import shapes_batch
 from conftest import records_under
@@ -13,7 +15,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
-from omegaconf import OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import Mask2FormerConfig as HFMask2FormerConfig
 from transformers import Mask2FormerForUniversalSegmentation, SwinConfig
@@ -23,7 +24,8 @@ from peftseg.methods import apply_method
 from peftseg.methods.adapter import AdapterConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.models import build_model, family_of
-from peftseg.models.mask2former import FAMILY, HFMask2Former, Mask2FormerConfig, hf_config
+from peftseg.models._mask2former import HFMask2Former, hf_config
+from peftseg.models.mask2former import FAMILY
 from peftseg.models._weights import load_weights
 from peftseg.params import count_parameters
 
@@ -34,9 +36,7 @@ DEFORM_KINDS = ("sampling_offsets", "attention_weights", "value_proj", "output_p
 
 
 def preset(name: str, **overrides):
-    raw = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    raw.pop("defaults")
-    return OmegaConf.merge(OmegaConf.structured(Mask2FormerConfig), raw, overrides)
+    return helpers.preset("model", name, **overrides)
 
 
 def tiny_model(num_classes: int = 3, **overrides) -> HFMask2Former:
@@ -60,8 +60,6 @@ def wrapped(model: nn.Module) -> set[str]:
 
 def test_tiny_is_small_and_registered(tiny):
     counts = count_parameters(tiny)
-    print(f"\nm2f_tiny parameters: {counts.total:,} "
-          f"({ {g: c['total'] for g, c in counts.by_group.items()} })")
     assert counts.total <= 3_000_000
     assert counts.by_group["other"]["total"] == 0
     swin = tiny.m2f.model.pixel_level_module.encoder
@@ -207,8 +205,6 @@ def test_swin_t_preset_has_the_published_shape():
     cfg = preset("m2f_swin_t")
     model = build_model(cfg, num_classes=80)
     counts = count_parameters(model)
-    print(f"\nm2f_swin_t parameters: {counts.total:,} "
-          f"({ {g: c['total'] for g, c in counts.by_group.items()} })")
     assert math.isclose(counts.total / 1e6, 47.4, abs_tol=0.1)  # Mask2Former paper: 47 M
     assert counts.by_group["other"]["total"] == 0
     # transformers' defaults are the published Mask2Former (Swin-S depths aside), so a

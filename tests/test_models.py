@@ -2,21 +2,21 @@
 
 import math
 import os
-import time
 from pathlib import Path
 
 import detectron2
 import pytest
 import torch
+
+import helpers
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
-from omegaconf import OmegaConf
 
 from peftseg.errors import UserError
 from peftseg.models import build_model, family_of
-from peftseg.models.vitdet import FAMILY, VitDetConfig
+from peftseg.models.vitdet import FAMILY
 from peftseg.models._weights import load_weights
 from peftseg.params import count_parameters
 
@@ -25,10 +25,7 @@ LOSSES = {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc
 
 
 def preset(name: str, **overrides):
-    """A conf/model preset validated against its schema, without composing all of Hydra."""
-    raw = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    raw.pop("defaults")
-    return OmegaConf.merge(OmegaConf.structured(VitDetConfig), raw, overrides)
+    return helpers.preset("model", name, **overrides)
 
 
 def fake_batch(n: int, size: int = 128, polygons: bool = False) -> list[dict]:
@@ -79,24 +76,6 @@ def test_tiny_eval_forward_returns_masks(tiny):
     assert len(inst) <= preset("vitdet_tiny").detections_per_image
 
 
-def test_tiny_train_iteration_time(tiny):
-    tiny.train()
-    opt = torch.optim.SGD([p for p in tiny.parameters() if p.requires_grad], lr=1e-4)
-    times = []
-    with EventStorage():
-        for _ in range(3):  # the first step pays one-off allocation costs
-            batch = fake_batch(4)
-            t0 = time.perf_counter()
-            loss = sum(tiny(batch).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-    print(f"\nvitdet_tiny train iteration, batch 4, {torch.get_num_threads()} threads: "
-          f"{min(times):.3f} s (steps: {', '.join(f'{t:.3f}' for t in times)})")
-    print(f"vitdet_tiny parameters: {count_parameters(tiny).total:,}")
-
-
 def vit_b_backbone_params() -> int:
     """Closed form for detectron2's ViT-B as ViTDet configures it (1024 px, window 14)."""
     e, depth, p, mlp = 768, 12, 16, 4 * 768
@@ -114,7 +93,6 @@ def test_vitdet_b_matches_model_zoo_shape():
     model = build_model(cfg, num_classes=80)
     counts = count_parameters(model)
     backbone = counts.by_group["backbone"]["total"]
-    print(f"\nvitdet_b parameters: total {counts.total:,}, backbone (ViT-B) {backbone:,}")
     assert backbone == vit_b_backbone_params()
     assert math.isclose(backbone / 1e6, 85.9, abs_tol=0.1)
 

@@ -3,7 +3,6 @@ validated at compose time, before any heavy import."""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import subprocess
@@ -11,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 from omegaconf import OmegaConf
 
 from conftest import ROOT

@@ -4,14 +4,15 @@ names exactly the Swin blocks' modules, and methods see it like any other family
 import copy
 import math
 import re
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+import helpers
+from omegaconf import OmegaConf
 from detectron2.modeling import FPN, SwinTransformer
 from detectron2.utils.events import EventStorage
-from omegaconf import OmegaConf
 
 from helpers import shapes_batch
 from conftest import records_under
@@ -20,7 +21,7 @@ from peftseg.methods import apply_method
 from peftseg.methods.heads import HeadsConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.models import build_model, family_of
-from peftseg.models.swin import FAMILY, SwinConfig
+from peftseg.models.swin import FAMILY
 from peftseg.params import count_parameters
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -28,9 +29,7 @@ LOSSES = {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc
 
 
 def preset(name: str, **overrides):
-    raw = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    raw.pop("defaults")
-    return OmegaConf.merge(OmegaConf.structured(SwinConfig), raw, overrides)
+    return helpers.preset("model", name, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,6 @@ def test_tiny_is_detectron2_swin_in_an_fpn(tiny):
     assert list(tiny.backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
     assert family_of(tiny) is FAMILY
     total = count_parameters(tiny).total
-    print(f"\nswin_tiny parameters: {total:,}")
     assert 300_000 < total < 2_000_000
 
 
@@ -71,22 +69,6 @@ def test_tiny_eval_forward_returns_masks(tiny, batch):
     h, w = batch[0]["height"], batch[0]["width"]
     assert inst.pred_masks.shape[1:] == (h, w)
     assert len(inst) <= preset("swin_tiny").detections_per_image
-
-
-def test_tiny_train_iteration_time(tiny, batch):
-    tiny.train()
-    opt = torch.optim.SGD(tiny.parameters(), lr=1e-4)
-    times = []
-    with EventStorage():
-        for _ in range(3):  # the first step pays one-off allocation costs
-            t0 = time.perf_counter()
-            loss = sum(tiny(batch + batch).values())  # 4 images, as train=smoke
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-    print(f"\nswin_tiny train iteration, batch 4, {torch.get_num_threads()} threads: "
-          f"{min(times):.3f} s (steps: {', '.join(f'{t:.3f}' for t in times)})")
 
 
 def matches(model, pattern):
@@ -160,8 +142,6 @@ def swin_detection_backbone(classifier: int, widths: list[int]) -> int:
 def test_published_shapes(name, classifier, embed, published):
     counts = count_parameters(build_model(preset(name), num_classes=80))
     backbone = counts.by_group["backbone"]["total"]
-    print(f"\n{name}: total {counts.total:,}, backbone {backbone:,}, neck "
-          f"{counts.by_group['neck']['total']:,}, heads {counts.by_group['heads']['total']:,}")
     assert backbone == swin_detection_backbone(classifier, [embed * 2**i for i in range(4)])
     # ViTDet's heads (LN, 2-conv RPN, 4conv1fc box head) are 1.9M larger than the
     # published models' mmdet heads; the next test builds those
@@ -172,7 +152,6 @@ def test_published_swin_t_count_with_mmdet_heads():
     """Swin-T Mask R-CNN as the Swin paper counts it (48M): 1-conv RPN head, 2fc box head, no norm."""
     cfg = preset("swin_t", rpn_head_convs=1, box_head_convs=0, box_head_fcs=2, norm="")
     total = count_parameters(build_model(cfg, num_classes=80)).total
-    print(f"\nswin_t with the published model's heads: {total:,}")
     assert round(total / 1e6) == 48
 
 

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import helpers
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling.backbone.utils import get_abs_pos
-from omegaconf import OmegaConf
 
 from peftseg.errors import UserError
 from peftseg.models import build_model
-from peftseg.models.swin import SwinConfig
-from peftseg.models.vitdet import VitDetConfig
 from peftseg.models._weights import load_weights
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -22,10 +21,7 @@ VIT, SWIN = "backbone.net.", "backbone.bottom_up."
 
 
 def preset(name: str, **overrides):
-    raw = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    raw.pop("defaults")
-    schema = SwinConfig if raw.family == "swin" else VitDetConfig
-    return OmegaConf.merge(OmegaConf.structured(schema), raw, overrides)
+    return helpers.preset("model", name, **overrides)
 
 
 def build(name: str, seed: int = 0, **overrides):

@@ -8,7 +8,6 @@ bad paths or files fail with a UserError before any model is built. The dataset 
 
 from __future__ import annotations
 
-import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances

@@ -12,7 +12,6 @@ imported inside the builders: the registries import family modules at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 from peftseg import checks
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
     from detectron2.modeling import Backbone
     from detectron2.modeling.meta_arch import GeneralizedRCNN
     from detectron2.modeling.proposal_generator import RPN
+    from detectron2.modeling.roi_heads import StandardROIHeads
 
 # accounting groups of the parts built here, for the family maps
 HEAD_PREFIXES = ("proposal_generator.", "roi_heads.")
