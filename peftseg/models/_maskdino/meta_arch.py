@@ -47,8 +47,9 @@ class MaskDINOHead(nn.Module):
 @META_ARCH_REGISTRY.register()
 class MaskDINO(nn.Module):
     def __init__(self, *, backbone, sem_seg_head: MaskDINOHead, criterion: nn.Module, pixel_mean,
-                 pixel_std, size_divisibility: int, test_topk_per_image: int):
+                 pixel_std, size_divisibility: int, test_topk_per_image: int, input_format: str = "RGB"):
         super().__init__()
+        self.input_format = input_format  # what the data loaders decode images to
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
@@ -179,4 +180,5 @@ def build_maskdino(cfg, num_classes: int) -> MaskDINO:
         backbone=backbone, sem_seg_head=MaskDINOHead(pixel_decoder, predictor, num_classes),
         criterion=criterion, pixel_mean=list(cfg.pixel_mean), pixel_std=list(cfg.pixel_std),
         size_divisibility=cfg.size_divisibility, test_topk_per_image=cfg.test_topk_per_image,
+        input_format=cfg.input_format,
     )
