@@ -158,10 +158,21 @@ def check(cfg) -> None:
     if cfg.backbone == "resnet" and cfg.resnet_depth not in (18, 34, 50, 101, 152):
         raise UserError(f"model.resnet_depth={cfg.resnet_depth} is not a ResNet depth; use 50 or 101 (18/34/152 also build).")
     if cfg.backbone == "swin":
-        from peftseg.models.swin import check_swin_stages
-
-        check_swin_stages(cfg.embed_dim, cfg.depths, cfg.num_heads,
-                          "the pixel decoder reads res2..res5 from Swin's four stages")
+        # written out here rather than imported from the swin family, whose module loads
+        # detectron2: these checks run at compose time, before any heavy import
+        if len(cfg.depths) != 4 or len(cfg.num_heads) != 4 or min(cfg.depths) < 1 or cfg.window_size < 1:
+            raise UserError(
+                f"model.depths={list(cfg.depths)} and model.num_heads={list(cfg.num_heads)} must each "
+                "list 4 Swin stages (the pixel decoder reads res2..res5), depths and window_size at "
+                "least 1; e.g. depths [2, 2, 18, 2], num_heads [6, 12, 24, 48]."
+            )
+        for i, heads in enumerate(cfg.num_heads):
+            if heads < 1 or (cfg.embed_dim * 2**i) % heads:
+                raise UserError(
+                    f"model.num_heads[{i}]={heads} does not divide stage {i}'s width "
+                    f"{cfg.embed_dim * 2**i} (model.embed_dim={cfg.embed_dim} doubled per stage); "
+                    "pick heads that divide embed_dim*2^stage, e.g. [6, 12, 24, 48] for 192."
+                )
     levels = list(cfg.encoder_in_features)
     if not levels or any(f not in _LEVELS for f in levels) or len(set(levels)) != len(levels):
         raise UserError(
