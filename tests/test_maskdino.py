@@ -11,10 +11,10 @@ from detectron2.utils.events import EventStorage
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from helpers import preset, shapes_batch
-from peftseg.config import SCHEMAS  # noqa: F401
+from peftseg.config import schemas
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
-from peftseg.methods.adapter import AdapterStack
+from peftseg.methods._adapter_layers import AdapterStack
 from peftseg.models import build_model
 from peftseg.models.maskdino import FAMILY, MaskDinoConfig
 from peftseg.models._weights import load_weights
@@ -41,7 +41,7 @@ def batch(tmp_path_factory):
 
 
 def method(name, **overrides):
-    return preset("method", name, SCHEMAS["method"][name], **overrides)
+    return preset("method", name, schemas()["method"][name], **overrides)
 
 
 def images(n=1, size=128):

@@ -11,13 +11,14 @@ presets under conf/model/maskdino_*.yaml list only what differs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from omegaconf import MISSING
 
 from peftseg.errors import UserError
 from peftseg.models.family import FamilyMap
+from peftseg.models.swin import SWIN_STATE_DICT, check_swin_stages
 from peftseg.registry import register_family
 
 if TYPE_CHECKING:
@@ -72,6 +73,11 @@ FAMILY = FamilyMap(
         *_BOX_PREFIXES,
     ),
 )
+
+# official Swin ImageNet weights (e.g. swin_large_patch4_window12_384_22k.pth) go straight to
+# `backbone.`: the backbone is detectron2's SwinTransformer, the official module tree
+MASKDINO_SWIN_STATE_DICT = replace(
+    SWIN_STATE_DICT, hint="e.g. model=maskdino_swin_l for swin_large_patch4_window12_384_22k.pth")
 
 _ORDERS = ("low2high", "high2low")
 _BACKBONES = ("resnet", "swin")
@@ -158,21 +164,11 @@ def check(cfg) -> None:
     if cfg.backbone == "resnet" and cfg.resnet_depth not in (18, 34, 50, 101, 152):
         raise UserError(f"model.resnet_depth={cfg.resnet_depth} is not a ResNet depth; use 50 or 101 (18/34/152 also build).")
     if cfg.backbone == "swin":
-        # written out here rather than imported from the swin family, whose module loads
-        # detectron2: these checks run at compose time, before any heavy import
-        if len(cfg.depths) != 4 or len(cfg.num_heads) != 4 or min(cfg.depths) < 1 or cfg.window_size < 1:
-            raise UserError(
-                f"model.depths={list(cfg.depths)} and model.num_heads={list(cfg.num_heads)} must each "
-                "list 4 Swin stages (the pixel decoder reads res2..res5), depths and window_size at "
-                "least 1; e.g. depths [2, 2, 18, 2], num_heads [6, 12, 24, 48]."
-            )
-        for i, heads in enumerate(cfg.num_heads):
-            if heads < 1 or (cfg.embed_dim * 2**i) % heads:
-                raise UserError(
-                    f"model.num_heads[{i}]={heads} does not divide stage {i}'s width "
-                    f"{cfg.embed_dim * 2**i} (model.embed_dim={cfg.embed_dim} doubled per stage); "
-                    "pick heads that divide embed_dim*2^stage, e.g. [6, 12, 24, 48] for 192."
-                )
+        check_swin_stages(cfg.embed_dim, cfg.depths, cfg.num_heads,
+                          "the pixel decoder reads res2..res5 from Swin's four stages")
+        if cfg.window_size < 1 or min(cfg.depths) < 1:
+            raise UserError(f"model.window_size={cfg.window_size} and model.depths={list(cfg.depths)} "
+                            "must be at least 1 (e.g. window_size 12, depths [2, 2, 18, 2]).")
     levels = list(cfg.encoder_in_features)
     if not levels or any(f not in _LEVELS for f in levels) or len(set(levels)) != len(levels):
         raise UserError(
@@ -224,7 +220,7 @@ def check(cfg) -> None:
 
 @register_family("maskdino", config=MaskDinoConfig, family_map=FAMILY,
                  summary="Mask DINO (deformable encoder, two-stage queries, DINO decoder); loads official checkpoints",
-                 weight_layouts=("official Mask DINO checkpoint ({'model': state_dict})",))
+                 weight_layouts=(MASKDINO_SWIN_STATE_DICT,))
 def build(cfg: MaskDinoConfig, num_classes: int) -> "nn.Module":
     check(cfg)
     from peftseg.models._maskdino.meta_arch import build_maskdino
