@@ -68,6 +68,7 @@ def test_presets_compose_with_the_published_shapes():
     ("dn_noise_scale", 1.5, "dn_noise_scale"),
     ("num_queries", 0, "num_queries"),
     ("num_heads", [1, 2, 3, 8], "num_heads"),
+    ("clip_grad_norm", -1.0, "clip_grad_norm"),
 ])
 def test_bad_values_fail_with_the_key_named(key, value, needle):
     with pytest.raises(UserError, match=needle):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import MISSING
 
+from peftseg import checks
 from peftseg.errors import UserError
 from peftseg.models.family import FamilyMap
 from peftseg.models.swin import SWIN_STATE_DICT, check_swin_stages
@@ -145,6 +146,9 @@ class MaskDinoConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     test_topk_per_image: int = 100
+    # the recipe's global gradient-norm clip (official Mask DINO: full_model, 0.01);
+    # train.clip_grad_norm overrides it when set
+    clip_grad_norm: float = 0.01
 
     def __post_init__(self) -> None:
         check(self)
@@ -158,6 +162,8 @@ def _choice(cfg, key: str, choices: tuple[str, ...]) -> None:
 
 def check(cfg) -> None:
     """Range and choice checks with a fix, before anything is built."""
+    checks.number("model.clip_grad_norm", cfg.clip_grad_norm, low=0, why="0 disables clipping")
+    checks.choice("model.input_format", cfg.input_format, ("RGB", "BGR"))
     for key, choices in (("backbone", _BACKBONES), ("feature_order", _ORDERS),
                          ("initialize_box_type", _BOX_INIT), ("dn", _DN)):
         _choice(cfg, key, choices)
