@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torchvision.ops import box_convert, generalized_box_iou, masks_to_boxes  # noqa: F401
+from torchvision.ops import box_convert, generalized_box_iou, masks_to_boxes
+
+__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "masks_to_boxes"]
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
