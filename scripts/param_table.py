@@ -47,6 +47,18 @@ FAMILY_ROWS = {
          ["method=lora", "method.targets=[deform_sampling_offsets,deform_value_proj]"]),
         ("lora r=8 decoder_attn", ["method=lora", "method.targets=[decoder_attn]"]),
     ],
+    # the reference study's settings: adapters only at its sites (after the encoder's deformable
+    # self-attention and the decoder's self- and deformable cross-attention), LoRA r=8 alpha=8
+    "maskdino": [
+        *[(f"adapter {n}/block (study sites)", ["method=adapter", f"method.adapters_per_block={n}",
+                                                "method.sites=[attn]"]) for n in (1, 2, 3, 4)],
+        ("lora r=8 sampling_offsets+value_proj (enc+dec)",
+         ["method=lora", "method.targets=[sampling_offsets,value_proj]"]),
+        ("lora r=8 deform enc+dec (all 4 projections)",
+         ["method=lora", "method.targets=[deform_attn,decoder_deform_attn]"]),
+        ("lora r=8 deform enc+dec + decoder self-attn + backbone attn",
+         ["method=lora", "method.targets=[deform_attn,decoder_deform_attn,decoder_self_attn,attn_qkv,attn_proj]"]),
+    ],
 }
 
 

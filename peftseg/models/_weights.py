@@ -95,9 +95,11 @@ def _unwrap(state: dict) -> dict:
     return state
 
 
-def _foreign_layout(state: dict):
-    """(family spec, layout) of the registered foreign layout `state` is in, or None."""
-    for spec in FAMILIES:
+def _foreign_layout(state: dict, family_name: str | None = None):
+    """(family spec, layout) of the registered foreign layout `state` is in, or None. The
+    model's own family is asked first: two families can take one layout (an official Swin
+    state dict fits the swin family's backbone and maskdino's)."""
+    for spec in sorted(FAMILIES, key=lambda spec: spec.name != family_name):
         for layout in spec.weight_layouts:
             if layout.detect(state):
                 return spec, layout
@@ -191,8 +193,8 @@ class _ReportingCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         state = _unwrap(checkpoint["model"])
-        foreign = _foreign_layout(state)
         family = _family(self.model)
+        foreign = _foreign_layout(state, family.name if family is not None else None)
         if foreign is not None:
             wanted, layout = foreign
             if family is None or family.name != wanted.name:

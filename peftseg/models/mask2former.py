@@ -154,6 +154,8 @@ class Mask2FormerConfig:
 
 @register_family("mask2former", config=Mask2FormerConfig, family_map=FAMILY,
                  summary="transformers' Mask2Former (Swin, deformable-attention pixel decoder) as a detectron2 meta-arch")
+# (no weight_layouts: those are WeightLayout objects the detectron2 loader asks to detect a
+# state dict; a transformers checkpoint directory is read by `build` itself)
 def build(cfg: Mask2FormerConfig, num_classes: int):
     import os
 
