@@ -26,9 +26,9 @@ usage: peftseg <command> [args]
 
 commands:
   train    train + evaluate one run, or a sweep with -m (Hydra overrides: method=lora model=vitdet_b ...)
-  eval     evaluate a trained run again: checkpoint=<run dir or model_*.pth> [dataset=… dataset.*=… train.device=…]
+  eval     evaluate a trained run again: checkpoint=<run dir or model_* file> [dataset=… dataset.*=… train.device=…]
   merge    fold a mergeable method (LoRA family) into the base weights, write a plain detectron2 checkpoint:
-           checkpoint=<run dir or model_*.pth> [output=<file>]
+           checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]
   report   table, report.csv and pareto.png of every results.json under a directory (a sweep)
 
 `peftseg <command> --help` tells more; `peftseg train --help` lists the config groups and their options.
@@ -105,12 +105,22 @@ def _train_task(cfg):
         return None
 
     from peftseg.engine.distributed import launch_run
+    from peftseg.engine.interrupt import RunInterrupted
     from peftseg.summary import run_table
 
     # Spawned training processes get the job's logging (console + run dir log file) from here.
     log_config = OmegaConf.to_container(hc.job_logging, resolve=True) if hc.job_logging else None
     try:
         record = launch_run(cfg, run_dir, run_id, log_config)
+    except RunInterrupted as stop:
+        if stop.checkpoint:
+            err_console.print(f"[bold yellow]interrupted:[/] {stop}; checkpoint {run_dir / stop.checkpoint}. "
+                              f"Continue with: peftseg train <same overrides> train.resume={run_dir}",
+                              soft_wrap=True, highlight=False)
+        else:
+            err_console.print(f"[bold yellow]interrupted:[/] {stop} (before training had a step to save)",
+                              highlight=False)
+        sys.exit(128 + stop.signum)  # the shell's convention for "ended by signal N"; stops a sweep too
     except Exception as exc:
         if isinstance(exc, UserError):
             report_error(exc)
@@ -161,7 +171,7 @@ def report(argv: list[str]) -> int:
 
 
 EVAL_HELP = """\
-usage: peftseg eval checkpoint=<run dir or model_*.pth> [output=<dir>] [overrides…]
+usage: peftseg eval checkpoint=<run dir or model_* file> [output=<dir>] [overrides…]
 
 Rebuilds the run's model and method from the checkpoint, loads the trained tensors and
 evaluates them. The model and method come from the checkpoint; these may be overridden
@@ -172,11 +182,11 @@ Writes <output>/eval.json (default: eval_<checkpoint name>/ beside the checkpoin
 """
 
 MERGE_HELP = """\
-usage: peftseg merge checkpoint=<run dir or model_*.pth> [output=<file>] [train.device=…]
+usage: peftseg merge checkpoint=<run dir or model_* file> [output=<file>] [train.device=…]
 
-Folds the method into the base weights (mergeable methods: {mergeable}) and writes a plain
-detectron2 checkpoint (default: model_merged.pth beside the checkpoint), loadable with
-model.weights=<file>.
+Folds the method into the base weights (mergeable methods: {mergeable}) and writes the plain
+model's tensors (default: model_merged.safetensors beside the checkpoint; an output ending in
+.pth gets detectron2's checkpoint layout), loadable with model.weights=<file>.
 """
 
 
@@ -224,6 +234,7 @@ def merge(argv: list[str]) -> int:
         return 0
     import torch
 
+    from peftseg.engine.export import safetensors_bytes
     from peftseg.engine.restore import restore, split_command_args
     from peftseg.methods._merge import merge_and_unload
     from peftseg.results import write_atomic_with
@@ -232,9 +243,14 @@ def merge(argv: list[str]) -> int:
     options, overrides = split_command_args(argv, ("checkpoint", "output"))
     r = restore(options["checkpoint"], overrides)
     model = merge_and_unload(r.model.eval())
-    out = Path(options.get("output") or r.source.parent / "model_merged.pth")
-    # detectron2's checkpoint layout: loadable with model.weights=<out> or DetectionCheckpointer
-    write_atomic_with(out, lambda f: torch.save({"model": model.state_dict(), "merged_from": str(r.source)}, f))
+    out = Path(options.get("output") or r.source.parent / "model_merged.safetensors")
+    # plain tensors under the model's names: loadable with model.weights=<out>; a .pth output
+    # keeps detectron2's checkpoint layout ({"model": state dict}) for tools that want one
+    if out.suffix == ".pth":
+        write_atomic_with(out, lambda f: torch.save({"model": model.state_dict(), "merged_from": str(r.source)}, f))
+    else:
+        payload = safetensors_bytes(model.state_dict(), {"merged_from": str(r.source), "format": "pt"})
+        write_atomic_with(out, lambda f: f.write(payload))
     console.print(f"merged {r.cfg.method.name} into {r.cfg.model.name}: {out} ({fmt_bytes(out.stat().st_size)})")
     return 0
 

@@ -91,6 +91,9 @@ class Record:
     efficiency: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    # status "interrupted": signal, last completed iteration, checkpoint, how to resume
+    interrupted: dict[str, Any] | None = None
+    data_notes: dict[str, dict[str, int]] | None = None  # harmless data problems: split -> kind -> count
     schema_version: int = SCHEMA_VERSION
 
     # the numbers every table reads; None when the run has none
@@ -139,11 +142,33 @@ class Record:
             run = RunInfo(**{k: v for k, v in data["run"].items() if k in run_fields})
         except TypeError as e:
             raise ValueError(f"malformed 'run' section: {e}") from None
+        problem = _shape_problem(data)
+        if problem:  # what tables, CSV and plots read must be what they expect, or the report breaks
+            raise ValueError(f"not a peftseg run record ({problem})")
         return cls(
             run=run, config=data["config"], status=str(data.get("status", "unknown")),
             params=data.get("params"), metrics=data.get("metrics"), efficiency=data.get("efficiency"),
             versions=data.get("versions") or {}, error=data.get("error"), schema_version=version,
+            interrupted=data.get("interrupted"), data_notes=data.get("data_notes"),
         )
+
+
+def _number_or_none(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _shape_problem(data: dict) -> str | None:
+    for key in ("params", "metrics", "efficiency"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f"'{key}' is a {type(data[key]).__name__}, not an object"
+    if "status" in data and not isinstance(data["status"], str):
+        return "'status' is not text"
+    for task, values in (data.get("metrics") or {}).items():
+        if not isinstance(values, dict) or not all(_number_or_none(v) for v in values.values()):
+            return f"metrics.{task} is not a set of numbers"
+    if not _number_or_none((data.get("params") or {}).get("ratio")):
+        return "params.ratio is not a number"
+    return None
 
 
 def flatten_config(cfg) -> dict:

@@ -7,11 +7,16 @@ import sys
 
 import pytest
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from conftest import records_under
+from detectron2.utils.env import seed_all_rng
 from peftseg.engine.restore import restore
 from peftseg.methods._merge import merge_and_unload
+from peftseg.models import build_model
 from peftseg.models._weights import load_weights
 
 SHORT = ("train=smoke", "train.max_iter=6", "train.checkpoint_period=3", "train.log_period=1")
@@ -39,19 +44,52 @@ def lora_run(cli):
 
 def test_final_checkpoint_holds_only_the_trainable_part(lora_run):
     record = json.loads((lora_run / "results.json").read_text())
-    final = lora_run / "model_final.pth"
-    data = torch.load(final, map_location="cpu", weights_only=False)
+    final = lora_run / "model_final.safetensors"
+    with safe_open(str(final), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["peftseg"])
     trainable = record["params"]["trainable"]
-    saved = {k: v for k, v in data["model"].items()}
     assert sum(v.numel() for k, v in saved.items() if v.is_floating_point()) == trainable
-    assert set(data["peftseg"]["trainable"]) == set(saved)
+    assert set(meta["trainable"]) == set(saved) and meta["config"]["method"]["name"] == "lora"
     assert not any(k.startswith("backbone.net.") and "lora_" not in k for k in saved)  # no frozen weight
-    assert "optimizer" not in data and "scheduler" not in data
     assert final.stat().st_size <= 1.05 * 4 * trainable + 64 * 1024
     assert record["efficiency"]["checkpoint_bytes"] == final.stat().st_size
     assert oct(final.stat().st_mode & 0o777) != oct(0o600)  # a normal file, not mkstemp's mode
-    periodic = torch.load(lora_run / "model_0000002.pth", map_location="cpu", weights_only=False)
+    periodic = torch.load(lora_run / "model_0000002.pth", map_location="cpu", weights_only=True)
     assert periodic["iteration"] == 2 and "optimizer" in periodic and "scheduler" in periodic
+    assert periodic["resume"]["samples_seen"] == 3 * 4 and len(periodic["resume"]["rng"]) == 1
+
+
+def test_peft_export_loads_with_peft_from_pretrained(lora_run, shapes_cache, monkeypatch):
+    """peft's own loader, on a plain base model, gives the outputs of the trained run."""
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    export = lora_run / "peft"
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    r = restore(str(lora_run), [])
+    trained = r.model.eval()
+    seed_all_rng(r.cfg.train.seed)  # the frozen base exactly as build_for_run makes it, before the method
+    base = build_model(r.cfg.model, num_classes=len(r.splits.class_names))
+    base.load_state_dict(load_file(str(export / "heads.safetensors")), strict=False)
+    model = PeftModel.from_pretrained(base, str(export)).eval()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 255
+    inputs = [{"image": i, "height": 128, "width": 128} for i in x]
+    with torch.no_grad():
+        want = trained(inputs)
+        got = model(inputs)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a["instances"].scores, b["instances"].scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a["instances"].pred_masks, b["instances"].pred_masks)
+
+
+def test_a_final_pth_of_an_earlier_version_still_loads(lora_run, tmp_path, shapes_cache, monkeypatch):
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    with safe_open(str(lora_run / "model_final.safetensors"), framework="pt") as f:
+        old = {"model": {k: f.get_tensor(k) for k in f.keys()}, "peftseg": json.loads(f.metadata()["peftseg"])}
+    torch.save(old, tmp_path / "model_final.pth")
+    new_state = restore(str(lora_run), []).model.state_dict()
+    old_state = restore(str(tmp_path), []).model.state_dict()
+    assert all(torch.equal(new_state[k], old_state[k]) for k in new_state)
 
 
 def test_eval_reproduces_the_recorded_ap(cli, lora_run):

@@ -22,7 +22,7 @@ def test_smoke_run_trains_evaluates_and_records(peftseg, tmp_path):
     eff = record["efficiency"]
     assert eff["mean_step_time_s"] > 0 and eff["peak_memory_bytes"] > 0 and eff["checkpoint_bytes"] > 0
     run_dir = Path(record["run"]["dir"])
-    assert (run_dir / "model_final.pth").stat().st_size == eff["checkpoint_bytes"]
+    assert (run_dir / "model_final.safetensors").stat().st_size == eff["checkpoint_bytes"]
     assert (run_dir / "metrics.json").exists()
     assert not list(run_dir.glob(".*.tmp"))
     # The console table carries the headline numbers.

@@ -159,11 +159,48 @@ def test_lora_on_sampling_offsets_and_value_proj_only():
     }
 
 
+def test_lora_on_the_decoders_cross_attention_trains_and_merges(batch):
+    """peft's MultiheadAttention LoRA (in_proj + out_proj) on the masked cross-attention:
+    gradients reach it, and merging gives the same predictions with plain torch modules."""
+    from peftseg.methods._merge import merge_and_unload
+
+    model = apply_method(tiny_model(), LoraConfig(rank=2, targets=["decoder_cross_attn"]))
+    layers = preset("m2f_tiny").decoder_layers - 1
+    outer = {n for n in wrapped(model) if n.endswith("cross_attn")}
+    assert outer == {f"{DEC}.{i}.cross_attn" for i in range(layers)}
+    model.train()
+    with EventStorage():
+        sum(model(batch).values()).backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    # (transformers' decoder drops whole layers at random in training: layerdrop = its dropout)
+    reached = [n for n, p in lora.items() if p.grad is not None]
+    assert any(".out_proj.lora_" in n for n in reached)  # the out_proj update, not only in_proj
+    assert any(".cross_attn.lora_" in n for n in reached)
+    g = torch.Generator().manual_seed(1)
+    for n, p in lora.items():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    model.eval()
+    inputs = [{"image": b["image"], "height": 128, "width": 128} for b in batch]
+    with torch.no_grad():
+        before = model(inputs)
+        merged = merge_and_unload(model)
+        after = merged(inputs)
+    assert not wrapped(merged)
+    assert all(type(merged.get_submodule(n)) is nn.MultiheadAttention for n in outer)
+    assert all(type(merged.get_submodule(n).out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+               for n in outer)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a["instances"].scores, b["instances"].scores, rtol=0, atol=1e-5)
+
+
 def test_every_lora_group_selects_linears_of_its_part(tiny):
     cfg = preset("m2f_tiny")
     modules = dict(tiny.named_modules())
     selected = {g: sorted(n for n in modules if re.fullmatch(p, n)) for g, p in FAMILY.lora_targets.items()}
+    cross = selected.pop("decoder_cross_attn")
     assert all(isinstance(modules[n], nn.Linear) for names in selected.values() for n in names)
+    assert cross and all(isinstance(modules[n], nn.MultiheadAttention) for n in cross)
     blocks, dec_layers = sum(cfg.depths), cfg.decoder_layers - 1
     assert len(selected["attn_qkv"]) == 3 * blocks
     assert len(selected["attn_proj"]) == blocks and len(selected["mlp"]) == 2 * blocks

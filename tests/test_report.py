@@ -143,3 +143,20 @@ def test_missing_or_empty_folder_is_a_user_error(tmp_path, peftseg):
     assert "is not a directory" in proc.stderr
     with pytest.raises(UserError, match="No results.json under .*peftseg train -m"):
         build_report(tmp_path, None, Console(file=io.StringIO()))
+
+
+@pytest.mark.parametrize("bad", [
+    "[1, 2]", '"text"', '{"config": "x", "status": "ok"}', '{"config": {}}',
+    '{"config": {}, "status": "ok", "metrics": {"segm": {"AP": "high"}}}',
+    '{"config": {}, "status": "ok", "metrics": [1]}', '{"config": {}, "status": "ok", "params": {"ratio": "1%"}}',
+])
+def test_records_of_the_wrong_shape_are_named_and_skipped(tmp_path, bad):
+    fake(tmp_path, "good", ap=33.0)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text(bad)
+    out = io.StringIO()
+    csv_path, _ = build_report(tmp_path, None, Console(file=out, width=200))
+    text = " ".join(out.getvalue().split())
+    assert f"skipping {tmp_path / 'bad' / 'results.json'}: not a peftseg run record" in text
+    (row,) = read_csv(csv_path)
+    assert float(row["metrics.segm.AP"]) == 33.0

@@ -23,6 +23,8 @@ class DatasetSplits:
     val: str
     class_names: tuple[str, ...]
     root: str  # where the data lives, for humans
+    mask_format: str = "polygon"  # of the train split: "bitmask" when it has RLE masks
+    notes: dict = dataclasses.field(default_factory=dict)  # harmless data problems: split -> kind -> count
 
 
 def _as_dictconfig(cfg) -> DictConfig:

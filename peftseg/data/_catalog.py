@@ -36,10 +36,11 @@ def _publish(name: str, json_file: str, image_root: str, categories, evaluator_t
 
 def publish_splits(cfg, files: dict, root: str, fixes: dict) -> DatasetSplits:
     """files: split -> (json, image folder); fixes: split -> (how to fix json, images)."""
-    categories = {
+    checks = {
         split: check_split(json_file, image_root, split, *fixes[split])
         for split, (json_file, image_root) in files.items()
     }
+    categories = {split: c.categories for split, c in checks.items()}
     if categories["train"] != categories["val"]:
         raise UserError(
             f"The train and val annotation files ({files['train'][0]}, {files['val'][0]}) list "
@@ -55,6 +56,8 @@ def publish_splits(cfg, files: dict, root: str, fixes: dict) -> DatasetSplits:
         val=names["val"],
         class_names=tuple(n for _, n in categories["train"]),
         root=root,
+        mask_format=checks["train"].mask_format,
+        notes={split: c.notes for split, c in checks.items() if c.notes},
     )
 
 

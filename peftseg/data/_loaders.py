@@ -10,24 +10,48 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data import transforms as T
-from detectron2.data.samplers import TrainingSampler
 
 
-def _mapper(is_train: bool, image_size: int, image_format: str) -> DatasetMapper:
+class _NamingMapper(DatasetMapper):
+    """detectron2's mapper; an image that fails to decode (truncated, damaged: validation
+    reads headers only) fails with its file named instead of a bare PIL traceback."""
+
+    def __call__(self, dataset_dict):
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError) as e:  # PIL's errors for bad image data (UnidentifiedImageError too)
+            from peftseg.errors import UserError
+
+            name = dataset_dict.get("file_name")
+            raise UserError(
+                f"image {name} (image id {dataset_dict.get('image_id')}) could not be decoded "
+                f"({type(e).__name__}: {e}); it is truncated or damaged: replace the file, or remove the "
+                "image and its annotations from the json."
+            ) from None
+
+
+def _mapper(is_train: bool, image_size: int, image_format: str, mask_format: str = "polygon") -> DatasetMapper:
     augs = [T.ResizeShortestEdge(image_size, max_size=image_size)]
     if is_train:
         augs.append(T.RandomFlip(horizontal=True))
-    return DatasetMapper(
+    return _NamingMapper(
         is_train=is_train, augmentations=augs, image_format=image_format,
-        use_instance_mask=True, instance_mask_format="polygon",
+        # "bitmask" when the data has RLE masks (detectron2's polygon mode refuses them);
+        # polygons convert to bitmasks too, so mixed data trains
+        use_instance_mask=True, instance_mask_format=mask_format,
     )
 
 
-def train_loader(name: str, image_size: int, image_format: str, batch_size: int, num_workers: int, seed: int):
+def train_loader(name: str, image_size: int, image_format: str, batch_size: int, num_workers: int, seed: int,
+                 skip: int = 0, mask_format: str = "polygon"):
+    """`skip`: indices of this rank's sampler stream already trained on (a resumed run);
+    `mask_format`: detectron2's instance_mask_format for the split (validate.SplitCheck)."""
+    from peftseg.engine.resume_state import ResumedTrainingSampler
+
     dicts = get_detection_dataset_dicts([name], filter_empty=True)
     return build_detection_train_loader(
-        dataset=dicts, mapper=_mapper(True, image_size, image_format),
-        sampler=TrainingSampler(len(dicts), seed=seed),
+        dataset=dicts, mapper=_mapper(True, image_size, image_format, mask_format),
+        sampler=ResumedTrainingSampler(len(dicts), seed=seed, skip=skip),
         total_batch_size=batch_size, num_workers=num_workers, aspect_ratio_grouping=False,
     )
 

@@ -3,17 +3,44 @@
 Each failure is a UserError that names the offending path and the fix; `fix_json` and
 `fix_images` say how the user points the run at the right file or folder, which
 depends on how the dataset was configured.
+
+Beyond the format, `check_split` checks what detectron2 would otherwise only trip over
+mid-training (or silently mistrain on): every image's header (readable, size equal to the
+json's after EXIF orientation, a mode that converts to RGB without garbling), the json's
+consistency (unique ids, references to existing images and categories, segmentation present
+and well-formed, boxes finite) and non-empty val annotations. Problems that would break or
+falsify training are errors, listed one per line with file, id and fix; problems detectron2
+handles harmlessly (crowd regions, empty train images, degenerate extra polygons, boxes past
+the edge that it clips) are counted and returned as notes for the log and the record.
+Only headers are read (PIL opens lazily), in a thread pool: fast on large datasets.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 _SHOW_MISSING = 5
+_SHOW_PROBLEMS = 10
+# PIL modes that convert to RGB faithfully (alpha is dropped: noted); anything else (16-bit,
+# 32-bit integer or float pixels) would be clipped to 8 bits by the conversion detectron2 does
+_RGB_SAFE = {"1", "L", "P", "RGB", "YCbCr", "CMYK", "LAB", "HSV"}
+_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+@dataclass
+class SplitCheck:
+    categories: tuple[tuple[int, str], ...]
+    mask_format: str = "polygon"  # "bitmask" when any annotation is RLE (detectron2 needs it)
+    notes: dict[str, int] = field(default_factory=dict)  # harmless problems by kind: counts
 
 
 def _load(json_path: str, split: str, fix_json: str) -> dict:
@@ -89,13 +116,187 @@ def _check_images(coco: dict, json_path: str, image_root: str, split: str, fix_i
         )
 
 
+def _finite(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _inside(root: str, name: str) -> bool:
+    if os.path.isabs(name):
+        return False
+    root = os.path.realpath(root)
+    return os.path.commonpath([root, os.path.realpath(os.path.join(root, name))]) == root
+
+
+def _header(path: str):
+    """(width, height, mode, exif orientation) from the header only, or the error text."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            try:
+                orientation = im.getexif().get(0x0112, 1)
+            except Exception:  # a damaged EXIF block: detectron2 ignores it too
+                orientation = 1
+            return im.size[0], im.size[1], im.mode, orientation
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _check_image_headers(coco: dict, image_root: str, problems: list, notes: Counter, split: str) -> None:
+    images = coco["images"]
+    paths = [os.path.join(image_root, im["file_name"]) for im in images]
+    workers = min(16, max(1, len(images) // 64 + 1))
+    with ThreadPoolExecutor(workers) as pool:  # header reads are I/O-bound: threads overlap the waits
+        headers = list(pool.map(_header, paths))
+    for im, path, header in zip(images, paths, headers):
+        where = f"image id {im.get('id')} ({path})"
+        if isinstance(header, str):
+            problems.append(f"{where} is not a readable image ({header}); replace the file or remove the image "
+                            "and its annotations from the json")
+            continue
+        w, h, mode, orientation = header
+        if orientation in _ROTATED:
+            w, h = h, w  # detectron2's read_image applies the EXIF rotation
+        jw, jh = im.get("width"), im.get("height")
+        if not (isinstance(jw, int) and isinstance(jh, int)):
+            problems.append(f"{where} has no integer width/height in the json (got {jw!r}, {jh!r}); set them to "
+                            f"width={w}, height={h}")
+        elif (jw, jh) != (w, h):
+            rotated = (jh, jw) == (w, h) and orientation in _ROTATED
+            why = (f"its EXIF orientation {orientation} rotates it to {w}x{h} when loaded, but the json has "
+                   f"the unrotated {jw}x{jh}; set width={w}, height={h} in the json if the annotations were made "
+                   "on the rotated view, or save the image without the EXIF orientation tag if they were made "
+                   "on the stored pixels") if rotated else (
+                   f"it is {w}x{h} but the json says {jw}x{jh}; fix width/height in the json or replace the image")
+            problems.append(f"{where}: {why}")
+        if mode in _ALPHA:
+            notes["images with an alpha channel (dropped when converted to RGB)"] += 1
+        elif mode not in _RGB_SAFE:
+            problems.append(f"{where} has pixel mode {mode!r} (e.g. 16-bit or float), which converting to 8-bit "
+                            "RGB would clip; convert it to 8-bit (scale the values to 0-255) and save it again")
+
+
+def _check_segmentation(ann: dict, image: dict, where: str, problems: list, notes: Counter) -> str | None:
+    """Problems of one annotation's segmentation; its kind ("polygon"/"rle") when well-formed."""
+    seg = ann.get("segmentation")
+    if seg is None or seg == [] or seg == {}:
+        problems.append(f"{where} has no segmentation; this project trains instance masks, so give every "
+                        "annotation a polygon or RLE mask (or remove box-only annotations)")
+        return None
+    if isinstance(seg, dict):
+        counts, size = seg.get("counts"), seg.get("size")
+        if not isinstance(counts, (str, list)) or not (isinstance(size, list) and len(size) == 2):
+            problems.append(f"{where} has an RLE segmentation without 'counts' (string or list) and "
+                            "'size' [height, width]; re-export the masks in COCO RLE form")
+            return None
+        if list(size) != [image.get("height"), image.get("width")]:
+            problems.append(f"{where} has an RLE mask of size {size} (height, width) on an image of "
+                            f"{image.get('height')}x{image.get('width')}; re-export the mask at the image's size")
+            return None
+        if isinstance(counts, list) and not (all(isinstance(c, int) and c >= 0 for c in counts)
+                                             and sum(counts) == size[0] * size[1]):
+            problems.append(f"{where} has an uncompressed RLE whose run lengths do not add up to "
+                            f"{size[0]}x{size[1]} pixels; re-export the mask")
+            return None
+        return "rle"
+    if not isinstance(seg, list) or not all(isinstance(p, list) for p in seg):
+        problems.append(f"{where} has a segmentation that is neither a list of polygons nor an RLE object; "
+                        "use [[x1, y1, x2, y2, ...], ...] or {'counts': ..., 'size': [h, w]}")
+        return None
+    if not all(_finite(p) for p in seg):
+        problems.append(f"{where} has a polygon with non-numeric, NaN or infinite coordinates; fix or drop it")
+        return None
+    good = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0]
+    if not good:
+        problems.append(f"{where} has no polygon with at least 3 points (an even count of >= 6 numbers); "
+                        "fix the polygon or drop the annotation")
+        return None
+    if len(good) < len(seg):
+        notes["polygons with fewer than 3 points beside valid ones (dropped by detectron2)"] += 1
+    return "polygon"
+
+
+def _check_annotations(coco: dict, split: str, problems: list, notes: Counter) -> str:
+    images = {im.get("id"): im for im in coco["images"]}
+    if len(images) != len(coco["images"]):
+        dup = [i for i, n in Counter(im.get("id") for im in coco["images"]).items() if n > 1]
+        problems.append(f"image ids {dup[:5]} occur more than once in 'images'; give every image a unique id")
+    ann_ids = Counter(a.get("id") for a in coco["annotations"] if isinstance(a, dict))
+    dup = [i for i, n in ann_ids.items() if n > 1]
+    if dup:
+        problems.append(f"annotation ids {dup[:5]} occur more than once; give every annotation a unique id "
+                        "(COCOeval matches by id)")
+    categories = {c["id"] for c in coco["categories"]}
+    kinds, used = Counter(), 0
+    annotated = set()
+    for ann in coco["annotations"]:
+        if not isinstance(ann, dict):
+            problems.append(f"an entry of 'annotations' is a {type(ann).__name__}, not an object; remove it")
+            continue
+        where = f"annotation id {ann.get('id')} (image id {ann.get('image_id')})"
+        image = images.get(ann.get("image_id"))
+        if image is None:
+            problems.append(f"{where} refers to an image id that 'images' does not list; fix its image_id or "
+                            "remove the annotation")
+            continue
+        if ann.get("category_id") not in categories:
+            problems.append(f"{where} has category_id {ann.get('category_id')!r}, which 'categories' does not "
+                            f"list (ids: {sorted(categories)[:10]}); add the category or fix the id")
+            continue
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
+            problems.append(f"{where} has bbox {bbox!r}; a COCO box is 4 finite numbers [x, y, width, height]")
+            continue
+        if ann.get("iscrowd", 0):
+            notes["crowd annotations (ignored in training, as in COCO)"] += 1
+            continue
+        x, y, w, h = bbox
+        iw, ih = image.get("width"), image.get("height")
+        if w <= 0 or h <= 0:
+            notes["boxes of zero width or height (dropped by detectron2)"] += 1
+        elif isinstance(iw, int) and isinstance(ih, int):
+            if x >= iw or y >= ih or x + w <= 0 or y + h <= 0:
+                problems.append(f"{where} has bbox {bbox} entirely outside its {iw}x{ih} image; fix the box "
+                                "(is it [x, y, width, height]?) or remove the annotation")
+                continue
+            if x < -1 or y < -1 or x + w > iw + 1 or y + h > ih + 1:
+                notes["boxes past the image edge (clipped by detectron2)"] += 1
+        kind = _check_segmentation(ann, image, where, problems, notes)
+        if kind:
+            kinds[kind] += 1
+            used += 1
+            annotated.add(ann["image_id"])
+    if split == "val" and used == 0:
+        problems.append("the val split has no usable (non-crowd, well-formed) annotation, so every AP would be "
+                        "empty; give the val json the annotations of its images")
+    if split == "train" and len(annotated) < len(images):
+        notes["train images without annotations (skipped in training)"] += len(images) - len(annotated)
+    return "bitmask" if kinds["rle"] else "polygon"
+
+
 def check_split(
     json_path: str, image_root: str, split: str, fix_json: str, fix_images: str
-) -> tuple[tuple[int, str], ...]:
-    """Validate one split; return its categories as sorted (id, name) pairs."""
+) -> SplitCheck:
+    """Validate one split; its categories (sorted (id, name) pairs), mask format and notes."""
     coco = _load(json_path, split, fix_json)
     categories = _categories(coco, json_path, split, fix_json)
     if not os.path.isdir(image_root):
         raise UserError(f"The {split} image folder {image_root} does not exist. {fix_images}")
+    outside = [im["file_name"] for im in coco["images"] if not _inside(image_root, str(im["file_name"]))]
+    if outside:
+        raise UserError(
+            f"{len(outside)} file_name values of the {split} annotation file {json_path} point outside the "
+            f"image folder {image_root} (e.g. {outside[0]!r}: an absolute path or '..'); file_name is relative "
+            f"to the image folder, so move the images into it and give their relative names. {fix_images}"
+        )
     _check_images(coco, json_path, image_root, split, fix_images)
-    return tuple(categories)
+    problems: list[str] = []
+    notes: Counter = Counter()
+    mask_format = _check_annotations(coco, split, problems, notes)
+    _check_image_headers(coco, image_root, problems, notes, split)
+    if problems:
+        shown = "\n  - ".join(problems[:_SHOW_PROBLEMS])
+        more = f"\n  (and {len(problems) - _SHOW_PROBLEMS} more)" if len(problems) > _SHOW_PROBLEMS else ""
+        raise UserError(f"The {split} data ({json_path}, images in {image_root}) has {len(problems)} "
+                        f"problem(s):\n  - {shown}{more}")
+    return SplitCheck(tuple(categories), mask_format, dict(notes))

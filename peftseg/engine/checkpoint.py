@@ -4,13 +4,17 @@ A checkpoint holds the trainable parameters (and the buffers of modules that own
 the run's resolved config, the class names and a fingerprint of the frozen base
 weights. The base itself is rebuilt from the config (`model.weights`, or the seeded
 random init), so a ViT-B LoRA checkpoint is megabytes, not the whole model.
-Periodic checkpoints also carry optimizer, scheduler and iteration for resuming;
-`model_final` does not (nothing is left to resume).
+Periodic checkpoints (`model_<iter>.pth`, torch's format, read with weights_only=True)
+also carry optimizer, scheduler, iteration, RNG states and data position for resuming;
+`model_final.safetensors` does not (nothing is left to resume), and comes with peft's own
+layout of the peft-backed part under `peft/` (peftseg.engine.export). Final `.pth`
+checkpoints of earlier versions still load.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -18,8 +22,11 @@ import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 
+from peftseg.engine.resume_state import resume_state
 from peftseg.errors import UserError
 from peftseg.results import write_atomic_with
+from peftseg.engine.export import checkpoint_metadata, safetensors_bytes, write_peft_export
+from peftseg.safe_load import load_safetensors, load_torch
 
 FORMAT = 1
 FINAL = "model_final"
@@ -53,19 +60,19 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     """A checkpoint file, or a run directory's final (else latest) checkpoint."""
     p = Path(path)
     if p.is_dir():
-        for candidate in (p / f"{FINAL}.pth", p / "last_checkpoint"):
+        for candidate in (p / f"{FINAL}.safetensors", p / f"{FINAL}.pth", p / "last_checkpoint"):
             if candidate.name == "last_checkpoint" and candidate.is_file():
                 candidate = p / candidate.read_text().strip()
             if candidate.is_file():
                 return candidate
         raise UserError(
-            f"{p} holds no checkpoint (neither {FINAL}.pth nor a last_checkpoint file); give a run "
-            "directory of a finished `peftseg train` or the path of one of its model_*.pth files."
+            f"{p} holds no checkpoint (no {FINAL}.safetensors, {FINAL}.pth or last_checkpoint file); give a "
+            "run directory of `peftseg train` or the path of one of its model_* files."
         )
     if not p.is_file():
         raise UserError(
             f"checkpoint {p} does not exist; give a run directory (outputs/<date>/<time>) or the "
-            "path of a model_*.pth file inside one."
+            "path of a model_* checkpoint file inside one."
         )
     return p
 
@@ -73,11 +80,14 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     """Load a peftseg checkpoint onto the CPU; UserError if it is not one."""
     f = checkpoint_file(path)
-    try:
-        data = torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises a zoo of types for a truncated or foreign file
-        raise UserError(f"could not read checkpoint {f} ({type(e).__name__}: {e}); it is damaged or not a "
-                        "PyTorch file — point at a model_*.pth written by `peftseg train`.") from e
+    if f.suffix == ".safetensors":
+        tensors, header = load_safetensors(f, "checkpoint")
+        try:
+            data = {"model": tensors, "peftseg": json.loads(header["peftseg"])}
+        except (KeyError, ValueError):
+            data = {}  # a safetensors file, but not one of ours: refused below
+    else:  # periodic checkpoints, and final ones of earlier versions
+        data = load_torch(f, "checkpoint")  # weights_only: a checkpoint file cannot run code
     if not isinstance(data, dict) or "peftseg" not in data:
         raise UserError(
             f"{f} is not a peftseg checkpoint (it has no 'peftseg' metadata). A plain detectron2 or "
@@ -117,6 +127,8 @@ class PeftCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **checkpointables)
         self.meta = {"format": FORMAT, **meta}
         self._fingerprint: str | None = None
+        # set by the trainer: periodic checkpoints then carry RNG states and the data position
+        self.per_rank_batch: int | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -125,6 +137,10 @@ class PeftCheckpointer(DetectionCheckpointer):
         return self._fingerprint
 
     def save(self, name: str, **kwargs) -> None:
+        resume = None
+        if name != FINAL and self.per_rank_batch and "iteration" in kwargs:
+            # a collective under DDP: every rank gets here (PeriodicCheckpointer calls save on all)
+            resume = resume_state(kwargs["iteration"], self.per_rank_batch)
         if not self.save_dir or not self.save_to_disk:
             return
         state = trainable_state(self.model)
@@ -132,12 +148,23 @@ class PeftCheckpointer(DetectionCheckpointer):
             "model": {k: v.to("cpu") for k, v in state.items()},
             "peftseg": {**self.meta, "trainable": sorted(state), "base_fingerprint": self.fingerprint},
         }
-        if name != FINAL:
+        if name == FINAL:
+            # tensors + JSON metadata, and peft's own layout of the peft-backed part
+            basename = f"{name}.safetensors"
+            meta = {**data["peftseg"], **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))}}
+            payload = safetensors_bytes(data["model"], checkpoint_metadata(meta))
+            write_atomic_with(Path(self.save_dir) / basename, lambda f: f.write(payload))
+            write_peft_export(self.model, state, Path(self.save_dir))
+        else:
+            # periodic: optimizer/scheduler/RNG state too, which only torch's format holds;
+            # read back with weights_only=True
             data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        # atomic: a run killed mid-save leaves the previous checkpoint, never a truncated one
-        write_atomic_with(Path(self.save_dir) / basename, lambda f: torch.save(data, f))
+            if resume is not None:
+                data["resume"] = resume
+            data.update(kwargs)
+            basename = f"{name}.pth"
+            # atomic: a run killed mid-save leaves the previous checkpoint, never a truncated one
+            write_atomic_with(Path(self.save_dir) / basename, lambda f: torch.save(data, f))
         self.logger.info("Saved checkpoint %s", os.path.join(self.save_dir, basename))
         self.tag_last_checkpoint(basename)
 

@@ -124,17 +124,27 @@ def _worker(cfg, run_dir: Path, run_id: str, log_config: dict | None) -> None:
 
 
 def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None) -> Record | None:
-    """Run one experiment on `world_size` processes; the record (None on machines other than 0)."""
-    from detectron2.engine import launch
-
+    """Run one experiment on `world_size` processes; the record (None on machines other than 0).
+    Machine 0 holds the run dir's claim (peftseg.engine.rundir) for the whole run."""
     from peftseg.engine.run import run
-    from peftseg.results import failed_record
+    from peftseg.engine.rundir import claim
 
     tcfg = cfg.train
     check(tcfg)
     if world_size(tcfg) == 1:
-        return run(cfg, run_dir, run_id)
+        with claim(run_dir):
+            return run(cfg, run_dir, run_id)
     dist_url, machine_rank = _rendezvous(tcfg)
+    with claim(run_dir) if machine_rank == 0 else contextlib.nullcontext():
+        return _launch(cfg, run_dir, run_id, log_config, dist_url, machine_rank)
+
+
+def _launch(cfg, run_dir: Path, run_id: str, log_config: dict | None, dist_url: str, machine_rank: int) -> Record | None:
+    from detectron2.engine import launch
+
+    from peftseg.results import failed_record
+
+    tcfg = cfg.train
     path = Path(run_dir) / FILENAME
     if machine_rank == 0:
         # A leftover record in a reused dir must not pass for this run's if rank 0 is killed.

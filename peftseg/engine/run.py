@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from detectron2.utils.env import seed_all_rng
 from omegaconf import DictConfig, OmegaConf
 
 from peftseg.data import register_dataset
+from peftseg.engine.failure import explain
+from peftseg.engine.interrupt import RunInterrupted, StopRequest
+from peftseg.engine.rundir import clear_earlier_run
 from peftseg.engine.trainer import train_and_evaluate
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
@@ -41,40 +45,74 @@ def build_for_run(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     return apply_method(model, cfg.method)
 
 
+def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path) -> None:
+    record.status = "interrupted"
+    record.interrupted = {
+        "signal": signal.Signals(stop.signum).name,
+        "iteration": stop.iteration,  # the last completed step; None: stopped outside training
+        "checkpoint": stop.checkpoint,
+        "resume": f"train.resume={run_dir}" if stop.checkpoint else None,
+    }
+
+
+def _write_record_safely(run_dir: Path, record: Record) -> None:
+    try:
+        write_record(run_dir, record)
+    except OSError as e:  # a full disk or a dir made read-only: the run's own error says more
+        log.error("could not write the run record %s (%s)", run_dir / "results.json", e)
+
+
 def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
-    """Run one experiment; always leaves a results.json (status ok or failed) in run_dir.
+    """Run one experiment; leaves a results.json in run_dir: "running" from the start, then
+    "ok", "failed" (with the cause) or "interrupted" (with the iteration to resume from).
 
     Under multi-process training every rank runs this; only rank 0 writes the record.
     """
     record = new_record(cfg, run_dir, run_id)
+    main = comm.is_main_process()
     start = time.perf_counter()
-    try:
-        splits = register_dataset(cfg.dataset)
-        device = resolve_device(cfg.train.device)
-        model = build_for_run(cfg, len(splits.class_names))
-        counts = count_parameters(model)
-        record.params = counts.to_dict()
-        log.info("parameters: %d total, %d trainable (%.3f%%)", counts.total, counts.trainable, 100 * counts.ratio)
-        model.to(device)
-        meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(splits.class_names)}
-        outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta)
-        record.metrics = evaluator_metrics(outcome.eval_results)
-        if record.mask_ap is None:
-            raise UserError(
-                f"evaluation on {splits.val!r} returned no mask AP (metrics: {sorted(record.metrics)}), "
-                "so this run has no result to record; check that the val split has instance "
-                "annotations with segmentations."
-            )
-        record.efficiency = {
-            "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
-            "run_wall_time_s": time.perf_counter() - start,
-        }
-        record.status = "ok"
-    except BaseException as exc:
-        record.mark_failed(exc, traceback_text(exc))
-        raise
-    finally:
-        record.run.end_time = now()
-        if comm.is_main_process():
-            write_record(run_dir, record)
+    with StopRequest() as stop:
+        try:
+            if main:
+                clear_earlier_run(run_dir, cfg.train.resume)
+                write_record(run_dir, record)  # "running": an earlier run's record is gone now
+            splits = register_dataset(cfg.dataset)
+            for split, notes in splits.notes.items():  # harmless, but never silent
+                for kind, count in notes.items():
+                    log.warning("dataset %s %s: %d %s", cfg.dataset.name, split, count, kind)
+            record.data_notes = splits.notes
+            device = resolve_device(cfg.train.device)
+            model = build_for_run(cfg, len(splits.class_names))
+            counts = count_parameters(model)
+            record.params = counts.to_dict()
+            log.info("parameters: %d total, %d trainable (%.3f%%)", counts.total, counts.trainable, 100 * counts.ratio)
+            model.to(device)
+            meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(splits.class_names)}
+            outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop)
+            record.metrics = evaluator_metrics(outcome.eval_results)
+            if record.mask_ap is None:
+                raise UserError(
+                    f"evaluation on {splits.val!r} returned no mask AP (metrics: {sorted(record.metrics)}), "
+                    "so this run has no result to record; check that the val split has instance "
+                    "annotations with segmentations."
+                )
+            record.efficiency = {
+                "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
+                "run_wall_time_s": time.perf_counter() - start,
+            }
+            record.status = "ok"
+        except RunInterrupted as stop_exc:
+            _mark_interrupted(record, stop_exc, run_dir)
+            raise
+        except BaseException as exc:
+            cause = explain(exc, run_dir) if isinstance(exc, Exception) else None
+            if cause is not None:
+                record.mark_failed(cause, None)
+                raise cause from exc
+            record.mark_failed(exc, traceback_text(exc))
+            raise
+        finally:
+            record.run.end_time = now()
+            if main:
+                _write_record_safely(run_dir, record)
     return record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,14 @@ from peftseg.data._loaders import train_loader
 from peftseg.engine.checkpoint import FINAL, PeftCheckpointer
 from peftseg.engine.efficiency import peak_memory, reset_peak_memory, step_time_stats
 from peftseg.engine.evaluate import evaluate
+from peftseg.engine.failure import diverged
+from peftseg.engine.interrupt import StopAtStepBoundary, StopRequest
 from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_of
 from peftseg.engine.progress import RichProgress
+from peftseg.engine.resume_state import rng_untouched, set_rng_state
+from peftseg.engine.rundir import trim_metrics
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class TrainOutcome:
@@ -44,16 +50,28 @@ class _TrainClock(HookBase):
 
 
 def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, image_size: int,
-                       meta: dict) -> TrainOutcome:
-    """`meta` (resolved config, class names) goes into every checkpoint so it can be rebuilt."""
+                       meta: dict, stop: StopRequest | None = None) -> TrainOutcome:
+    """`meta` (resolved config, class names) goes into every checkpoint so it can be rebuilt.
+    `stop`: the run's signal handlers; with it, SIGTERM/SIGINT end training at a step boundary."""
     tcfg = cfg.train
     # Per-rank seeds (detectron2's default_setup does the same): ranks draw different
     # augmentations; DDP broadcasts rank 0's weights, so initialisation stays shared.
     seed_all_rng(tcfg.seed + comm.get_rank())
     outcome = TrainOutcome()
-    data = train_loader(splits.train, image_size, model.input_format, tcfg.ims_per_batch, tcfg.num_workers, tcfg.seed)
     optimizer = build_optimizer(model, tcfg, clip_norm_of(cfg))
     scheduler = build_lr_scheduler(optimizer, tcfg)
+    checkpointer = PeftCheckpointer(model, save_dir=str(run_dir), meta=meta, optimizer=optimizer, scheduler=scheduler)
+    per_rank_batch = tcfg.ims_per_batch // comm.get_world_size()
+    checkpointer.per_rank_batch = per_rank_batch
+    start_iter, saved = 0, {}
+    if tcfg.resume:
+        saved = checkpointer.load_peft(tcfg.resume, meta["config"])
+        start_iter = saved.get("iteration", -1) + 1
+    resume = saved.get("resume") or {}
+    # checkpoints of older versions carry no data position: the batches are fixed-size, so it is this
+    skip = resume.get("samples_seen", start_iter * per_rank_batch)
+    data = train_loader(splits.train, image_size, model.input_format, tcfg.ims_per_batch, tcfg.num_workers,
+                        tcfg.seed, skip=skip, mask_format=splits.mask_format)
     model.train()
     # Frozen parameters are outside DDP's bookkeeping, so frozen backbones need no
     # find_unused_parameters; only trainable ones a forward can skip do. No-op on 1 process.
@@ -65,16 +83,27 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
         trainer = AMPTrainer(ddp_model, data, optimizer)
     else:
         trainer = SimpleTrainer(ddp_model, data, optimizer)
-    checkpointer = PeftCheckpointer(model, save_dir=str(run_dir), meta=meta, optimizer=optimizer, scheduler=scheduler)
-    start_iter = 0
-    if tcfg.resume:
-        start_iter = checkpointer.load_peft(tcfg.resume, meta["config"]).get("iteration", -1) + 1
+    if "rng" in resume:
+        # the loader's iterator draws its base seed from torch's RNG when it is made: make it
+        # now, then put back the states of the saved step boundary (the uninterrupted run made
+        # it before that boundary)
+        trainer._data_loader_iter  # noqa: B018 (detectron2's lazy property creates the iterator)
+        states = resume["rng"]
+        if len(states) == comm.get_world_size():
+            set_rng_state(states[comm.get_rank()])
+        else:
+            log.warning("checkpoint has RNG states of %d processes, this run has %d: the resumed run "
+                        "draws new random numbers (augmentations differ from an uninterrupted run)",
+                        len(states), comm.get_world_size())
 
     def do_eval():
-        outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
+        with rng_untouched():
+            outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
         return outcome.eval_results
 
     main = comm.is_main_process()  # the other ranks neither print nor write files
+    if main:
+        trim_metrics(run_dir / "metrics.json", start_iter)  # JSONWriter appends: no repeated iterations
     writers = [JSONWriter(str(run_dir / "metrics.json")), TensorboardXWriter(str(run_dir / "tb"))] if main else []
     if main and not tcfg.progress:
         writers.append(CommonMetricPrinter(tcfg.max_iter))
@@ -90,9 +119,15 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
             file_prefix="model",
         ),
         hooks.EvalHook(tcfg.eval_period, do_eval),
+        # before the writer: when it stops, the writer's after_train writes the step's metrics
+        # (once; detectron2's printer divides by zero when a step is written twice)
+        StopAtStepBoundary(stop, checkpointer) if stop is not None else None,
         hooks.PeriodicWriter(writers, period=tcfg.log_period) if writers else None,
     ])
-    trainer.train(start_iter, tcfg.max_iter)
-    final = run_dir / f"{FINAL}.pth"
+    try:
+        trainer.train(start_iter, tcfg.max_iter)
+    except FloatingPointError as e:  # detectron2's NaN/inf checks
+        raise diverged(e, trainer.iter) from e
+    final = run_dir / f"{FINAL}.safetensors"
     outcome.efficiency["checkpoint_bytes"] = final.stat().st_size if final.exists() else None
     return outcome

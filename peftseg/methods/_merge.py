@@ -27,11 +27,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             f"Merge works for {', '.join(mergeable)}; evaluate this run with `peftseg eval` instead."
         )
     tuner_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, layer in tuner_layers:
-        layer.merge(safe_merge=True)  # safe_merge: refuse NaN/inf instead of writing them
+    # outermost only: peft's MultiheadAttention layer holds a LoRA Linear (its out_proj) inside
+    outer = [(n, m) for n, m in tuner_layers if not any(n.startswith(o + ".") for o, _ in tuner_layers)]
+    for name, layer in outer:
+        if hasattr(layer, "unload_and_optionally_merge_module"):
+            # peft's own merge+unload for layers that need more than a swap (MultiheadAttention)
+            base = layer.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
+        else:
+            layer.merge(safe_merge=True)  # safe_merge: refuse NaN/inf instead of writing them
+            base = layer.get_base_layer()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.get_base_layer())
+        setattr(parent, child, base)
     if hasattr(model, "peft_config"):  # set by peft.inject_adapter_in_model
         del model.peft_config
     model.__dict__.pop("peftseg_added", None)  # nothing is left of the method's modules

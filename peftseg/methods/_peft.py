@@ -59,7 +59,7 @@ def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> No
             f"{field} group {group!r} selects {name}, which another peft method of this run "
             "already wraps; give each method of a combination its own target groups."
         )
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.MultiheadAttention)):  # peft wraps MHA's in_proj and out_proj
         return
     if isinstance(module, nn.Conv2d) and (
         getattr(module, "norm", None) is not None or getattr(module, "activation", None) is not None
@@ -80,13 +80,22 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool, ow
     """Insert peft's layers, then train exactly them (plus the task heads if asked)."""
     before = {id(p) for p in model.parameters()}
     tuner_cls = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
-    if tuner_cls.uses_shared_state:
-        # VeRA's projections are shared by all its layers and kept on the tuner, so peft's
-        # inject_adapter_in_model refuses it; the tuner injects in place all the same, and
-        # every layer holds the shared BufferDict as a submodule, so the tuner can go
-        model = tuner_cls(model, peft_config, adapter_name="default").model
-    else:
-        model = peft.inject_adapter_in_model(peft_config, model)
+    try:
+        if tuner_cls.uses_shared_state:
+            # VeRA's projections are shared by all its layers and kept on the tuner, so peft's
+            # inject_adapter_in_model refuses it; the tuner injects in place all the same, and
+            # every layer holds the shared BufferDict as a submodule, so the tuner can go
+            model = tuner_cls(model, peft_config, adapter_name="default").model
+        else:
+            model = peft.inject_adapter_in_model(peft_config, model)
+    except ValueError as e:  # peft's word for a layer type this method has no version of
+        if "not supported" not in str(e):
+            raise
+        raise UserError(
+            f"{peft_config.peft_type.value} cannot wrap one of the selected targets ({str(e).splitlines()[0][:200]}); "
+            "pick target groups of nn.Linear layers for this method (lora also takes nn.MultiheadAttention groups "
+            "such as decoder_cross_attn)."
+        ) from None
     added = [p for p in model.parameters() if id(p) not in before]
     return train_only_added(model, added, owner, train_heads)
 

@@ -1,7 +1,9 @@
 """Load pretrained weights through detectron2's checkpointer and say what matched.
 
-DetectionCheckpointer reads the file: local paths, URLs (http(s)://, detectron2://),
-Detectron/Caffe2 .pkl files and `?matching_heuristics=True` name alignment. Two foreign
+DetectionCheckpointer matches the names: local paths, Detectron/Caffe2 .pkl files and
+`?matching_heuristics=True` name alignment. Reading the file is ours (peftseg.safe_load:
+no code runs from a weights file; .safetensors accepted), and so is fetching a URL
+(http(s)://, detectron2://: peftseg.download, with timeouts). Two foreign
 layouts are translated onto the model's own names before it matches them, chosen from the
 checkpoint's keys and the model's family:
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -38,9 +39,11 @@ import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from peftseg.download import fetch
 from peftseg.errors import UserError
 from peftseg.models.family import FamilyMap
 from peftseg.registry import FAMILIES
+from peftseg.safe_load import load_pickle_arrays, load_safetensors, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +87,15 @@ def _family(model: nn.Module) -> FamilyMap | None:
 
 def _unwrap(state: dict) -> dict:
     """The tensors of a state dict nested under "model"/"state_dict" (MAE, Swin, timm
-    training checkpoints), without a DataParallel "module." prefix."""
+    training checkpoints), without DataParallel's "module." and torch.compile's "_orig_mod." prefixes."""
     while not any(torch.is_tensor(v) or hasattr(v, "shape") for v in state.values()):
         inner = next((state[k] for k in ("model", "state_dict", "module") if isinstance(state.get(k), dict)), None)
         if inner is None:
             break
         state = inner
     # in place: the dict keeps the _metadata (module versions) that load_state_dict reads
-    consume_prefix_in_state_dict_if_present(state, "module.")
+    for prefix in ("module.", "_orig_mod.", "module."):  # either order of DDP(compile(m)) and back
+        consume_prefix_in_state_dict_if_present(state, prefix)
     return state
 
 
@@ -191,7 +195,39 @@ class _ReportingCheckpointer(DetectionCheckpointer):
     dropped: tuple[str, ...] = ()  # foreign keys without a counterpart
     source = ""
 
+    def _load_file(self, filename):
+        what = "model.weights"
+        if filename.endswith((".pkl", ".pyth")):
+            # detectron2's branches for these two call pickle.load / torch.load on the file;
+            # this is their dict-shaping over our restricted readers instead.
+            data = load_pickle_arrays(filename, what) if filename.endswith(".pkl") else load_torch(filename, what)
+            if not isinstance(data, dict):
+                raise UserError(f"{what} {filename} holds a {type(data).__name__}, not a dict of weights; give "
+                                "a detectron2/Detectron/pycls weights file.")
+            if filename.endswith(".pyth"):
+                state = {k: v for k, v in data.get("model_state", {}).items() if not k.endswith("num_batches_tracked")}
+                return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+            if "model" in data and "__author__" in data:  # detectron2 model-zoo layout
+                return data
+            data = data.get("blobs", data)  # Detectron1 detection models nest under "blobs"
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        return super()._load_file(filename)  # -> _torch_load, then detectron2's query handling
+
+    def _torch_load(self, f):
+        if str(f).endswith(".safetensors"):
+            tensors, header = load_safetensors(f, "model.weights")
+            return {"model": tensors, **({"peftseg": header["peftseg"]} if "peftseg" in header else {})}
+        return load_torch(f, "model.weights")
+
     def _load_model(self, checkpoint):
+        if "peftseg" in checkpoint:
+            raise UserError(
+                f"model.weights={self.source!r} is a peftseg PEFT checkpoint (only the trained part; its "
+                "frozen base would stay at random init). Continue it with train.resume=<its run dir>, "
+                "evaluate it with `peftseg eval checkpoint=<file>`, or fold it into full weights with "
+                "`peftseg merge checkpoint=<file>` and give model.weights=<the merged file>."
+            )
         state = _unwrap(checkpoint["model"])
         family = _family(self.model)
         foreign = _foreign_layout(state, family.name if family is not None else None)
@@ -247,7 +283,11 @@ def _layouts_for_message() -> str:
 def load_weights(model: nn.Module, source: str) -> LoadReport:
     """Load `source` into `model` in place (non-strict); raise UserError if nothing matched
     or a backbone tensor has another shape (the model is then partly loaded: discard it)."""
-    if not _is_url(source):
+    target = source
+    if _is_url(source):
+        query = urlparse(source).query
+        target = str(fetch(source)) + (f"?{query}" if query else "")
+    else:
         local = urlparse(source)._replace(query="").geturl()  # allow ?matching_heuristics=True
         if not os.path.isfile(local):
             raise UserError(
@@ -258,11 +298,11 @@ def load_weights(model: nn.Module, source: str) -> LoadReport:
     ckpt = _ReportingCheckpointer(model)
     ckpt.source = source
     try:
-        ckpt.load(source, checkpointables=[])
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AssertionError) as e:
+        ckpt.load(target, checkpointables=[])
+    except (OSError, RuntimeError, ValueError, EOFError, AssertionError) as e:
         raise UserError(
             f"model.weights={source!r} could not be read as a checkpoint ({type(e).__name__}: {e}); "
-            "give a detectron2/PyTorch checkpoint (.pth/.pkl) that is reachable from this machine."
+            "give a detectron2/PyTorch checkpoint (.pth/.pkl/.safetensors) that is reachable from this machine."
         ) from e
     inc = ckpt.incompatible
     missing = set(inc.missing_keys)

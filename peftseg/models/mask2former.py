@@ -49,11 +49,11 @@ FAMILY = FamilyMap(
         "deform_attention_weights": rf"{_DEFORM}\.attention_weights",
         "deform_value_proj": rf"{_DEFORM}\.value_proj",
         "deform_output_proj": rf"{_DEFORM}\.output_proj",
-        # Only the decoder's self-attention: its masked cross-attention is a torch
-        # nn.MultiheadAttention with one fused in_proj_weight Parameter (no q/k/v Linear), and
-        # its out_proj Linear is never called as a module (F.multi_head_attention_forward reads
-        # out_proj.weight directly), so a LoRA wrapper there would be silently bypassed.
+        # the decoder's self-attention (q/k/v Linears); its masked cross-attention is a torch
+        # nn.MultiheadAttention (one fused in_proj_weight, an out_proj F.multi_head_attention_forward
+        # reads directly), which peft (>= 0.15) wraps as a whole: LoRA on in_proj and out_proj
         "decoder_attn": rf"{_DEC_LAYER}\.self_attn\.[qkv]_proj",
+        "decoder_cross_attn": rf"{_DEC_LAYER}\.cross_attn",
         # transformers >= 5 names Swin's projections q/k/v/o_proj and mlp.fc1/fc2; 4.x named
         # them attention.self.query/key/value, attention.output.dense, intermediate/output.dense
         "attn_qkv": rf"{_SWIN_BLOCK}\.attention\.(?:[qkv]_proj|self\.(?:query|key|value))",

@@ -1,0 +1,84 @@
+"""SIGTERM/SIGINT: stop at a step boundary, save a resumable checkpoint, record "interrupted".
+
+Schedulers (SLURM, Kubernetes, most batch systems) send SIGTERM and wait a grace period
+before SIGKILL. During training the first signal only sets a flag; the step in progress
+finishes, `StopAtStepBoundary` writes a periodic-style checkpoint (optimizer, scheduler,
+iteration, RNG and data position) and raises `RunInterrupted`, and the run records
+`status: "interrupted"` with the iteration, so `train.resume=<run dir>` continues it.
+A second signal stops at once. Before and after training (model build, evaluation) there is
+no step to finish: a signal raises `RunInterrupted` right away, and the record says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class RunInterrupted(BaseException):
+    """A requested stop, not an error. BaseException, as KeyboardInterrupt: detectron2's
+    trainer logs every Exception with a traceback, which a stop does not deserve."""
+
+    def __init__(self, signum: int, iteration: int | None = None, checkpoint: str | None = None):
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        where = f" after iteration {iteration}" if iteration is not None else ""
+        super().__init__(f"stopped by {signal.Signals(signum).name}{where}")
+
+
+class StopRequest:
+    """Signal handlers for the duration of a run; `deferred` while a training step may be running."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.deferred = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only there can Python set handlers
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None or not self.deferred:
+            self.signum = signum
+            raise RunInterrupted(signum)
+        self.signum = signum
+        log.warning("%s received: stopping after the current step with a checkpoint (send it again to stop "
+                    "at once, without one)", signal.Signals(signum).name)
+
+
+class StopAtStepBoundary(HookBase):
+    """Last hook of a step: if a stop was asked for (on any rank), save and raise."""
+
+    def __init__(self, request: StopRequest, checkpointer):
+        self._request, self._checkpointer = request, checkpointer
+
+    def before_train(self):
+        self._request.deferred = True
+
+    def after_train(self):
+        self._request.deferred = False
+
+    def after_step(self):
+        signum = self._request.signum
+        if comm.get_world_size() > 1:  # every rank must stop at the same step, or DDP hangs
+            signum = next((s for s in comm.all_gather(signum) if s is not None), None)
+        if signum is None:
+            return
+        it = self.trainer.iter
+        name = f"model_{it:07d}"
+        self._checkpointer.save(name, iteration=it)
+        raise RunInterrupted(signum, it, f"{name}.pth")

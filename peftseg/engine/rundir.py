@@ -1,0 +1,135 @@
+"""A run's claim on its run dir, and clearing what an earlier run left there.
+
+Two runs in one dir would interleave their checkpoints and overwrite each other's record,
+and a run that dies in a reused dir would leave the earlier run's "ok" record (and its
+model_final) looking like its own. So a run takes a lock file (pid, host, start time)
+before it writes anything, refuses a dir another live run holds, and clears the earlier
+run's record, checkpoints and metrics before it trains. A lock left by a process that no
+longer exists on this host (kill -9, a crash) is taken over with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+from peftseg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOCK = ".peftseg.lock"
+# what a run writes that a later run in the same dir must not inherit
+# (model_merged.* of `peftseg merge` is the user's, not the run's: kept)
+_EARLIER_OUTPUTS = ("results.json", "metrics.json", "last_checkpoint", "model_[0-9]*.pth", "model_final.pth",
+                    "model_final.safetensors")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path):
+    """Hold `run_dir` for this process while the block runs."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK
+    host = socket.gethostname()
+    mine = {"pid": os.getpid(), "host": host,
+            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise UserError(f"cannot create the run dir {run_dir} (permission denied: {e.filename}); run from a "
+                        "folder you can write to, or set hydra.run.dir=<a writable folder>.") from None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other = _read_lock(path)
+            pid = other.get("pid")
+            if other.get("host") == host and isinstance(pid, int) and not _alive(pid):
+                log.warning("run dir %s: taking over the lock of pid %d, which is no longer running", run_dir, pid)
+                path.unlink(missing_ok=True)
+                continue
+            raise UserError(
+                f"run dir {run_dir} is in use by another run (pid {pid} on host {other.get('host')}, started "
+                f"{other.get('start_time')}); two runs in one dir would mix their checkpoints and records. "
+                "Wait for that run to end, or give this one its own dir (hydra.run.dir=<another folder>); "
+                f"if that run is gone (a crashed machine), delete {path}."
+            ) from None
+        except PermissionError:
+            raise UserError(f"run dir {run_dir} is not writable (permission denied); make it writable or set "
+                            "hydra.run.dir=<a writable folder>.") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        break
+    try:
+        yield
+    finally:
+        if _read_lock(path).get("pid") == mine["pid"]:
+            path.unlink(missing_ok=True)
+
+
+def resumes_from_inside(run_dir: Path, resume: str) -> bool:
+    if not resume:
+        return False
+    source = Path(resume).resolve()
+    here = Path(run_dir).resolve()
+    return source == here or here in source.parents
+
+
+def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:
+    """Delete an earlier run's record, checkpoints and metrics; checkpoints stay when this run
+    resumes from one of them (its metrics.json is trimmed by the trainer instead)."""
+    keep_checkpoints = resumes_from_inside(run_dir, resume)
+    removed = []
+    for pattern in _EARLIER_OUTPUTS:
+        if keep_checkpoints and pattern != "results.json":
+            continue
+        for p in Path(run_dir).glob(pattern):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    peft_dir = Path(run_dir) / "peft"  # the earlier run's peft export (peftseg.engine.export)
+    if not keep_checkpoints and peft_dir.is_dir():
+        shutil.rmtree(peft_dir)
+        removed.append("peft/")
+    if removed:
+        log.info("run dir %s: removed %d files of an earlier run (%s)", run_dir, len(removed), ", ".join(sorted(removed)[:5]))
+    return removed
+
+
+def trim_metrics(path: Path, start_iter: int) -> None:
+    """Keep the metrics.json lines of iterations before `start_iter` (a resumed run writes
+    the later ones again; detectron2's JSONWriter appends)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("iteration", -1) < start_iter:
+                kept.append(line)
+        except ValueError:  # a line cut by a kill: drop it
+            continue
+    from peftseg.results import write_atomic
+
+    write_atomic(path, "".join(f"{line}\n" for line in kept).encode())
