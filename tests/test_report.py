@@ -151,7 +151,13 @@ def test_missing_or_empty_folder_is_a_user_error(tmp_path, peftseg):
     '{"config": {}, "status": "ok", "metrics": [1]}', '{"config": {}, "status": "ok", "params": {"ratio": "1%"}}',
 ])
 def test_records_of_the_wrong_shape_are_named_and_skipped(tmp_path, bad):
-    fake(tmp_path, "good", ap=33.0)
+    from peftseg.results import write_json
+
+    write_json(tmp_path / "good" / "results.json", {
+        "run": {"id": "good", "dir": str(tmp_path / "good"), "start_time": "2024-01-01T00:00:00+00:00"},
+        "config": {"model.name": "vitdet_tiny", "dataset.name": "shapes", "method.name": "lora"},
+        "params": {"total": 10, "trainable": 1, "ratio": 0.1}, "metrics": {"segm": {"AP": 33.0}},
+        "status": "ok"})
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text(bad)
     out = io.StringIO()
