@@ -147,8 +147,9 @@ def test_missing_or_empty_folder_is_a_user_error(tmp_path, peftseg):
 
 @pytest.mark.parametrize("bad", [
     "[1, 2]", '"text"', '{"config": "x", "status": "ok"}', '{"config": {}}',
-    '{"config": {}, "status": "ok", "metrics": {"segm": {"AP": "high"}}}',
-    '{"config": {}, "status": "ok", "metrics": [1]}', '{"config": {}, "status": "ok", "params": {"ratio": "1%"}}',
+    '{"run": {"id": "b", "dir": "d", "start_time": "t"}, "config": {}, "status": 3}', '{"run": {"id": "b", "dir": "d", "start_time": "t"}, "config": {}, "status": "ok", "efficiency": "fast"}',
+    '{"run": {"id": "b", "dir": "d", "start_time": "t"}, "config": {}, "status": "ok", "metrics": {"segm": {"AP": "high"}}}',
+    '{"run": {"id": "b", "dir": "d", "start_time": "t"}, "config": {}, "status": "ok", "metrics": [1]}', '{"run": {"id": "b", "dir": "d", "start_time": "t"}, "config": {}, "status": "ok", "params": {"ratio": "1%"}}',
 ])
 def test_records_of_the_wrong_shape_are_named_and_skipped(tmp_path, bad):
     from peftseg.results import write_json
