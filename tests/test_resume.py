@@ -70,7 +70,7 @@ def work(tmp_path_factory, shapes_cache):
 def reference(work):
     run_dir = work / "reference"
     record = train_in_process(run_dir)
-    assert record["status"] == "ok"
+    assert record.status == "ok"
     return run_dir
 
 
@@ -88,7 +88,7 @@ def test_kill_9_after_a_periodic_checkpoint_then_resume_is_the_same_run(work, re
     assert json.loads((killed / "results.json").read_text())["status"] == "running"  # not a stale "ok"
     assert (killed / ".peftseg.lock").exists()  # a dead pid's lock: taken over below
     record = train_in_process(killed, f"train.resume={killed}", f"hydra.run.dir={killed}")
-    assert record["status"] == "ok"
+    assert record.status == "ok"
     assert_same_weights(reference, killed)
     its = metric_iterations(killed)
     assert its == sorted(set(its)) and its[-1] == 3  # metrics.json: no repeated iteration
@@ -118,7 +118,7 @@ def test_sigterm_stops_at_a_step_boundary_records_interrupted_and_resumes_the_sa
     monkeypatch.undo()
     resumed = work / "resumed"
     record = train_in_process(resumed, f"train.resume={stopped}")
-    assert record["status"] == "ok"
+    assert record.status == "ok"
     assert_same_weights(reference, resumed)
     assert metric_iterations(resumed)[0] == 2
     assert metric_iterations(stopped) == [0, 1]
