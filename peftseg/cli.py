@@ -98,10 +98,11 @@ def _train_task(cfg):
         validate(cfg)  # ranges, choices, unknown keys: before any heavy import
     except UserError as exc:
         report_error(exc)
-        # a sweep member with a bad value still leaves a record, so the sweep counts it
-        write_record(run_dir, failed_record(cfg, run_dir, run_id, exc))
         if hc.mode == RunMode.RUN:
-            sys.exit(2)
+            sys.exit(2)  # nothing written: the dir may hold (or be in use by) another run
+        # a sweep member with a bad value still leaves a record in its own fresh dir, so the
+        # sweep's failure count includes it
+        write_record(run_dir, failed_record(cfg, run_dir, run_id, exc))
         return None
 
     from peftseg.engine.distributed import launch_run

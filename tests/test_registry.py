@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,10 +47,19 @@ def test_validating_a_config_imports_nothing_heavy():
 
     with tempfile.TemporaryDirectory() as d:
         proc = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=120, cwd=d)
-        record = json.loads((__import__("pathlib").Path(d) / "results.json").read_text())
+        written = list(Path(d).rglob("results.json"))
     assert "RC 2 HEAVY []" in proc.stdout, proc.stdout + proc.stderr
     assert "train.optimizer='adamww' is not one of the choices: adamw, sgd" in proc.stderr
-    assert record["status"] == "failed" and record["error"]["type"] == "UserError"
+    assert written == []  # a single run writes nothing: the dir may belong to another run
+
+
+def test_a_sweep_member_with_a_bad_value_leaves_a_failed_record(peftseg, tmp_path):
+    proc = peftseg("train", "-m", "train.max_iter=-1,0", "train=smoke")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "multirun").rglob("results.json"))]
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert "train.max_iter must be an integer at least 1" in records[0]["error"]["message"]
+    assert "sweep: 2 of 2 runs failed" in proc.stdout
 
 
 def _composed(*overrides):

@@ -99,15 +99,12 @@ def _unwrap(state: dict) -> dict:
     return state
 
 
-def _foreign_layout(state: dict, family_name: str | None = None):
-    """(family spec, layout) of the registered foreign layout `state` is in, or None. The
-    model's own family is asked first: two families can take one layout (an official Swin
-    state dict fits the swin family's backbone and maskdino's)."""
-    for spec in sorted(FAMILIES, key=lambda spec: spec.name != family_name):
-        for layout in spec.weight_layouts:
-            if layout.detect(state):
-                return spec, layout
-    return None
+def _foreign_layouts(state: dict, family_name: str | None = None) -> list:
+    """[(family spec, layout)] of every registered foreign layout `state` is in, the model's
+    own family first: several families can take one layout (an official Swin state dict fits
+    the swin family's backbone and maskdino's)."""
+    return [(spec, layout) for spec in sorted(FAMILIES, key=lambda spec: spec.name != family_name)
+            for layout in spec.weight_layouts if layout.detect(state)]
 
 
 def _square(n: int) -> int | None:
@@ -230,16 +227,18 @@ class _ReportingCheckpointer(DetectionCheckpointer):
             )
         state = _unwrap(checkpoint["model"])
         family = _family(self.model)
-        foreign = _foreign_layout(state, family.name if family is not None else None)
-        if foreign is not None:
-            wanted, layout = foreign
+        foreign = _foreign_layouts(state, family.name if family is not None else None)
+        if foreign:
+            wanted, layout = foreign[0]
             if family is None or family.name != wanted.name:
                 got = family.name if family is not None else type(self.model).__name__
+                takers = " or ".join(repr(spec.name) for spec, _ in foreign)
+                hints = "; ".join(f"{lay.hint}" for _, lay in foreign)
                 raise UserError(
                     f"model.weights={self.source!r} holds {layout.description} "
-                    f"(keys such as {sorted(state)[:3]}), which only the {wanted.name!r} model family "
-                    f"takes, but the model is {got!r}; pick a {wanted.name} preset that matches the "
-                    f"checkpoint ({layout.hint}), or give a checkpoint of this model."
+                    f"(keys such as {sorted(state)[:3]}), which only the {takers} model "
+                    f"{'families take' if len(foreign) > 1 else 'family takes'}, but the model is {got!r}; "
+                    f"pick a preset that matches the checkpoint ({hints}), or give a checkpoint of this model."
                 )
             state, dropped = _translate(self.model, state, layout, family)
             self.dropped = tuple(dropped)
