@@ -12,6 +12,8 @@ from detectron2.data import (
 from detectron2.data import transforms as T
 from detectron2.data.samplers import TrainingSampler
 
+from peftseg.data.image_sizes import warn_if_oversized
+
 
 def _mapper(is_train: bool, image_size: int, image_format: str) -> DatasetMapper:
     augs = [T.ResizeShortestEdge(image_size, max_size=image_size)]
@@ -25,6 +27,7 @@ def _mapper(is_train: bool, image_size: int, image_format: str) -> DatasetMapper
 
 def train_loader(name: str, image_size: int, image_format: str, batch_size: int, num_workers: int, seed: int):
     dicts = get_detection_dataset_dicts([name], filter_empty=True)
+    warn_if_oversized(dicts, image_size, "training")
     return build_detection_train_loader(
         dataset=dicts, mapper=_mapper(True, image_size, image_format),
         sampler=TrainingSampler(len(dicts), seed=seed),
