@@ -287,7 +287,7 @@ COMMANDS = {"train": train, "eval": evaluate_checkpoint, "merge": merge, "report
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        console.print(HELP, highlight=False, markup=False)  # keep [optional] args: not rich markup
+        console.print(HELP, highlight=False, markup=False, soft_wrap=True)  # [optional] args are not markup
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -180,7 +180,7 @@ class MlflowTracker(Callback):
             tags["mlflow.parentRunId"] = parent
         try:
             run_id = self.client().create_run(self.experiment_id(), run_name=name[:250], tags=tags).info.run_id
-            from peftseg.engine.run import flatten_config
+            from peftseg.results import flatten_config
 
             self._log_params(run_id, record.get("config") or flatten_config(config))
             self._log_metrics(run_id, [(k, v, 0) for k, v in record_metrics(record).items()]

@@ -12,7 +12,7 @@ from conftest import records_under
 
 from peftseg.errors import UserError
 from peftseg.report import build_report, pareto_front
-from peftseg.results import write_record
+from peftseg.results import write_json
 
 EXPECTED_COLUMNS = {
     "run.id", "status", "model.name", "dataset.name", "method.name", "method.adapters_per_block", "method.bottleneck",
@@ -79,7 +79,7 @@ def fake(root: Path, name: str, *, model="vitdet_tiny", dataset="shapes", method
         "status": status,
         "error": None if ok else {"type": "RuntimeError", "message": "boom", "traceback": "..."},
     }
-    write_record(root / name, record)
+    write_json(root / name / "results.json", record)  # a record as a run writes it
     return record
 
 

@@ -96,7 +96,7 @@ def test_a_failed_member_is_logged_failed_with_its_error(tmp_path):
 
     store, run_dir = tmp_path / "store", tmp_path / "sweep" / "0"
     write_json(run_dir / "results.json", {
-        "run": {"id": "0", "dir": str(run_dir)}, "status": "failed", "config": {"method.name": "lora", "method.rank": 0},
+        "run": {"id": "0", "dir": str(run_dir), "start_time": "2026-01-01T00:00:00+00:00"}, "status": "failed", "config": {"method.name": "lora", "method.rank": 0},
         "error": {"type": "UserError", "message": "method.rank=0 must be >= 1"}})
     config = OmegaConf.create({
         "model": {"name": "vitdet_tiny"}, "method": {"name": "lora"},
