@@ -105,7 +105,7 @@ def test_eval_of_a_plain_checkpoint_asks_for_the_model_it_fits(cli, lora_run, tm
     proc = cli("eval", f"checkpoint={tmp_path / 'nowhere'}")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = cli("eval", f"checkpoint={lora_run}", "method.rank=2")
-    assert proc.returncode == 2 and "method.rank=2 cannot be set for checkpoint" in " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "'method.rank=2' cannot be set here" in " ".join(proc.stderr.split())
 
 
 def test_merged_lora_matches_unmerged_and_loads_as_plain_detectron2(cli, lora_run, shapes_cache, monkeypatch):

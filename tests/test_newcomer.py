@@ -85,3 +85,17 @@ def test_help_keeps_optional_arguments_in_brackets(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "[output=<file>]" in out and "[score_thresh=0.5]" in out and "[n=8]" in out
+
+
+def test_list_and_train_help_name_options_and_knobs_without_schema_groups(capsys):
+    from peftseg.cli import main
+
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "vitdet_tiny" in listing and "lora" in listing and "shapes" in listing and "schema" not in listing
+    assert main(["train", "--help", "method=adapter"]) == 0
+    text = capsys.readouterr().out
+    assert "schema" not in text and "method: adapter*" in text
+    assert "method.adapters_per_block=2  # stacked in sequence at each site" in text
+    assert "model.image_size=128  # 8x8 tokens" in text  # the preset's own comment
+    assert "train.log_period=" in text
