@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
@@ -29,7 +30,12 @@ commands:
   eval     evaluate a trained run again: checkpoint=<run dir or model_* file> [dataset=… dataset.*=… train.device=…]
   merge    fold a mergeable method (LoRA family) into the base weights, write a plain detectron2 checkpoint:
            checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]
-  report   table, report.csv and pareto.png of every results.json under a directory (a sweep)
+  report   table, report.csv, report.md, pareto.png and training curves of every results.json under a
+           directory (a sweep)
+  predict  masks on new images: checkpoint=<run dir or model file> input=<image, folder or glob> output=<dir>
+           [score_thresh=0.5] [max_size=<px>]; a plain checkpoint also needs model=<preset> classes=[a,b]
+  visualize  ground truth | predictions side by side for n validation images of a run: <run dir> [n=8]
+  list     the models, methods and datasets there are, one line each
 
 `peftseg <command> --help` tells more; `peftseg train --help` lists the config groups and their options.
 """
@@ -84,11 +90,13 @@ def report_error(exc: UserError) -> None:
 
 
 def _train_task(cfg):
+    """One run; returns its `objective` value(s) for sweepers (None: failed, a failed trial)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from peftseg.config import validate
+    from peftseg.objectives import objective_names, objective_values
     from peftseg.results import failed_record, write_record
 
     hc = HydraConfig.get()
@@ -96,6 +104,7 @@ def _train_task(cfg):
     run_id = str(run_dir.relative_to(Path.cwd())) if run_dir.is_relative_to(Path.cwd()) else str(run_dir)
     try:
         validate(cfg)  # ranges, choices, unknown keys: before any heavy import
+        objective_names(cfg.objective)  # a typo fails now, not after training
     except UserError as exc:
         report_error(exc)
         if hc.mode == RunMode.RUN:
@@ -135,18 +144,25 @@ def _train_task(cfg):
         return None
     console.print(run_table(record))
     console.print(f"record: {run_dir / 'results.json'}")
-    return record
+    return objective_values(record, OmegaConf.to_container(cfg, resolve=True)["objective"])
 
 
 def train(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):  # ours, not Hydra's: knobs, no schema/* groups
+        from peftseg.helptext import train_help
+
+        console.print(train_help(argv), highlight=False, markup=False, soft_wrap=True)
+        return 0
     check_group_choices(argv)  # before the heavy imports: a typo fails in a second, not six
 
     import hydra
 
     from peftseg.config import register_schemas
+    from peftseg.objectives import register_resolver
     from peftseg.sweep import last_sweep
 
     register_schemas()
+    register_resolver()  # conf/hydra/sweeper/peft_search.yaml: direction from the objective
     # Under `python -m peftseg.cli` this module is __main__, whose functions cloudpickle
     # (submitit launchers) copies by value, consoles and all; by module name it pickles a reference.
     from peftseg.cli import _train_task as task
@@ -172,11 +188,13 @@ def report(argv: list[str]) -> int:
 
 
 EVAL_HELP = """\
-usage: peftseg eval checkpoint=<run dir or model_* file> [output=<dir>] [overrides…]
+usage: peftseg eval checkpoint=<run dir, model_* file or merged file> [output=<dir>] [overrides…]
 
 Rebuilds the run's model and method from the checkpoint, loads the trained tensors and
-evaluates them. The model and method come from the checkpoint; these may be overridden
-with Hydra's syntax, as for `peftseg train`:
+evaluates them. A PEFT checkpoint and a `peftseg merge` file carry their model, method and
+classes; a plain detectron2 checkpoint needs model=<preset> and dataset=… (its classes).
+The model and method come from the checkpoint; these may be overridden with Hydra's
+syntax, as for `peftseg train`:
   dataset=<{datasets}> and dataset.<key>=…   evaluate on other data (same classes)
   train.device=…  train.num_workers=…
 Writes <output>/eval.json (default: eval_<checkpoint name>/ beside the checkpoint).
@@ -203,20 +221,21 @@ def evaluate_checkpoint(argv: list[str]) -> int:
         console.print(EVAL_HELP.format(datasets="|".join(DATASETS.names())), highlight=False, markup=False, soft_wrap=True)
         return 0
     from peftseg.engine.evaluate import evaluate
-    from peftseg.engine.restore import restore, split_command_args
+    from peftseg.engine.loading import load_model
+    from peftseg.engine.restore import split_command_args
     from peftseg.engine.run import resolve_device
     from peftseg.params import count_parameters
     from peftseg.results import evaluator_metrics, write_json
     from peftseg.summary import eval_table
 
     options, overrides = split_command_args(argv, ("checkpoint", "output"))
-    r = restore(options["checkpoint"], overrides)
+    r = load_model(options["checkpoint"], overrides, need_dataset=True)
     device = resolve_device(r.cfg.train.device)
     r.model.to(device)
     out_dir = Path(options.get("output") or r.source.parent / f"eval_{r.source.stem}")
     results = evaluate(r.model, r.splits.val, r.cfg.model.image_size, out_dir, r.cfg.train.num_workers)
     record = {
-        "checkpoint": str(r.source), "dataset": r.cfg.dataset.name,
+        "checkpoint": str(r.source), "checkpoint_kind": r.kind, "dataset": r.cfg.dataset.name,
         "params": count_parameters(r.model).to_dict(), "metrics": evaluator_metrics(results),
     }
     write_json(out_dir / "eval.json", record)
@@ -236,6 +255,7 @@ def merge(argv: list[str]) -> int:
     import torch
 
     from peftseg.engine.export import safetensors_bytes
+    from peftseg.engine.loading import MERGED_KEY, merged_metadata
     from peftseg.engine.restore import restore, split_command_args
     from peftseg.methods._merge import merge_and_unload
     from peftseg.results import write_atomic_with
@@ -245,24 +265,47 @@ def merge(argv: list[str]) -> int:
     r = restore(options["checkpoint"], overrides)
     model = merge_and_unload(r.model.eval())
     out = Path(options.get("output") or r.source.parent / "model_merged.safetensors")
-    # plain tensors under the model's names: loadable with model.weights=<out>; a .pth output
-    # keeps detectron2's checkpoint layout ({"model": state dict}) for tools that want one
+    # plain tensors under the model's names: loadable with model.weights=<out>; the metadata
+    # (config, class names) lets `peftseg eval`/`predict` rebuild the model without overrides.
+    # A .pth output keeps detectron2's checkpoint layout ({"model": state dict}).
+    meta = merged_metadata(r.cfg, r.splits.class_names, r.source)
     if out.suffix == ".pth":
-        write_atomic_with(out, lambda f: torch.save({"model": model.state_dict(), "merged_from": str(r.source)}, f))
+        write_atomic_with(out, lambda f: torch.save({"model": model.state_dict(), MERGED_KEY: meta}, f))
     else:
-        payload = safetensors_bytes(model.state_dict(), {"merged_from": str(r.source), "format": "pt"})
+        payload = safetensors_bytes(model.state_dict(), {MERGED_KEY: json.dumps(meta), "format": "pt"})
         write_atomic_with(out, lambda f: f.write(payload))
     console.print(f"merged {r.cfg.method.name} into {r.cfg.model.name}: {out} ({fmt_bytes(out.stat().st_size)})")
     return 0
 
 
-COMMANDS = {"train": train, "eval": evaluate_checkpoint, "merge": merge, "report": report}
+# --- predict / visualize / list (issue 13): thin entry points, the work is in their modules ---
+def predict(argv: list[str]) -> int:
+    from peftseg.predict import main as predict_main
+
+    return predict_main(argv, console)
+
+
+def visualize(argv: list[str]) -> int:
+    from peftseg.visualize import main as visualize_main
+
+    return visualize_main(argv, console)
+
+
+def list_options(argv: list[str]) -> int:
+    from peftseg.helptext import list_text
+
+    console.print(list_text(), highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate_checkpoint, "merge": merge, "report": report,
+            "predict": predict, "visualize": visualize, "list": list_options}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        console.print(HELP, highlight=False)
+        console.print(HELP, highlight=False, markup=False, soft_wrap=True)  # [optional] args are not markup
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

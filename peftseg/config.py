@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from peftseg import checks
 from peftseg.errors import UserError
 from peftseg.registry import DATASETS, FAMILIES, METHODS
+from peftseg.tracking import TrackingConfig
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step")
@@ -108,6 +109,10 @@ class Config:
     method: Any = MISSING
     dataset: Any = MISSING
     train: TrainConfig = MISSING
+    # what the train task returns (Hydra sweepers such as Optuna optimise it): one name of
+    # peftseg.objectives.OBJECTIVES or a list of them (multi-objective)
+    objective: Any = "segm_ap"
+    tracking: Optional[TrackingConfig] = None  # set by +tracking=mlflow
 
 
 def schemas() -> dict[str, dict[str, type]]:

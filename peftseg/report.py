@@ -13,11 +13,13 @@ import csv
 import io
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from peftseg.errors import UserError
 from peftseg.registry import METHODS
@@ -26,6 +28,7 @@ from peftseg.summary import fmt_bytes, fmt_num
 
 CSV_NAME = "report.csv"
 PLOT_NAME = "pareto.png"
+MD_NAME = "report.md"
 DASH = "—"
 CONFIG_GROUPS = ("model", "method", "dataset", "train")
 
@@ -205,29 +208,60 @@ def _or_dash(text: str) -> str:
     return DASH if text in ("-", "- s") else text
 
 
-def group_table(group: Group, baseline: str | None, extras: dict[int, dict]) -> Table:
-    table = Table(title=f"{group.model} · {group.dataset}", title_justify="left")
-    table.add_column("method", style="bold", no_wrap=True)
-    for key in group.knobs:  # knobs may be cut short (…); numbers never wrap
-        table.add_column(_knob_header(key), overflow="ellipsis", no_wrap=True)
-    for name in ("trainable %", "mask AP", "box AP", "peak mem", "step time", "ckpt size"):
-        table.add_column(name, justify="right", no_wrap=True)
+# Peak RSS (CPU runs) measures the whole process (framework, data, allocator caches): it
+# does not follow the model's tensors, so its ratios between methods mislead. Marked, not hidden.
+RSS_MARK = "†"
+RSS_NOTE = (f"{RSS_MARK} peak memory of a CPU run is the process's peak RSS (framework and data included), "
+            "not comparable between methods; CUDA runs report the allocator's tensor peak.")
+
+
+def backbone_pct(record: Record) -> float | None:
+    """(trainable backbone + PEFT parameters) / backbone parameters, in %: the ratio PEFT papers
+    quote ("LoRA tunes 1% of ViT-B"), since heads and neck train under every method."""
+    groups = (record.params or {}).get("by_group") or {}
+    backbone = (groups.get("backbone") or {}).get("total")
+    if not backbone:
+        return None
+    tuned = (groups.get("backbone") or {}).get("trainable", 0) + (groups.get("peft") or {}).get("trainable", 0)
+    return 100 * tuned / backbone
+
+
+def front_ids(group: Group) -> set[int]:
+    """id() of the group's runs on the Pareto front of trainable % (lower) vs mask AP (higher)."""
+    runs = [r for r in group.records if _plottable(r)]
+    if len(runs) < 2:
+        return set()
+    return {id(runs[i]) for i in pareto_front([(ratio(r), mask_ap(r)) for r in runs])}
+
+
+def _is_rss(record: Record) -> bool:
+    return str(eff(record, "peak_memory_kind") or "").endswith("rss")
+
+
+def group_rows(group: Group, baseline: str | None, extras: dict[int, dict]) -> tuple[list[str], list[list[str]]]:
+    """The group's table as plain text: headers and one row per run (terminal and report.md)."""
+    headers = ["method", *(_knob_header(k) for k in group.knobs),
+               "trainable %", "backbone %", "mask AP", "box AP", "peak mem", "step time", "ckpt size"]
     if baseline:
-        table.add_column("ΔAP", justify="right", no_wrap=True)
-        table.add_column("time ×", justify="right", no_wrap=True)
-        table.add_column("mem ×", justify="right", no_wrap=True)
-    table.add_column("status", no_wrap=True)
+        headers += ["ΔAP", "time ×", "mem ×"]
+    front = front_ids(group)
+    if front:
+        headers.append("front")
+    headers.append("status")
+    rows = []
     for r in group.records:
-        ok = r.ok
         row = [str(cfg(r, "method.name"))]
         row += [_knob_text(cfg(r, k)) if k in r.config else "" for k in group.knobs]
-        rt = ratio(r)
+        rt, bb = ratio(r), backbone_pct(r)
         step = eff(r, "mean_step_time_s")
+        mark = RSS_MARK if _is_rss(r) else ""
+        mem = _or_dash(fmt_bytes(eff(r, "peak_memory_bytes")))
         row += [
             DASH if rt is None else fmt_num(100 * rt, ".3f"),
+            DASH if bb is None else fmt_num(bb, ".3f"),
             _or_dash(fmt_num(mask_ap(r))),
             _or_dash(fmt_num(box_ap(r))),
-            _or_dash(fmt_bytes(eff(r, "peak_memory_bytes"))),
+            mem + mark if mem != DASH else mem,
             DASH if step is None else f"{step:.3f} s",
             _or_dash(fmt_bytes(eff(r, "checkpoint_bytes"))),
         ]
@@ -237,10 +271,33 @@ def group_table(group: Group, baseline: str | None, extras: dict[int, dict]) -> 
             row += [
                 DASH if d is None else f"{d:+.2f}",
                 DASH if b.get("baseline.step_time_ratio") is None else f"{b['baseline.step_time_ratio']:.2f}×",
-                DASH if b.get("baseline.peak_memory_ratio") is None else f"{b['baseline.peak_memory_ratio']:.2f}×",
+                DASH if b.get("baseline.peak_memory_ratio") is None else f"{b['baseline.peak_memory_ratio']:.2f}×{mark}",
             ]
-        row.append("[green]ok[/]" if ok else f"[red]{r.status}[/]")
-        table.add_row(*row)
+        if front:
+            row.append("★" if id(r) in front else "")
+        row.append(str(r.status))
+        rows.append(row)
+    return headers, rows
+
+
+def group_table(group: Group, baseline: str | None, extras: dict[int, dict]) -> Table:
+    headers, rows = group_rows(group, baseline, extras)
+    table = Table(title=f"{group.model} · {group.dataset}", title_justify="left")
+    n_knobs = len(group.knobs)
+    for i, name in enumerate(headers):
+        if i == 0:
+            table.add_column(name, style="bold", no_wrap=True)
+        elif i <= n_knobs:  # knobs may be cut short (…); numbers never wrap
+            table.add_column(name, overflow="ellipsis", no_wrap=True)
+        elif name in ("front", "status"):
+            table.add_column(name, no_wrap=True)
+        else:
+            table.add_column(name, justify="right", no_wrap=True)
+    for row in rows:
+        status = row[-1]
+        # cells are text, not markup: a knob value such as [attn_qkv] must not vanish
+        cells = [Text(c) for c in row[:-1]]
+        table.add_row(*cells, Text(status, style="green" if status == "ok" else "red"))
     return table
 
 
@@ -283,7 +340,7 @@ def _csv_value(value):
     return value
 
 
-def write_csv(path: Path, rows: list[Record]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     keys.sort(key=_column_rank)  # stable: first-seen order within a section
     buf = io.StringIO()
@@ -312,6 +369,50 @@ def _plottable(r: Record) -> bool:
     return r.ok and ap is not None and math.isfinite(ap) and rt is not None and rt > 0
 
 
+# One colour per method in every picture (pareto.png, curves), whatever the sweep holds;
+# methods outside this list get a stable colour from their name.
+METHOD_COLOURS = {
+    "full": "#1f77b4", "heads": "#ff7f0e", "bitfit": "#2ca02c", "adapter": "#d62728", "lora": "#9467bd",
+    "loha": "#8c564b", "lokr": "#e377c2", "ia3": "#7f7f7f", "adapter_lora": "#bcbd22",
+}
+_SPARE = ("#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
+
+
+def method_colour(method: str) -> str:
+    if method in METHOD_COLOURS:
+        return METHOD_COLOURS[method]
+    return _SPARE[sum(map(ord, str(method))) % len(_SPARE)]  # not hash(): that changes per process
+
+
+def readable_x_axis(ax, xs: list[float]) -> None:
+    """Log scale only where the runs span a decade or more; plain numbers as tick labels.
+
+    matplotlib's log ticks label a narrow range (67.4 … 67.5 %) with minor ticks such as
+    "6.74×10¹" that overlap into a smear."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    lo, hi = min(xs), max(xs)
+    if hi / lo >= 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        pad = (hi - lo) * 0.15 or max(abs(hi) * 0.01, 1e-3)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.xaxis.set_major_formatter(_plain_formatter())
+
+
+def _plain_formatter():
+    """Fixed-point tick labels with as many decimals as the spacing needs: no offset or
+    "×10ⁿ" text, which sits apart from the ticks and is easy to misread."""
+    from matplotlib.ticker import ScalarFormatter
+
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    return formatter
+
+
 def write_plot(path: Path, groups: list[Group]) -> None:
     import matplotlib
 
@@ -319,7 +420,6 @@ def write_plot(path: Path, groups: list[Group]) -> None:
     import matplotlib.pyplot as plt
 
     methods = sorted({str(cfg(r, "method.name")) for g in groups for r in g.records}, key=_method_rank)
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     n = len(groups)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -329,18 +429,19 @@ def write_plot(path: Path, groups: list[Group]) -> None:
     for ax, g in zip(axes.flat, groups):
         runs = [r for r in g.records if _plottable(r)]
         ax.set_title(f"{g.model} · {g.dataset}")
-        ax.set_xlabel("trainable parameters (%, log scale)")
+        ax.set_xlabel("trainable parameters (% of the model)")
         ax.set_ylabel("mask AP")
         ax.grid(True, which="both", alpha=0.3)
         if not runs:
             ax.text(0.5, 0.5, "no successful run to plot", ha="center", va="center", transform=ax.transAxes)
             continue
-        ax.set_xscale("log")
         points = [(100 * ratio(r), mask_ap(r)) for r in runs]
+        readable_x_axis(ax, [x for x, _ in points])
+        ax.yaxis.set_major_formatter(_plain_formatter())  # no "1e-5" offset text above the axis
         for m in methods:
             xs = [p for p, r in zip(points, runs) if str(cfg(r, "method.name")) == m]
             if xs:
-                ax.scatter([x for x, _ in xs], [y for _, y in xs], color=colours[m], label=m, zorder=3)
+                ax.scatter([x for x, _ in xs], [y for _, y in xs], color=method_colour(m), label=m, zorder=3)
         for (x, y), r in zip(points, runs):
             # only the method's own knobs: other varying settings are in the table, and
             # long labels would squeeze the axes
@@ -361,6 +462,49 @@ def write_plot(path: Path, groups: list[Group]) -> None:
     write_atomic(path, buf.getvalue())
 
 
+# --- training curves and the baseline hint -----------------------------------------------
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def write_group_curves(root: Path, group: Group) -> Path | None:
+    """curves_<model>_<dataset>.png under root: loss and lr of every run of the group."""
+    from peftseg.curves import write_curves_png
+
+    runs = []
+    for r in group.records:
+        label = " ".join([str(cfg(r, "method.name"))] + [f"{_knob_header(k)}={_knob_text(cfg(r, k))}"
+                                                        for k in group.knobs if k in r.config])
+        runs.append((label[:50], str(cfg(r, "method.name")), Path(r.run.dir or "")))
+    path = Path(root) / f"curves_{_slug(group.model)}_{_slug(group.dataset)}.png"
+    return path if write_curves_png(path, f"{group.model} · {group.dataset}", runs, method_colour) else None
+
+
+def _run_overrides(record: Record) -> list[str] | None:
+    """The command-line overrides a run was started with (Hydra's .hydra/overrides.yaml)."""
+    path = Path(record.run.dir or "") / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
+
+
+def baseline_command(root: Path, group: Group, baseline: str) -> str:
+    """The exact `peftseg train` that adds the missing baseline run to this folder: a member's
+    own overrides with the method swapped, its record written under `root`."""
+    for r in group.records:
+        overrides = _run_overrides(r)
+        if overrides is not None:
+            break
+    else:
+        overrides = [f"model={group.model}", f"dataset={group.dataset}"]
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("method", "hydra.run.dir", "hydra.sweep"))]
+    words = [f"method={baseline}", *kept, f"hydra.run.dir={Path(root) / ('baseline_' + baseline)}"]
+    return "peftseg train " + " ".join(shlex.quote(w) for w in words)
+
+
 # --- command ------------------------------------------------------------------------------
 
 def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Path, Path]:
@@ -368,6 +512,7 @@ def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Pa
     records = load_records(root, console)
     groups = group_records(records)
     rows = []
+    sections = []  # (group, headers, rows, curves png or None) for report.md
     for g in groups:
         extras: dict[int, dict] = {}
         if baseline:
@@ -377,19 +522,24 @@ def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Pa
             if not any(cfg(r, "method.name") == baseline and r.ok for r in g.records):
                 g.baseline_note = (
                     f"no successful `{baseline}` run for {g.model} · {g.dataset}, so ΔAP and the "
-                    f"ratios show {DASH}; add one with: peftseg train method={baseline} "
-                    f"model={g.model} dataset={g.dataset}"
+                    f"ratios show {DASH}; add one to this folder with: {baseline_command(root, g, baseline)}"
                 )
         console.print(group_table(g, baseline, extras))
         if g.baseline_note:
             console.print(f"[yellow]note:[/] {g.baseline_note}", highlight=False)
+        if any(_is_rss(r) for r in g.records):
+            console.print(RSS_NOTE, highlight=False)
         rows += [flat_row(r, extras.get(id(r), {})) for r in g.records]
+        sections.append((g, *group_rows(g, baseline, extras), write_group_curves(root, g)))
     csv_path, plot_path = root / CSV_NAME, root / PLOT_NAME
     write_csv(csv_path, rows)
     write_plot(plot_path, groups)
+    from peftseg.report_md import write_report_md
+
+    write_report_md(root / MD_NAME, sections, PLOT_NAME, RSS_NOTE if any(_is_rss(r) for r in records) else None)
     failed = sum(not r.ok for r in records)
     console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·dataset group(s); "
-                  f"wrote {csv_path} and {plot_path}", highlight=False)
+                  f"wrote {csv_path}, {plot_path} and {root / MD_NAME}", highlight=False)
     return csv_path, plot_path
 
 

@@ -30,6 +30,6 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   "$VENV/bin/python" scripts/build_detectron2.py
 fi
 
-"${PIP[@]}" -e ".[test]" "${TORCH_PINS[@]}"
+"${PIP[@]}" -e ".[test,tracking,search]" "${TORCH_PINS[@]}"
 stamp_inputs > "$STAMP"
 echo "setup: done ($VENV)"

@@ -134,16 +134,16 @@ def test_resume_refuses_a_checkpoint_of_another_setup(cli, lora_run, override, n
     assert record["status"] == "failed"
 
 
-def test_eval_refuses_what_is_not_a_peftseg_checkpoint(cli, tmp_path):
+def test_eval_of_a_plain_checkpoint_asks_for_the_model_it_fits(cli, lora_run, tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save({"model": {"w": torch.zeros(2)}}, plain)
     proc = cli("eval", f"checkpoint={plain}")
-    assert proc.returncode == 2 and "not a peftseg checkpoint" in proc.stderr
-    assert "model.weights=" in " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "plain checkpoint (no peftseg metadata)" in proc.stderr
+    assert "add model=<preset>" in " ".join(proc.stderr.split())
     proc = cli("eval", f"checkpoint={tmp_path / 'nowhere'}")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
-    proc = cli("eval", "checkpoint=x", "method.rank=2")
-    assert proc.returncode == 2 and "cannot be set here" in proc.stderr
+    proc = cli("eval", f"checkpoint={lora_run}", "method.rank=2")
+    assert proc.returncode == 2 and "'method.rank=2' cannot be set here" in " ".join(proc.stderr.split())
 
 
 def test_merged_lora_matches_unmerged_and_loads_as_plain_detectron2(cli, lora_run, shapes_cache, monkeypatch):
@@ -170,3 +170,27 @@ def test_merged_lora_matches_unmerged_and_loads_as_plain_detectron2(cli, lora_ru
     report = load_weights(fresh, str(cli.work / "merged.pth"))
     assert not report.missing and not report.unexpected and not report.shape_mismatch
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), merged_model.state_dict().values()))
+
+
+def test_merged_checkpoint_evaluates_without_overrides_and_plain_needs_the_model(cli, lora_run, tmp_path):
+    from peftseg.engine.loading import load_model
+
+    proc = cli("merge", f"checkpoint={lora_run}", "output=merged_for_eval.pth")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    merged = cli.work / "merged_for_eval.pth"
+    proc = cli("eval", f"checkpoint={merged}", "output=merged_eval")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again = json.loads((cli.work / "merged_eval" / "eval.json").read_text())
+    record = json.loads((lora_run / "results.json").read_text())
+    assert again["checkpoint_kind"] == "merged"
+    # merging moves float rounding around (atol 1e-5 above), so AP may move in the last digits
+    assert again["metrics"]["segm"]["AP"] == pytest.approx(record["metrics"]["segm"]["AP"], abs=0.5)
+    assert again["params"]["total"] < record["params"]["total"]  # no LoRA factors left
+    # the same weights without metadata: a plain checkpoint, the model and classes named by hand
+    plain = tmp_path / "plain.pth"
+    torch.save({"model": torch.load(merged, weights_only=True)["model"]}, plain)
+    loaded = load_model(str(plain), ["model=vitdet_tiny"], classes=["circle", "square", "triangle"])
+    assert loaded.kind == "plain" and loaded.class_names == ["circle", "square", "triangle"]
+    reference = load_model(str(merged), [])
+    for (name, a), (_, b) in zip(loaded.model.state_dict().items(), reference.model.state_dict().items()):
+        assert torch.equal(a, b), name

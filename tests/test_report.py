@@ -167,3 +167,44 @@ def test_records_of_the_wrong_shape_are_named_and_skipped(tmp_path, bad):
     assert f"skipping {tmp_path / 'bad' / 'results.json'}: not a peftseg run record" in text
     (row,) = read_csv(csv_path)
     assert float(row["metrics.segm.AP"]) == 33.0
+
+
+def test_report_md_curves_and_backbone_share_of_a_sweep(smoke_sweep):
+    _, sweep_dir = smoke_sweep
+    out = io.StringIO()
+    build_report(sweep_dir, "full", Console(file=out, width=250))
+    text = out.getvalue()
+    md = (sweep_dir / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| adapter |")]
+    assert len(table) == 3 and "| backbone % |" in md and "| front |" in md
+    records = {r["config"]["method.adapters_per_block"]: r for r in records_under(sweep_dir)}
+    for n, record in records.items():
+        groups = record["params"]["by_group"]
+        share = 100 * (groups["backbone"]["trainable"] + groups["peft"]["trainable"]) / groups["backbone"]["total"]
+        assert f"{share:.3f}" in text and f"{share:.3f}" in md
+    assert "![training curves, vitdet_tiny · shapes](curves_vitdet_tiny_shapes.png)" in md
+    assert "![mask AP vs trainable %](pareto.png)" in md
+    assert_png(sweep_dir / "curves_vitdet_tiny_shapes.png")
+    # the baseline hint is the member's own command with the method swapped, into this folder
+    hint = " ".join(text.split())
+    assert f"peftseg train method=full train=smoke train.max_iter=8 hydra.run.dir={sweep_dir / 'baseline_full'}" in hint
+    assert "peak RSS" in md  # CPU memory is marked as not comparable
+
+
+def test_narrow_trainable_range_gets_plain_ticks_and_methods_keep_their_colour():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftseg.report import method_colour, readable_x_axis
+
+    fig, ax = plt.subplots()
+    ax.scatter([67.40, 67.45, 67.50], [1, 2, 3])
+    readable_x_axis(ax, [67.40, 67.45, 67.50])
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert ax.get_xscale() == "linear" and 2 <= len(labels) <= 7
+    assert all(67.3 <= float(label) <= 67.6 for label in labels)  # plain numbers, not "6.74×10¹"
+    plt.close(fig)
+    assert method_colour("lora") == "#9467bd" and method_colour("my_method") == method_colour("my_method")

@@ -15,7 +15,7 @@ def test_each_member_gets_its_own_dir_and_record(smoke_sweep):
     assert sorted(r["config"]["method.adapters_per_block"] for r in records) == [1, 2, 3]
     assert all(r["status"] == "ok" and r["config"]["method.name"] == "adapter" for r in records)
     dirs = {Path(r["run"]["dir"]) for r in records}
-    assert dirs == {sweep_dir.resolve() / str(n) for n in range(3)}
+    assert dirs == {sweep_dir.resolve() / f"{n}-vitdet_tiny-adapter" for n in range(3)}
     # Each extra adapter per block adds the same number of parameters, all of them trainable.
     peft = {r["config"]["method.adapters_per_block"]: r["params"]["by_group"]["peft"]["trainable"]
             for r in records}

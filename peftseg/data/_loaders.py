@@ -11,6 +11,8 @@ from detectron2.data import (
 )
 from detectron2.data import transforms as T
 
+from peftseg.data.image_sizes import warn_if_oversized
+
 
 class _NamingMapper(DatasetMapper):
     """detectron2's mapper; an image that fails to decode (truncated, damaged: validation
@@ -49,6 +51,7 @@ def train_loader(name: str, image_size: int, image_format: str, batch_size: int,
     from peftseg.engine.resume_state import ResumedTrainingSampler
 
     dicts = get_detection_dataset_dicts([name], filter_empty=True)
+    warn_if_oversized(dicts, image_size, "training")
     return build_detection_train_loader(
         dataset=dicts, mapper=_mapper(True, image_size, image_format, mask_format),
         sampler=ResumedTrainingSampler(len(dicts), seed=seed, skip=skip),

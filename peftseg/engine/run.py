@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -30,9 +31,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
+        if torch.version.cuda:  # a CUDA build that finds no GPU: reinstalling torch won't help
+            fix = (f"This torch is a CUDA {torch.version.cuda} build, but no GPU is visible to it: check "
+                   "`nvidia-smi`, the driver, and CUDA_VISIBLE_DEVICES (currently "
+                   f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}).")
+        else:
+            fix = "This torch is a CPU-only build; install a CUDA build of torch to train on a GPU."
         raise UserError(
-            f"train.device={name} was asked for but torch sees no CUDA device on this machine. "
-            "Run with train.device=cpu (or train.device=auto), or install a CUDA build of torch."
+            f"train.device={name} was asked for but torch sees no CUDA device on this machine. {fix} "
+            "Or run with train.device=cpu (or train.device=auto)."
         )
     return torch.device(name)  # the value was checked against its choices at compose time
 

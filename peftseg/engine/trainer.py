@@ -49,6 +49,19 @@ class _TrainClock(HookBase):
         eff.update(peak_memory(self._device))
 
 
+class _FinalOnlyAtEnd(hooks.PeriodicCheckpointer):
+    """detectron2's periodic checkpointer, minus the periodic file on the last iteration: with
+    max_iter a multiple of the period it wrote model_<max_iter-1>.pth beside model_final.pth,
+    the same weights twice (plus optimizer state nobody resumes from a finished run)."""
+
+    def after_step(self):
+        iteration = self.trainer.iter
+        if iteration >= self.trainer.max_iter - 1:
+            self.checkpointer.save(f"{self.file_prefix}_final", iteration=iteration)
+        else:
+            super().after_step()
+
+
 def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, image_size: int,
                        meta: dict, stop: StopRequest | None = None) -> TrainOutcome:
     """`meta` (resolved config, class names) goes into every checkpoint so it can be rebuilt.
@@ -111,10 +124,9 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
         hooks.IterationTimer(warmup_iter=tcfg.timing_warmup_iters),
         _TrainClock(outcome, tcfg.ims_per_batch, device),
         hooks.LRScheduler(optimizer, scheduler),
-        RichProgress() if tcfg.progress and main else None,  # before EvalHook: bar closes before eval logs
-        hooks.PeriodicCheckpointer(
-            # period 0: a period past the end, so only model_final is written (a period of
-            # max_iter would also save model_<max_iter-1> with the optimizer state)
+        RichProgress(log_period=tcfg.log_period) if tcfg.progress and main else None,  # before EvalHook: bar closes before eval logs
+        _FinalOnlyAtEnd(
+            # period 0: a period past the end, so only model_final is written
             checkpointer, tcfg.checkpoint_period or tcfg.max_iter + 1, max_iter=tcfg.max_iter,
             file_prefix="model",
         ),

@@ -1,0 +1,129 @@
+"""`peftseg list` and `peftseg train --help`: what there is to choose, one line each.
+
+Hydra's own `--help` lists every config group, the internal `schema/*` ones included, and
+no knob; this one lists the real groups with each option's first comment line (the yaml's
+own description), then every knob of the chosen options with its value and the comment
+its dataclass field carries. Source of truth: conf/*.yaml and the schema dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+GROUPS = ("model", "method", "dataset", "train")
+DEFAULTS = {"model": "vitdet_tiny", "method": "lora", "dataset": "shapes", "train": "default"}
+_SCHEMA_REF = re.compile(r"/schema/(\w+)/(\w+)@_here_")
+
+
+def conf_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def description(group: str, name: str) -> str:
+    """The first comment line of conf/<group>/<name>.yaml."""
+    for line in (conf_dir() / group / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def list_text() -> str:
+    lines = []
+    for group in ("model", "method", "dataset", "train"):
+        names = options(group)
+        width = max(map(len, names))
+        lines.append(f"{group}s ({group}=<name>):")
+        lines += [f"  {n:<{width}}  {description(group, n)}" for n in names]
+        lines.append("")
+    lines.append("Each option's knobs: peftseg train --help [model=…] [method=…] [dataset=…] [train=…]")
+    return "\n".join(lines)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """name -> the `# …` comment on the line that declares the dataclass field."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.MULTILINE):
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _yaml_comments(group: str, name: str) -> dict[str, str]:
+    text = (conf_dir() / group / f"{name}.yaml").read_text()
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^(\w+):[^#\n]*#\s*(.+)$", text, re.MULTILINE)}
+
+
+def preset(group: str, name: str):
+    """(schema dataclass, preset values) of conf/<group>/<name>.yaml, without Hydra; a preset
+    that extends another (swin_b: defaults [swin_t]) is merged over it."""
+    from omegaconf import OmegaConf
+
+    from peftseg.config import schemas
+
+    raw = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
+    cls, base = None, None
+    for entry in raw.pop("defaults", []):
+        entry = str(entry)
+        ref = _SCHEMA_REF.search(entry)
+        if ref:
+            cls = schemas()[group][ref.group(2)]
+        elif entry != "_self_" and (conf_dir() / group / f"{entry}.yaml").is_file():
+            cls, base = preset(group, entry)
+    values = base if base is not None else OmegaConf.structured(cls)
+    return cls, OmegaConf.merge(values, raw)
+
+
+def _value(v) -> str:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(v):
+        v = OmegaConf.to_container(v)
+    if isinstance(v, list):
+        return "[" + ",".join(map(str, v)) + "]"
+    if isinstance(v, dict):
+        return "{…}"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def train_help(argv: list[str]) -> str:
+    chosen = dict(DEFAULTS)
+    for arg in argv:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if eq and key in GROUPS and value in options(key):
+            chosen[key] = value
+    lines = [
+        "usage: peftseg train [-m] [group=option ...] [group.knob=value ...] [hydra overrides]",
+        "  -m runs a sweep: comma-separated values (method=full,lora) and Hydra sweepers",
+        "  (hydra/sweeper=peft_search); +tracking=mlflow logs to MLflow; objective=… is what",
+        "  the run returns to a sweeper. Hydra's own help: peftseg train --hydra-help.",
+        "",
+    ]
+    for group in GROUPS:
+        names = options(group)
+        lines.append(f"{group}: " + ", ".join(f"{n}*" if n == chosen[group] else n for n in names))
+    lines += ["  (* = used now; pick another with group=<option>, its knobs are listed then)", ""]
+    for group in GROUPS:
+        cls, values = preset(group, chosen[group])
+        # the preset's own line comment (image_size: 128  # 8x8 tokens) says more than the field's
+        comments = {**_field_comments(cls), **_yaml_comments(group, chosen[group])}
+        lines.append(f"{group}={chosen[group]}  {description(group, chosen[group])}")
+        for f in dataclasses.fields(cls):
+            if f.name == "name":
+                continue
+            comment = comments.get(f.name, "")
+            lines.append(f"  {group}.{f.name}={_value(values[f.name])}" + (f"  # {comment}" if comment else ""))
+        lines.append("")
+    return "\n".join(lines)

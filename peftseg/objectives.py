@@ -1,0 +1,80 @@
+"""What the train task returns: the objective(s) a Hydra sweeper (Optuna) optimises.
+
+`objective=segm_ap` (default) or a list, e.g. `objective=[segm_ap,trainable_pct]` for a
+multi-objective (NSGA-II) search. Each name maps to a number of the run record and the
+direction that is better, which the `peft_search` sweeper preset reads through the
+`peftseg_directions` resolver, so objective and direction never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peftseg.errors import UserError
+
+
+def _get(record: dict, *path: str):
+    node: Any = record
+    for key in path:
+        node = (node or {}).get(key)
+    return node
+
+
+def _scaled(value, factor: float):
+    return None if value is None else value * factor
+
+
+# name -> (value of a record, direction Optuna should take it in, what it is)
+OBJECTIVES: dict[str, tuple[Callable[[dict], float | None], str, str]] = {
+    "segm_ap": (lambda r: _get(r, "metrics", "segm", "AP"), "maximize", "mask AP"),
+    "bbox_ap": (lambda r: _get(r, "metrics", "bbox", "AP"), "maximize", "box AP"),
+    "trainable_pct": (lambda r: _scaled(_get(r, "params", "ratio"), 100.0), "minimize",
+                      "trainable parameters, % of the model"),
+    "trainable_params": (lambda r: _get(r, "params", "trainable"), "minimize", "trainable parameters"),
+    "peak_memory": (lambda r: _scaled(_get(r, "efficiency", "peak_memory_bytes"), 2.0 ** -30), "minimize",
+                    "peak training memory, GiB"),
+    "step_time": (lambda r: _get(r, "efficiency", "mean_step_time_s"), "minimize", "mean step time, s"),
+    "checkpoint_mb": (lambda r: _scaled(_get(r, "efficiency", "checkpoint_bytes"), 2.0 ** -20), "minimize",
+                      "checkpoint size, MiB"),
+}
+
+
+def objective_names(objective) -> list[str]:
+    """The objective config value as a list of known names; UserError otherwise."""
+    names = [objective] if isinstance(objective, str) else list(objective or [])
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if not names or unknown:
+        raise UserError(
+            f"objective={objective!r} is not a known objective; use one of {', '.join(OBJECTIVES)} or a list "
+            "of them, e.g. objective=segm_ap or objective=[segm_ap,trainable_pct]."
+        )
+    return [str(n) for n in names]
+
+
+def objective_values(record, objective) -> float | list[float] | None:
+    """The run's objective value(s); None when the run failed or lacks a number, which a
+    sweeper then records as a failed trial (not as a score of 0)."""
+    names = objective_names(objective)
+    if hasattr(record, "to_dict"):  # a peftseg.results.Record
+        record = record.to_dict()
+    if record.get("status") != "ok":
+        return None
+    values = [OBJECTIVES[n][0](record) for n in names]
+    if any(v is None for v in values):
+        return None
+    values = [float(v) for v in values]
+    return values[0] if isinstance(objective, str) else values
+
+
+def directions(objective) -> str | list[str]:
+    """OmegaConf resolver `peftseg_directions`: Optuna's direction(s) for `objective`."""
+    names = objective_names(objective)
+    found = [OBJECTIVES[n][1] for n in names]
+    return found[0] if isinstance(objective, str) else found
+
+
+def register_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("peftseg_directions"):
+        OmegaConf.register_new_resolver("peftseg_directions", directions)

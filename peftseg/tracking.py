@@ -1,0 +1,226 @@
+"""MLflow tracking as a Hydra callback: `peftseg train +tracking=mlflow …`.
+
+Each run becomes an MLflow run: its flattened config as params, the record's metrics,
+parameter counts and efficiency numbers as metrics, the training curves per iteration
+(from metrics.json), and results.json, the final checkpoint and the Hydra config as
+artifacts. A sweep (-m) becomes a parent run with one child per member, and the parent
+gets the sweep's report (report.md, report.csv, pictures) at the end. A member that fails
+is logged with status FAILED and its error as tags.
+
+The callback talks to MLflow through `MlflowClient` with explicit run ids, not the
+fluent `mlflow.start_run` stack: sweep members may run in other processes (submitit,
+SLURM), which find the parent's id in the sweep dir.
+
+Light module: mlflow is imported when a callback method runs, so `import peftseg.tracking`
+(Hydra resolving `_target_`) costs nothing when tracking is off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+PARENT_FILE = ".mlflow_parent_run"  # in the sweep dir: the parent run's id for members elsewhere
+ARTIFACTS = ("results.json", "model_final.safetensors", "peft/adapter_config.json", "peft/adapter_model.safetensors",
+             "peft/heads.safetensors", ".hydra/config.yaml", ".hydra/overrides.yaml")
+_BATCH = 100  # MlflowClient.log_batch takes at most 100 params (and 1000 metrics) per call
+
+
+@dataclass
+class TrackingConfig:
+    """`tracking.*` (set by +tracking=mlflow)."""
+    uri: str = ""  # empty: a local file store ./mlruns (browse with `mlflow ui`); or http://host:5000, sqlite:///…
+    experiment: str = "peftseg"
+
+
+def tracking_uri(uri: str) -> str:
+    uri = uri or Path("mlruns").resolve().as_uri()
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked; it is
+        # still the serverless, database-free store this project promises as the default.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def _metric_key(key: str) -> str:
+    # MLflow accepts letters, digits, _ - . space / in names
+    return re.sub(r"[^\w\-. /]", "_", key)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def record_metrics(record: dict) -> dict[str, float]:
+    """Numbers of a run record worth a metric: COCO AP, parameter counts, efficiency."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif (number := _number(value)) is not None:
+            out[_metric_key(prefix)] = number
+
+    for section in ("metrics", "params", "efficiency"):
+        walk(section, record.get(section) or {})
+    return out
+
+
+def curve_points(run_dir: Path) -> list[tuple[str, float, int]]:
+    """(key, value, iteration) of every number detectron2's JSONWriter logged during training."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        step = row.get("iteration")
+        for key, value in row.items():
+            number = _number(value)
+            if key != "iteration" and number is not None and isinstance(step, int):
+                points.append((_metric_key(f"train/{key}"), number, step))
+    return points
+
+
+class MlflowTracker(Callback):
+    def __init__(self, uri: str = "", experiment: str = "peftseg") -> None:
+        self.uri, self.experiment = uri, experiment
+        self._parent: str | None = None
+        self._client = None
+
+    # -- MLflow plumbing ------------------------------------------------------------------
+
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=tracking_uri(self.uri))
+        return self._client
+
+    def experiment_id(self) -> str:
+        client = self.client()
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(self.experiment)
+        except Exception:  # a sweep member in another process created it first
+            return client.get_experiment_by_name(self.experiment).experiment_id
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client().log_batch(run_id, params=items[i:i + _BATCH])
+
+    def _log_metrics(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v, step in points]
+        for i in range(0, len(metrics), 1000):
+            self.client().log_batch(run_id, metrics=metrics[i:i + 1000])
+
+    # -- Hydra callback hooks -------------------------------------------------------------
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        run = self.client().create_run(
+            self.experiment_id(), run_name=f"sweep {sweep_dir.name}",
+            tags={"peftseg.sweep_dir": str(sweep_dir.resolve()), "peftseg.kind": "sweep"},
+        )
+        self._parent = run.info.run_id
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_FILE).write_text(self._parent)
+        overrides = list(config.hydra.overrides.task)
+        self._log_params(self._parent, {"sweep.overrides": " ".join(overrides)})
+
+    def _parent_id(self, config) -> str | None:
+        if self._parent is not None:
+            return self._parent
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+        except Exception:
+            return None
+        marker = sweep_dir / PARENT_FILE
+        return marker.read_text().strip() if marker.is_file() else None
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        from peftseg.results import FILENAME, read_record
+
+        run_dir = Path(str(config.hydra.runtime.output_dir))
+        record_path = run_dir / FILENAME
+        record = read_record(record_path).to_dict() if record_path.is_file() else {}
+        parent = self._parent_id(config) if config.hydra.mode == RunMode.MULTIRUN else None
+        name = f"{config.model.name} · {config.method.name} ({run_dir.name})"
+        tags = {"peftseg.run_dir": str(run_dir.resolve()), "peftseg.kind": "run",
+                "peftseg.model": str(config.model.name), "peftseg.method": str(config.method.name)}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        try:
+            run_id = self.client().create_run(self.experiment_id(), run_name=name[:250], tags=tags).info.run_id
+            from peftseg.results import flatten_config
+
+            self._log_params(run_id, record.get("config") or flatten_config(config))
+            self._log_metrics(run_id, [(k, v, 0) for k, v in record_metrics(record).items()]
+                              + curve_points(run_dir))
+            for rel in ARTIFACTS:
+                if (run_dir / rel).is_file():
+                    self.client().log_artifact(run_id, str(run_dir / rel), artifact_path=str(Path(rel).parent)
+                                               if "/" in rel else None)
+            ok = record.get("status") == "ok" and job_return.status == JobStatus.COMPLETED
+            if not ok:
+                error = record.get("error") or {}
+                if not error and job_return.status == JobStatus.FAILED:
+                    exc = job_return._return_value
+                    error = {"type": type(exc).__name__, "message": str(exc)}
+                self.client().set_tag(run_id, "peftseg.error", f"{error.get('type')}: {error.get('message')}"[:5000])
+            self.client().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        except Exception as exc:  # tracking must never take a finished run down with it
+            log.warning("MLflow tracking of %s failed: %s: %s", run_dir, type(exc).__name__, exc)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if self._parent is None:
+            return
+        from rich.console import Console
+
+        from peftseg.report import build_report
+        from peftseg.sweep import last_sweep
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        status = "FINISHED"
+        try:
+            outcome = last_sweep()
+            if outcome is not None:
+                _, members, failed = outcome
+                self.client().set_tag(self._parent, "peftseg.members", str(members))
+                self.client().set_tag(self._parent, "peftseg.failed", str(failed))
+                status = "FAILED" if failed or not members else "FINISHED"
+            build_report(sweep_dir, None, Console(file=open(os.devnull, "w"), width=160))
+            for path in sorted(sweep_dir.glob("report.*")) + sorted(sweep_dir.glob("*.png")):
+                self.client().log_artifact(self._parent, str(path), artifact_path="report")
+        except Exception as exc:  # a sweep with no record yet has no report; still close the run
+            log.warning("MLflow: report of sweep %s not logged: %s: %s", sweep_dir, type(exc).__name__, exc)
+        self.client().set_terminated(self._parent, status)

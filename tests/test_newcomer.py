@@ -1,0 +1,101 @@
+"""What a newcomer hit (issue 13, item 7): progress without a terminal, checkpoints, messages, plots."""
+
+import io
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+from rich.console import Console
+
+from peftseg.engine.progress import RichProgress
+from peftseg.engine.run import resolve_device
+from peftseg.engine.trainer import _FinalOnlyAtEnd
+from peftseg.errors import UserError
+
+
+def _trainer(max_iter: int):
+    return SimpleNamespace(iter=0, max_iter=max_iter, start_iter=0, storage=None)
+
+
+def test_progress_logs_lines_every_log_period_when_not_a_terminal(caplog):
+    hook = RichProgress(console=Console(file=io.StringIO()), log_period=3)  # a file is no terminal
+    hook.trainer = _trainer(7)
+    caplog.set_level(logging.INFO, logger="peftseg.progress")
+    with EventStorage() as storage:
+        hook.trainer.storage = storage
+        hook.before_train()
+        for it in range(7):
+            hook.trainer.iter = it
+            storage.put_scalar("total_loss", 2.0 - 0.1 * it)
+            storage.put_scalar("lr", 1e-3)
+            hook.after_step()
+        hook.after_train()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split()[1] for line in lines] == ["3/7", "6/7", "7/7"]  # every 3rd, and the last
+    assert "loss 1.900" in lines[0] and "lr 1.00e-03" in lines[0] and "ETA" in lines[0]
+
+
+class _Recorder:
+    path_manager = None  # read by fvcore's PeriodicCheckpointer, used only with max_to_keep
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, name, **kwargs):
+        self.saved.append(name)
+
+
+def test_no_periodic_checkpoint_beside_model_final():
+    rec = _Recorder()
+    hook = _FinalOnlyAtEnd(rec, period=5, max_iter=10, file_prefix="model")
+    hook.trainer = _trainer(10)
+    hook.before_train()
+    for it in range(10):
+        hook.trainer.iter = it
+        hook.after_step()
+    assert rec.saved == ["model_0000004", "model_final"]  # no model_0000009 holding the same weights
+
+
+def test_cuda_asked_without_a_visible_gpu_names_the_real_cause(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="CUDA 12.4 build, but no GPU is visible") as info:
+        resolve_device("cuda")
+    assert "install a CUDA build" not in str(info.value) and "CUDA_VISIBLE_DEVICES (currently '')" in str(info.value)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(UserError, match="CPU-only build; install a CUDA build"):
+        resolve_device("cuda")
+
+
+def test_images_much_larger_than_the_model_size_are_named():
+    from peftseg.data.image_sizes import oversize_message
+
+    dicts = [{"height": 512, "width": 480}] * 3
+    message = oversize_message(dicts, 128, "training")
+    assert "512 px on their long side" in message and "model.image_size=128" in message and "4.0x" in message
+    assert oversize_message(dicts, 512, "training") is None
+
+
+def test_help_keeps_optional_arguments_in_brackets(capsys):
+    from peftseg.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "[output=<file>]" in out and "[score_thresh=0.5]" in out and "[n=8]" in out
+
+
+def test_list_and_train_help_name_options_and_knobs_without_schema_groups(capsys):
+    from peftseg.cli import main
+
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "vitdet_tiny" in listing and "lora" in listing and "shapes" in listing and "schema" not in listing
+    assert main(["train", "--help", "method=adapter"]) == 0
+    text = capsys.readouterr().out
+    assert "schema" not in text and "method: adapter*" in text
+    assert "method.adapters_per_block=2  # stacked in sequence at each site" in text
+    assert "model.image_size=128  # 8x8 tokens" in text  # the preset's own comment
+    assert "train.log_period=" in text
