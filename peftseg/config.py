@@ -52,7 +52,10 @@ class TrainConfig:
     resume: str = ""  # a run dir or model_*.pth: continue its iteration, optimizer and scheduler
     log_period: int = 20
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False
+    amp: bool = False  # mixed precision (detectron2's AMPTrainer on CUDA; CPU autocast on CPU)
+    amp_dtype: str = "bf16"  # bf16 | fp16 (fp16: CUDA only)
+    # recompute each transformer block in backward instead of storing its activations
+    activation_checkpointing: bool = False
     num_workers: int = 2
     seed: int = 0
     progress: bool = True
@@ -72,6 +75,7 @@ class TrainConfig:
             checks.integer(f"train.{key}", getattr(self, key), minimum=low)
         checks.choice("train.optimizer", self.optimizer, OPTIMIZERS)
         checks.choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        checks.choice("train.amp_dtype", self.amp_dtype, AMP_DTYPES)
         checks.number("train.base_lr", self.base_lr, low=0, low_open=True, why="e.g. train.base_lr=1e-3")
         for key in ("peft_lr", "heads_lr"):
             if getattr(self, key) is not None:

@@ -9,6 +9,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset
 
 from peftseg.data._loaders import test_loader
+from peftseg.engine.precision import autocast
 from peftseg.errors import UserError
 
 
@@ -37,4 +38,6 @@ def build_evaluator(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
 def evaluate(model, dataset_name: str, image_size: int, output_dir: Path, num_workers: int = 0) -> dict:
     evaluator = build_evaluator(dataset_name, output_dir)
     loader = test_loader(dataset_name, image_size, model.input_format, num_workers)
-    return dict(inference_on_dataset(model, loader, evaluator))
+    device = next(model.parameters()).device
+    with autocast(model, device):  # a model whose frozen base is stored bf16 runs only so
+        return dict(inference_on_dataset(model, loader, evaluator))

@@ -49,7 +49,12 @@ def build_for_run(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     out identical when `peftseg eval`/`merge`/resume rebuild it around a PEFT checkpoint."""
     seed_all_rng(cfg.train.seed)
     model = build_model(cfg.model, num_classes=num_classes)
-    return apply_method(model, cfg.method)
+    model = apply_method(model, cfg.method)
+    if cfg.train.activation_checkpointing:
+        from peftseg.engine.checkpointing import enable_activation_checkpointing
+
+        model.peftseg_checkpointed_blocks = len(enable_activation_checkpointing(model))
+    return model
 
 
 def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path) -> None:
@@ -105,6 +110,9 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
                 )
             record.efficiency = {
                 "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
+                # memory options as they ran: blocks recomputed in backward, frozen-weight storage
+                "checkpointed_blocks": getattr(model, "peftseg_checkpointed_blocks", 0),
+                "base_dtype": getattr(model, "peftseg_base_dtype", "fp32"),
                 "run_wall_time_s": time.perf_counter() - start,
             }
             record.status = "ok"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, create_ddp_model, hooks
+from detectron2.engine import HookBase, create_ddp_model, hooks
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -20,6 +20,7 @@ from peftseg.engine.evaluate import evaluate
 from peftseg.engine.failure import diverged
 from peftseg.engine.interrupt import StopAtStepBoundary, StopRequest
 from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_of
+from peftseg.engine.precision import make_trainer, run_precision
 from peftseg.engine.progress import RichProgress
 from peftseg.engine.resume_state import rng_untouched, set_rng_state
 from peftseg.engine.rundir import trim_metrics
@@ -92,10 +93,9 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
         model, broadcast_buffers=False, find_unused_parameters=tcfg.find_unused_parameters,
         device_ids=[comm.get_local_rank()] if device.type == "cuda" else None,
     )
-    if tcfg.amp and device.type == "cuda":
-        trainer = AMPTrainer(ddp_model, data, optimizer)
-    else:
-        trainer = SimpleTrainer(ddp_model, data, optimizer)
+    precision = run_precision(tcfg, device, model)
+    outcome.efficiency["precision"] = precision  # what ran, for the record
+    trainer = make_trainer(ddp_model, data, optimizer, precision, device)
     if "rng" in resume:
         # the loader's iterator draws its base seed from torch's RNG when it is made: make it
         # now, then put back the states of the saved step boundary (the uninterrupted run made

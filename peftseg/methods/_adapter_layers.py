@@ -15,6 +15,7 @@ import torch.nn as nn
 from peftseg.errors import UserError
 from peftseg.methods.adapter import AdapterConfig, adapter_width
 from peftseg.models import family_of
+from peftseg.methods._memory import outside, unselected_blocks
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -85,7 +86,7 @@ def _first_tensor(args: tuple, kwargs: dict, module: nn.Module) -> torch.Tensor:
     )
 
 
-def _site_modules(model: nn.Module, site: str) -> list[tuple[str, nn.Module]]:
+def _site_modules(model: nn.Module, site: str, blocks="all") -> list[tuple[str, nn.Module]]:
     family = family_of(model)
     known = ", ".join(family.adapter_sites) or "none"
     key = "mlp" if site == "mlp_parallel" else site
@@ -96,6 +97,14 @@ def _site_modules(model: nn.Module, site: str) -> list[tuple[str, nn.Module]]:
         )
     pattern = family.adapter_sites[key]
     hits = [(n, m) for n, m in model.named_modules() if re.fullmatch(pattern, n)]
+    excluded = unselected_blocks(model, blocks)  # method.blocks leaves these bare
+    kept = set(outside([n for n, _ in hits], excluded))
+    if hits and not kept:
+        raise UserError(
+            f"method.blocks={blocks!r} leaves no {site!r} adapter site: all of them sit in "
+            "blocks the selection skips; select other blocks or other sites."
+        )
+    hits = [(n, m) for n, m in hits if n in kept]
     if not hits:
         raise UserError(
             f"method.sites {site!r} (pattern {pattern!r}) matches no module of this "
@@ -143,7 +152,7 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig) -> list[nn.Parameter]:
     n, sites = cfg.adapters_per_block, list(cfg.sites)
     plan: list[tuple[nn.Module, int, int, bool]] = []
     for site in sites:
-        for name, module in _site_modules(model, site):
+        for name, module in _site_modules(model, site, cfg.blocks):
             if hasattr(module, "peft_adapters"):
                 raise UserError(
                     f"{name} already carries adapters (from an earlier adapter method or a "

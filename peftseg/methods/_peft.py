@@ -100,8 +100,19 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool, ow
     return train_only_added(model, added, owner, train_heads)
 
 
-def family_targets(model: nn.Module, targets: list[str], field: str = "method.targets") -> str:
-    """Validate `targets` against the model's family and return peft's target regex."""
+def family_targets(model: nn.Module, targets: list[str], field: str = "method.targets",
+                   blocks="all", blocks_field: str = "method.blocks") -> str:
+    """Validate `targets` against the model's family and return peft's target regex;
+    `blocks` (method.blocks) leaves the backbone blocks it does not select bare."""
+    from peftseg.methods._memory import exclusion_regex, outside, unselected_blocks
+
     family = family_of(model)
-    resolve_targets(model, family, list(targets), field)
-    return target_regex(family, list(targets))
+    chosen = resolve_targets(model, family, list(targets), field)
+    excluded = unselected_blocks(model, blocks, blocks_field)
+    if excluded and not outside(chosen, excluded):
+        raise UserError(
+            f"{blocks_field}={blocks!r} leaves none of the modules {field}={list(targets)} selects: "
+            "they all sit in blocks the selection skips; select other blocks or other targets."
+        )
+    # a negative lookahead skips every module inside an unselected block
+    return exclusion_regex(excluded) + f"(?:{target_regex(family, list(targets))})"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 from peftseg.registry import register_method
+from peftseg.methods._memory import MemoryOptions
 
 SITES = ("attn", "mlp", "mlp_parallel")
 ACTIVATION_NAMES = ("gelu", "relu")
@@ -34,7 +35,7 @@ DEFAULT_BOTTLENECK = 64  # AdaptFormer's width on ViT-B (d=768)
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(MemoryOptions):  # + base_dtype, blocks
     name: str = "adapter"
     adapters_per_block: int = 2  # stacked in sequence at each site; 0: no adapters
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # attn | mlp | mlp_parallel
@@ -48,6 +49,7 @@ class AdapterConfig:
     train_heads: bool = True  # neck + heads train next to the adapters (they start untrained)
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # base_dtype, blocks
         n = self.adapters_per_block
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_PER_BLOCK:
             raise UserError(

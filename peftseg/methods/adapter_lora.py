@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from peftseg.methods.adapter import AdapterConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.registry import register_method
+from peftseg.methods._memory import MemoryOptions
 
 
 @dataclass
-class AdapterLoraConfig:
+class AdapterLoraConfig(MemoryOptions):  # + base_dtype, blocks
     name: str = "adapter_lora"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -27,6 +28,15 @@ def apply(model, cfg: AdapterLoraConfig):
     from peftseg.methods import apply_method
     from peftseg.methods.freeze import freeze_all, unfreeze_params
 
+    from peftseg.errors import UserError
+
+    for key, part in (("adapter", cfg.adapter), ("lora", cfg.lora)):
+        # the base is stored once, after every part is in, so no part's modules inherit bf16
+        if part.base_dtype != "fp32":
+            raise UserError(
+                f"method.{key}.base_dtype={part.base_dtype} is set on one part of the combination; "
+                f"set method.base_dtype={part.base_dtype} on the combination instead."
+            )
     trainable: set[int] = set()
     for part in (cfg.adapter, cfg.lora):
         model = apply_method(model, part)

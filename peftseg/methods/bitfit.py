@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from peftseg.methods.freeze import freeze_all, unfreeze_task_heads
 from peftseg.registry import register_method
+from peftseg.methods._memory import MemoryOptions
 
 
 @dataclass
-class BitfitConfig:
+class BitfitConfig(MemoryOptions):  # + base_dtype, blocks
     name: str = "bitfit"
     train_heads: bool = True
 

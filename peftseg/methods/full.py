@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from peftseg.methods.freeze import unfreeze_all
 from peftseg.registry import register_method
+from peftseg.methods._memory import MemoryOptions
 
 
 @dataclass
-class FullConfig:
+class FullConfig(MemoryOptions):  # + base_dtype, blocks
     name: str = "full"
 
 

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from peftseg.methods.freeze import NECK_AND_HEADS, freeze_all, unfreeze_groups
 from peftseg.registry import register_method
+from peftseg.methods._memory import MemoryOptions
 
 
 @dataclass
-class HeadsConfig:
+class HeadsConfig(MemoryOptions):  # + base_dtype, blocks
     name: str = "heads"
 
 

@@ -10,16 +10,18 @@ from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 from peftseg.registry import register_method
+from peftseg.methods._memory import MemoryOptions
 
 
 @dataclass
-class Ia3Config:
+class Ia3Config(MemoryOptions):  # + base_dtype, blocks
     name: str = "ia3"
     targets: list[str] = field(default_factory=lambda: ["attn_qkv", "mlp"])
     feedforward: list[str] = field(default_factory=lambda: ["mlp"])  # subset of targets
     train_heads: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # base_dtype, blocks
         if not list(self.targets):
             raise UserError("method.targets is empty; list at least one target group, e.g. method.targets=[attn_qkv,mlp].")
         stray = [g for g in self.feedforward if g not in self.targets]
@@ -39,7 +41,7 @@ def apply(model, cfg: Ia3Config):
     from peftseg.methods._peft import family_targets, inject, target_regex
     from peftseg.models import family_of
 
-    targets = family_targets(model, cfg.targets)
+    targets = family_targets(model, cfg.targets, blocks=cfg.blocks)
     peft_cfg = peft.IA3Config(
         target_modules=targets,
         # an empty regex would fullmatch nothing; peft wants a list then

@@ -38,6 +38,6 @@ def apply(model, cfg: LohaConfig):
         alpha=cfg.alpha,
         rank_dropout=cfg.rank_dropout,
         module_dropout=cfg.module_dropout,
-        target_modules=family_targets(model, cfg.targets),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
     )
     return inject(model, peft_cfg, cfg.train_heads, "loha")

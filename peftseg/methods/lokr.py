@@ -46,6 +46,6 @@ def apply(model, cfg: LokrConfig):
         module_dropout=cfg.module_dropout,
         decompose_factor=cfg.decompose_factor,
         decompose_both=cfg.decompose_both,
-        target_modules=family_targets(model, cfg.targets),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
     )
     return inject(model, peft_cfg, cfg.train_heads, "lokr")

@@ -37,7 +37,7 @@ def apply(model, cfg: LoraConfig):
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=family_targets(model, cfg.targets),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         bias="none",

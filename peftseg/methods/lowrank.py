@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftseg import checks
+from peftseg.methods._memory import MemoryOptions
 
 
 def default_targets() -> list[str]:
@@ -12,7 +13,7 @@ def default_targets() -> list[str]:
 
 
 @dataclass
-class LowRankConfig:
+class LowRankConfig(MemoryOptions):  # + base_dtype, blocks
     name: str = "lora"
     rank: int = 8
     # target groups, mapped to modules by the model family (FamilyMap.lora_targets); which
@@ -21,6 +22,7 @@ class LowRankConfig:
     train_heads: bool = True  # the family's task heads train too (FamilyMap.task_heads)
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # base_dtype, blocks
         checks.integer("method.rank", self.rank, minimum=1,
                        why="it is the rank of each low-rank update, e.g. method.rank=8")
         if not list(self.targets):

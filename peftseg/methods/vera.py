@@ -39,7 +39,7 @@ def apply(model, cfg: VeraConfig):
 
     peft_cfg = peft.VeraConfig(
         r=cfg.rank,
-        target_modules=family_targets(model, cfg.targets),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
         projection_prng_key=cfg.projection_prng_key,
         vera_dropout=cfg.dropout,
         d_initial=cfg.d_initial,

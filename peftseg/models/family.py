@@ -6,7 +6,7 @@ through it, so a new family needs no change in any method.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 ACCOUNTING_GROUPS = ("backbone", "neck", "heads")
@@ -28,6 +28,17 @@ class FamilyMap:
     # `train_heads`); empty: the whole neck and heads groups. A query-based decoder is most
     # of the model and is what LoRA/adapters adapt, so there only the prediction heads train.
     task_heads: tuple[str, ...] = ()
+    # regexes that fullmatch the modules recomputed in backward under
+    # train.activation_checkpointing (one per transformer block / layer, wherever it sits)
+    checkpoint_blocks: tuple[str, ...] = ()
+    # regex that fullmatches the backbone's transformer blocks, in forward order: what
+    # `method.blocks` indexes (e.g. last:4) and what feeds the `side` method
+    backbone_blocks: str = ""
+    # the `side` method: the module whose output dict of features gets the side path's
+    # deltas (before the neck), and feature name -> regex of the blocks feeding that
+    # feature; empty: the family offers no side path
+    side_body: str = ""
+    side_features: dict[str, str] = field(default_factory=dict)
 
     def group_of(self, param_name: str) -> str | None:
         """Accounting group of a parameter name, or None when no prefix matches."""

@@ -66,6 +66,11 @@ FAMILY = FamilyMap(
     # deform_attn/decoder_attn LoRA and the adapters adapt) and train only the class
     # predictor and the mask embedder, as the reference study trained the heads
     task_heads=(_HF + "class_predictor.", _HF + "model.transformer_module.decoder.mask_predictor.mask_embedder."),
+    # Swin blocks, deformable-attention encoder layers, masked-attention decoder layers
+    checkpoint_blocks=(_SWIN_BLOCK, _PIXEL_ENC_LAYER, _DEC_LAYER),
+    backbone_blocks=_SWIN_BLOCK,
+    # no side path: transformers' Swin backbone returns its stage outputs inside a
+    # BackboneOutput built in one forward, with no module output to add a delta to
 )
 
 

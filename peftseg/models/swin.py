@@ -37,6 +37,11 @@ FAMILY = FamilyMap(
         "mlp": _BLOCK + r"\.mlp\.fc[12]",
         "heads": HEADS_LORA_TARGETS,
     },
+    checkpoint_blocks=(_BLOCK,),
+    backbone_blocks=_BLOCK,
+    # stage i's blocks feed its output p{i} (detectron2's SwinTransformer names them by stage)
+    side_body="backbone.bottom_up",
+    side_features={f"p{i}": rf"backbone\.bottom_up\.layers\.{i}\.blocks\.\d+" for i in range(4)},
 )
 
 # detectron2's SwinTransformer names its stage outputs with strides 2**(i+2), true only for

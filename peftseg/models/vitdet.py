@@ -36,6 +36,11 @@ FAMILY = FamilyMap(
         "mlp": _BLOCK + r"\.mlp\.fc[12]",
         "heads": HEADS_LORA_TARGETS,
     },
+    checkpoint_blocks=(_BLOCK,),
+    backbone_blocks=_BLOCK,
+    # every ViT block feeds the one plain feature map SimpleFeaturePyramid reads
+    side_body="backbone.net",
+    side_features={"last_feat": _BLOCK},
 )
 
 # the scale factors SimpleFeaturePyramid implements
