@@ -3,6 +3,12 @@
 
     .venv/bin/python scripts/benchmark.py --model vitdet_tiny
     .venv/bin/python scripts/benchmark.py --model vitdet_b --image-size 256 --batch 1 --steps 3
+    .venv/bin/python scripts/benchmark.py --model vitdet_b --image-size 1024 --batch 1 \
+        --methods full,heads,side,lora,lora+ckpt:lora:train.activation_checkpointing=true
+
+`--methods` entries are `METHOD` or `LABEL:METHOD:KEY=VALUE[:KEY=VALUE…]` (a labelled
+variant with its own Hydra overrides); `--override KEY=VALUE` applies to every entry.
+Rows, and the JSON, are keyed by label.
 
 Every method trains the same model (same seed, so the same initial weights), on the same
 fixed batch, in one process: all models are built up front, then visited in rounds, each
@@ -53,38 +59,87 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per method per round (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all methods (default 3)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated registered methods (default: those of {','.join(DEFAULT_METHODS)} "
-                        "that are registered)")
+                   help=f"comma-separated METHOD or LABEL:METHOD:KEY=VALUE[:KEY=VALUE…] entries (default: "
+                        f"those of {','.join(DEFAULT_METHODS)} that are registered)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override applied to every entry (repeatable), e.g. train.amp=true")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     return p.parse_args(argv)
 
 
-def pick_methods(arg: str | None) -> list[str]:
+def split_entries(arg: str) -> list[str]:
+    """Split --methods on commas outside brackets (a value may be a list: method.blocks=[8,9])."""
+    entries, depth, cur = [], 0, ""
+    for ch in arg:
+        depth += ch in "[(" and 1 or (ch in "])" and -1 or 0)
+        if ch == "," and depth == 0:
+            entries.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    entries.append(cur)
+    return [e.strip() for e in entries if e.strip()]
+
+
+def parse_entry(entry: str) -> tuple[str, str, list[str]]:
+    """`METHOD` or `LABEL:METHOD:KEY=VALUE[:KEY=VALUE…]` -> (label, method, overrides). A
+    segment without "=" continues the previous value (method.blocks=last:4)."""
+    from peftseg.errors import UserError
+
+    parts = entry.split(":")
+    if len(parts) == 1:
+        return entry, entry, []
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise UserError(f"--methods entry {entry!r}: write METHOD or LABEL:METHOD:KEY=VALUE[:KEY=VALUE…].")
+    label, method, overrides = parts[0], parts[1], []
+    for seg in parts[2:]:
+        if "=" in seg or not overrides:
+            if "=" not in seg:
+                raise UserError(f"--methods entry {entry!r}: {seg!r} is not KEY=VALUE; write "
+                                "LABEL:METHOD:KEY=VALUE[:KEY=VALUE…].")
+            overrides.append(seg)
+        else:
+            overrides[-1] += ":" + seg
+    return label, method, overrides
+
+
+def pick_methods(arg: str | None) -> list[tuple[str, str, list[str]]]:
     from peftseg.errors import UserError
     from peftseg.methods import METHODS
 
     configs = {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")}
     usable = sorted(m for m in METHODS if m in configs)
     if arg is None:
-        return [m for m in DEFAULT_METHODS if m in usable]
-    names = [m.strip() for m in arg.split(",") if m.strip()]
-    unknown = [m for m in names if m not in usable]
-    if unknown or not names:
+        return [(m, m, []) for m in DEFAULT_METHODS if m in usable]
+    entries = [parse_entry(e) for e in split_entries(arg)]
+    unknown = [m for _, m, _ in entries if m not in usable]
+    if unknown or not entries:
         raise UserError(f"--methods names {unknown or 'nothing'}; registered methods: {', '.join(usable)}.")
-    return names
+    labels = [label for label, _, _ in entries]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--methods uses a label twice ({labels}); give every entry its own label.")
+    return entries
 
 
-def compose(model: str, method: str, image_size: int | None):
+def compose(model: str, method: str, image_size: int | None, extra: list[str] = ()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from peftseg.errors import UserError
 
     overrides = [f"model={model}", f"method={method}", "train=smoke", "dataset=shapes"]
     if image_size:
         overrides.append(f"model.image_size={image_size}")
+    overrides += list(extra)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+        try:
+            return hydra_compose("config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise UserError(f"overrides {list(extra)} for method {method} do not compose: {exc}") from None
 
 
 def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -96,17 +151,36 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return sum(storages.values())
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a shared storage counts once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 class Bench:
-    def __init__(self, name, model, optimizer, params, device):
+    def __init__(self, name, model, optimizer, params, device, precision, cfg):
         self.name, self.model, self.optimizer, self.params, self.device = name, model, optimizer, params, device
+        self.precision, self.cfg = precision, cfg
         self.times: list[float] = []
         self.step_peak_bytes = 0
+        self.grad_bytes = 0
+
+    def autocast(self):
+        import contextlib
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "amp_bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def step(self, batch) -> None:
         # Old gradients go before the step starts, so "resident" is weights + optimizer state.
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.model(batch)
-        sum(losses.values()).backward()
+        with self.autocast():  # as the trainer runs it (detectron2's AMPTrainer / CpuAMPTrainer)
+            losses = self.model(batch)
+            loss = sum(losses.values())
+        loss.backward()
+        self.grad_bytes = tensor_bytes([p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
 
     def timed_step(self, batch) -> None:
@@ -128,6 +202,16 @@ class Bench:
         else:
             self.step_peak_bytes = cpu_step_peak(lambda: self.step(batch))
 
+    def breakdown(self) -> dict:
+        """Where the peak goes: resident weights (parameters + buffers), optimizer state, and
+        of the step's own peak the gradients and the rest (activations autograd keeps for
+        backward, plus the step's temporaries)."""
+        weights = tensor_bytes([*self.model.parameters(), *self.model.buffers()])
+        state = [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        optimizer = tensor_bytes(state)
+        return {"weights_bytes": weights, "optimizer_state_bytes": optimizer, "gradients_bytes": self.grad_bytes,
+                "activations_bytes": max(0, self.step_peak_bytes - self.grad_bytes)}
+
     @property
     def peak_bytes(self) -> int:
         return resident_bytes(self.model, self.optimizer) + self.step_peak_bytes
@@ -148,37 +232,47 @@ def cpu_step_peak(fn) -> int:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    # "Total Allocated" counts what was allocated since profiling began, minus its frees.
-    cpu = [e["args"]["Total Allocated"] for e in events
-           if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    return max(cpu, default=0)
+    cpu = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    if not cpu:
+        return 0
+    # "Total Allocated" is the allocator's running total, which does not start at zero
+    # with each profiling session (measured: it carried ~10 MiB over from one method's
+    # measurement to the next, inflating every later row). What the step adds is the peak
+    # above the total just before the step's first allocation.
+    baseline = cpu[0]["Total Allocated"] - cpu[0]["Bytes"]
+    return max(0, max(a["Total Allocated"] for a in cpu) - baseline)
 
 
-def build(names, args, device, console):
+def build(entries, args, device, console):
     from peftseg.config import register_schemas
     from peftseg.data import register_dataset
     from peftseg.data._loaders import train_loader
+    from peftseg.engine.checkpointing import enable_activation_checkpointing
     from peftseg.engine.optim import build_optimizer
+    from peftseg.engine.precision import run_precision
     from peftseg.methods import apply_method
     from peftseg.models import build_model
     from peftseg.params import count_parameters
 
     register_schemas()
-    cfgs = {m: compose(args.model, m, args.image_size) for m in names}
-    first = cfgs[names[0]]
+    cfgs = {label: compose(args.model, m, args.image_size, [*args.override, *extra]) for label, m, extra in entries}
+    first = next(iter(cfgs.values()))
     splits = register_dataset(first.dataset)
     image_size = first.model.image_size
     # One fixed batch for every method and every step.
     batch = next(iter(train_loader(splits.train, image_size, first.model.input_format, args.batch, 0, args.seed)))
     benches = []
-    for m in names:
-        cfg = cfgs[m]
+    for label, cfg in cfgs.items():
         torch.manual_seed(args.seed)  # same initial weights for every method
         model = apply_method(build_model(cfg.model, num_classes=len(splits.class_names)), cfg.method)
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model)
         params = count_parameters(model)
         model.to(device).train()
-        benches.append(Bench(m, model, build_optimizer(model, cfg.train), params, device))
-        console.print(f"built {m}: {params.trainable:,} of {params.total:,} parameters train", highlight=False)
+        precision = run_precision(cfg.train, device, model)
+        benches.append(Bench(label, model, build_optimizer(model, cfg.train), params, device, precision, cfg))
+        console.print(f"built {label}: {params.trainable:,} of {params.total:,} parameters train, {precision}",
+                      highlight=False)
     return benches, batch, image_size
 
 
@@ -188,8 +282,8 @@ def run(args, console: Console) -> dict:
     from peftseg.engine.run import resolve_device
 
     device = resolve_device(args.device)
-    names = pick_methods(args.methods)
-    benches, batch, image_size = build(names, args, device, console)
+    entries = pick_methods(args.methods)
+    benches, batch, image_size = build(entries, args, device, console)
     console.print(f"{args.model} @ {image_size}px, batch {args.batch}, {device}: "
                   f"{args.rounds} rounds x {args.steps} timed steps per method", highlight=False)
     with EventStorage(0):  # detectron2's losses log into one
@@ -204,7 +298,7 @@ def run(args, console: Console) -> dict:
                     b.timed_step(batch)
     results = {
         "model": args.model, "image_size": image_size, "batch": args.batch, "device": str(device),
-        "steps_per_method": args.rounds * args.steps,
+        "steps_per_method": args.rounds * args.steps, "overrides": list(args.override),
         "memory": "tensor bytes: resident params+buffers+optimizer state + peak allocated during one step "
                   + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler CPU allocator accounting)"),
         "methods": {},
@@ -214,7 +308,10 @@ def run(args, console: Console) -> dict:
             "trainable": b.params.trainable, "total": b.params.total, "ratio": b.params.ratio,
             "step_time_s": statistics.median(b.times),
             "step_time_min_s": min(b.times), "step_time_max_s": max(b.times),
-            "peak_memory_bytes": b.peak_bytes,
+            "peak_memory_bytes": b.peak_bytes, **b.breakdown(),
+            "method": b.cfg.method.name, "precision": b.precision,
+            "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
+            "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
         }
     base = results["methods"].get("full")
     for m in results["methods"].values():
@@ -229,7 +326,8 @@ def table(results: dict) -> Table:
     t = Table(title=f"{results['model']} · {results['image_size']}px · batch {results['batch']} · "
                     f"{results['device']} · {results['steps_per_method']} steps/method")
     for col, just in (("method", "left"), ("trainable %", "right"), ("step time", "right"),
-                      ("× full", "right"), ("peak mem", "right"), ("× full ", "right")):
+                      ("× full", "right"), ("peak mem", "right"), ("× full ", "right"), ("weights", "right"),
+                      ("grads", "right"), ("optim", "right"), ("activations", "right")):
         t.add_column(col, justify=just)
     for name, m in results["methods"].items():
         t.add_row(
@@ -238,6 +336,8 @@ def table(results: dict) -> Table:
             "—" if m["step_time_ratio"] is None else f"{m['step_time_ratio']:.2f}",
             fmt_bytes(m["peak_memory_bytes"]),
             "—" if m["peak_memory_ratio"] is None else f"{m['peak_memory_ratio']:.2f}",
+            fmt_bytes(m["weights_bytes"]), fmt_bytes(m["gradients_bytes"]),
+            fmt_bytes(m["optimizer_state_bytes"]), fmt_bytes(m["activations_bytes"]),
         )
     return t
 
