@@ -69,42 +69,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def split_entries(arg: str) -> list[str]:
-    """Split --methods on commas outside brackets (a value may be a list: method.blocks=[8,9])."""
-    entries, depth, cur = [], 0, ""
-    for ch in arg:
-        depth += ch in "[(" and 1 or (ch in "])" and -1 or 0)
-        if ch == "," and depth == 0:
-            entries.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    entries.append(cur)
-    return [e.strip() for e in entries if e.strip()]
-
-
-def parse_entry(entry: str) -> tuple[str, str, list[str]]:
-    """`METHOD` or `LABEL:METHOD:KEY=VALUE[:KEY=VALUE…]` -> (label, method, overrides). A
-    segment without "=" continues the previous value (method.blocks=last:4)."""
-    from peftseg.errors import UserError
-
-    parts = entry.split(":")
-    if len(parts) == 1:
-        return entry, entry, []
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise UserError(f"--methods entry {entry!r}: write METHOD or LABEL:METHOD:KEY=VALUE[:KEY=VALUE…].")
-    label, method, overrides = parts[0], parts[1], []
-    for seg in parts[2:]:
-        if "=" in seg or not overrides:
-            if "=" not in seg:
-                raise UserError(f"--methods entry {entry!r}: {seg!r} is not KEY=VALUE; write "
-                                "LABEL:METHOD:KEY=VALUE[:KEY=VALUE…].")
-            overrides.append(seg)
-        else:
-            overrides[-1] += ":" + seg
-    return label, method, overrides
-
-
 def pick_methods(arg: str | None) -> list[tuple[str, str, list[str]]]:
     from peftseg.errors import UserError
     from peftseg.methods import METHODS
@@ -113,7 +77,9 @@ def pick_methods(arg: str | None) -> list[tuple[str, str, list[str]]]:
     usable = sorted(m for m in METHODS if m in configs)
     if arg is None:
         return [(m, m, []) for m in DEFAULT_METHODS if m in usable]
-    entries = [parse_entry(e) for e in split_entries(arg)]
+    from peftseg.variants import parse_entry, split_entries
+
+    entries = [parse_entry(e, "--methods") for e in split_entries(arg)]
     unknown = [m for _, m, _ in entries if m not in usable]
     if unknown or not entries:
         raise UserError(f"--methods names {unknown or 'nothing'}; registered methods: {', '.join(usable)}.")

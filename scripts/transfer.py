@@ -9,6 +9,10 @@
 
     .venv/bin/python scripts/transfer.py --out transfer_runs
     .venv/bin/python scripts/transfer.py --model swin_tiny --methods full heads lora
+    .venv/bin/python scripts/transfer.py --methods side lora-last4:lora:method.blocks=last:4
+
+`--methods` entries are `METHOD` or `LABEL:METHOD:KEY=VALUE[:KEY=VALUE…]` (extra overrides
+for that row; runs are stored under the label).
 
 Every step is a real `peftseg` command; each run's results.json stays under --out.
 """
@@ -32,8 +36,12 @@ def peftseg(*args: str) -> None:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
 
 
+def record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
 def mask_ap(run_dir: Path) -> float:
-    return json.loads((run_dir / "results.json").read_text())["metrics"]["segm"]["AP"]
+    return record(run_dir)["metrics"]["segm"]["AP"]
 
 
 def main(argv=None) -> int:
@@ -59,25 +67,31 @@ def main(argv=None) -> int:
         peftseg("merge", f"checkpoint={up}", f"output={weights}")
     console.print(f"upstream mask AP on its own domain: {mask_ap(up):.2f}; weights: {weights}")
 
+    from peftseg.variants import parse_entry
+
     rows = []
-    for method in args.methods:
+    for entry in args.methods:
+        label, method, overrides = parse_entry(entry, "--methods")
         aps = {}
         for start, extra in (("pretrained", [f"model.weights={weights}"]), ("scratch", [])):
-            run_dir = out / f"{method}_{start}"
+            run_dir = out / f"{label}_{start}"
             if not (run_dir / "results.json").exists():
-                console.print(f"downstream: {method} from {start}")
-                peftseg("train", f"model={args.model}", f"method={method}", "dataset.domain=downstream",
+                console.print(f"downstream: {label} from {start}")
+                peftseg("train", f"model={args.model}", f"method={method}", *overrides, "dataset.domain=downstream",
                         f"dataset.num_train={args.downstream_train}", f"train.max_iter={args.downstream_iters}",
                         "train.checkpoint_period=0", f"train.seed={args.seed}", *extra, f"hydra.run.dir={run_dir}")
             aps[start] = mask_ap(run_dir)
-        rows.append((method, aps["pretrained"], aps["scratch"]))
+        eff = record(out / f"{label}_pretrained")["efficiency"]
+        rows.append((label, aps["pretrained"], aps["scratch"], eff["mean_step_time_s"], eff["peak_memory_bytes"]))
 
     table = Table(title=f"{args.model}: downstream mask AP after {args.downstream_iters} iters "
                         f"(upstream: {args.upstream_iters} iters of full training on another domain)")
-    for col in ("method", "from upstream", "from random init", "gain"):
+    for col in ("method", "from upstream", "from random init", "gain", "step time", "peak RSS"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for method, pre, scratch in rows:
-        table.add_row(method, f"{pre:.2f}", f"{scratch:.2f}", f"{pre - scratch:+.2f}")
+    for label, pre, scratch, step, peak in rows:
+        # step time and peak RSS of the run from upstream weights (the record's own numbers)
+        table.add_row(label, f"{pre:.2f}", f"{scratch:.2f}", f"{pre - scratch:+.2f}",
+                      f"{step * 1000:.0f} ms", f"{peak / 2**20:.0f} MiB")
     console.print(table)
     return 0
 
