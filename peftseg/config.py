@@ -26,7 +26,7 @@ from peftseg.tracking import TrackingConfig
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step")
-AMP_DTYPES = ("fp16", "bf16")
+AMP_DTYPES = ("bf16", "fp16")  # bf16 first: the default, and the one CPUs run
 
 
 @dataclass

@@ -9,13 +9,13 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from helpers import preset, shapes_batch
-from peftseg.config import SCHEMAS
 from peftseg.engine.checkpointing import (
     checkpoint_block_names,
     disable_activation_checkpointing,
     enable_activation_checkpointing,
 )
 from peftseg.methods import apply_method
+from peftseg.registry import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def grads(model, batch) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["full", "lora", "adapter"])
 def test_checkpointed_gradients_equal_the_plain_ones(base, batch, method):
-    model = apply_method(copy.deepcopy(base), preset("method", method, SCHEMAS["method"][method]))
+    model = apply_method(copy.deepcopy(base), preset("method", method, METHODS.get(method).config))
     plain = grads(model, batch)
     names = enable_activation_checkpointing(model)
     assert names == [f"backbone.net.blocks.{i}" for i in range(4)]
@@ -89,9 +89,9 @@ def features(model, batch, autocast=False):
 
 
 def test_bf16_base_halves_frozen_bytes_keeps_trainables_fp32_and_drifts_little(base, batch):
-    cfg = preset("method", "lora", SCHEMAS["method"]["lora"])
+    cfg = preset("method", "lora", METHODS.get("lora").config)
     ref = apply_method(copy.deepcopy(base), cfg)
-    low = apply_method(copy.deepcopy(base), preset("method", "lora", SCHEMAS["method"]["lora"], base_dtype="bf16"))
+    low = apply_method(copy.deepcopy(base), preset("method", "lora", METHODS.get("lora").config, base_dtype="bf16"))
     frozen = [(n, p) for n, p in low.named_parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for _, p in frozen)
     assert all(p.dtype == torch.float32 for p in low.parameters() if p.requires_grad)
@@ -122,7 +122,7 @@ def test_bf16_base_is_refused_for_full_and_bad_values_name_the_fix():
                                             ([3, 1], [1, 3])])
 def test_blocks_select_which_blocks_get_lora_and_adapters(base, spec, expected):
     for method, marker in (("lora", ".lora_A."), ("adapter", ".peft_adapters.")):
-        cfg = preset("method", method, SCHEMAS["method"][method], blocks=spec)
+        cfg = preset("method", method, METHODS.get(method).config, blocks=spec)
         model = apply_method(copy.deepcopy(base), cfg)
         got = sorted({int(n.split(".")[3]) for n, _ in model.named_parameters() if marker in n})
         assert got == expected, (method, spec, got)
@@ -130,7 +130,7 @@ def test_blocks_select_which_blocks_get_lora_and_adapters(base, spec, expected):
 
 def test_lora_last_blocks_count_closed_form(base):
     # qkv (96 -> 288) and proj (96 -> 96), rank 8: r·(in + out) each
-    cfg = preset("method", "lora", SCHEMAS["method"]["lora"], blocks="last:2")
+    cfg = preset("method", "lora", METHODS.get("lora").config, blocks="last:2")
     model = apply_method(copy.deepcopy(base), cfg)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert lora == 2 * (8 * (96 + 288) + 8 * (96 + 96))
@@ -141,7 +141,7 @@ def test_lora_last_blocks_count_closed_form(base):
 def test_bad_block_selection_is_refused_with_the_fix(base, spec, fix):
     from peftseg.errors import UserError
 
-    cfg = preset("method", "lora", SCHEMAS["method"]["lora"], blocks=spec) if not isinstance(spec, list) or \
+    cfg = preset("method", "lora", METHODS.get("lora").config, blocks=spec) if not isinstance(spec, list) or \
         spec[0] >= 0 else None
     with pytest.raises(UserError, match=re.escape(fix)):
         if cfg is None:
@@ -155,16 +155,16 @@ def test_blocks_refused_for_a_method_that_places_nothing(base):
     from peftseg.errors import UserError
 
     with pytest.raises(UserError, match="inserts none"):
-        apply_method(copy.deepcopy(base), preset("method", "heads", SCHEMAS["method"]["heads"], blocks="last:2"))
+        apply_method(copy.deepcopy(base), preset("method", "heads", METHODS.get("heads").config, blocks="last:2"))
 
 
 # ---- method=side ----------------------------------------------------------------------
 
 def test_side_equals_base_at_init_counts_closed_form_and_keeps_backbone_graphless(base, batch):
     from peftseg.methods._side_path import side_parameter_count, side_plan
-    from peftseg.params import added_param_ids, count_parameters
+    from peftseg.params import added_params, count_parameters
 
-    cfg = preset("method", "side", SCHEMAS["method"]["side"], blocks="last:3", bottleneck=16)
+    cfg = preset("method", "side", METHODS.get("side").config, blocks="last:3", bottleneck=16)
     model = apply_method(copy.deepcopy(base), cfg)
     a, b = features(base, batch), features(model, batch)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -174,7 +174,7 @@ def test_side_equals_base_at_init_counts_closed_form_and_keeps_backbone_graphles
     assert side_parameter_count(feeds, 16) == expected
     side = [p for n, p in model.named_parameters() if ".peft_side." in n]
     assert sum(p.numel() for p in side) == expected
-    assert set(added_param_ids(model)) == {id(p) for p in side}
+    assert set(added_params(model)) == {n for n, _ in model.named_parameters() if ".peft_side." in n}
     assert count_parameters(model).by_group["peft"]["trainable"] == expected
     # one training forward: the backbone's own output carries no graph, the side path's does
     model.train()
@@ -197,7 +197,7 @@ def test_side_on_swin_feeds_every_stage(tmp_path):
 
     torch.manual_seed(0)
     swin = build_model(preset("model", "swin_tiny", SwinConfig), num_classes=3)
-    cfg = preset("method", "side", SCHEMAS["method"]["side"], bottleneck=8)
+    cfg = preset("method", "side", METHODS.get("side").config, bottleneck=8)
     ref = copy.deepcopy(swin).eval()
     model = apply_method(swin, cfg)
     _, _, feeds = side_plan(model, cfg)
@@ -207,14 +207,30 @@ def test_side_on_swin_feeds_every_stage(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_side_refused_where_the_family_names_no_side_path():
+def test_side_on_mask2former_feeds_the_backbone_output_maps(tmp_path):
+    import dataclasses
+
     from peftseg.errors import UserError
+    from peftseg.methods._side_path import side_plan
     from peftseg.models import build_model
     from peftseg.models.mask2former import Mask2FormerConfig
 
-    m2f = build_model(preset("model", "m2f_tiny", Mask2FormerConfig), num_classes=3)
+    torch.manual_seed(0)
+    m2f = build_model(preset("model", "m2f_tiny", Mask2FormerConfig), num_classes=3).eval()
+    ref = copy.deepcopy(m2f)
+    cfg = preset("method", "side", METHODS.get("side").config, bottleneck=8)
+    model = apply_method(m2f, cfg)
+    _, _, feeds = side_plan(model, cfg)
+    assert list(feeds) == [f"feature_maps.{i}" for i in range(4)]
+    x = torch.randn(1, 3, 128, 128)
+    enc = "m2f.model.pixel_level_module.encoder"
+    with torch.no_grad():
+        a, b = ref.get_submodule(enc)(x).feature_maps, model.get_submodule(enc)(x).feature_maps
+    assert len(a) == len(b) == 4 and all(torch.equal(u, v) for u, v in zip(a, b))
+    # a family that names no side path is refused with the fix
+    model.peftseg_family = dataclasses.replace(model.peftseg_family, side_body="", side_features={})
     with pytest.raises(UserError, match="side_body"):
-        apply_method(m2f, preset("method", "side", SCHEMAS["method"]["side"]))
+        side_plan(model, cfg)
 
 
 # ---- train.amp ------------------------------------------------------------------------
@@ -234,7 +250,7 @@ def test_precision_follows_amp_and_base_dtype():
     assert run_precision(t(), cpu, bf16_base) == "amp_bf16"  # a bf16 base runs only under autocast
     with pytest.raises(UserError, match="needs a CUDA device"):
         run_precision(t(amp=True, amp_dtype="fp16"), cpu, plain)
-    with pytest.raises(UserError, match="choose one of"):
+    with pytest.raises(UserError, match="not one of the choices: bf16, fp16"):
         run_precision(t(amp=True, amp_dtype="fp8"), cpu, plain)
     trainer = make_trainer(plain, [], torch.optim.SGD(plain.parameters(), lr=0.1), "amp_bf16", cpu)
     assert isinstance(trainer, CpuAMPTrainer) and trainer.precision == torch.bfloat16
@@ -262,7 +278,7 @@ def test_smoke_run_of_each_memory_option(tmp_path, shapes_cache, monkeypatch, ov
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["train=smoke", "train.progress=false", *overrides])
     record = run(cfg, tmp_path, "smoke")
-    assert record["status"] == "ok"
-    assert record["metrics"]["segm"]["AP"] > 0 and record["metrics"]["bbox"]["AP"] > 0
+    assert record.ok
+    assert record.mask_ap > 0 and record.box_ap > 0
     for key, value in expect.items():
-        assert record["efficiency"][key] == value, key
+        assert record.eff(key) == value, key

@@ -9,6 +9,7 @@ so deepcopy and pickle of the model keep working.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -23,6 +24,10 @@ _SLOT = "peftseg_side_out"  # attribute of a block holding its detached output f
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
+def _key(feature: str) -> str:
+    return feature.replace(".", "_")
+
+
 class SidePath(nn.Module):
     """Per feature: a down projection per feeding block, one zero-initialised up projection."""
 
@@ -30,10 +35,11 @@ class SidePath(nn.Module):
         super().__init__()
         # feature -> block names relative to the body, in forward order
         self.feeds = {f: [name for name, _ in blocks] for f, blocks in feeds.items()}
+        # ModuleDict keys cannot hold "."; feature keys such as "feature_maps.0" can
         self.down = nn.ModuleDict({
-            f: nn.ModuleList(nn.Linear(d, bottleneck) for _, d in blocks) for f, blocks in feeds.items()
+            _key(f): nn.ModuleList(nn.Linear(d, bottleneck) for _, d in blocks) for f, blocks in feeds.items()
         })
-        self.up = nn.ModuleDict({f: nn.Linear(bottleneck, blocks[-1][1]) for f, blocks in feeds.items()})
+        self.up = nn.ModuleDict({_key(f): nn.Linear(bottleneck, blocks[-1][1]) for f, blocks in feeds.items()})
         for up in self.up.values():  # zero: the base model's outputs at init, bit for bit
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
@@ -41,10 +47,10 @@ class SidePath(nn.Module):
 
     def delta(self, feature: str, outputs: list[torch.Tensor]) -> torch.Tensor:
         s = None
-        for down, x in zip(self.down[feature], outputs):
+        for down, x in zip(self.down[_key(feature)], outputs):
             h = self.act(down(x))
             s = h if s is None else s + h
-        return self.up[feature](s)
+        return self.up[_key(feature)](s)
 
 
 def _capture(block: nn.Module, args, output):
@@ -53,19 +59,40 @@ def _capture(block: nn.Module, args, output):
     setattr(block, _SLOT, hidden.detach())
 
 
-def _add_side(body: nn.Module, args, output: dict):
+def _feature(output, key: str) -> torch.Tensor:
+    # a dict of named maps (detectron2 backbones), or "field.i" into a tuple field
+    # (transformers' BackboneOutput.feature_maps)
+    if key in output:
+        return output[key]
+    field, i = key.rsplit(".", 1)
+    return output[field][int(i)]
+
+
+def _with_feature(output, key: str, value: torch.Tensor):
+    if key in output:
+        output[key] = value
+    else:
+        field, i = key.rsplit(".", 1)
+        maps = list(output[field])
+        maps[int(i)] = value
+        output[field] = tuple(maps)
+    return output
+
+
+def _add_side(body: nn.Module, args, output):
     side: SidePath = body.peft_side
-    out = dict(output)
+    # a shallow copy: the caller's dict (or ModelOutput) is not changed behind its back
+    out = copy.copy(output)
     for feature, names in side.feeds.items():
         blocks = [body.get_submodule(n) for n in names]
         xs = [getattr(b, _SLOT) for b in blocks]
         for b in blocks:
             delattr(b, _SLOT)  # the body's output is all that keeps them alive after this
-        base = out[feature]  # (B, C, H, W)
+        base = _feature(out, feature)  # (B, C, H, W)
         n, c, h, w = base.shape
         # block outputs are token-major ((B, H, W, C) in ViT, (B, H·W, C) in Swin)
         d = side.delta(feature, xs).reshape(n, h, w, c).permute(0, 3, 1, 2)
-        out[feature] = base + d.to(base.dtype)
+        out = _with_feature(out, feature, base + d.to(base.dtype))
     return out
 
 

@@ -69,8 +69,11 @@ FAMILY = FamilyMap(
     # Swin blocks, deformable-attention encoder layers, masked-attention decoder layers
     checkpoint_blocks=(_SWIN_BLOCK, _PIXEL_ENC_LAYER, _DEC_LAYER),
     backbone_blocks=_SWIN_BLOCK,
-    # no side path: transformers' Swin backbone returns its stage outputs inside a
-    # BackboneOutput built in one forward, with no module output to add a delta to
+    # transformers' SwinBackbone returns BackboneOutput.feature_maps, one map per stage
+    # (normed, before downsampling): stage i's blocks feed feature_maps[i]
+    side_body=_HF + "model.pixel_level_module.encoder",
+    side_features={f"feature_maps.{i}": rf"m2f\.model\.pixel_level_module\.encoder\.swin\.encoder\.layers\.{i}\.blocks\.\d+"
+                   for i in range(4)},
 )
 
 
