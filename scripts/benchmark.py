@@ -74,7 +74,7 @@ def pick_methods(arg: str | None) -> list[tuple[str, str, list[str]]]:
     from peftseg.methods import METHODS
 
     configs = {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")}
-    usable = sorted(m for m in METHODS if m in configs)
+    usable = [m for m in METHODS.names() if m in configs]  # iterating the registry yields specs
     if arg is None:
         return [(m, m, []) for m in DEFAULT_METHODS if m in usable]
     from peftseg.variants import parse_entry, split_entries
