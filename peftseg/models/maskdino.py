@@ -73,6 +73,11 @@ FAMILY = FamilyMap(
         "sem_seg_head.predictor.label_enc.",
         *_BOX_PREFIXES,
     ),
+    # the Swin backbone's blocks: `method.blocks` indexes them, and stage i's blocks feed its
+    # output res{i+2} for the `side` method (the ResNet backbone has none: both then refuse)
+    backbone_blocks=_SWIN_BLOCK,
+    side_body="backbone",
+    side_features={f"res{i + 2}": rf"backbone\.layers\.{i}\.blocks\.\d+" for i in range(4)},
 )
 
 # official Swin ImageNet weights (e.g. swin_large_patch4_window12_384_22k.pth) go straight to
