@@ -176,6 +176,8 @@ def validate(cfg: DictConfig) -> None:
                 f"its settings are: {', '.join(fields)}. Remove the key (a leading '+' adds keys "
                 "that nothing would read)."
             )
+        if OmegaConf.missing_keys(node):
+            continue  # a required value (???) unset: its builder names what to pass
         try:
             OmegaConf.to_object(node)  # runs the dataclass's __post_init__ checks
         except OmegaConfBaseException as e:

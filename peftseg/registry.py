@@ -111,7 +111,8 @@ def check_config(cfg) -> None:
     so code that uses them directly gets the same answers."""
     from omegaconf import OmegaConf
 
-    if OmegaConf.is_config(cfg):
+    # a value without a default (???) is left to the builder, whose message says what to pass
+    if OmegaConf.is_config(cfg) and not OmegaConf.missing_keys(cfg):
         OmegaConf.to_object(cfg)
 
 

@@ -52,6 +52,23 @@ def test_checkpointed_gradients_equal_the_plain_ones(base, batch, method):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("model_name, targets", [("maskdino_tiny", ["deform_attn", "decoder_deform_attn"]),
+                                                 ("m2f_tiny", ["deform_attn", "decoder_attn"])])
+def test_query_family_layers_checkpoint_to_the_same_gradients(batch, model_name, targets):
+    from peftseg.models import build_model
+
+    torch.manual_seed(0)
+    base = build_model(preset("model", model_name), num_classes=3)
+    model = apply_method(base, preset("method", "lora", targets=targets))
+    plain = grads(model, batch)
+    names = enable_activation_checkpointing(model)
+    assert any("encoder.layers" in n for n in names) and any("decoder.layers" in n for n in names)
+    checked = grads(model, batch)
+    assert plain.keys() == checked.keys() and any("lora_" in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(checked[n], plain[n], rtol=0, atol=1e-6, msg=n)
+
+
 def test_checkpointing_is_inactive_in_eval_and_survives_deepcopy(model, batch):
     enable_activation_checkpointing(model)
     copied = copy.deepcopy(model)

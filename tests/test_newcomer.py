@@ -84,7 +84,7 @@ def test_help_keeps_optional_arguments_in_brackets(capsys):
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "[output=<file>]" in out and "[score_thresh=0.5]" in out and "[n=8]" in out
+    assert "[output=<file .safetensors or .pth>]" in out and "[score_thresh=0.5]" in out and "[n=8]" in out
 
 
 def test_list_and_train_help_name_options_and_knobs_without_schema_groups(capsys):

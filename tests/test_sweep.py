@@ -33,7 +33,7 @@ def test_a_failing_member_is_recorded_and_the_sweep_goes_on(peftseg, tmp_path):
     assert failed["status"] == "failed"
     assert failed["error"]["type"] == "UserError" and "method.rank" in failed["error"]["message"]
     assert failed["metrics"] is None
-    assert "method.rank must be a positive integer" in proc.stderr
+    assert "method.rank must be an integer at least 1" in proc.stderr
     assert last_line(proc.stdout).startswith("sweep: 1 of 2 runs failed")
 
 

@@ -190,7 +190,7 @@ def test_a_detectron2_vitdet_b_checkpoint_into_vitdet_tiny_is_refused(tmp_path):
 
 def test_a_swin_state_dict_into_vitdet_is_refused(tmp_path):
     torch.save({"model": official_swin_state(build("swin_tiny"))}, tmp_path / "swin.pth")
-    with pytest.raises(UserError, match="official Swin state dict.*only the 'swin' or 'maskdino' model families take, but the model is 'vitdet'.*model=swin_t"):
+    with pytest.raises(UserError, match="official Swin state dict.*only the 'maskdino' or 'swin' model families take, but the model is 'vitdet'.*model=swin_t"):
         build("vitdet_tiny", weights=str(tmp_path / "swin.pth"))
 
 

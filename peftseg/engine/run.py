@@ -102,7 +102,8 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(splits.class_names)}
             outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop)
             record.metrics = evaluator_metrics(outcome.eval_results)
-            if record.mask_ap is None:
+            # COCOEvaluator returns the numbers on rank 0 only (the others get {})
+            if comm.is_main_process() and record.mask_ap is None:
                 raise UserError(
                     f"evaluation on {splits.val!r} returned no mask AP (metrics: {sorted(record.metrics)}), "
                     "so this run has no result to record; check that the val split has instance "

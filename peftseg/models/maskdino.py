@@ -76,6 +76,9 @@ FAMILY = FamilyMap(
     # the Swin backbone's blocks: `method.blocks` indexes them, and stage i's blocks feed its
     # output res{i+2} for the `side` method (the ResNet backbone has none: both then refuse)
     backbone_blocks=_SWIN_BLOCK,
+    # recomputed in backward under train.activation_checkpointing: Swin blocks, and every
+    # deformable encoder layer and decoder layer
+    checkpoint_blocks=(_SWIN_BLOCK, _ENC, _DEC),
     side_body="backbone",
     side_features={f"res{i + 2}": rf"backbone\.layers\.{i}\.blocks\.\d+" for i in range(4)},
 )
