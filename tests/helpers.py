@@ -42,3 +42,25 @@ def shapes_batch(tmp_dir, n: int = 2, image_size: int = 128, seed: int = 0) -> l
         image_format="RGB", use_instance_mask=True, instance_mask_format="polygon",
     )
     return [mapper(d) for d in dicts]
+
+
+def train_steps_and_check(model, batch, optimizer, trainable: set[str], label: str = "", steps: int = 3) -> None:
+    """`steps` real optimizer steps, then: every parameter named in `trainable` moved and
+    every other one is bit-identical (zero-initialised factors move from step 2 on)."""
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    torch.manual_seed(0)
+    with EventStorage():  # detectron2's heads log sampling stats to it
+        for _ in range(steps):
+            loss = sum(model(batch).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{label}: trainable {n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"{label}: frozen {n} changed"
