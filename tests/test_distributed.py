@@ -1,6 +1,10 @@
 """Multi-process training through detectron2's launch: 2 CPU processes with gloo."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -53,3 +57,29 @@ def test_bad_process_layouts_name_the_fix(kw, fix, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(UserError, match=re.escape(fix)):
         check(_train(**kw))
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path, shapes_cache):
+    """What SLURM does: SIGTERM to the launching process. The ranks stop at one step boundary,
+    rank 0 saves and records "interrupted", the launcher exits 128 + 15."""
+    import signal
+    import time
+
+    env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftseg.cli", "train", "train=smoke", "train.num_gpus=2", "train.max_iter=2000",
+         "train.log_period=1", "hydra.run.dir=run"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.json"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "interrupted" and record["interrupted"]["signal"] == "SIGTERM"
+    it = record["interrupted"]["iteration"]
+    assert 0 <= it < 1999 and (tmp_path / "run" / f"model_{it:07d}.pth").is_file()
+    assert "train.resume=" in " ".join(out.split())

@@ -139,6 +139,32 @@ def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None) 
         return _launch(cfg, run_dir, run_id, log_config, dist_url, machine_rank)
 
 
+@contextlib.contextmanager
+def _forward_stop_signals():
+    """SIGTERM/SIGINT reach the launching process (what SLURM signals); its children, which
+    run the training, each stop at the same step boundary with a checkpoint when they get
+    it (engine/interrupt.py). So the parent passes the signal on and keeps waiting for them."""
+    import multiprocessing
+    import signal
+
+    from peftseg.engine.interrupt import SIGNALS
+
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for child in multiprocessing.active_children():
+            if child.pid is not None:
+                os.kill(child.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _launch(cfg, run_dir: Path, run_id: str, log_config: dict | None, dist_url: str, machine_rank: int) -> Record | None:
     from detectron2.engine import launch
 
@@ -152,14 +178,20 @@ def _launch(cfg, run_dir: Path, run_id: str, log_config: dict | None, dist_url: 
     log.info("launching %d processes (%d per machine, machine %d), dist_url=%s",
              world_size(tcfg), tcfg.num_gpus, machine_rank, dist_url)
     try:
-        with _cpu_children(tcfg.device):
+        with _cpu_children(tcfg.device), _forward_stop_signals() as received:
             launch(_worker, tcfg.num_gpus, num_machines=tcfg.num_machines, machine_rank=machine_rank,
                    dist_url=dist_url, args=(cfg, Path(run_dir), run_id, log_config))
     except Exception as exc:
         if machine_rank != 0:
             raise
-        # When another rank fails first, rank 0 is terminated before it can write.
         record = read_record(path) if path.exists() else None
+        if record is not None and record.status == "interrupted" and received:
+            # rank 0 stopped at a step boundary and recorded it: report it as a stop
+            from peftseg.engine.interrupt import RunInterrupted
+
+            info = record.interrupted or {}
+            raise RunInterrupted(received[0], info.get("iteration"), info.get("checkpoint")) from None
+        # When another rank fails first, rank 0 is terminated before it can write.
         if record is None or record.status != "failed":
             record = failed_record(cfg, run_dir, run_id, exc)
             write_record(run_dir, record)

@@ -38,6 +38,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
+        self._first = 0.0  # when the pending signal came
         self.deferred = False
         self._previous = {}
 
@@ -51,11 +52,20 @@ class StopRequest:
             signal.signal(s, handler)
         return False
 
+    # a signal can arrive twice at once: from a terminal or `scancel` (sent to every process of
+    # the group) and forwarded by the launching process; a repeat this soon is the same request
+    REPEAT_WINDOW_S = 2.0
+
     def _handle(self, signum, frame):
+        import time
+
+        now = time.monotonic()
+        if self.signum is not None and now - self._first < self.REPEAT_WINDOW_S:
+            return
         if self.signum is not None or not self.deferred:
             self.signum = signum
             raise RunInterrupted(signum)
-        self.signum = signum
+        self.signum, self._first = signum, now
         log.warning("%s received: stopping after the current step with a checkpoint (send it again to stop "
                     "at once, without one)", signal.Signals(signum).name)
 
