@@ -226,3 +226,35 @@ def test_glob_sweep_syntax_runs_the_lora_family(peftseg, tmp_path):
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "multirun").rglob("results.json"))]
     assert sorted(r["config"]["method.name"] for r in records) == ["loha", "lokr", "lora"]
     assert all(r["status"] == "ok" for r in records)
+
+
+def test_vera_exports_in_peft_layout_and_peft_loads_it(base, tmp_path):
+    """Projections are redrawn from projection_prng_key, so the export holds only the
+    trained vectors; peft's own loader rebuilds the same model from it."""
+    import copy as _copy
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from peftseg.engine.checkpoint import trainable_state
+    from peftseg.engine.export import write_peft_export
+
+    model = apply_method(_copy.deepcopy(base), preset("method", "vera", METHODS.get("vera").config, rank=16))
+    with torch.no_grad():  # as if trained: b leaves zero, so the update is not the identity
+        for n, p in model.named_parameters():
+            if "vera_lambda_b" in n:
+                p.normal_(0, 0.5)
+    export = write_peft_export(model, trainable_state(model), tmp_path)
+    tensors = load_file(str(export / "adapter_model.safetensors"))
+    assert tensors and not any("vera_A" in k or "vera_B" in k for k in tensors)
+    plain = _copy.deepcopy(base)
+    plain.load_state_dict(load_file(str(export / "heads.safetensors")), strict=False)
+    loaded = PeftModel.from_pretrained(plain, str(export)).eval()
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval().backbone(x)
+        got = loaded.base_model.model.backbone(x)
+        moved = base.backbone(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
+    assert not any(torch.allclose(want[k], moved[k]) for k in want)  # the update is not zero

@@ -43,7 +43,9 @@ def apply(model, cfg: VeraConfig):
         projection_prng_key=cfg.projection_prng_key,
         vera_dropout=cfg.dropout,
         d_initial=cfg.d_initial,
-        save_projection=True,
+        # the projections are redrawn from projection_prng_key when loaded (peft's documented
+        # option), so the exported adapter holds only the trained vectors
+        save_projection=False,
         bias="none",
     )
     return inject(model, peft_cfg, cfg.train_heads, "vera")
