@@ -442,14 +442,17 @@ def write_plot(path: Path, groups: list[Group]) -> None:
             xs = [p for p, r in zip(points, runs) if str(cfg(r, "method.name")) == m]
             if xs:
                 ax.scatter([x for x, _ in xs], [y for _, y in xs], color=method_colour(m), label=m, zorder=3)
-        for (x, y), r in zip(points, runs):
-            # only the method's own knobs: other varying settings are in the table, and
-            # long labels would squeeze the axes
+        front_idx = pareto_front(points)
+        for i in front_idx:
+            # only the front's points get a label (the others are in the table and report.md:
+            # labels of neighbouring runs at similar AP overlapped into one smear), and only
+            # the method's own knobs, so long labels do not squeeze the axes
+            r = runs[i]
             label = " ".join(f"{_knob_header(k)}={_knob_text(cfg(r, k))}" for k in g.knobs
                              if k.startswith("method.") and k in r.config)[:40]
             if label:
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        front = [points[i] for i in pareto_front(points)]
+                ax.annotate(label, points[i], textcoords="offset points", xytext=(6, -12), fontsize=7)
+        front = [points[i] for i in front_idx]
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black",
                 linestyle="--", linewidth=1, zorder=2, label="Pareto front")
         ax.scatter([x for x, _ in front], [y for _, y in front], s=160, facecolors="none",
