@@ -14,9 +14,9 @@ warnings.filterwarnings("ignore", message=".*pkg_resources.*")
 
 from rich.console import Console  # noqa: E402
 
+from peftseg.config import CONF_DIR  # noqa: E402
 from peftseg.errors import UserError  # noqa: E402
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "dataset", "train")
 console = Console()
 err_console = Console(stderr=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -24,6 +25,7 @@ from peftseg.errors import UserError
 from peftseg.registry import DATASETS, FAMILIES, METHODS
 from peftseg.tracking import TrackingConfig
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step")
 AMP_DTYPES = ("bf16", "fp16")  # bf16 first: the default, and the one CPUs run
@@ -137,6 +139,16 @@ def register_schemas() -> None:
     for group, by_name in schemas().items():
         for name, node in by_name.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """conf/config.yaml with `overrides`, composed by Hydra exactly as `peftseg train` would
+    (schemas registered first); for code and tests that need a config without a CLI run."""
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def _unknown_keys(node: DictConfig, path: str) -> list[str]:

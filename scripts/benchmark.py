@@ -90,10 +90,10 @@ def pick_methods(arg: str | None) -> list[tuple[str, str, list[str]]]:
 
 
 def compose(model: str, method: str, image_size: int | None, extra: list[str] = ()):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from peftseg.config import compose_config
 
     from peftseg.errors import UserError
 
@@ -101,11 +101,10 @@ def compose(model: str, method: str, image_size: int | None, extra: list[str] = 
     if image_size:
         overrides.append(f"model.image_size={image_size}")
     overrides += list(extra)
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        try:
-            return hydra_compose("config", overrides=overrides)
-        except (HydraException, OmegaConfBaseException) as exc:
-            raise UserError(f"overrides {list(extra)} for method {method} do not compose: {exc}") from None
+    try:
+        return compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(f"overrides {list(extra)} for method {method} do not compose: {exc}") from None
 
 
 def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -210,7 +209,6 @@ def cpu_step_peak(fn) -> int:
 
 
 def build(entries, args, device, console):
-    from peftseg.config import register_schemas
     from peftseg.data import register_dataset
     from peftseg.data._loaders import train_loader
     from peftseg.engine.checkpointing import enable_activation_checkpointing
@@ -220,7 +218,6 @@ def build(entries, args, device, console):
     from peftseg.models import build_model
     from peftseg.params import count_parameters
 
-    register_schemas()
     cfgs = {label: compose(args.model, m, args.image_size, [*args.override, *extra]) for label, m, extra in entries}
     first = next(iter(cfgs.values()))
     splits = register_dataset(first.dataset)

@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from peftseg.config import register_schemas  # noqa: E402
+from peftseg.config import CONF_DIR, compose_config  # noqa: E402
 from peftseg.engine.run import build_for_run  # noqa: E402
 from peftseg.params import count_parameters  # noqa: E402
 from peftseg.summary import fmt_count  # noqa: E402
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # (label, overrides): the settings the reference study compares
 ROWS = [
@@ -68,22 +65,18 @@ def backbone_side(r: dict) -> float:
 
 def family_of_preset(model: str) -> str:
     """The family a conf/model preset builds (composed: presets set only what differs)."""
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"model={model}"]).model.family
+    return compose_config([f"model={model}"]).model.family
 
 
 def table_rows(model: str, rows, num_classes: int) -> list[dict]:
-    register_schemas()
     out = []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for label, overrides in rows:
-            cfg = compose("config", overrides=[f"model={model}", *overrides])
-            counts = count_parameters(build_for_run(cfg, num_classes))
-            out.append({"label": label, "total": counts.total, "trainable": counts.trainable,
-                        "ratio": counts.ratio, "peft": counts.by_group["peft"]["total"],
-                        "backbone": counts.by_group["backbone"]["total"],
-                        "backbone_trainable": counts.by_group["backbone"]["trainable"]})
+    for label, overrides in rows:
+        cfg = compose_config([f"model={model}", *overrides])
+        counts = count_parameters(build_for_run(cfg, num_classes))
+        out.append({"label": label, "total": counts.total, "trainable": counts.trainable,
+                    "ratio": counts.ratio, "peft": counts.by_group["peft"]["total"],
+                    "backbone": counts.by_group["backbone"]["total"],
+                    "backbone_trainable": counts.by_group["backbone"]["trainable"]})
     return out
 
 

@@ -19,13 +19,9 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 def preset(group: str, name: str, schema=None, **overrides):
     """conf/<group>/<name>.yaml as Hydra composes it (its schema, the presets it extends),
     with `overrides` merged on top; `schema`, when given, is checked to be the one it uses."""
-    from hydra import compose, initialize_config_dir
+    from peftseg.config import compose_config
 
-    from peftseg.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        node = compose("config", overrides=[f"{group}={name}"])[group]
+    node = compose_config([f"{group}={name}"])[group]
     assert schema is None or OmegaConf.get_type(node) is schema, (name, OmegaConf.get_type(node), schema)
     return OmegaConf.merge(node, overrides)
 

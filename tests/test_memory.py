@@ -284,16 +284,11 @@ def test_precision_follows_amp_and_base_dtype():
      {"precision": "amp_bf16", "base_dtype": "bf16", "checkpointed_blocks": 0}),
 ])
 def test_smoke_run_of_each_memory_option(tmp_path, shapes_cache, monkeypatch, overrides, expect):
-    from hydra import compose, initialize_config_dir
-
-    from conftest import ROOT
-    from peftseg.config import register_schemas
+    from peftseg.config import compose_config
     from peftseg.engine.run import run
 
     monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
-    register_schemas()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["train=smoke", "train.progress=false", *overrides])
+    cfg = compose_config(["train=smoke", "train.progress=false", *overrides])
     record = run(cfg, tmp_path, "smoke")
     assert record.ok
     assert record.mask_ap > 0 and record.box_ap > 0

@@ -63,13 +63,9 @@ def test_a_sweep_member_with_a_bad_value_leaves_a_failed_record(peftseg, tmp_pat
 
 
 def _composed(*overrides):
-    from hydra import compose, initialize_config_dir
+    from peftseg.config import compose_config
 
-    from peftseg.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(list(overrides))
 
 
 @pytest.mark.parametrize("overrides,message", [

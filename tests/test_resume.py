@@ -25,14 +25,9 @@ SETUP = ["train=smoke", "train.max_iter=4", "train.checkpoint_period=2", "train.
 
 
 def compose_cfg(*overrides):
-    from hydra import compose, initialize_config_dir
+    from peftseg.config import compose_config
 
-    from peftseg.cli import CONF_DIR
-    from peftseg.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*SETUP, *overrides])
+    return compose_config([*SETUP, *overrides])
 
 
 def train_in_process(run_dir: Path, *overrides):

@@ -51,15 +51,10 @@ def test_submitit_local_launcher_runs_a_sweep(peftseg, tmp_path):
 
 
 def test_slurm_launcher_config_takes_gpus_and_nodes_from_train():
-    from hydra import compose, initialize_config_dir
+    from peftseg.config import compose_config
 
-    from peftseg.cli import CONF_DIR
-    from peftseg.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "train.num_gpus=4", "train.num_machines=2",
-                                           "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    cfg = compose_config(["hydra/launcher=slurm", "train.num_gpus=4", "train.num_machines=2",
+                          "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.nodes, launcher.tasks_per_node) == (4, 2, 1)

@@ -41,21 +41,16 @@ class Loaded:
 
 def compose(overrides: list[str]) -> DictConfig:
     """The project's config composed by Hydra from `overrides`, as `peftseg train` would."""
-    from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from peftseg.cli import CONF_DIR, check_group_choices
-    from peftseg.config import register_schemas
+    from peftseg.cli import check_group_choices
+    from peftseg.config import compose_config, validate
 
     check_group_choices(overrides)
-    register_schemas()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides))
+        cfg = compose_config(overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"the overrides {' '.join(overrides)} do not compose into a config: {e}") from e
-    from peftseg.config import validate
-
     validate(cfg)  # the same range and choice checks as `peftseg train`
     return cfg
 

@@ -80,15 +80,9 @@ def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
         cfg = OmegaConf.create({g: OmegaConf.merge(OmegaConf.structured(cls), saved[g]) for g, cls in schema.items()})
         chosen = [o for o in parsed if o.key_or_group == "dataset"]
         if chosen:
-            from hydra import compose, initialize_config_dir
+            from peftseg.config import compose_config
 
-            from peftseg.cli import CONF_DIR
-            from peftseg.config import register_schemas
-
-            register_schemas()
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                composed = compose("config", overrides=[o.input_line for o in chosen])
-            cfg.dataset = composed.dataset
+            cfg.dataset = compose_config([o.input_line for o in chosen]).dataset
         ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if o.key_or_group != "dataset"], cfg)
     except OmegaConfBaseException as e:
         raise UserError(f"the overrides {overrides} do not fit the checkpoint's config: {e}") from None

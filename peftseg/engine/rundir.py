@@ -16,10 +16,10 @@ import logging
 import os
 import shutil
 import socket
-from datetime import datetime, timezone
 from pathlib import Path
 
 from peftseg.errors import UserError
+from peftseg.results import now
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def claim(run_dir: Path):
     path = run_dir / LOCK
     host = socket.gethostname()
     mine = {"pid": os.getpid(), "host": host,
-            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "start_time": now()}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except PermissionError as e:
