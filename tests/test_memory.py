@@ -123,6 +123,26 @@ def test_bf16_base_halves_frozen_bytes_keeps_trainables_fp32_and_drifts_little(b
         assert drift < 0.03, (k, drift)
 
 
+def test_merging_a_bf16_base_run_writes_float32_with_the_update_added_in_float32(base):
+    from peftseg.methods._merge import merge_and_unload
+
+    model = apply_method(copy.deepcopy(base), preset("method", "lora", METHODS.get("lora").config, base_dtype="bf16"))
+    qkv = model.backbone.net.blocks[0].attn.qkv
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a small update, as training leaves one: far below bf16's step
+        qkv.lora_A["default"].weight.copy_(torch.randn(qkv.lora_A["default"].weight.shape, generator=g))
+        qkv.lora_B["default"].weight.copy_(1e-6 * torch.randn(qkv.lora_B["default"].weight.shape, generator=g))
+    frozen = qkv.base_layer.weight.detach().float()
+    delta = qkv.get_delta_weight("default").detach().float()
+    merged = merge_and_unload(model)
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert not hasattr(merged, "peftseg_base_dtype")
+    w = merged.backbone.net.blocks[0].attn.qkv.weight
+    assert torch.allclose(w, frozen + delta, atol=1e-7, rtol=0)
+    # in bf16 most of this update would have rounded away
+    assert (w.bfloat16().float() == frozen).float().mean() > 0.5
+
+
 def test_bf16_base_is_refused_for_full_and_bad_values_name_the_fix():
     from peftseg.errors import UserError
     from peftseg.methods._memory import MemoryOptions, check_base_dtype
