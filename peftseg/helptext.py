@@ -1,9 +1,10 @@
 """`peftseg list` and `peftseg train --help`: what there is to choose, one line each.
 
 Hydra's own `--help` lists every config group, the internal `schema/*` ones included, and
-no knob; this one lists the real groups with each option's first comment line (the yaml's
-own description), then every knob of the chosen options with its value and the comment
-its dataclass field carries. Source of truth: conf/*.yaml and the schema dataclasses.
+no knob; this one lists the real groups with each option's one-line description (the
+registered summary of a method or dataset, the first comment line of a model or train
+yaml), then every knob of the chosen options with its value and the comment its
+dataclass field carries. Source of truth: conf/*.yaml and the schema dataclasses.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ def options(group: str) -> list[str]:
 
 
 def description(group: str, name: str) -> str:
-    """The first comment line of conf/<group>/<name>.yaml."""
+    """A method's or dataset's registered one-line summary; for model presets and train
+    recipes (which no registry lists one by one) the first comment line of their yaml."""
+    from peftseg.registry import DATASETS, METHODS
+
+    registry = {"method": METHODS, "dataset": DATASETS}.get(group)
+    if registry is not None and name in registry.names():
+        return registry.get(name).summary
     for line in (conf_dir() / group / f"{name}.yaml").read_text().splitlines():
         if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("# ").strip()

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -93,6 +94,11 @@ def test_list_and_train_help_name_options_and_knobs_without_schema_groups(capsys
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
     assert "vitdet_tiny" in listing and "lora" in listing and "shapes" in listing and "schema" not in listing
+    from peftseg.registry import DATASETS, METHODS
+
+    # methods and datasets are described by their registration, one line each
+    for spec in (METHODS.get("side"), DATASETS.get("coco_format")):
+        assert re.search(rf"^  {spec.name} +{re.escape(spec.summary)}$", listing, re.MULTILINE), spec.name
     assert main(["train", "--help", "method=adapter"]) == 0
     text = capsys.readouterr().out
     assert "schema" not in text and "method: adapter*" in text
