@@ -309,7 +309,9 @@ def main(argv=None) -> int:
     from peftseg.errors import UserError
 
     args = parse_args(argv)
-    console = Console()
+    # Written to a log (a long CPU run usually is), the 10-column table needs more than the
+    # 80 columns rich assumes without a terminal: cells would wrap into unreadable stubs.
+    console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=180)
     try:
         if args.batch < 1 or args.steps < 1 or args.rounds < 1:
             raise UserError("--batch, --steps and --rounds must each be at least 1.")

@@ -264,11 +264,14 @@ def test_applying_twice_is_refused(model):
         apply_method(model, adapter_cfg(adapters_per_block=1))
 
 
-def test_cli_adapter_run_records_closed_form_params(peftseg, tmp_path):
-    proc = peftseg("train", "method=adapter", "method.adapters_per_block=2", "train=smoke",
-                   "train.max_iter=10")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (record,) = records_under(tmp_path / "outputs")
+def test_adapter_run_records_closed_form_params(tmp_path, shapes_cache, monkeypatch):
+    from peftseg.config import compose_config
+    from peftseg.engine.run import run
+
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    run(compose_config(["method=adapter", "method.adapters_per_block=2", "train=smoke", "train.max_iter=10",
+                        "train.progress=false"]), tmp_path, "adapter")
+    (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["method.name"] == "adapter"
     tiny = preset("model", "vitdet_tiny", VitDetConfig)

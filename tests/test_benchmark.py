@@ -1,24 +1,34 @@
 """scripts/benchmark.py: methods side by side on one model, batch and process."""
 
+import importlib.util
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
 from conftest import ROOT
 
 
-def bench(tmp_path, shapes_cache, *args):
-    env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def bench(shapes_cache, monkeypatch, capsys):
+    """scripts/benchmark.py's main(), in this process: a CompletedProcess of its exit status and output."""
+    spec = importlib.util.spec_from_file_location("peftseg_benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def _run(*args):
+        code = script.main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["benchmark.py", *args], code, out.out, out.err)
+
+    return _run
 
 
-def test_benchmark_reports_time_and_memory_ratios_against_full(tmp_path, shapes_cache):
+def test_benchmark_reports_time_and_memory_ratios_against_full(tmp_path, bench):
     out = tmp_path / "bench.json"
-    proc = bench(tmp_path, shapes_cache, "--methods", "full,heads,lora,full-again:full,lora+ckpt:lora:"
+    proc = bench("--methods", "full,heads,lora,full-again:full,lora+ckpt:lora:"
                  "train.activation_checkpointing=true", "--override", "train.seed=1", "--steps", "2",
                  "--rounds", "2", "--device", "cpu", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -45,8 +55,8 @@ def test_benchmark_reports_time_and_memory_ratios_against_full(tmp_path, shapes_
     assert "× full" in proc.stdout and "heads" in proc.stdout
 
 
-def test_benchmark_names_the_registered_methods_for_an_unknown_one(tmp_path, shapes_cache):
-    proc = bench(tmp_path, shapes_cache, "--methods", "full,nosuch")
+def test_benchmark_names_the_registered_methods_for_an_unknown_one(bench):
+    proc = bench("--methods", "full,nosuch")
     assert proc.returncode == 2
     assert "nosuch" in proc.stderr and "lora" in proc.stderr
 

@@ -13,8 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import records_under
+from helpers import cli_in_process
 from detectron2.utils.env import seed_all_rng
+from peftseg.config import compose_config
 from peftseg.engine.restore import restore
+from peftseg.engine.run import run
+from peftseg.errors import UserError
 from peftseg.methods._merge import merge_and_unload
 from peftseg.models import build_model
 from peftseg.models._weights import load_weights
@@ -24,9 +28,12 @@ SHORT = ("train=smoke", "train.max_iter=6", "train.checkpoint_period=3", "train.
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, shapes_cache):
+    """`peftseg` from one work dir: train as the real subprocess, the other commands in-process."""
     work = tmp_path_factory.mktemp("ckpt")
 
     def _run(*args):
+        if args[0] != "train":
+            return cli_in_process(*args, cwd=work, cache=shapes_cache)
         env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200"}
         return subprocess.run([sys.executable, "-m", "peftseg.cli", *args], cwd=work, env=env,
                               capture_output=True, text=True, timeout=300)
@@ -125,13 +132,16 @@ TARGETS = "method.targets=[attn_qkv,mlp]"
     ((TARGETS, "model.depth=2"), "different model"),
     ((TARGETS, "train.seed=5"), "different frozen base weights"),
 ])
-def test_resume_refuses_a_checkpoint_of_another_setup(cli, lora_run, override, needle):
-    proc = cli("train", *SHORT, *override,
-               f"train.resume={lora_run}/model_0000002.pth", f"hydra.run.dir=bad_{override[-1].replace('=', '_')}")
-    assert proc.returncode == 2
-    assert needle in " ".join(proc.stderr.split())
-    (record,) = records_under(cli.work / f"bad_{override[-1].replace('=', '_')}")
-    assert record["status"] == "failed"
+def test_resume_refuses_a_checkpoint_of_another_setup(lora_run, override, needle, tmp_path, shapes_cache,
+                                                       monkeypatch):
+    # in-process: the CLI's exit status and rendering of a UserError are tested in test_cli_errors
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    cfg = compose_config([*SHORT, *override, f"train.resume={lora_run}/model_0000002.pth"])
+    with pytest.raises(UserError) as refused:
+        run(cfg, tmp_path, "bad")
+    assert needle in " ".join(str(refused.value).split())
+    (record,) = records_under(tmp_path)
+    assert record["status"] == "failed" and needle in " ".join(record["error"]["message"].split())
 
 
 def test_eval_of_a_plain_checkpoint_asks_for_the_model_it_fits(cli, lora_run, tmp_path):

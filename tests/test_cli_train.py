@@ -1,8 +1,9 @@
-"""The runner end to end, through the real CLI."""
+"""The runner end to end: through the real CLI where the CLI is what is tested, in-process otherwise."""
 
 from pathlib import Path
 
 from conftest import records_under
+from helpers import cli_in_process
 
 from peftseg.data.shapes import write_coco_layout
 
@@ -43,19 +44,23 @@ def test_lora_on_a_coco_layout_directory(peftseg, tmp_path):
     assert "AP" in record["metrics"]["segm"]
 
 
-def test_heads_method_freezes_backbone(peftseg, tmp_path):
-    proc = peftseg("train", "method=heads", "model=vitdet_tiny", "train=smoke", "train.max_iter=4")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (record,) = records_under(tmp_path / "outputs")
+def test_heads_method_freezes_backbone(tmp_path, shapes_cache, monkeypatch):
+    from peftseg.config import compose_config
+    from peftseg.engine.run import run
+
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    run(compose_config(["method=heads", "model=vitdet_tiny", "train=smoke", "train.max_iter=4",
+                        "train.progress=false"]), tmp_path, "heads")
+    (record,) = records_under(tmp_path)
     groups = record["params"]["by_group"]
     assert groups["backbone"]["trainable"] == 0
     assert record["params"]["trainable"] == record["params"]["total"] - groups["backbone"]["total"]
 
 
-def test_help_lists_commands_and_groups(peftseg):
-    top = peftseg("--help")
+def test_help_lists_commands_and_groups(tmp_path, shapes_cache):
+    top = cli_in_process("--help", cwd=tmp_path, cache=shapes_cache)
     assert top.returncode == 0 and "train" in top.stdout
-    train_help = peftseg("train", "--help")
+    train_help = cli_in_process("train", "--help", cwd=tmp_path, cache=shapes_cache)
     assert train_help.returncode == 0
     for group in ("model:", "method:", "dataset:", "train:"):
         assert group in train_help.stdout

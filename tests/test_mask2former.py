@@ -326,11 +326,14 @@ def test_bad_sizes_are_user_errors(bad):
         tiny_model(**bad)
 
 
-def test_cli_lora_on_deformable_attention(peftseg, tmp_path):
-    proc = peftseg("train", "model=m2f_tiny", "method=lora", "method.targets=[deform_attn]",
-                   "train=smoke", "train.max_iter=10")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (record,) = records_under(tmp_path / "outputs")
+def test_lora_run_on_deformable_attention(tmp_path, shapes_cache, monkeypatch):
+    from peftseg.config import compose_config
+    from peftseg.engine.run import run
+
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    run(compose_config(["model=m2f_tiny", "method=lora", "method.targets=[deform_attn]", "train=smoke",
+                        "train.max_iter=10", "train.progress=false"]), tmp_path, "m2f-lora")
+    (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["model.family"] == "mask2former"
     assert isinstance(record["metrics"]["segm"]["AP"], float)

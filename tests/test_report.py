@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from conftest import records_under
+from helpers import cli_in_process
 
 from peftseg.errors import UserError
 from peftseg.report import build_report, pareto_front
@@ -37,9 +38,9 @@ def table_rows(stdout: str, method: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("│") and f"│ {method} " in line]
 
 
-def test_report_of_a_sweep(smoke_sweep, peftseg):
+def test_report_of_a_sweep(smoke_sweep, tmp_path, shapes_cache):
     _, sweep_dir = smoke_sweep
-    proc = peftseg("report", str(sweep_dir))
+    proc = cli_in_process("report", str(sweep_dir), cwd=tmp_path, cache=shapes_cache)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = table_rows(proc.stdout, "adapter")
     assert len(rows) == 3
@@ -137,8 +138,8 @@ def test_pareto_front_keeps_the_best_ap_at_each_budget():
     assert pareto_front(points) == [0, 1, 3]
 
 
-def test_missing_or_empty_folder_is_a_user_error(tmp_path, peftseg):
-    proc = peftseg("report", str(tmp_path / "nope"))
+def test_missing_or_empty_folder_is_a_user_error(tmp_path, shapes_cache):
+    proc = cli_in_process("report", str(tmp_path / "nope"), cwd=tmp_path, cache=shapes_cache)
     assert proc.returncode == 2
     assert "is not a directory" in proc.stderr
     with pytest.raises(UserError, match="No results.json under .*peftseg train -m"):

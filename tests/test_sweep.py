@@ -39,15 +39,16 @@ def test_a_failing_member_is_recorded_and_the_sweep_goes_on(peftseg, tmp_path):
 
 def test_submitit_local_launcher_runs_a_sweep(peftseg, tmp_path):
     # The same code path as hydra/launcher=slurm, with jobs as local processes.
-    proc = peftseg("train", "-m", "hydra/launcher=submitit_local", "method.rank=2,4",
-                   "train=smoke", "train.max_iter=4")
+    # one member: each is its own process (~6 s of imports), and the sweep logic is tested above
+    proc = peftseg("train", "-m", "hydra/launcher=submitit_local", "method.rank=2",
+                   "train=smoke", "train.max_iter=2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = records_under(tmp_path / "multirun")
-    assert sorted(r["config"]["method.rank"] for r in records) == [2, 4]
+    assert [r["config"]["method.rank"] for r in records] == [2]
     assert all(r["status"] == "ok" for r in records)
     (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
     assert list((sweep_dir / ".submitit").glob("*/*_log.out")), "submitit ran no job"
-    assert last_line(proc.stdout).startswith("sweep: 0 of 2 runs failed")
+    assert last_line(proc.stdout).startswith("sweep: 0 of 1 runs failed")
 
 
 def test_slurm_launcher_config_takes_gpus_and_nodes_from_train():

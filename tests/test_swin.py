@@ -165,11 +165,14 @@ def test_bad_shapes_are_user_errors(override, needle):
         build_model(preset("swin_tiny", **override), num_classes=3)
 
 
-def test_cli_lora_on_swin_tiny(peftseg, tmp_path):
-    proc = peftseg("train", "model=swin_tiny", "method=lora", "train=smoke", "train.max_iter=10",
-                   "train.progress=false")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (record,) = records_under(tmp_path / "outputs")
+def test_lora_run_on_swin_tiny(tmp_path, shapes_cache, monkeypatch):
+    from peftseg.config import compose_config
+    from peftseg.engine.run import run
+
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    run(compose_config(["model=swin_tiny", "method=lora", "train=smoke", "train.max_iter=10",
+                        "train.progress=false"]), tmp_path, "swin-lora")
+    (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["model.name"] == "swin_tiny"
     assert isinstance(record["metrics"]["segm"]["AP"], float)

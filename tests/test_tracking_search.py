@@ -49,12 +49,12 @@ def test_objectives_and_their_directions():
 
 
 def test_single_objective_search_completes(peftseg, tmp_path):
-    proc = peftseg("train", "-m", "hydra/sweeper=peft_search", "hydra.sweeper.n_trials=3", *TINY,
-                   "train.max_iter=5", timeout=600)
+    proc = peftseg("train", "-m", "hydra/sweeper=peft_search", "hydra.sweeper.n_trials=2", *TINY,
+                   "train.max_iter=2", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
     records = records_under(sweep_dir)
-    assert len(records) == 3 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
     assert {r["config"]["method.name"] for r in records} <= {"lora", "adapter", "ia3", "loha"}
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert result["best_value"] == pytest.approx(max(r["metrics"]["segm"]["AP"] for r in records))
