@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -62,13 +63,40 @@ def train_steps_and_check(model, batch, optimizer, trainable: set[str], label: s
             assert torch.equal(p, before[n]), f"{label}: frozen {n} changed"
 
 
+@contextlib.contextmanager
+def _in(cwd, cache):
+    """Run from `cwd` with PEFTSEG_CACHE=`cache` (the shapes data the session shares)."""
+    old_cwd, old_cache = os.getcwd(), os.environ.get("PEFTSEG_CACHE")
+    try:
+        os.chdir(cwd)
+        os.environ["PEFTSEG_CACHE"] = str(cache)
+        yield
+    finally:
+        os.chdir(old_cwd)
+        if old_cache is None:
+            os.environ.pop("PEFTSEG_CACHE", None)
+        else:
+            os.environ["PEFTSEG_CACHE"] = old_cache
+
+
+def run_in_process(run_dir, cache, *overrides: str):
+    """One real run (peftseg.engine.run, as `peftseg train` runs it) of train=smoke with
+    `overrides`, recorded in `run_dir`; returns its Record. For tests where the CLI is not
+    what is tested: no subprocess, no ~6 s of imports."""
+    from peftseg.config import compose_config
+    from peftseg.engine.run import run
+
+    with _in(run_dir, cache):
+        cfg = compose_config(["train=smoke", "train.progress=false", *overrides])
+        return run(cfg, Path(run_dir), Path(run_dir).name)
+
+
 def cli_in_process(*args: str, cwd, cache):
     """`peftseg <args>` run in this process (no ~6 s of imports per call), from `cwd` with
     PEFTSEG_CACHE=`cache`: a CompletedProcess with the exit status and the console output.
 
     For commands that do not go through @hydra.main (eval, merge, report, predict, …):
     `train` keeps the real subprocess, since Hydra's app state and logging outlive a run."""
-    import contextlib
     import io
     import subprocess
 
@@ -76,22 +104,14 @@ def cli_in_process(*args: str, cwd, cache):
 
     assert args[0] != "train" or "--help" in args, "train runs through Hydra's main: use a subprocess"
     out, err = io.StringIO(), io.StringIO()
-    old_cwd, old_cache = os.getcwd(), os.environ.get("PEFTSEG_CACHE")
     widths = cli.console.width, cli.err_console.width
     try:
-        os.chdir(cwd)
-        os.environ["PEFTSEG_CACHE"] = str(cache)
         cli.console.width = cli.err_console.width = 200  # as COLUMNS=200 gives the subprocesses
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with _in(cwd, cache), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = cli.main(list(args))
             except SystemExit as exc:
                 code = exc.code
     finally:
-        os.chdir(old_cwd)
         cli.console.width, cli.err_console.width = widths
-        if old_cache is None:
-            os.environ.pop("PEFTSEG_CACHE", None)
-        else:
-            os.environ["PEFTSEG_CACHE"] = old_cache
     return subprocess.CompletedProcess(["peftseg", *args], code, out.getvalue(), err.getvalue())

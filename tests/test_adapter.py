@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from helpers import shapes_batch, train_steps_and_check
+from helpers import run_in_process, shapes_batch, train_steps_and_check
 from conftest import records_under
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
@@ -264,13 +264,8 @@ def test_applying_twice_is_refused(model):
         apply_method(model, adapter_cfg(adapters_per_block=1))
 
 
-def test_adapter_run_records_closed_form_params(tmp_path, shapes_cache, monkeypatch):
-    from peftseg.config import compose_config
-    from peftseg.engine.run import run
-
-    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
-    run(compose_config(["method=adapter", "method.adapters_per_block=2", "train=smoke", "train.max_iter=10",
-                        "train.progress=false"]), tmp_path, "adapter")
+def test_adapter_run_records_closed_form_params(tmp_path, shapes_cache):
+    run_in_process(tmp_path, shapes_cache, "method=adapter", "method.adapters_per_block=2", "train.max_iter=10")
     (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["method.name"] == "adapter"

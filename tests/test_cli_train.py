@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from conftest import records_under
-from helpers import cli_in_process
+from helpers import cli_in_process, run_in_process
 
 from peftseg.data.shapes import write_coco_layout
 
@@ -44,13 +44,8 @@ def test_lora_on_a_coco_layout_directory(peftseg, tmp_path):
     assert "AP" in record["metrics"]["segm"]
 
 
-def test_heads_method_freezes_backbone(tmp_path, shapes_cache, monkeypatch):
-    from peftseg.config import compose_config
-    from peftseg.engine.run import run
-
-    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
-    run(compose_config(["method=heads", "model=vitdet_tiny", "train=smoke", "train.max_iter=4",
-                        "train.progress=false"]), tmp_path, "heads")
+def test_heads_method_freezes_backbone(tmp_path, shapes_cache):
+    run_in_process(tmp_path, shapes_cache, "method=heads", "model=vitdet_tiny", "train.max_iter=4")
     (record,) = records_under(tmp_path)
     groups = record["params"]["by_group"]
     assert groups["backbone"]["trainable"] == 0

@@ -9,7 +9,7 @@ import torch
 
 import helpers
 import torch.nn as nn
-from helpers import shapes_batch
+from helpers import run_in_process, shapes_batch
 from conftest import records_under
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -326,13 +326,9 @@ def test_bad_sizes_are_user_errors(bad):
         tiny_model(**bad)
 
 
-def test_lora_run_on_deformable_attention(tmp_path, shapes_cache, monkeypatch):
-    from peftseg.config import compose_config
-    from peftseg.engine.run import run
-
-    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
-    run(compose_config(["model=m2f_tiny", "method=lora", "method.targets=[deform_attn]", "train=smoke",
-                        "train.max_iter=10", "train.progress=false"]), tmp_path, "m2f-lora")
+def test_lora_run_on_deformable_attention(tmp_path, shapes_cache):
+    run_in_process(tmp_path, shapes_cache, "model=m2f_tiny", "method=lora", "method.targets=[deform_attn]",
+                   "train.max_iter=10")
     (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["model.family"] == "mask2former"

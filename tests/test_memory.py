@@ -8,7 +8,7 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from helpers import preset, shapes_batch
+from helpers import preset, run_in_process, shapes_batch
 from peftseg.engine.checkpointing import (
     checkpoint_block_names,
     disable_activation_checkpointing,
@@ -303,13 +303,8 @@ def test_precision_follows_amp_and_base_dtype():
     (["method=side", "method.base_dtype=bf16", "method.blocks=last:2", "train.amp=true"],
      {"precision": "amp_bf16", "base_dtype": "bf16", "checkpointed_blocks": 0}),
 ])
-def test_smoke_run_of_each_memory_option(tmp_path, shapes_cache, monkeypatch, overrides, expect):
-    from peftseg.config import compose_config
-    from peftseg.engine.run import run
-
-    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
-    cfg = compose_config(["train=smoke", "train.progress=false", *overrides])
-    record = run(cfg, tmp_path, "smoke")
+def test_smoke_run_of_each_memory_option(tmp_path, shapes_cache, overrides, expect):
+    record = run_in_process(tmp_path, shapes_cache, *overrides)
     assert record.ok
     assert record.mask_ap > 0 and record.box_ap > 0
     for key, value in expect.items():

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from detectron2.modeling import FPN, SwinTransformer
 from detectron2.utils.events import EventStorage
 
-from helpers import shapes_batch
+from helpers import run_in_process, shapes_batch
 from conftest import records_under
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
@@ -165,13 +165,8 @@ def test_bad_shapes_are_user_errors(override, needle):
         build_model(preset("swin_tiny", **override), num_classes=3)
 
 
-def test_lora_run_on_swin_tiny(tmp_path, shapes_cache, monkeypatch):
-    from peftseg.config import compose_config
-    from peftseg.engine.run import run
-
-    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
-    run(compose_config(["model=swin_tiny", "method=lora", "train=smoke", "train.max_iter=10",
-                        "train.progress=false"]), tmp_path, "swin-lora")
+def test_lora_run_on_swin_tiny(tmp_path, shapes_cache):
+    run_in_process(tmp_path, shapes_cache, "model=swin_tiny", "method=lora", "train.max_iter=10")
     (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["model.name"] == "swin_tiny"

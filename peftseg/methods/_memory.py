@@ -157,3 +157,16 @@ def store_frozen_in(model, base_dtype: str, method: str) -> int:
     # a plain attribute (not in state_dict): the trainer and evaluation read it to autocast
     model.peftseg_base_dtype = base_dtype
     return saved
+
+
+def widen_frozen(model) -> None:
+    """Undo store_frozen_in: bf16-stored weights back to float32 (exact), e.g. before merging,
+    so an update is folded in at float32 and a plain (float32) model comes out."""
+    import torch
+
+    if getattr(model, "peftseg_base_dtype", "fp32") == "fp32":
+        return
+    for p in model.parameters():
+        if p.dtype == torch.bfloat16:
+            p.data = p.data.float()
+    del model.peftseg_base_dtype

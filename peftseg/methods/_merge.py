@@ -8,11 +8,11 @@ methods applied to a model are known from its ownership record (params.mark_adde
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peftseg.errors import UserError
+from peftseg.methods._memory import widen_frozen
 from peftseg.params import added_params
 from peftseg.registry import METHODS
 
@@ -27,14 +27,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             "bottleneck adapters are non-linear), so they cannot be folded into the base weights. "
             f"Merge works for {', '.join(mergeable)}; evaluate this run with `peftseg eval` instead."
         )
-    if getattr(model, "peftseg_base_dtype", "fp32") != "fp32":
-        # A run with method.base_dtype=bf16 stored its frozen weights in bfloat16. Merged
-        # weights are a plain detectron2 model, which runs in float32: widen them first
-        # (exact) so the update is added in float32 and nothing bf16 reaches the file.
-        for p in model.parameters():
-            if p.dtype == torch.bfloat16:
-                p.data = p.data.float()
-        del model.peftseg_base_dtype
+    # method.base_dtype=bf16 stored the frozen weights in bfloat16; a merged model is a plain
+    # float32 detectron2 model, and a small update added in bf16 would round away
+    widen_frozen(model)
     tuner_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     # outermost only: peft's MultiheadAttention layer holds a LoRA Linear (its out_proj) inside
     outer = [(n, m) for n, m in tuner_layers if not any(n.startswith(o + ".") for o, _ in tuner_layers)]
