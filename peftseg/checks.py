@@ -26,21 +26,6 @@ def choice(field: str, value, choices: Iterable[str]) -> None:
         )
 
 
-def choices_list(field: str, values, choices: Iterable[str], allow_empty: bool = False) -> None:
-    choices = list(choices)
-    values = list(values)
-    bad = [v for v in values if v not in choices]
-    if bad:
-        raise UserError(
-            f"{field} names {bad}, which is not among the choices: {', '.join(choices)} "
-            f"(e.g. {field}=[{choices[0]}])."
-        )
-    if not values and not allow_empty:
-        raise UserError(f"{field} is empty; list at least one of: {', '.join(choices)}.")
-    if len(set(values)) != len(values):
-        raise UserError(f"{field}={values} lists an entry twice; list each once.")
-
-
 def integer(field: str, value, minimum: int | None = None, maximum: int | None = None, why: str = "") -> None:
     ok = isinstance(value, int) and not isinstance(value, bool)
     if ok and minimum is not None and value < minimum:

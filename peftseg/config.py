@@ -23,12 +23,19 @@ from omegaconf.errors import OmegaConfBaseException
 from peftseg import checks
 from peftseg.errors import UserError
 from peftseg.registry import DATASETS, FAMILIES, METHODS
-from peftseg.tracking import TrackingConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "method", "dataset", "train")  # the config groups a user picks options of
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step")
 AMP_DTYPES = ("bf16", "fp16")  # bf16 first: the default, and the one CPUs run
+
+
+@dataclass
+class TrackingConfig:
+    """`tracking.*` (set by +tracking=mlflow)."""
+    uri: str = ""  # empty: a local file store ./mlruns (browse with `mlflow ui`); or http://host:5000, sqlite:///…
+    experiment: str = "peftseg"
 
 
 @dataclass
@@ -39,7 +46,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd
     base_lr: float = 1e-3  # backbone (and anything without a group LR below)
     peft_lr: Optional[float] = None  # LR of method modules (LoRA, adapters…); None: base_lr
-    heads_lr: Optional[float] = None  # LR of neck + heads; None: base_lr
+    non_backbone_lr: Optional[float] = None  # LR of neck, decoder and task heads; None: base_lr
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05
     lr_schedule: str = "cosine"  # cosine | step
@@ -79,7 +86,7 @@ class TrainConfig:
         checks.choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         checks.choice("train.amp_dtype", self.amp_dtype, AMP_DTYPES)
         checks.number("train.base_lr", self.base_lr, low=0, low_open=True, why="e.g. train.base_lr=1e-3")
-        for key in ("peft_lr", "heads_lr"):
+        for key in ("peft_lr", "non_backbone_lr"):
             if getattr(self, key) is not None:
                 checks.number(f"train.{key}", getattr(self, key), low=0, low_open=True,
                               why="or null to use train.base_lr")
@@ -116,7 +123,7 @@ class Config:
     dataset: Any = MISSING
     train: TrainConfig = MISSING
     # what the train task returns (Hydra sweepers such as Optuna optimise it): one name of
-    # peftseg.objectives.OBJECTIVES or a list of them (multi-objective)
+    # peftseg.engine.objectives.OBJECTIVES or a list of them (multi-objective)
     objective: Any = "segm_ap"
     tracking: Optional[TrackingConfig] = None  # set by +tracking=mlflow
 
@@ -197,3 +204,44 @@ def validate(cfg: DictConfig) -> None:
             if cause is not None:
                 raise cause from None
             raise UserError(f"{group}: {e}") from None
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Name the available options for an unknown model/method/dataset/train before Hydra
+    starts (Hydra's own message is a traceback-like block). Sweep syntax is understood:
+    each element of `a,b` and `choice(a,b)` is checked; `glob(...)` must match something."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob, ValueType
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            raise UserError(f"cannot read the override {arg!r}: {e}") from None
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete():
+            continue
+        options = group_options(group)
+        value = override.value()
+        if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            assert isinstance(value, Glob)
+            if not value.filter(options):
+                raise UserError(
+                    f"{arg!r} matches no {group} option; available {group} options: {', '.join(options)}."
+                )
+            continue
+        choices = list(override.sweep_iterator()) if override.is_sweep_override() else [value]
+        for choice in choices:
+            if choice not in options:
+                raise UserError(
+                    f"Unknown {group} {choice!r}. Available {group} options: {', '.join(options)}. "
+                    f"Pick one with `{group}=<name>` (the configs live in {CONF_DIR / group}/)."
+                )

@@ -34,6 +34,12 @@ class MethodSpec:
     adds_parameters: bool = False
     # report order: baselines first, then methods by the usual size of their footprint
     order: int = 100
+    # places its modules per backbone block, so it reads `method.blocks` (last:4, [8,9], …)
+    block_aware: bool = False
+    # every weight trains: nothing is frozen (so e.g. a bf16-stored frozen base is refused)
+    trains_everything: bool = False
+    # its colour in every picture (pareto.png, curves); "": a stable colour from its name
+    colour: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,11 +127,11 @@ FAMILIES: Registry[FamilySpec] = Registry("model family", "peftseg.models")
 DATASETS: Registry[DatasetSpec] = Registry("dataset", "peftseg.data")
 
 
-def register_method(name: str, *, config: type, summary: str, mergeable: bool = False,
-                    adds_parameters: bool = False, order: int = 100):
-    """Decorator on a method module's `apply(model, cfg)`."""
+def register_method(name: str, *, config: type, summary: str, **properties):
+    """Decorator on a method module's `apply(model, cfg)`; `properties` are MethodSpec's
+    fields after `summary` (mergeable, adds_parameters, order, block_aware, …)."""
     def deco(apply: Callable) -> Callable:
-        METHODS.add(MethodSpec(name, config, apply, summary, mergeable, adds_parameters, order))
+        METHODS.add(MethodSpec(name, config, apply, summary, **properties))
         return apply
     return deco
 

@@ -1,69 +1,24 @@
-"""The run record (results.json): schema, atomic write, read — the only place that
-builds or parses one.
-
-One JSON object per run. Writers go through `write_atomic`, so a reader (or a killed
-run) never sees a half-written file: either the previous content or the new one.
+"""The run record (results.json): schema, write, read — the only place that builds or
+parses one. Written through peftseg.io.atomic, so a reader (or a killed run) never sees
+a half-written file: either the previous content or the new one.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import platform
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
+
+from peftseg.io.atomic import write_json
 
 FILENAME = "results.json"
 # 2: schema_version added, metrics keep every number the evaluator returns, versions list
 # the whole stack; records without the field are version 1 and read the same way
 SCHEMA_VERSION = 2
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def write_atomic_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(f)` on a temp file beside `path`, fsync, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file a normal mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    write_atomic_with(path, lambda f: f.write(data))
-
-
-def _json_safe(value: Any) -> Any:
-    # COCOeval reports NaN for empty area ranges; JSON has no NaN, so store null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: Path, obj: dict) -> Path:
-    text = json.dumps(_json_safe(obj), indent=2, allow_nan=False)
-    write_atomic(path, (text + "\n").encode())
-    return Path(path)
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -76,6 +31,7 @@ class RunInfo:
     end_time: str | None = None
     seed: int | None = None
     git: str = "unknown"
+    host: str | None = None  # the machine it ran on (None in records of earlier versions)
 
 
 @dataclass
@@ -184,7 +140,8 @@ def flatten_config(cfg) -> dict:
 
 def new_record(cfg, run_dir: Path, run_id: str) -> Record:
     return Record(
-        run=RunInfo(id=run_id, dir=str(run_dir), start_time=now(), seed=cfg.train.seed, git=git_describe()),
+        run=RunInfo(id=run_id, dir=str(run_dir), start_time=now(), seed=cfg.train.seed, git=git_describe(),
+                    host=platform.node() or None),
         config=flatten_config(cfg), versions=versions(),
     )
 

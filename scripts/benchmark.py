@@ -77,7 +77,7 @@ def pick_methods(arg: str | None) -> list[tuple[str, str, list[str]]]:
     usable = [m for m in METHODS.names() if m in configs]  # iterating the registry yields specs
     if arg is None:
         return [(m, m, []) for m in DEFAULT_METHODS if m in usable]
-    from peftseg.variants import parse_entry, split_entries
+    from peftseg.cli.variants import parse_entry, split_entries
 
     entries = [parse_entry(e, "--methods") for e in split_entries(arg)]
     unknown = [m for _, m, _ in entries if m not in usable]
@@ -284,7 +284,7 @@ def run(args, console: Console) -> dict:
 
 
 def table(results: dict) -> Table:
-    from peftseg.summary import fmt_bytes
+    from peftseg.report.tables import fmt_bytes
 
     t = Table(title=f"{results['model']} · {results['image_size']}px · batch {results['batch']} · "
                     f"{results['device']} · {results['steps_per_method']} steps/method")

@@ -22,7 +22,7 @@ from rich.table import Table  # noqa: E402
 from peftseg.config import CONF_DIR, compose_config  # noqa: E402
 from peftseg.engine.run import build_for_run  # noqa: E402
 from peftseg.params import count_parameters  # noqa: E402
-from peftseg.summary import fmt_count  # noqa: E402
+from peftseg.report.tables import fmt_count  # noqa: E402
 
 
 # (label, overrides): the settings the reference study compares
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         table.add_row(r["label"], fmt_count(r["trainable"]), fmt_count(r["total"]), f"{100 * r['ratio']:.2f}",
                       fmt_count(r["peft"]), f"{backbone_side(r):.2f}")
     table.caption = ("vs backbone % = (PEFT + trainable backbone params) / backbone params: the ratio "
-                     "papers quote when neck and heads train in every method")
+                     "papers quote when the task layers train in every method")
     Console().print(table)
     return 0
 

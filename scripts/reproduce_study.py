@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = ap.parse_known_args(argv)
 
     from peftseg import cli
-    from peftseg.sweep import last_sweep
+    from peftseg.engine.sweep import last_sweep
 
     code = cli.main(["train", *overrides(args, extra)])
     outcome = last_sweep()

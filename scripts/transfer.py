@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         peftseg("merge", f"checkpoint={up}", f"output={weights}")
     console.print(f"upstream mask AP on its own domain: {mask_ap(up):.2f}; weights: {weights}")
 
-    from peftseg.variants import parse_entry
+    from peftseg.cli.variants import parse_entry
 
     rows = []
     for entry in args.methods:

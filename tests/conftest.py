@@ -1,12 +1,12 @@
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,9 +21,8 @@ def peftseg(tmp_path, shapes_cache):
     """Run the real `peftseg` CLI in a subprocess, in a fresh working dir."""
 
     def _run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200", **(env or {})}
         return subprocess.run(
-            [sys.executable, "-m", "peftseg.cli", *args], cwd=tmp_path, env=full_env,
+            [sys.executable, "-m", "peftseg.cli", *args], cwd=tmp_path, env=cli_env(shapes_cache, **(env or {})),
             capture_output=True, text=True, timeout=timeout,
         )
 
@@ -44,8 +43,7 @@ def smoke_sweep(tmp_path_factory, shapes_cache):
 
     Returns (completed process, sweep dir)."""
     cwd = tmp_path_factory.mktemp("sweep")
-    env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "peftseg.cli", *SMOKE_SWEEP], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-m", "peftseg.cli", *SMOKE_SWEEP], cwd=cwd, env=cli_env(shapes_cache),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (sweep_dir,) = (cwd / "multirun").glob("*/*")

@@ -63,6 +63,14 @@ def train_steps_and_check(model, batch, optimizer, trainable: set[str], label: s
             assert torch.equal(p, before[n]), f"{label}: frozen {n} changed"
 
 
+def cli_env(cache, **extra: str) -> dict:
+    """The environment of a `peftseg` subprocess in a test: the session's shapes cache, a wide
+    console (rich wraps at 80 columns when piped), the project importable from any cwd."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PEFTSEG_CACHE": str(cache), "COLUMNS": "200",
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p), **extra}
+
+
 @contextlib.contextmanager
 def _in(cwd, cache):
     """Run from `cwd` with PEFTSEG_CACHE=`cache` (the shapes data the session shares)."""

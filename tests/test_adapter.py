@@ -112,13 +112,13 @@ def test_parameter_count_matches_the_closed_form(model, n, overrides):
     assert c.by_group["peft"] == {"total": expected, "trainable": expected}
     assert c.total == before.total + expected
     assert c.by_group["backbone"] == {"total": before.by_group["backbone"]["total"], "trainable": 0}
-    neck_heads = before.by_group["neck"]["total"] + before.by_group["heads"]["total"]
+    neck_heads = before.by_group["neck"]["total"] + before.by_group["task_heads"]["total"]
     assert c.trainable == expected + neck_heads
     assert all(a.down.out_features == b for s in adapter_stacks(model).values() for a in s)
 
 
 def test_frozen_heads_train_only_adapters_and_zero_adds_none(base):
-    c = count_parameters(apply_method(copy.deepcopy(base), adapter_cfg(train_heads=False)))
+    c = count_parameters(apply_method(copy.deepcopy(base), adapter_cfg(train_task_layers=False)))
     assert c.trainable == c.by_group["peft"]["total"] > 0
     none = apply_method(copy.deepcopy(base), adapter_cfg(adapters_per_block=0))
     assert not adapter_stacks(none) and count_parameters(none).by_group["peft"]["total"] == 0

@@ -63,7 +63,7 @@ def test_benchmark_names_the_registered_methods_for_an_unknown_one(bench):
 
 def test_labelled_variants_parse_with_colons_and_lists_in_values():
     from peftseg.errors import UserError
-    from peftseg.variants import parse_entry, split_entries
+    from peftseg.cli.variants import parse_entry, split_entries
 
     arg = "full,lora+ckpt:lora:train.activation_checkpointing=true,last4:lora:method.blocks=last:4:method.rank=4," \
           "idx:lora:method.blocks=[8,9]"

@@ -1,7 +1,6 @@
 """PEFT-only checkpoints: size, contents, resume, `peftseg eval`, `peftseg merge`."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,13 +12,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import records_under
-from helpers import cli_in_process
+from helpers import cli_env, cli_in_process
 from detectron2.utils.env import seed_all_rng
 from peftseg.config import compose_config
-from peftseg.engine.restore import restore
+from peftseg.checkpoint.load import load_model
 from peftseg.engine.run import run
 from peftseg.errors import UserError
-from peftseg.methods._merge import merge_and_unload
+from peftseg.checkpoint.merge import merge_and_unload
 from peftseg.models import build_model
 from peftseg.models._weights import load_weights
 
@@ -34,8 +33,7 @@ def cli(tmp_path_factory, shapes_cache):
     def _run(*args):
         if args[0] != "train":
             return cli_in_process(*args, cwd=work, cache=shapes_cache)
-        env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200"}
-        return subprocess.run([sys.executable, "-m", "peftseg.cli", *args], cwd=work, env=env,
+        return subprocess.run([sys.executable, "-m", "peftseg.cli", *args], cwd=work, env=cli_env(shapes_cache),
                               capture_output=True, text=True, timeout=300)
 
     _run.work = work
@@ -73,11 +71,11 @@ def test_peft_export_loads_with_peft_from_pretrained(lora_run, shapes_cache, mon
     export = lora_run / "peft"
     config = json.loads((export / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
-    r = restore(str(lora_run), [])
+    r = load_model(str(lora_run), [], need_dataset=True)
     trained = r.model.eval()
     seed_all_rng(r.cfg.train.seed)  # the frozen base exactly as build_for_run makes it, before the method
     base = build_model(r.cfg.model, num_classes=len(r.splits.class_names))
-    base.load_state_dict(load_file(str(export / "heads.safetensors")), strict=False)
+    base.load_state_dict(load_file(str(export / "trained_outside_peft.safetensors")), strict=False)
     model = PeftModel.from_pretrained(base, str(export)).eval()
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 255
     inputs = [{"image": i, "height": 128, "width": 128} for i in x]
@@ -94,8 +92,8 @@ def test_a_final_pth_of_an_earlier_version_still_loads(lora_run, tmp_path, shape
     with safe_open(str(lora_run / "model_final.safetensors"), framework="pt") as f:
         old = {"model": {k: f.get_tensor(k) for k in f.keys()}, "peftseg": json.loads(f.metadata()["peftseg"])}
     torch.save(old, tmp_path / "model_final.pth")
-    new_state = restore(str(lora_run), []).model.state_dict()
-    old_state = restore(str(tmp_path), []).model.state_dict()
+    new_state = load_model(str(lora_run), [], need_dataset=True).model.state_dict()
+    old_state = load_model(str(tmp_path), [], need_dataset=True).model.state_dict()
     assert all(torch.equal(new_state[k], old_state[k]) for k in new_state)
 
 
@@ -160,7 +158,7 @@ def test_merged_lora_matches_unmerged_and_loads_as_plain_detectron2(cli, lora_ru
     monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
     proc = cli("merge", f"checkpoint={lora_run}", "output=merged.pth")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    r = restore(str(lora_run), [])
+    r = load_model(str(lora_run), [], need_dataset=True)
     model = r.model.eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 128, 128, generator=g) * 255
@@ -173,7 +171,7 @@ def test_merged_lora_matches_unmerged_and_loads_as_plain_detectron2(cli, lora_ru
     for k in unmerged:
         torch.testing.assert_close(merged[k], unmerged[k], rtol=0, atol=1e-5)
     # the written file is a plain detectron2 checkpoint: a fresh base takes every tensor of it
-    fresh = restore(str(lora_run), []).model
+    fresh = load_model(str(lora_run), [], need_dataset=True).model
     fresh = merge_and_unload(fresh)  # same module tree, merged weights to be overwritten
     for p in fresh.parameters():
         torch.nn.init.zeros_(p)
@@ -183,7 +181,7 @@ def test_merged_lora_matches_unmerged_and_loads_as_plain_detectron2(cli, lora_ru
 
 
 def test_merged_checkpoint_evaluates_without_overrides_and_plain_needs_the_model(cli, lora_run, tmp_path):
-    from peftseg.engine.loading import load_model
+    from peftseg.checkpoint.load import load_model
 
     proc = cli("merge", f"checkpoint={lora_run}", "output=merged_for_eval.pth")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -204,3 +202,16 @@ def test_merged_checkpoint_evaluates_without_overrides_and_plain_needs_the_model
     reference = load_model(str(merged), [])
     for (name, a), (_, b) in zip(loaded.model.state_dict().items(), reference.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_one_loader_reads_a_checkpoint_file_once(lora_run, shapes_cache, monkeypatch):
+    """eval, merge and predict load through checkpoint.load.load_model, which reads the file
+    once and hands the tensors on (load_peft used to read it a second time)."""
+    import peftseg.checkpoint.files as files
+
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    reads = []
+    real = files.load_safetensors
+    monkeypatch.setattr(files, "load_safetensors", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    loaded = load_model(str(lora_run), [])
+    assert loaded.kind == "peft" and len(reads) == 1, reads

@@ -23,9 +23,9 @@ from peftseg.models import build_model
 from peftseg.params import added_params, count_parameters, group_of
 from peftseg.registry import FAMILIES, METHODS
 
-LR = {"backbone": 1e-3, "peft": 2e-3, "neck": 3e-3, "heads": 3e-3}
+LR = {"backbone": 1e-3, "peft": 2e-3, "neck": 3e-3, "decoder": 3e-3, "task_heads": 3e-3}
 TRAIN = OmegaConf.merge(OmegaConf.structured(TrainConfig),
-                        {"base_lr": LR["backbone"], "peft_lr": LR["peft"], "heads_lr": LR["heads"]})
+                        {"base_lr": LR["backbone"], "peft_lr": LR["peft"], "non_backbone_lr": LR["task_heads"]})
 
 
 def tiny_presets() -> dict[str, str]:

@@ -123,12 +123,17 @@ def test_write_coco_layout(coco_root):
 # --- shapes registration and cache ---------------------------------------------------------
 
 
+def data_dir(splits) -> Path:
+    """Where a registered dataset's files are: the folder of its train json."""
+    return Path(MetadataCatalog.get(splits.train).json_file).parent
+
+
 def test_shapes_registers_in_detectron2_catalogs():
     splits = register_dataset(ShapesDatasetConfig(**SMALL))
     assert splits.class_names == CLASSES
     train = DatasetCatalog.get(splits.train)
     assert len(train) == 6 and len(DatasetCatalog.get(splits.val)) == 3
-    coco = json.loads((Path(splits.root) / "train.json").read_text())
+    coco = json.loads((data_dir(splits) / "train.json").read_text())
     cats = {a["id"]: a["category_id"] for a in coco["annotations"]}
     for rec in train:
         assert os.path.isfile(rec["file_name"]) and rec["annotations"]
@@ -148,19 +153,19 @@ def test_shapes_registers_in_detectron2_catalogs():
 def test_shapes_cache_is_reused_and_keyed_by_params(cache):
     cfg = OmegaConf.structured(ShapesDatasetConfig(**SMALL))
     first = register_dataset(cfg)
-    root = Path(first.root)
+    root = data_dir(first)
     assert root.parent == cache / "shapes"
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     second = register_dataset(cfg)  # same process, same names: must not raise
     assert second == first
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps
     other = register_dataset(ShapesDatasetConfig(**{**SMALL, "seed": 1}))
-    assert other.root != first.root
+    assert data_dir(other) != data_dir(first)
     built = sorted(p.name for p in (cache / "shapes").iterdir())
-    assert built == sorted([root.name, Path(other.root).name])  # and no temp dirs left behind
+    assert built == sorted([root.name, data_dir(other).name])  # and no temp dirs left behind
     elsewhere = cache.parent / "elsewhere"
     explicit = register_dataset(ShapesDatasetConfig(**SMALL, cache_dir=str(elsewhere)))
-    assert Path(explicit.root).parent == elsewhere / "shapes"
+    assert data_dir(explicit).parent == elsewhere / "shapes"
 
 
 def test_shapes_damaged_cache_is_rebuilt():

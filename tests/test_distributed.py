@@ -1,7 +1,6 @@
 """Multi-process training through detectron2's launch: 2 CPU processes with gloo."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from conftest import records_under
 from peftseg.config import TrainConfig
 from peftseg.engine.distributed import check
 from peftseg.errors import UserError
+from helpers import cli_env
 
 
 def test_two_gloo_processes_train_and_write_one_record(peftseg, tmp_path):
@@ -65,7 +65,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path, sh
     import signal
     import time
 
-    env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200"}
+    env = cli_env(shapes_cache)
     proc = subprocess.Popen(
         [sys.executable, "-m", "peftseg.cli", "train", "train=smoke", "train.num_gpus=2", "train.max_iter=2000",
          "train.log_period=1", "hydra.run.dir=run"],

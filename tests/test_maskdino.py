@@ -90,9 +90,9 @@ def test_family_map_sites_and_lora_groups_match_the_study_layout(model):
         "sampling_offsets": enc + dec, "attention_weights": enc + dec, "value_proj": enc + dec,
         "output_proj": enc + dec, "decoder_self_attn": dec,
         "attn_qkv": 5, "attn_proj": 5, "mlp": 10,  # Swin depths [1, 1, 2, 1]
-        "heads": 1 + 3 + 3,  # class head, mask MLP, the shared box MLP (under its first name)
+        "task_heads": 1 + 3 + 3,  # class head, mask MLP, the shared box MLP (under its first name)
     }
-    heads = {n for n, _ in model.named_parameters() if n.startswith(FAMILY.task_heads)}
+    heads = {n for n, _ in model.named_parameters() if FAMILY.group_of(n) == "task_heads"}
     assert any(".class_embed." in n for n in heads) and any(".bbox_embed.0." in n for n in heads)
     assert not any(n.startswith(("backbone.", "sem_seg_head.pixel_decoder.", f"{DEC}.")) for n in heads)
 

@@ -124,7 +124,7 @@ def test_bf16_base_halves_frozen_bytes_keeps_trainables_fp32_and_drifts_little(b
 
 
 def test_merging_a_bf16_base_run_writes_float32_with_the_update_added_in_float32(base):
-    from peftseg.methods._merge import merge_and_unload
+    from peftseg.checkpoint.merge import merge_and_unload
 
     model = apply_method(copy.deepcopy(base), preset("method", "lora", METHODS.get("lora").config, base_dtype="bf16"))
     qkv = model.backbone.net.blocks[0].attn.qkv

@@ -62,7 +62,7 @@ def test_lora_wraps_exactly_the_targeted_linears(model):
 
 
 def test_lora_mlp_targets_and_frozen_heads(model):
-    model = apply_method(model, lora_cfg(targets=["mlp"], train_heads=False, rank=2))
+    model = apply_method(model, lora_cfg(targets=["mlp"], train_task_layers=False, rank=2))
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert wrapped == {f"backbone.net.blocks.{i}.mlp.fc{j}" for i in range(4) for j in (1, 2)}
     assert trainable(model) == {n for n, _ in model.named_parameters() if "lora_" in n}

@@ -24,7 +24,7 @@ def hyper_of(optimizer):
 
 def test_peft_and_heads_get_their_own_learning_rates(base):
     model = apply_method(copy.deepcopy(base), preset("method", "lora", METHODS.get("lora").config))
-    opt = build_optimizer(model, train_cfg(base_lr=1e-5, peft_lr=1e-3, heads_lr=1e-4, weight_decay=0.05))
+    opt = build_optimizer(model, train_cfg(base_lr=1e-5, peft_lr=1e-3, non_backbone_lr=1e-4, weight_decay=0.05))
     hyper = hyper_of(opt)
     norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
              or type(m).__name__ == "LayerNorm" for p in m.parameters(recurse=False)}
@@ -62,7 +62,7 @@ def test_group_rates_survive_the_lr_schedule(base):
     assert {round(g["initial_lr"], 12) for g in opt.param_groups} == {1e-4, 1e-3}
 
 
-@pytest.mark.parametrize("key", ["peft_lr", "heads_lr", "base_lr"])
+@pytest.mark.parametrize("key", ["peft_lr", "non_backbone_lr", "base_lr"])
 def test_non_positive_rates_are_refused(key):
     with pytest.raises(UserError, match=rf"train\.{key} must be a number > 0 \(got 0.0\)"):
         OmegaConf.to_object(train_cfg(**{key: 0.0}))

@@ -28,7 +28,7 @@ def test_groups_cover_the_whole_model(model):
     assert_consistent(c)
     assert c.total == sum(p.numel() for p in model.parameters())
     assert c.by_group["other"]["total"] == 0 and c.by_group["peft"]["total"] == 0
-    assert all(c.by_group[g]["total"] > 0 for g in ("backbone", "neck", "heads"))
+    assert all(c.by_group[g]["total"] > 0 for g in ("backbone", "neck", "task_heads"))
     assert c.by_group["backbone"]["total"] == sum(p.numel() for p in model.backbone.net.parameters())
 
 
@@ -67,13 +67,13 @@ def test_lora_adds_r_times_in_plus_out_per_targeted_linear(model, rank, targets)
     assert c.by_group["peft"] == {"total": expected, "trainable": expected}
     assert c.total == before.total + expected
     assert c.by_group["backbone"] == {"total": before.by_group["backbone"]["total"], "trainable": 0}
-    neck_heads = before.by_group["neck"]["total"] + before.by_group["heads"]["total"]
+    neck_heads = before.by_group["neck"]["total"] + before.by_group["task_heads"]["total"]
     assert c.trainable == expected + neck_heads
     assert c.ratio == (expected + neck_heads) / (before.total + expected)
 
 
 def test_lora_without_heads_trains_only_lora(model):
-    c = count_parameters(apply_method(model, LoraConfig(rank=4, train_heads=False)))
+    c = count_parameters(apply_method(model, LoraConfig(rank=4, train_task_layers=False)))
     assert c.trainable == c.by_group["peft"]["total"] > 0
 
 

@@ -43,7 +43,7 @@ def linear(model, name) -> nn.Linear:
     ("loha", {}),
     ("lokr", {}),
     ("ia3", {}),
-    ("lora", {"targets": ["mlp", "heads"]}),
+    ("lora", {"targets": ["mlp", "task_heads"]}),
 ])
 def test_outputs_at_init_equal_the_base_model_exactly(base, model, name, overrides):
     model = apply_method(model, method(name, **overrides)).eval()
@@ -104,12 +104,12 @@ def test_lokr_trains_only_its_factors_and_the_heads(model):
     counts = count_parameters(model)
     assert counts.by_group["peft"]["trainable"] == counts.by_group["peft"]["total"] > 0
     assert counts.by_group["backbone"]["trainable"] == 0
-    assert counts.by_group["heads"]["trainable"] == counts.by_group["heads"]["total"]
+    assert counts.by_group["task_heads"]["trainable"] == counts.by_group["task_heads"]["total"]
 
 
 def test_heads_target_group_wraps_the_roi_linears(model):
     from peft.tuners.tuners_utils import BaseTunerLayer
-    model = apply_method(model, method("lora", targets=["heads"], train_heads=False))
+    model = apply_method(model, method("lora", targets=["task_heads"], train_task_layers=False))
     wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
     assert wrapped == ["roi_heads.box_head.fc1", "roi_heads.box_predictor.bbox_pred",
                        "roi_heads.box_predictor.cls_score"]
@@ -121,7 +121,7 @@ def test_bitfit_trains_every_bias_plus_neck_and_heads(model):
     model = apply_method(model, method("bitfit"))
     family = model.peftseg_family
     for name, p in model.named_parameters():
-        expect = name.endswith(".bias") or family.group_of(name) in ("neck", "heads")
+        expect = name.endswith(".bias") or family.group_of(name) in ("neck", "task_heads")
         assert p.requires_grad == expect, name
     counts = count_parameters(model)
     biases = sum(p.numel() for n, p in model.named_parameters() if n.startswith("backbone.net.") and n.endswith(".bias"))
@@ -159,7 +159,7 @@ def test_adapter_lora_trains_the_union_and_starts_at_the_base_output(base, model
 
 def test_merge_refuses_adapters_and_folds_loha_and_dora(base):
     from peftseg.registry import METHODS
-    from peftseg.methods._merge import merge_and_unload
+    from peftseg.checkpoint.merge import merge_and_unload
     adapted = apply_method(copy.deepcopy(base), preset("method", "adapter", METHODS.get("adapter").config))
     with pytest.raises(UserError, match="non-linear"):
         merge_and_unload(adapted)

@@ -11,8 +11,8 @@ from PIL import Image
 from rich.console import Console
 
 from peftseg.errors import UserError
-from peftseg.predict import main as predict_main
-from peftseg.visualize import main as visualize_main
+from peftseg.cli.predict import main as predict_main
+from peftseg.cli.visualize import main as visualize_main
 
 
 def _console():

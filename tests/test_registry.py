@@ -170,7 +170,7 @@ def test_clip_grad_norm_null_takes_the_model_recipe():
 
 
 def test_merge_refusal_derives_from_registration(model):
-    from peftseg.methods._merge import merge_and_unload
+    from peftseg.checkpoint.merge import merge_and_unload
 
     adapted = apply_method(model, preset("method", "adapter", METHODS.get("adapter").config))
     with pytest.raises(UserError, match=r"carries adapter modules.*Merge works for .*lora"):
@@ -202,7 +202,7 @@ def test_eval_and_merge_take_help():
 
 
 def test_eval_overrides_use_hydra_syntax_and_refuse_the_model():
-    from peftseg.engine.restore import compose_for_checkpoint
+    from peftseg.checkpoint.load import compose_for_checkpoint
     from peftseg.results import flatten_config
 
     saved = OmegaConf.to_container(_composed(), resolve=True)
@@ -232,8 +232,8 @@ def test_vera_exports_in_peft_layout_and_peft_loads_it(base, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from peftseg.engine.checkpoint import trainable_state
-    from peftseg.engine.export import write_peft_export
+    from peftseg.checkpoint.files import trainable_state
+    from peftseg.checkpoint.formats import write_peft_export
 
     model = apply_method(_copy.deepcopy(base), preset("method", "vera", METHODS.get("vera").config, rank=16))
     with torch.no_grad():  # as if trained: b leaves zero, so the update is not the identity
@@ -244,7 +244,7 @@ def test_vera_exports_in_peft_layout_and_peft_loads_it(base, tmp_path):
     tensors = load_file(str(export / "adapter_model.safetensors"))
     assert tensors and not any("vera_A" in k or "vera_B" in k for k in tensors)
     plain = _copy.deepcopy(base)
-    plain.load_state_dict(load_file(str(export / "heads.safetensors")), strict=False)
+    plain.load_state_dict(load_file(str(export / "trained_outside_peft.safetensors")), strict=False)
     loaded = PeftModel.from_pretrained(plain, str(export)).eval()
     x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 import csv
 import io
+import os
 from pathlib import Path
 
 import matplotlib.image
@@ -12,8 +13,9 @@ from conftest import records_under
 from helpers import cli_in_process
 
 from peftseg.errors import UserError
-from peftseg.report import build_report, pareto_front
-from peftseg.results import write_json
+from peftseg.report import build_report
+from peftseg.report.collect import pareto_front
+from peftseg.io.atomic import write_json
 
 EXPECTED_COLUMNS = {
     "run.id", "status", "model.name", "dataset.name", "method.name", "method.adapters_per_block", "method.bottleneck",
@@ -153,7 +155,7 @@ def test_missing_or_empty_folder_is_a_user_error(tmp_path, shapes_cache):
     '{"run": {"id": "b", "dir": "d", "start_time": "t"}, "config": {}, "status": "ok", "metrics": [1]}', '{"run": {"id": "b", "dir": "d", "start_time": "t"}, "config": {}, "status": "ok", "params": {"ratio": "1%"}}',
 ])
 def test_records_of_the_wrong_shape_are_named_and_skipped(tmp_path, bad):
-    from peftseg.results import write_json
+    from peftseg.io.atomic import write_json
 
     write_json(tmp_path / "good" / "results.json", {
         "run": {"id": "good", "dir": str(tmp_path / "good"), "start_time": "2024-01-01T00:00:00+00:00"},
@@ -198,7 +200,7 @@ def test_narrow_trainable_range_gets_plain_ticks_and_methods_keep_their_colour()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peftseg.report import method_colour, readable_x_axis
+    from peftseg.report.plots import method_colour, readable_x_axis
 
     fig, ax = plt.subplots()
     ax.scatter([67.40, 67.45, 67.50], [1, 2, 3])
@@ -209,3 +211,47 @@ def test_narrow_trainable_range_gets_plain_ticks_and_methods_keep_their_colour()
     assert all(67.3 <= float(label) <= 67.6 for label in labels)  # plain numbers, not "6.74×10¹"
     plt.close(fig)
     assert method_colour("lora") == "#9467bd" and method_colour("my_method") == method_colour("my_method")
+
+
+def test_point_labels_never_cover_each_other_or_a_point():
+    from peftseg.report.plots import place_labels
+
+    # a study grid's worst case: adapters_per_block=1…4 and a LoRA run on one spot, plus neighbours
+    points = [(200.0, 150.0)] * 6 + [(203.0, 152.0), (215.0, 150.0), (400.0, 300.0)]
+    sizes = [(14.0, 18.0)] * len(points)
+    offsets = place_labels(points, sizes, marker=13.0, bounds=(0, 0, 640, 480))
+    boxes = [(x + dx, y + dy, x + dx + w, y + dy + h) for (x, y), (dx, dy), (w, h) in zip(points, offsets, sizes)]
+    marks = [(x - 13, y - 13, x + 13, y + 13) for x, y in points]
+    for i, a in enumerate(boxes):
+        assert 0 <= a[0] and a[2] <= 640 and 0 <= a[1] and a[3] <= 480
+        for b in boxes[i + 1:] + marks:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+def test_console_table_keeps_method_and_mask_ap_whole_whatever_the_knobs(tmp_path):
+    from rich.console import Console
+
+    from peftseg.report.collect import group_records, load_records
+    from peftseg.report.tables import group_table
+
+    long = ["deform_attn", "decoder_self_attn", "attn_qkv", "attn_proj", "mlp", "task_heads"]
+    for i in range(3):
+        fake(tmp_path, f"r{i}", method="adapter_lora", ap=30.0 + i + 0.123, ratio=0.01 * (i + 1),
+             targets=long[i:], sites=long[:i + 1], bottleneck=8 * (i + 1), scale=0.1 * i, rank=2 ** i,
+             dropout=0.05 * i, weights=f"/data/checkpoints/very/long/path/model_{i}_with_a_long_name.pth")
+    (group,) = group_records(load_records(tmp_path))
+    for width in (160, 200):
+        console = Console(width=width, record=True, file=open(os.devnull, "w"))
+        console.print(group_table(group, None, {}, width=width))
+        text = console.export_text()
+        assert all(len(line) <= width for line in text.splitlines())
+        for i in range(3):
+            assert f"{30.0 + i + 0.123:.2f}" in text  # mask AP whole
+        assert sum(line.count("adapter_lora") for line in text.splitlines()) == 3  # method whole, each row
+        assert "…" not in text
+
+
+def test_report_notes_that_step_time_ratios_come_from_separate_runs(two_groups):
+    build_report(two_groups, "full", Console(file=open(os.devnull, "w"), width=160))
+    md = (two_groups / "report.md").read_text()
+    assert "step-time ratios compare runs timed one after another" in md

@@ -2,19 +2,18 @@
 the report against `full`."""
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import records_under
+from helpers import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_smoke_grid_runs_every_setting_and_reports_against_full(tmp_path, shapes_cache):
-    env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache), "COLUMNS": "200",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = cli_env(shapes_cache)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "reproduce_study.py"), "--smoke", "train.max_iter=2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,

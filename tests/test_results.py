@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from peftseg.io.atomic import write_atomic
 from peftseg.results import (
     SCHEMA_VERSION,
     Record,
@@ -11,7 +12,6 @@ from peftseg.results import (
     evaluator_metrics,
     read_record,
     versions,
-    write_atomic,
     write_record,
 )
 

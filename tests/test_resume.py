@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftseg.engine.checkpoint import read_checkpoint
+from peftseg.checkpoint.files import read_checkpoint
 from peftseg.engine.distributed import launch_run
 from peftseg.engine.interrupt import RunInterrupted, StopAtStepBoundary
 from peftseg.errors import UserError
+from helpers import cli_env
 
 SETUP = ["train=smoke", "train.max_iter=4", "train.checkpoint_period=2", "train.log_period=1",
          "train.progress=false", "train.device=cpu", "dataset.num_train=8", "dataset.num_val=2"]
@@ -71,7 +72,7 @@ def reference(work):
 
 def test_kill_9_after_a_periodic_checkpoint_then_resume_is_the_same_run(work, reference, shapes_cache):
     killed = work / "killed"
-    env = {**os.environ, "PEFTSEG_CACHE": str(shapes_cache)}
+    env = cli_env(shapes_cache)
     proc = subprocess.Popen([sys.executable, "-m", "peftseg.cli", "train", *SETUP, f"hydra.run.dir={killed}"],
                             cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240

@@ -13,8 +13,8 @@ import safetensors.torch
 import torch
 
 from peftseg.cli import main as cli_main
-from peftseg.download import fetch
-from peftseg.engine.checkpoint import PeftCheckpointer
+from peftseg.io.download import fetch
+from peftseg.checkpoint.files import PeftCheckpointer
 from peftseg.errors import UserError
 from peftseg.models._weights import load_weights
 
@@ -142,14 +142,14 @@ def test_a_url_that_never_answers_times_out_with_a_fix(silent_server, tmp_path, 
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match=r"did not answer within 0.5 s.*curl -L -o model.pth"):
         fetch(silent_server, timeout=0.5)
-    monkeypatch.setattr("peftseg.download.TIMEOUT_S", 0.5)
+    monkeypatch.setattr("peftseg.io.download.TIMEOUT_S", 0.5)
     with pytest.raises(UserError, match="did not answer"):
         load_weights(model, silent_server)
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))  # no partial file left
 
 
 def test_a_peftseg_final_safetensors_as_model_weights_is_refused(tmp_path, model):
-    from peftseg.engine.export import checkpoint_metadata, safetensors_bytes
+    from peftseg.checkpoint.formats import checkpoint_metadata, safetensors_bytes
 
     path = tmp_path / "model_final.safetensors"
     path.write_bytes(safetensors_bytes({"roi_heads.box_predictor.cls_score.bias": torch.zeros(4)},

@@ -83,13 +83,13 @@ def test_family_map_names_every_block_exactly(tiny):
         assert len(found) == n, (site, found)
     assert all(type(tiny.get_submodule(n)).__name__ == "WindowAttention"
                for n in matches(tiny, FAMILY.adapter_sites["attn"]))
-    expected = {"attn_qkv": blocks, "attn_proj": blocks, "mlp": 2 * blocks, "heads": 3}
+    expected = {"attn_qkv": blocks, "attn_proj": blocks, "mlp": 2 * blocks, "task_heads": 3}
     for group, n in expected.items():
         found = matches(tiny, FAMILY.lora_targets[group])
         assert len(found) == n, (group, found)
         assert all(isinstance(tiny.get_submodule(m), torch.nn.Linear) for m in found)
     assert matches(tiny, FAMILY.lora_targets["attn_qkv"])[-1] == "backbone.bottom_up.layers.3.blocks.1.attn.qkv"
-    assert set(matches(tiny, FAMILY.lora_targets["heads"])) == {
+    assert set(matches(tiny, FAMILY.lora_targets["task_heads"])) == {
         "roi_heads.box_head.fc1", "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"}
 
 
@@ -99,7 +99,7 @@ def test_every_parameter_is_in_backbone_neck_or_heads(tiny):
     assert g["other"]["total"] == 0 and g["peft"]["total"] == 0
     assert g["backbone"]["total"] == sum(p.numel() for p in tiny.backbone.bottom_up.parameters())
     assert g["neck"]["total"] == sum(p.numel() for p in tiny.backbone.parameters()) - g["backbone"]["total"]
-    assert g["heads"]["total"] == sum(
+    assert g["task_heads"]["total"] == sum(
         p.numel() for m in (tiny.proposal_generator, tiny.roi_heads) for p in m.parameters())
     assert counts.total == sum(p.numel() for p in tiny.parameters())
 
@@ -113,7 +113,7 @@ def test_heads_method_freezes_exactly_the_swin(tiny):
 
 def test_lora_on_attn_qkv_adds_rank_times_in_plus_out_per_block(tiny):
     rank = 4
-    cfg = OmegaConf.structured(LoraConfig(rank=rank, targets=["attn_qkv"], train_heads=False))
+    cfg = OmegaConf.structured(LoraConfig(rank=rank, targets=["attn_qkv"], train_task_layers=False))
     model = apply_method(copy.deepcopy(tiny), cfg)
     c = preset("swin_tiny")
     # a block of stage i is embed_dim·2^i wide; its qkv maps that to three times as much

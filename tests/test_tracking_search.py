@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from conftest import records_under
 from peftseg.errors import UserError
-from peftseg.objectives import directions, objective_values
-from peftseg.results import write_json
+from peftseg.engine.objectives import directions, objective_values
+from peftseg.io.atomic import write_json
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
@@ -19,7 +19,7 @@ TINY = ("train=smoke", "dataset.num_val=4", "hydra.sweeper.sampler.seed=0")
 
 
 def _runs(store: Path):
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as peftseg.tracking does for its default
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as peftseg.engine.tracking does for its default
     mlflow.set_tracking_uri(store.as_uri())
     runs = mlflow.search_runs(experiment_names=["peftseg"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -92,7 +92,7 @@ def test_a_failed_member_is_logged_failed_with_its_error(tmp_path):
     from hydra.core.utils import JobReturn, JobStatus
     from hydra.types import RunMode
 
-    from peftseg.tracking import MlflowTracker
+    from peftseg.engine.tracking import MlflowTracker
 
     store, run_dir = tmp_path / "store", tmp_path / "sweep" / "0"
     write_json(run_dir / "results.json", {

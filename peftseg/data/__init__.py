@@ -22,7 +22,6 @@ class DatasetSplits:
     train: str  # names in DatasetCatalog / MetadataCatalog
     val: str
     class_names: tuple[str, ...]
-    root: str  # where the data lives, for humans
     mask_format: str = "polygon"  # of the train split: "bitmask" when it has RLE masks
     notes: dict = dataclasses.field(default_factory=dict)  # harmless data problems: split -> kind -> count
 

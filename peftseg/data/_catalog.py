@@ -34,7 +34,7 @@ def _publish(name: str, json_file: str, image_root: str, categories, evaluator_t
     )
 
 
-def publish_splits(cfg, files: dict, root: str, fixes: dict) -> DatasetSplits:
+def publish_splits(cfg, files: dict, fixes: dict) -> DatasetSplits:
     """files: split -> (json, image folder); fixes: split -> (how to fix json, images)."""
     checks = {
         split: check_split(json_file, image_root, split, *fixes[split])
@@ -55,7 +55,6 @@ def publish_splits(cfg, files: dict, root: str, fixes: dict) -> DatasetSplits:
         train=names["train"],
         val=names["val"],
         class_names=tuple(n for _, n in categories["train"]),
-        root=root,
         mask_format=checks["train"].mask_format,
         notes={split: c.notes for split, c in checks.items() if c.notes},
     )

@@ -60,7 +60,7 @@ def register_coco(cfg) -> DatasetSplits:
         s: (os.path.join(root, "annotations", f"instances_{d}.json"), os.path.join(root, d))
         for s, d in split_dirs.items()
     }
-    return publish_splits(cfg, files, root, {s: (layout, layout) for s in SPLITS})
+    return publish_splits(cfg, files, {s: (layout, layout) for s in SPLITS})
 
 
 def _missing(cfg, key: str) -> bool:
@@ -91,8 +91,7 @@ def register_coco_format(cfg) -> DatasetSplits:
         )
         for s in SPLITS
     }
-    root = os.path.commonpath([p for pair in files.values() for p in pair])
-    return publish_splits(cfg, files, root, fixes)
+    return publish_splits(cfg, files, fixes)
 
 
 def _placeholder(key: str) -> str:

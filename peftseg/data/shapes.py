@@ -320,4 +320,4 @@ def register_shapes(cfg) -> DatasetSplits:
         f"The shapes cache at {root} was altered; delete that folder and it is regenerated."
     )
     files = {s: (os.path.join(root, f"{s}.json"), os.path.join(root, s)) for s in SPLITS}
-    return publish_splits(cfg, files, root, {s: (fix, fix) for s in SPLITS})
+    return publish_splits(cfg, files, {s: (fix, fix) for s in SPLITS})

@@ -17,11 +17,12 @@ from peftseg.params import added_params, group_of
 
 
 def _lr_factor(model: torch.nn.Module, cfg):
-    """Per-parameter LR multiplier: PEFT modules and neck+heads may get their own LR (the
-    reference study trained PEFT parameters at 1e-3 but decoder-only runs at 1e-4)."""
+    """Per-parameter LR multiplier: PEFT modules, and everything after the backbone (neck,
+    decoder, task heads), may get their own LR (the reference study trained PEFT parameters
+    at 1e-3 but decoder-only runs at 1e-4)."""
     family = getattr(model, "peftseg_family", None)
     added = added_params(model)
-    group_lr = {"peft": cfg.peft_lr, "neck": cfg.heads_lr, "heads": cfg.heads_lr}
+    group_lr = {"peft": cfg.peft_lr, **{g: cfg.non_backbone_lr for g in ("neck", "decoder", "task_heads")}}
 
     def factor(name: str) -> float:
         lr = group_lr.get(group_of(name, family, added))
@@ -68,7 +69,7 @@ def build_optimizer(model: torch.nn.Module, cfg, clip_grad_norm: float = 0.0) ->
         raise UserError(
             "The method left no trainable parameter, so there is nothing to optimise. "
             "Pick a method that trains something (e.g. method=lora, method=heads) or enable "
-            "method.train_heads=true."
+            "method.train_task_layers=true."
         )
     cls, kwargs = {
         "adamw": (torch.optim.AdamW, {}),

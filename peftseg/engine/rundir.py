@@ -108,7 +108,7 @@ def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:
         for p in Path(run_dir).glob(pattern):
             p.unlink(missing_ok=True)
             removed.append(p.name)
-    peft_dir = Path(run_dir) / "peft"  # the earlier run's peft export (peftseg.engine.export)
+    peft_dir = Path(run_dir) / "peft"  # the earlier run's peft export (peftseg.checkpoint.formats)
     if not keep_checkpoints and peft_dir.is_dir():
         shutil.rmtree(peft_dir)
         removed.append("peft/")
@@ -120,16 +120,13 @@ def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:
 def trim_metrics(path: Path, start_iter: int) -> None:
     """Keep the metrics.json lines of iterations before `start_iter` (a resumed run writes
     the later ones again; detectron2's JSONWriter appends)."""
+    from peftseg.io.atomic import write_atomic
+    from peftseg.io.training_log import read_training_log
+
     path = Path(path)
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("iteration", -1) < start_iter:
-                kept.append(line)
-        except ValueError:  # a line cut by a kill: drop it
-            continue
-    from peftseg.results import write_atomic
+    # a line cut by a kill is dropped
+    kept = [line for line, row in read_training_log(path.parent) if row["iteration"] < start_iter]
 
     write_atomic(path, "".join(f"{line}\n" for line in kept).encode())

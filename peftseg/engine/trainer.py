@@ -14,7 +14,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 from peftseg.data._loaders import train_loader
-from peftseg.engine.checkpoint import FINAL, PeftCheckpointer
+from peftseg.checkpoint.files import FINAL, PeftCheckpointer
 from peftseg.engine.efficiency import peak_memory, reset_peak_memory, step_time_stats
 from peftseg.engine.evaluate import evaluate
 from peftseg.engine.failure import diverged
@@ -22,7 +22,7 @@ from peftseg.engine.interrupt import StopAtStepBoundary, StopRequest
 from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_of
 from peftseg.engine.precision import make_trainer, run_precision
 from peftseg.engine.progress import RichProgress
-from peftseg.engine.resume_state import rng_untouched, set_rng_state
+from peftseg.data._resume_state import rng_untouched, set_rng_state
 from peftseg.engine.rundir import trim_metrics
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from peftseg.errors import UserError
-from peftseg.methods.adapter import AdapterConfig, adapter_width
 from peftseg.models import family_of
 from peftseg.methods._memory import outside, unselected_blocks
 
@@ -131,7 +130,17 @@ def _hidden_width(name: str, module: nn.Module, site: str) -> int:
     return d
 
 
-def _bottleneck(cfg: AdapterConfig, d: int, name: str) -> int:
+DEFAULT_BOTTLENECK = 64  # AdaptFormer's width on ViT-B (d=768)
+
+
+def adapter_width(cfg, d: int) -> int:
+    """The bottleneck width b the config gives for a site of hidden width d."""
+    if cfg.reduction > 0:
+        return int(d // cfg.reduction)
+    return cfg.bottleneck or min(DEFAULT_BOTTLENECK, max(1, d // 4))
+
+
+def _bottleneck(cfg, d: int, name: str) -> int:
     b = adapter_width(cfg, d)
     if not 1 <= b < d:
         how = (
@@ -146,7 +155,7 @@ def _bottleneck(cfg: AdapterConfig, d: int, name: str) -> int:
     return b
 
 
-def add_adapters(model: nn.Module, cfg: AdapterConfig) -> list[nn.Parameter]:
+def add_adapters(model: nn.Module, cfg) -> list[nn.Parameter]:  # cfg: the adapter method's config
     """Attach the adapters `cfg` describes; return their parameters. Validates everything
     before changing the model, so a refused config leaves it untouched."""
     n, sites = cfg.adapters_per_block, list(cfg.sites)

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftseg.errors import UserError
+from peftseg.registry import METHODS
 
 BASE_DTYPES = ("fp32", "bf16")
-# methods that place modules per block and so read `method.blocks` (a combination
-# such as adapter_lora takes it per part: method.lora.blocks, method.adapter.blocks)
-BLOCK_AWARE = ("lora", "loha", "lokr", "vera", "ia3", "adapter", "side")
 
 
 @dataclass
@@ -39,17 +37,27 @@ class MemoryOptions:
         parse_blocks(self.blocks)
 
 
+@dataclass
+class PeftOptions(MemoryOptions):
+    """Mixed into the config of every method that trains its own modules (or a subset of the
+    model) with the rest frozen."""
+
+    # the family's task layers train too (FamilyMap.task_layers: neck + task heads on the R-CNN
+    # families, whose FPN starts untrained; the task heads on the query-based ones)
+    train_task_layers: bool = True
+
+
 def check_base_dtype(value: str, method: str) -> None:
     if value not in BASE_DTYPES:
         raise UserError(
             f"method.base_dtype={value!r} is not supported; choose one of {list(BASE_DTYPES)} "
             "(bf16 stores the frozen weights in bfloat16, e.g. method.base_dtype=bf16)."
         )
-    if value != "fp32" and method == "full":
+    if value != "fp32" and method in METHODS and METHODS.get(method).trains_everything:
         raise UserError(
-            "method.base_dtype=bf16 stores the frozen weights in bfloat16, but method=full "
+            f"method.base_dtype=bf16 stores the frozen weights in bfloat16, but method={method} "
             "trains every weight, so there is nothing frozen to store; use method.base_dtype=fp32 "
-            "with full (or train.amp=true for bf16 compute), or pick a PEFT method."
+            f"with {method} (or train.amp=true for bf16 compute), or pick a PEFT method."
         )
 
 
@@ -133,12 +141,14 @@ def exclusion_regex(excluded: list[str]) -> str:
 
 
 def check_blocks_read(method: str, spec: Any) -> None:
-    """A method that places nothing per block cannot honour a block selection."""
-    if parse_blocks(spec)[0] != "all" and method not in BLOCK_AWARE:
+    """A method that places nothing per block cannot honour a block selection (the registry's
+    `block_aware`; a combination such as adapter_lora takes it per part: method.lora.blocks)."""
+    if parse_blocks(spec)[0] != "all" and not METHODS.get(method).block_aware:
+        aware = [m.name for m in METHODS if m.block_aware]
         raise UserError(
             f"method.blocks={spec!r} selects which blocks get the method's modules, but "
             f"method={method} inserts none; leave method.blocks=all, or pick one of "
-            f"{', '.join(BLOCK_AWARE)}."
+            f"{', '.join(aware)}."
         )
 
 

@@ -76,7 +76,7 @@ def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> No
     )
 
 
-def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool, owner: str) -> nn.Module:
+def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bool, owner: str) -> nn.Module:
     """Insert peft's layers, then train exactly them (plus the task heads if asked)."""
     before = {id(p) for p in model.parameters()}
     tuner_cls = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
@@ -97,7 +97,7 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_heads: bool, ow
             "such as decoder_cross_attn)."
         ) from None
     added = [p for p in model.parameters() if id(p) not in before]
-    return train_only_added(model, added, owner, train_heads)
+    return train_only_added(model, added, owner, train_task_layers)
 
 
 def family_targets(model: nn.Module, targets: list[str], field: str = "method.targets",

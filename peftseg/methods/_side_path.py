@@ -151,4 +151,4 @@ def apply_side(model: nn.Module, cfg) -> nn.Module:
         for n in names:
             body.get_submodule(n).register_forward_hook(_capture)
     body.register_forward_hook(_add_side)
-    return train_only_added(model, list(side.parameters()), "side", cfg.train_heads)
+    return train_only_added(model, list(side.parameters()), "side", cfg.train_task_layers)

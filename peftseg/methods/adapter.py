@@ -26,16 +26,15 @@ from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 from peftseg.registry import register_method
-from peftseg.methods._memory import MemoryOptions
+from peftseg.methods._memory import PeftOptions
 
 SITES = ("attn", "mlp", "mlp_parallel")
 ACTIVATION_NAMES = ("gelu", "relu")
 MAX_PER_BLOCK = 4
-DEFAULT_BOTTLENECK = 64  # AdaptFormer's width on ViT-B (d=768)
 
 
 @dataclass
-class AdapterConfig(MemoryOptions):  # + base_dtype, blocks
+class AdapterConfig(PeftOptions):  # + base_dtype, blocks, train_task_layers
     name: str = "adapter"
     adapters_per_block: int = 2  # stacked in sequence at each site; 0: no adapters
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # attn | mlp | mlp_parallel
@@ -46,7 +45,6 @@ class AdapterConfig(MemoryOptions):  # + base_dtype, blocks
     reduction: float = 0.0
     scale: float = 1.0
     activation: str = "gelu"  # gelu | relu
-    train_heads: bool = True  # neck + heads train next to the adapters (they start untrained)
 
     def __post_init__(self) -> None:
         super().__post_init__()  # base_dtype, blocks
@@ -55,7 +53,7 @@ class AdapterConfig(MemoryOptions):  # + base_dtype, blocks
             raise UserError(
                 f"method.adapters_per_block must be an integer from 0 to {MAX_PER_BLOCK} (got {n!r}); "
                 "it is how many adapters are stacked at each site of every block, e.g. "
-                "method.adapters_per_block=2 (0 trains neck and heads only)."
+                "method.adapters_per_block=2 (0 trains the task layers only)."
             )
         sites = list(self.sites)
         unknown = [s for s in sites if s not in SITES]
@@ -109,17 +107,10 @@ class AdapterConfig(MemoryOptions):  # + base_dtype, blocks
             )
 
 
-def adapter_width(cfg: AdapterConfig, d: int) -> int:
-    """The bottleneck width b the config gives for a site of hidden width d."""
-    if cfg.reduction > 0:
-        return int(d // cfg.reduction)
-    return cfg.bottleneck or min(DEFAULT_BOTTLENECK, max(1, d // 4))
-
-
-@register_method("adapter", config=AdapterConfig, adds_parameters=True, order=60,
+@register_method("adapter", config=AdapterConfig, colour="#d62728", block_aware=True, adds_parameters=True, order=60,
                  summary="bottleneck adapters (down-act-up, residual), N per block at attn/mlp sites")
 def apply(model, cfg: AdapterConfig):
     from peftseg.methods._adapter_layers import add_adapters
     from peftseg.methods.freeze import train_only_added
 
-    return train_only_added(model, add_adapters(model, cfg), "adapter", cfg.train_heads)
+    return train_only_added(model, add_adapters(model, cfg), "adapter", cfg.train_task_layers)

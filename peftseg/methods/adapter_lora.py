@@ -22,7 +22,7 @@ class AdapterLoraConfig(MemoryOptions):  # + base_dtype, blocks
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
-@register_method("adapter_lora", config=AdapterLoraConfig, adds_parameters=True, order=70,
+@register_method("adapter_lora", config=AdapterLoraConfig, colour="#bcbd22", adds_parameters=True, order=70,
                  summary="adapters and LoRA together (method.adapter.*, method.lora.*)")
 def apply(model, cfg: AdapterLoraConfig):
     from peftseg.methods import apply_method

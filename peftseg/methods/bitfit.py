@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftseg.methods.freeze import freeze_all, unfreeze_task_heads
+from peftseg.methods.freeze import freeze_all, unfreeze_task_layers
 from peftseg.registry import register_method
-from peftseg.methods._memory import MemoryOptions
+from peftseg.methods._memory import PeftOptions
 
 
 @dataclass
-class BitfitConfig(MemoryOptions):  # + base_dtype, blocks
+class BitfitConfig(PeftOptions):  # + base_dtype, blocks, train_task_layers
     name: str = "bitfit"
-    train_heads: bool = True
 
 
-@register_method("bitfit", config=BitfitConfig, order=20, summary="every bias term trains, plus the task heads")
+@register_method("bitfit", config=BitfitConfig, colour="#2ca02c", order=20, summary="every bias term trains, plus the task heads")
 def apply(model, cfg: BitfitConfig):
     freeze_all(model)
     for name, p in model.named_parameters():
         if name.rsplit(".", 1)[-1] == "bias":
             p.requires_grad_(True)
-    if cfg.train_heads:
-        unfreeze_task_heads(model)
+    if cfg.train_task_layers:
+        unfreeze_task_layers(model)
     return model

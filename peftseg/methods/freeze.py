@@ -14,11 +14,6 @@ from peftseg.models import family_of
 if TYPE_CHECKING:
     import torch.nn as nn
 
-# what "train the heads" means for methods that keep the backbone frozen: the neck is
-# randomly initialised (ViTDet's pyramid is not part of MAE weights), so it trains too
-NECK_AND_HEADS = ("neck", "heads")
-
-
 def freeze_all(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -52,26 +47,25 @@ def unfreeze_params(model: nn.Module, param_ids: Iterable[int]) -> None:
             p.requires_grad_(True)
 
 
-def unfreeze_task_heads(model: nn.Module) -> None:
-    """What a PEFT method's `train_heads` trains: the family's task heads (default: the
-    neck and heads groups, which start untrained in the R-CNN families)."""
-    family = family_of(model)
-    if not family.task_heads:
-        unfreeze_groups(model, NECK_AND_HEADS)
-        return
-    for name, p in model.named_parameters():
-        if name.startswith(family.task_heads):
-            p.requires_grad_(True)
+def unfreeze_task_layers(model: nn.Module) -> None:
+    """What a PEFT method's `train_task_layers` trains: the family's task layers
+    (FamilyMap.task_layers: neck + task heads on the R-CNN families, task heads elsewhere)."""
+    unfreeze_groups(model, family_of(model).task_layers)
 
 
-def train_only_added(model: nn.Module, added, owner: str, train_heads: bool) -> nn.Module:
+def unfreeze_after_backbone(model: nn.Module) -> None:
+    """Everything but the backbone: neck, decoder and task heads (method `heads`)."""
+    unfreeze_groups(model, [g for g in family_of(model).groups if g != "backbone"])
+
+
+def train_only_added(model: nn.Module, added, owner: str, train_task_layers: bool) -> nn.Module:
     """The common ending of a PEFT method: record what it added, train exactly that (plus
-    the family's task heads if asked)."""
+    the family's task layers if asked)."""
     from peftseg.params import mark_added
 
     mark_added(model, added, owner)
     freeze_all(model)
     unfreeze_params(model, [id(p) for p in added])
-    if train_heads:
-        unfreeze_task_heads(model)
+    if train_task_layers:
+        unfreeze_task_layers(model)
     return model

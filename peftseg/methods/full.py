@@ -14,7 +14,7 @@ class FullConfig(MemoryOptions):  # + base_dtype, blocks
     name: str = "full"
 
 
-@register_method("full", config=FullConfig, order=0, summary="every parameter trains (the upper-bound baseline)")
+@register_method("full", config=FullConfig, colour="#1f77b4", trains_everything=True, order=0, summary="every parameter trains (the upper-bound baseline)")
 def apply(model, cfg: FullConfig):
     unfreeze_all(model)
     return model

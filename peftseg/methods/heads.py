@@ -1,10 +1,11 @@
-"""Method `heads`: backbone frozen, neck and heads train ("conventional fine-tuning")."""
+"""Method `heads`: backbone frozen; everything after it (neck, decoder, task heads) trains —
+the "conventional fine-tuning" baseline."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftseg.methods.freeze import NECK_AND_HEADS, freeze_all, unfreeze_groups
+from peftseg.methods.freeze import freeze_all, unfreeze_after_backbone
 from peftseg.registry import register_method
 from peftseg.methods._memory import MemoryOptions
 
@@ -14,9 +15,9 @@ class HeadsConfig(MemoryOptions):  # + base_dtype, blocks
     name: str = "heads"
 
 
-@register_method("heads", config=HeadsConfig, order=10,
-                 summary="backbone frozen; neck and heads train (conventional fine-tuning)")
+@register_method("heads", config=HeadsConfig, colour="#ff7f0e", order=10,
+                 summary="backbone frozen; neck, decoder and task heads train (conventional fine-tuning)")
 def apply(model, cfg: HeadsConfig):
     freeze_all(model)
-    unfreeze_groups(model, NECK_AND_HEADS)
+    unfreeze_after_backbone(model)
     return model

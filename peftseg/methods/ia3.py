@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 from peftseg.registry import register_method
-from peftseg.methods._memory import MemoryOptions
+from peftseg.methods._memory import PeftOptions
 
 
 @dataclass
-class Ia3Config(MemoryOptions):  # + base_dtype, blocks
+class Ia3Config(PeftOptions):  # + base_dtype, blocks, train_task_layers
     name: str = "ia3"
     targets: list[str] = field(default_factory=lambda: ["attn_qkv", "mlp"])
     feedforward: list[str] = field(default_factory=lambda: ["mlp"])  # subset of targets
-    train_heads: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()  # base_dtype, blocks
@@ -33,7 +32,7 @@ class Ia3Config(MemoryOptions):  # + base_dtype, blocks
             )
 
 
-@register_method("ia3", config=Ia3Config, mergeable=True, adds_parameters=True, order=30,
+@register_method("ia3", config=Ia3Config, colour="#7f7f7f", block_aware=True, mergeable=True, adds_parameters=True, order=30,
                  summary="learned scaling vectors on target outputs / feed-forward inputs (HF peft)")
 def apply(model, cfg: Ia3Config):
     import peft
@@ -47,4 +46,4 @@ def apply(model, cfg: Ia3Config):
         # an empty regex would fullmatch nothing; peft wants a list then
         feedforward_modules=target_regex(family_of(model), list(cfg.feedforward)) if cfg.feedforward else [],
     )
-    return inject(model, peft_cfg, cfg.train_heads, "ia3")
+    return inject(model, peft_cfg, cfg.train_task_layers, "ia3")

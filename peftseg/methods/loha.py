@@ -26,7 +26,7 @@ class LohaConfig(LowRankConfig):
         check_probability("method.module_dropout", self.module_dropout)
 
 
-@register_method("loha", config=LohaConfig, mergeable=True, adds_parameters=True, order=50,
+@register_method("loha", config=LohaConfig, colour="#8c564b", block_aware=True, mergeable=True, adds_parameters=True, order=50,
                  summary="LyCORIS Hadamard-product low-rank updates (HF peft)")
 def apply(model, cfg: LohaConfig):
     import peft
@@ -40,4 +40,4 @@ def apply(model, cfg: LohaConfig):
         module_dropout=cfg.module_dropout,
         target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
     )
-    return inject(model, peft_cfg, cfg.train_heads, "loha")
+    return inject(model, peft_cfg, cfg.train_task_layers, "loha")

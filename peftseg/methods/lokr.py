@@ -32,7 +32,7 @@ class LokrConfig(LowRankConfig):
                            why="-1 splits each size as squarely as possible")
 
 
-@register_method("lokr", config=LokrConfig, mergeable=True, adds_parameters=True, order=55,
+@register_method("lokr", config=LokrConfig, colour="#e377c2", block_aware=True, mergeable=True, adds_parameters=True, order=55,
                  summary="LyCORIS Kronecker-product low-rank updates (HF peft)")
 def apply(model, cfg: LokrConfig):
     import peft
@@ -48,4 +48,4 @@ def apply(model, cfg: LokrConfig):
         decompose_both=cfg.decompose_both,
         target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
     )
-    return inject(model, peft_cfg, cfg.train_heads, "lokr")
+    return inject(model, peft_cfg, cfg.train_task_layers, "lokr")

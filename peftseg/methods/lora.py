@@ -26,7 +26,7 @@ class LoraConfig(LowRankConfig):
         check_probability("method.dropout", self.dropout)
 
 
-@register_method("lora", config=LoraConfig, mergeable=True, adds_parameters=True, order=40,
+@register_method("lora", config=LoraConfig, colour="#9467bd", block_aware=True, mergeable=True, adds_parameters=True, order=40,
                  summary="low-rank updates W + (alpha/r)BA on target groups (HF peft); rsLoRA, DoRA")
 def apply(model, cfg: LoraConfig):
     import peft
@@ -42,4 +42,4 @@ def apply(model, cfg: LoraConfig):
         use_dora=cfg.use_dora,
         bias="none",
     )
-    return inject(model, peft_cfg, cfg.train_heads, "lora")
+    return inject(model, peft_cfg, cfg.train_task_layers, "lora")

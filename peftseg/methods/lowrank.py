@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftseg import checks
-from peftseg.methods._memory import MemoryOptions
+from peftseg.methods._memory import PeftOptions
 
 
 def default_targets() -> list[str]:
@@ -13,13 +13,12 @@ def default_targets() -> list[str]:
 
 
 @dataclass
-class LowRankConfig(MemoryOptions):  # + base_dtype, blocks
+class LowRankConfig(PeftOptions):  # + base_dtype, blocks, train_task_layers
     name: str = "lora"
     rank: int = 8
     # target groups, mapped to modules by the model family (FamilyMap.lora_targets); which
     # groups exist depends on the family, so membership is checked when the method is applied
     targets: list[str] = field(default_factory=default_targets)
-    train_heads: bool = True  # the family's task heads train too (FamilyMap.task_heads)
 
     def __post_init__(self) -> None:
         super().__post_init__()  # base_dtype, blocks

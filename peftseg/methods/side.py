@@ -19,16 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftseg.methods._memory import MemoryOptions
+from peftseg.methods._memory import PeftOptions
 from peftseg.registry import register_method
 
 
 @dataclass
-class SideConfig(MemoryOptions):  # + base_dtype, blocks (here: which blocks feed the path)
+class SideConfig(PeftOptions):  # + base_dtype, blocks, train_task_layers (here: which blocks feed the path)
     name: str = "side"
     bottleneck: int = 64  # width b of the side path
     activation: str = "gelu"  # gelu | relu, after each down projection
-    train_heads: bool = True  # neck + heads train next to the side path (they start untrained)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,7 +49,7 @@ def check_side_config(cfg: SideConfig) -> None:
         )
 
 
-@register_method("side", config=SideConfig, adds_parameters=True, order=65,
+@register_method("side", config=SideConfig, colour="#393b79", block_aware=True, adds_parameters=True, order=65,
                  summary="E3VA-style side path fed by the frozen backbone's blocks; no backward through it")
 def apply(model, cfg: SideConfig):
     from peftseg.methods._side_path import apply_side

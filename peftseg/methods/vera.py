@@ -30,7 +30,7 @@ class VeraConfig(LowRankConfig):
         checks.integer("method.projection_prng_key", self.projection_prng_key, minimum=0)
 
 
-@register_method("vera", config=VeraConfig, mergeable=True, adds_parameters=True, order=45,
+@register_method("vera", config=VeraConfig, colour="#17becf", block_aware=True, mergeable=True, adds_parameters=True, order=45,
                  summary="VeRA: shared frozen random projections, trainable scaling vectors (HF peft)")
 def apply(model, cfg: VeraConfig):
     import peft
@@ -48,4 +48,4 @@ def apply(model, cfg: VeraConfig):
         save_projection=False,
         bias="none",
     )
-    return inject(model, peft_cfg, cfg.train_heads, "vera")
+    return inject(model, peft_cfg, cfg.train_task_layers, "vera")

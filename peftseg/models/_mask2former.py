@@ -11,7 +11,6 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
 from transformers import Mask2FormerConfig as HFMask2FormerConfig
@@ -20,12 +19,11 @@ from transformers.utils import logging as hf_logging
 
 from peftseg.errors import UserError
 from peftseg.models._weights import LoadReport
-from peftseg.models.mask2former import _HF, Mask2FormerConfig
 
 log = logging.getLogger(__name__)
 
 
-def hf_config(cfg: Mask2FormerConfig, num_classes: int) -> HFMask2FormerConfig:
+def hf_config(cfg, num_classes: int) -> HFMask2FormerConfig:  # cfg: a Mask2FormerConfig
     """The transformers config this preset describes (num_labels = the dataset's classes)."""
     swin = SwinConfig(
         embed_dim=cfg.embed_dim,
@@ -60,7 +58,9 @@ def hf_config(cfg: Mask2FormerConfig, num_classes: int) -> HFMask2FormerConfig:
     )
 
 
-@META_ARCH_REGISTRY.register()
+# Not in detectron2's global META_ARCH_REGISTRY: the family's builder constructs it directly,
+# and a global entry would clash with another package's "HFMask2Former" in a process that
+# imports both (e.g. to compare outputs against the official model).
 class HFMask2Former(nn.Module):
     """transformers' Mask2FormerForUniversalSegmentation behind detectron2's model interface."""
 
@@ -154,8 +154,9 @@ class HFMask2Former(nn.Module):
         return result
 
 
-def load_transformers_dir(model: HFMask2Former, path: str) -> LoadReport:
-    """Load a transformers Mask2Former checkpoint directory into `model` (non-strict).
+def load_transformers_dir(model: HFMask2Former, path: str, prefix: str) -> LoadReport:
+    """Load a transformers Mask2Former checkpoint directory into `model` (non-strict); `prefix`:
+    where the wrapper holds the transformers model (reported key names carry it).
 
     transformers reads it (safetensors or .bin, sharded or not, and its own renames of
     older checkpoints' keys) into a model of *this* config; what matched by name and shape is
@@ -198,10 +199,10 @@ def load_transformers_dir(model: HFMask2Former, path: str) -> LoadReport:
     unused = {k for k in theirs if k not in ours and k not in absent}
     report = LoadReport(
         source=path,
-        loaded=tuple(_HF + k for k in loaded),
-        missing=tuple(_HF + k for k in ours if k not in loaded),
+        loaded=tuple(prefix + k for k in loaded),
+        missing=tuple(prefix + k for k in ours if k not in loaded),
         unexpected=tuple(sorted(set(info["unexpected_keys"]) | unused)),
-        shape_mismatch=tuple(_HF + k for k in sorted(mismatched)),
+        shape_mismatch=tuple(prefix + k for k in sorted(mismatched)),
     )
     log.info(report.summary())
     if not report.loaded:
@@ -212,7 +213,7 @@ def load_transformers_dir(model: HFMask2Former, path: str) -> LoadReport:
             "use a Mask2Former checkpoint whose backbone and decoder sizes match this model "
             "preset (model.embed_dim, depths, num_heads, feature_size, hidden_dim, …)."
         )
-    _check_backbone_complete(path, report)
+    _check_backbone_complete(path, report, prefix)
     return report
 
 
@@ -220,12 +221,11 @@ _BACKBONE_CKPT = "model.pixel_level_module.encoder."
 _UNUSED_SWIN_NORM = _BACKBONE_CKPT + "swin.layernorm."
 
 
-def _check_backbone_complete(path: str, report: LoadReport) -> None:
+def _check_backbone_complete(path: str, report: LoadReport, prefix: str) -> None:
     """Methods freeze the backbone, so it must come from the checkpoint whole: a tensor left at
     its init (other shape, or absent) or one the checkpoint has beyond ours (more blocks) means
     the checkpoint was made for another Swin, as the detectron2 loader also refuses."""
-    prefix = _HF + _BACKBONE_CKPT
-    absent = [k for k in report.missing if k.startswith(prefix)]
+    absent = [k for k in report.missing if k.startswith(prefix + _BACKBONE_CKPT)]
     extra = [k for k in report.unexpected if k.startswith(_BACKBONE_CKPT) and not k.startswith(_UNUSED_SWIN_NORM)]
     if not absent and not extra:
         return

@@ -1,9 +1,9 @@
 """Load pretrained weights through detectron2's checkpointer and say what matched.
 
 DetectionCheckpointer matches the names: local paths, Detectron/Caffe2 .pkl files and
-`?matching_heuristics=True` name alignment. Reading the file is ours (peftseg.safe_load:
+`?matching_heuristics=True` name alignment. Reading the file is ours (peftseg.io.safe_load:
 no code runs from a weights file; .safetensors accepted), and so is fetching a URL
-(http(s)://, detectron2://: peftseg.download, with timeouts). Two foreign
+(http(s)://, detectron2://: peftseg.io.download, with timeouts). Two foreign
 layouts are translated onto the model's own names before it matches them, chosen from the
 checkpoint's keys and the model's family:
 
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from peftseg.download import fetch
+from peftseg.io.download import fetch
 from peftseg.errors import UserError
 from peftseg.models.family import FamilyMap
 from peftseg.registry import FAMILIES
-from peftseg.safe_load import load_pickle_arrays, load_safetensors, load_torch
+from peftseg.io.safe_load import load_pickle_arrays, load_safetensors, load_torch
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-ACCOUNTING_GROUPS = ("backbone", "neck", "heads")
+# backbone: the pretrained feature extractor; neck: FPN / pixel decoder; decoder: a query-based
+# model's transformer decoder; task_heads: the class, box and mask predictors (and an R-CNN's
+# RPN and ROI heads). "heads" alone is ambiguous: the code says which set it means.
+ACCOUNTING_GROUPS = ("backbone", "neck", "decoder", "task_heads")
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,11 @@ class FamilyMap:
     adapter_sites: dict[str, str]
     # LoRA target group -> regex that fullmatches full module names
     lora_targets: dict[str, str]
-    # parameter-name prefixes that PEFT methods train next to their own modules (their
-    # `train_heads`); empty: the whole neck and heads groups. A query-based decoder is most
-    # of the model and is what LoRA/adapters adapt, so there only the prediction heads train.
-    task_heads: tuple[str, ...] = ()
+    # accounting groups that PEFT methods train next to their own modules (their
+    # `method.train_task_layers`): the task heads, and on the R-CNN families also the neck,
+    # which no backbone checkpoint holds. A query-based decoder is most of the model and is
+    # what LoRA/adapters adapt, so there only the task heads train.
+    task_layers: tuple[str, ...] = ("task_heads",)
     # regexes that fullmatch the modules recomputed in backward under
     # train.activation_checkpointing (one per transformer block / layer, wherever it sits)
     checkpoint_blocks: tuple[str, ...] = ()

@@ -32,7 +32,11 @@ FAMILY = FamilyMap(
         "backbone": (_HF + "model.pixel_level_module.encoder.",),
         # pixel decoder: input projections, deformable-attention encoder, FPN level, mask projection
         "neck": (_HF + "model.pixel_level_module.decoder.",),
-        "heads": (_HF + "model.transformer_module.", _HF + "class_predictor."),
+        "decoder": (_HF + "model.transformer_module.",),
+        # PEFT methods keep the pixel decoder and the transformer decoder frozen (they are what
+        # deform_attn/decoder_attn LoRA and the adapters adapt) and train only the class
+        # predictor and the mask embedder, as the reference study trained the heads
+        "task_heads": (_HF + "class_predictor.", _HF + "model.transformer_module.decoder.mask_predictor.mask_embedder."),
     },
     adapter_sites={
         # the deformable self-attention of each pixel-decoder encoder layer, and the self- and
@@ -59,13 +63,9 @@ FAMILY = FamilyMap(
         "attn_qkv": rf"{_SWIN_BLOCK}\.attention\.(?:[qkv]_proj|self\.(?:query|key|value))",
         "attn_proj": rf"{_SWIN_BLOCK}\.attention\.(?:o_proj|output\.dense)",
         "mlp": rf"{_SWIN_BLOCK}\.(?:mlp\.fc[12]|intermediate\.dense|output\.dense)",
-        "heads": r"m2f\.class_predictor|m2f\.model\.transformer_module\.decoder\.mask_predictor"
+        "task_heads": r"m2f\.class_predictor|m2f\.model\.transformer_module\.decoder\.mask_predictor"
                  r"\.mask_embedder\.\d+\.0",
     },
-    # PEFT methods keep the pixel decoder and the transformer decoder frozen (they are what
-    # deform_attn/decoder_attn LoRA and the adapters adapt) and train only the class
-    # predictor and the mask embedder, as the reference study trained the heads
-    task_heads=(_HF + "class_predictor.", _HF + "model.transformer_module.decoder.mask_predictor.mask_embedder."),
     # Swin blocks, deformable-attention encoder layers, masked-attention decoder layers
     checkpoint_blocks=(_SWIN_BLOCK, _PIXEL_ENC_LAYER, _DEC_LAYER),
     backbone_blocks=_SWIN_BLOCK,
@@ -180,5 +180,5 @@ def build(cfg: Mask2FormerConfig, num_classes: int):
     if cfg.weights and os.path.isdir(cfg.weights):
         # build_model sees this report and leaves the directory alone; a file goes through
         # the detectron2 loader there like any other family's checkpoint
-        model.weights_report = load_transformers_dir(model, cfg.weights)
+        model.weights_report = load_transformers_dir(model, cfg.weights, _HF)
     return model

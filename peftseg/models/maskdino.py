@@ -39,7 +39,16 @@ FAMILY = FamilyMap(
     groups={
         "backbone": ("backbone.",),
         "neck": ("sem_seg_head.pixel_decoder.",),
-        "heads": ("sem_seg_head.predictor.",),
+        "decoder": ("sem_seg_head.predictor.",),
+        # PEFT methods train only these next to their modules: the class head and the box MLP
+        # (both also the query-selection heads of the encoder tokens: Mask DINO shares them),
+        # the mask-embedding MLP, and the denoising label embedding (class-dependent too)
+        "task_heads": (
+            "sem_seg_head.predictor.class_embed.",
+            "sem_seg_head.predictor.mask_embed.",
+            "sem_seg_head.predictor.label_enc.",
+            *_BOX_PREFIXES,
+        ),
     },
     adapter_sites={
         # where the study placed its adapters: after each encoder deformable self-attention and
@@ -62,17 +71,8 @@ FAMILY = FamilyMap(
         "attn_qkv": rf"{_SWIN_BLOCK}\.attn\.qkv",
         "attn_proj": rf"{_SWIN_BLOCK}\.attn\.proj",
         "mlp": rf"{_SWIN_BLOCK}\.mlp\.fc[12]",
-        "heads": rf"{_P}\.(?:class_embed|mask_embed\.layers\.\d+|decoder\.bbox_embed\.\d+\.layers\.\d+)",
+        "task_heads": rf"{_P}\.(?:class_embed|mask_embed\.layers\.\d+|decoder\.bbox_embed\.\d+\.layers\.\d+)",
     },
-    # PEFT methods train only the prediction heads next to their modules: the class head and
-    # the box MLP (both also the query-selection heads of the encoder tokens: Mask DINO shares
-    # them), the mask-embedding MLP, and the denoising label embedding (class-dependent too)
-    task_heads=(
-        "sem_seg_head.predictor.class_embed.",
-        "sem_seg_head.predictor.mask_embed.",
-        "sem_seg_head.predictor.label_enc.",
-        *_BOX_PREFIXES,
-    ),
     # the Swin backbone's blocks: `method.blocks` indexes them, and stage i's blocks feed its
     # output res{i+2} for the `side` method (the ResNet backbone has none: both then refuse)
     backbone_blocks=_SWIN_BLOCK,

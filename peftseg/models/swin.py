@@ -26,8 +26,10 @@ FAMILY = FamilyMap(
     groups={
         "backbone": ("backbone.bottom_up.",),
         "neck": ("backbone.",),
-        "heads": HEAD_PREFIXES,
+        "task_heads": HEAD_PREFIXES,  # RPN + ROI heads
     },
+    # the FPN / feature pyramid starts untrained (no backbone checkpoint holds it)
+    task_layers=("neck", "task_heads"),
     # WindowAttention returns the windows' tokens (B·windows, window², C): a token-wise
     # adapter sees every token once, only grouped by window
     adapter_sites={"attn": _BLOCK + r"\.attn", "mlp": _BLOCK + r"\.mlp"},
@@ -35,7 +37,7 @@ FAMILY = FamilyMap(
         "attn_qkv": _BLOCK + r"\.attn\.qkv",
         "attn_proj": _BLOCK + r"\.attn\.proj",
         "mlp": _BLOCK + r"\.mlp\.fc[12]",
-        "heads": HEADS_LORA_TARGETS,
+        "task_heads": HEADS_LORA_TARGETS,
     },
     checkpoint_blocks=(_BLOCK,),
     backbone_blocks=_BLOCK,

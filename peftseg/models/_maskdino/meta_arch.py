@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, SwinTransformer
+from detectron2.modeling import SwinTransformer
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
 
@@ -44,7 +44,9 @@ class MaskDINOHead(nn.Module):
         return self.predictor(maps, mask_features, targets=targets)
 
 
-@META_ARCH_REGISTRY.register()
+# Not in detectron2's global META_ARCH_REGISTRY: the family's builder constructs it directly,
+# and a global entry would clash with the official package's own "MaskDINO" in a process that
+# imports both (e.g. to compare outputs against the official model).
 class MaskDINO(nn.Module):
     def __init__(self, *, backbone, sem_seg_head: MaskDINOHead, criterion: nn.Module, pixel_mean,
                  pixel_std, size_divisibility: int, test_topk_per_image: int, input_format: str = "RGB"):

@@ -3,7 +3,7 @@
 Members may run in other processes (submitit locally, SLURM jobs), so the sweep's outcome
 is read back from the records they leave under the sweep dir, not from this process's
 memory. Lives outside cli.py so that `python -m peftseg.cli` (module `__main__`) and the
-callback Hydra instantiates by name (`peftseg.sweep.SweepTracker`) share one state.
+callback Hydra instantiates by name (`peftseg.engine.sweep.SweepTracker`) share one state.
 """
 
 from __future__ import annotations

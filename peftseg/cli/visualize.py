@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from peftseg.cli.common import console as default_console, print_text, split_args, wants_help
 from peftseg.errors import UserError
 
 EVAL_RESULTS = Path("eval") / "coco_instances_results.json"
@@ -22,14 +23,8 @@ MIN_PANEL_PX = 512  # long side of each panel, at least
 
 
 def parse_args(argv: list[str]) -> tuple[Path, int, float, Path | None]:
-    positional = [a for a in argv if "=" not in a]
-    options = dict(a.split("=", 1) for a in argv if "=" in a)
-    unknown = sorted(set(options) - {"n", "score_thresh", "output"})
-    if len(positional) != 1 or unknown:
-        raise UserError(
-            "usage: peftseg visualize <run dir> [n=8] [score_thresh=0.5] [output=<dir>]"
-            + (f"; {', '.join(unknown)} is not an option" if unknown else "; give exactly one run directory")
-        )
+    options, _, (run_dir,) = split_args(argv, "visualize", ("n", "score_thresh", "output"), overrides=False,
+                                        positional=1, example="outputs/<date>/<time> n=8")
     try:
         n = int(options.get("n", 8))
         thresh = float(options.get("score_thresh", 0.5))
@@ -37,12 +32,12 @@ def parse_args(argv: list[str]) -> tuple[Path, int, float, Path | None]:
         raise UserError("n must be a whole number and score_thresh a number, e.g. n=8 score_thresh=0.5.") from None
     if n < 1 or not 0.0 <= thresh <= 1.0:
         raise UserError(f"n={n} must be >= 1 and score_thresh={thresh} in [0, 1].")
-    return Path(positional[0]), n, thresh, Path(options["output"]) if "output" in options else None
+    return Path(run_dir), n, thresh, Path(options["output"]) if "output" in options else None
 
 
 def run_config(run_dir: Path) -> tuple[dict, list[str]]:
     """The run's resolved config and class names, from its checkpoint's metadata."""
-    from peftseg.engine.checkpoint import read_checkpoint
+    from peftseg.checkpoint.files import read_checkpoint
 
     meta = read_checkpoint(run_dir)[1]["peftseg"]  # safe loading; UserError if not one of ours
     return meta["config"], list(meta["class_names"])
@@ -85,7 +80,7 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
     from omegaconf import OmegaConf
 
     from peftseg.data import register_dataset
-    from peftseg.results import write_atomic_with
+    from peftseg.io.atomic import write_atomic_with
 
     results = run_dir / EVAL_RESULTS
     if not results.is_file():
@@ -128,7 +123,10 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
 
 
 def main(argv: list[str], console: Console | None = None) -> int:
-    console = console or Console()
+    if wants_help(argv):
+        print_text(__doc__.strip())
+        return 0
+    console = console or default_console
     run_dir, n, thresh, output = parse_args(argv)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory; give a run directory such as outputs/<date>/<time>.")

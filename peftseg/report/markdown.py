@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftseg.results import write_atomic
+from peftseg.io.atomic import write_atomic
 
 
 def _cell(text: str) -> str:
@@ -28,8 +28,9 @@ def write_report_md(path: Path, sections: list, plot_name: str, footnote: str | 
              "★ marks the Pareto front (fewest trainable parameters for the mask AP).", ""]
     for group, headers, rows, curves in sections:
         parts += [f"## {group.model} · {group.dataset}", "", markdown_table(headers, rows), ""]
-        if group.baseline_note:
-            parts += [f"> {group.baseline_note}", ""]
+        for note in (group.baseline_note, group.timing_note):
+            if note:
+                parts += [f"> {note}", ""]
         if curves is not None:
             parts += [f"![training curves, {group.model} · {group.dataset}]({Path(curves).name})", ""]
     if footnote:

@@ -1,4 +1,4 @@
-"""`peftseg list` and `peftseg train --help`: what there is to choose, one line each.
+"""`peftseg list`, and the text of `peftseg train --help`: what there is to choose, one line each.
 
 Hydra's own `--help` lists every config group, the internal `schema/*` ones included, and
 no knob; this one lists the real groups with each option's one-line description (the
@@ -12,19 +12,23 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from pathlib import Path
 
-GROUPS = ("model", "method", "dataset", "train")
+from peftseg.config import CONF_DIR, GROUPS
+from peftseg.config import group_options
+
 DEFAULTS = {"model": "vitdet_tiny", "method": "lora", "dataset": "shapes", "train": "default"}
 _SCHEMA_REF = re.compile(r"/schema/(\w+)/(\w+)@_here_")
 
 
-def conf_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "conf"
-
-
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    """What `group=<name>` may name: its yaml presets, and for methods every registered one
+    (a method is its registration; its yaml only restates defaults)."""
+    names = set(group_options(group))
+    if group == "method":
+        from peftseg.registry import METHODS
+
+        names |= set(METHODS.names())
+    return sorted(names)
 
 
 def description(group: str, name: str) -> str:
@@ -35,7 +39,8 @@ def description(group: str, name: str) -> str:
     registry = {"method": METHODS, "dataset": DATASETS}.get(group)
     if registry is not None and name in registry.names():
         return registry.get(name).summary
-    for line in (conf_dir() / group / f"{name}.yaml").read_text().splitlines():
+    path = CONF_DIR / group / f"{name}.yaml"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
         if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("# ").strip()
     return ""
@@ -43,7 +48,7 @@ def description(group: str, name: str) -> str:
 
 def list_text() -> str:
     lines = []
-    for group in ("model", "method", "dataset", "train"):
+    for group in GROUPS:
         names = options(group)
         width = max(map(len, names))
         lines.append(f"{group}s ({group}=<name>):")
@@ -69,7 +74,8 @@ def _field_comments(cls) -> dict[str, str]:
 
 
 def _yaml_comments(group: str, name: str) -> dict[str, str]:
-    text = (conf_dir() / group / f"{name}.yaml").read_text()
+    path = CONF_DIR / group / f"{name}.yaml"
+    text = path.read_text() if path.is_file() else ""
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^(\w+):[^#\n]*#\s*(.+)$", text, re.MULTILINE)}
 
 
@@ -80,14 +86,18 @@ def preset(group: str, name: str):
 
     from peftseg.config import schemas
 
-    raw = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():  # a registered method without a yaml: its dataclass defaults
+        cls = schemas()[group][name]
+        return cls, OmegaConf.structured(cls)
+    raw = OmegaConf.load(path)
     cls, base = None, None
     for entry in raw.pop("defaults", []):
         entry = str(entry)
         ref = _SCHEMA_REF.search(entry)
         if ref:
             cls = schemas()[group][ref.group(2)]
-        elif entry != "_self_" and (conf_dir() / group / f"{entry}.yaml").is_file():
+        elif entry != "_self_" and (CONF_DIR / group / f"{entry}.yaml").is_file():
             cls, base = preset(group, entry)
     values = base if base is not None else OmegaConf.structured(cls)
     return cls, OmegaConf.merge(values, raw)
@@ -134,3 +144,10 @@ def train_help(argv: list[str]) -> str:
             lines.append(f"  {group}.{f.name}={_value(values[f.name])}" + (f"  # {comment}" if comment else ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from peftseg.cli.common import print_text
+
+    print_text(list_text())
+    return 0

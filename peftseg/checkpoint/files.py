@@ -7,7 +7,7 @@ random init), so a ViT-B LoRA checkpoint is megabytes, not the whole model.
 Periodic checkpoints (`model_<iter>.pth`, torch's format, read with weights_only=True)
 also carry optimizer, scheduler, iteration, RNG states and data position for resuming;
 `model_final.safetensors` does not (nothing is left to resume), and comes with peft's own
-layout of the peft-backed part under `peft/` (peftseg.engine.export). Final `.pth`
+layout of the peft-backed part under `peft/` (peftseg.checkpoint.formats). Final `.pth`
 checkpoints of earlier versions still load.
 """
 
@@ -22,14 +22,15 @@ import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 
-from peftseg.engine.resume_state import resume_state
+from peftseg.data._resume_state import resume_state
 from peftseg.errors import UserError
-from peftseg.results import write_atomic_with
-from peftseg.engine.export import checkpoint_metadata, safetensors_bytes, write_peft_export
-from peftseg.safe_load import load_safetensors, load_torch
+from peftseg.io.atomic import write_atomic_with
+from peftseg.checkpoint.formats import checkpoint_metadata, safetensors_bytes, write_peft_export
+from peftseg.io.safe_load import load_any, load_safetensors
 
 FORMAT = 1
 FINAL = "model_final"
+MERGED_KEY = "peftseg_merged"  # metadata key of a `peftseg merge` file, beside "model"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,23 +78,70 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
-    """Load a peftseg checkpoint onto the CPU; UserError if it is not one."""
-    f = checkpoint_file(path)
-    if f.suffix == ".safetensors":
-        tensors, header = load_safetensors(f, "checkpoint")
-        try:
-            data = {"model": tensors, "peftseg": json.loads(header["peftseg"])}
-        except (KeyError, ValueError):
-            data = {}  # a safetensors file, but not one of ours: refused below
-    else:  # periodic checkpoints, and final ones of earlier versions
-        data = load_torch(f, "checkpoint")  # weights_only: a checkpoint file cannot run code
-    if not isinstance(data, dict) or "peftseg" not in data:
+# settings renamed since checkpoints were first written: (group, old key) -> new key
+_RENAMED = {("method", "train_heads"): "train_task_layers", ("train", "heads_lr"): "non_backbone_lr"}
+_RENAMED_TARGETS = {"heads": "task_heads"}
+
+
+def upgrade_saved_config(config: dict) -> dict:
+    """A checkpoint's saved config in today's names, so checkpoints of earlier versions load,
+    resume and merge: `train_heads` -> `train_task_layers`, `heads_lr` -> `non_backbone_lr`,
+    LoRA target group `heads` -> `task_heads` (a combination's parts included)."""
+    def method(node: dict) -> dict:
+        node = {_RENAMED.get(("method", k), k): v for k, v in node.items()}
+        if isinstance(node.get("targets"), list):
+            node["targets"] = [_RENAMED_TARGETS.get(t, t) for t in node["targets"]]
+        return {k: method(v) if isinstance(v, dict) and "name" in v else v for k, v in node.items()}
+
+    out = dict(config)
+    if isinstance(out.get("method"), dict):
+        out["method"] = method(out["method"])
+    if isinstance(out.get("train"), dict):
+        out["train"] = {_RENAMED.get(("train", k), k): v for k, v in out["train"].items()}
+    return out
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> tuple[Path, dict]:
+    """Any checkpoint a user has, read once onto the CPU without running code: a dict with
+    "model" (the state dict) and, where present, the metadata of a run checkpoint
+    ("peftseg") or of a `peftseg merge` file (MERGED_KEY). The one reader of checkpoint files."""
+    source = checkpoint_file(path)
+    if source.suffix == ".safetensors":
+        tensors, header = load_safetensors(source, "checkpoint")
+        data = {"model": tensors}
+        for key in ("peftseg", MERGED_KEY):
+            if key in header:
+                try:
+                    data[key] = json.loads(header[key])
+                except ValueError as e:
+                    raise UserError(f"{source}: its {key!r} metadata is not JSON ({e}); the file was edited or "
+                                    "damaged — write it again with peftseg.") from None
+    else:
+        data = load_any(source, "checkpoint")  # weights_only / arrays-only: a checkpoint is data
+        if not isinstance(data, dict):
+            raise UserError(f"{source} holds a {type(data).__name__}, not a checkpoint dict; give a "
+                            "detectron2/PyTorch checkpoint (a dict with a 'model' state dict).")
+    for key in ("peftseg", MERGED_KEY):
+        meta = data.get(key)
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            data[key] = {**meta, "config": upgrade_saved_config(meta["config"])}
+    return source, data
+
+
+def require_run_checkpoint(source: Path, data: dict) -> dict:
+    """`data` (read by read_checkpoint_file) as a peftseg run checkpoint; UserError if it is not one."""
+    if "peftseg" not in data:
         raise UserError(
-            f"{f} is not a peftseg checkpoint (it has no 'peftseg' metadata). A plain detectron2 or "
+            f"{source} is not a peftseg checkpoint (it has no 'peftseg' metadata). A plain detectron2 or "
             "PyTorch checkpoint is loaded as pretrained weights instead: `peftseg train model.weights=<file>`."
         )
-    return f, data
+    return data
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
+    """A peftseg run checkpoint, read once; UserError if the file is not one."""
+    source, data = read_checkpoint_file(path)
+    return source, require_run_checkpoint(source, data)
 
 
 def _model_key(config: dict) -> dict:
@@ -168,10 +216,14 @@ class PeftCheckpointer(DetectionCheckpointer):
         self.logger.info("Saved checkpoint %s", os.path.join(self.save_dir, basename))
         self.tag_last_checkpoint(basename)
 
-    def load_peft(self, path: str | os.PathLike, config: dict) -> dict:
+    def load_peft(self, path: str | os.PathLike, config: dict, data: dict | None = None) -> dict:
         """Load a peftseg checkpoint into the (rebuilt) model, plus optimizer/scheduler if
-        present; returns what is left (e.g. `iteration`)."""
-        source, data = read_checkpoint(path)
+        present; returns what is left (e.g. `iteration`). `data`: the file as already read
+        by read_checkpoint_file, so that no caller reads a checkpoint twice."""
+        if data is None:
+            source, data = read_checkpoint(path)
+        else:
+            source, data = Path(path), dict(require_run_checkpoint(Path(path), data))
         meta = data.pop("peftseg")
         check_compatible(meta, config, source)
         if meta["base_fingerprint"] != self.fingerprint:

@@ -1,8 +1,10 @@
-"""A trained model for inference, from whichever checkpoint a user has.
+"""The one checkpoint loader: a trained model from whichever checkpoint a user has, for
+`peftseg eval`, `merge`, `predict` (and export); the file is read once.
 
-Three kinds of file reach `peftseg predict` and `peftseg eval`:
-- a PEFT checkpoint (`model_final.pth` of a run): the run's config and class names are in
-  it; the base is rebuilt and the trained tensors loaded (engine/checkpoint.py);
+Three kinds of file arrive:
+- a PEFT checkpoint (`model_final.safetensors` of a run, or a periodic `model_*.pth`): the
+  run's config and class names are in it; the base is rebuilt and the trained tensors
+  loaded (peftseg.checkpoint.files);
 - a merged checkpoint (`peftseg merge`): a plain detectron2 state dict of the whole model,
   plus `peftseg_merged` metadata (config and class names) so nothing has to be repeated;
 - any other detectron2/PyTorch checkpoint (or one merged before the metadata existed):
@@ -12,7 +14,6 @@ Three kinds of file reach `peftseg predict` and `peftseg eval`:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,14 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from peftseg.engine.checkpoint import PeftCheckpointer, checkpoint_file
+from peftseg.checkpoint.files import MERGED_KEY, PeftCheckpointer, checkpoint_file, read_checkpoint_file
 from peftseg.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MERGED_KEY = "peftseg_merged"  # metadata key `peftseg merge` writes next to "model"
+# what may change between training and evaluating a checkpoint; the model and the
+# method are fixed by the checkpoint itself
+_OVERRIDABLE = ("dataset", "train.device", "train.num_workers")
 
 
 @dataclass
@@ -43,8 +46,7 @@ def compose(overrides: list[str]) -> DictConfig:
     """The project's config composed by Hydra from `overrides`, as `peftseg train` would."""
     from hydra.errors import HydraException
 
-    from peftseg.cli import check_group_choices
-    from peftseg.config import compose_config, validate
+    from peftseg.config import check_group_choices, compose_config, validate
 
     check_group_choices(overrides)
     try:
@@ -55,26 +57,53 @@ def compose(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def _read(path: Path) -> dict:
-    """The checkpoint as a dict ("model" + metadata keys), read without running code."""
-    from peftseg.safe_load import load_any, load_safetensors
+def _parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
-    if path.suffix == ".safetensors":
-        tensors, header = load_safetensors(path, "checkpoint")
-        data = {"model": tensors}
-        for key in ("peftseg", MERGED_KEY):  # metadata of run checkpoints and merged files
-            if key in header:
-                try:
-                    data[key] = json.loads(header[key])
-                except ValueError as e:
-                    raise UserError(f"{path}: its {key!r} metadata is not JSON ({e}); the file was edited or "
-                                    "damaged — write it again with peftseg.") from None
-        return data
-    data = load_any(path, "checkpoint")  # weights_only / arrays-only: a checkpoint is data
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a {type(data).__name__}, not a checkpoint dict; give a detectron2/PyTorch "
-                        "checkpoint (a dict with a 'model' state dict).")
-    return data
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise UserError(f"cannot read the overrides {overrides}: {e}") from None
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_sweep_override() or not (key == "dataset" or key.startswith(("dataset.", *_OVERRIDABLE[1:]))):
+            raise UserError(
+                f"{o.input_line!r} cannot be set here; the model and method come from the checkpoint, and "
+                f"this command takes checkpoint=, output= and single overrides of: dataset=<name>, "
+                f"dataset.<key>, {', '.join(_OVERRIDABLE[1:])} (see --help)."
+            )
+    return parsed
+
+
+def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
+    """The checkpoint's config, typed by the registered schemas, with Hydra-style overrides
+    applied (`dataset=<name>` composes that dataset's yaml, as `peftseg train` would), then
+    validated like a training config."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from peftseg.config import TrainConfig, validate
+    from peftseg.registry import DATASETS, FAMILIES, METHODS
+
+    parsed = _parse(overrides)
+    schema = {
+        "model": FAMILIES.get(saved["model"]["family"]).config,
+        "method": METHODS.get(saved["method"]["name"]).config,
+        "dataset": DATASETS.get(saved["dataset"]["name"]).config,
+        "train": TrainConfig,
+    }
+    try:
+        cfg = OmegaConf.create({g: OmegaConf.merge(OmegaConf.structured(cls), saved[g]) for g, cls in schema.items()})
+        chosen = [o for o in parsed if o.key_or_group == "dataset"]
+        if chosen:
+            from peftseg.config import compose_config
+
+            cfg.dataset = compose_config([o.input_line for o in chosen]).dataset
+        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if o.key_or_group != "dataset"], cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(f"the overrides {overrides} do not fit the checkpoint's config: {e}") from None
+    validate(cfg)
+    return cfg
 
 
 def _class_names(cfg: DictConfig, classes: list[str] | None, splits, where: str) -> list[str]:
@@ -103,12 +132,10 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
     if checkpoint:
         source = checkpoint_file(checkpoint)
         try:
-            data = _read(source)
+            source, data = read_checkpoint_file(source)
         except UserError as e:  # perhaps a pickled detectron2 model-zoo .pkl: load_weights reads those
             unreadable = e
     if "peftseg" in data or MERGED_KEY in data:
-        from peftseg.engine.restore import compose_for_checkpoint
-
         merged = MERGED_KEY in data
         meta = data[MERGED_KEY] if merged else data["peftseg"]
         # the checkpoint's config, typed and validated; only dataset/device overrides pass
@@ -129,7 +156,7 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
             kind = "merged"
         else:
             model = build_for_run(cfg, len(names))
-            PeftCheckpointer(model, meta={}).load_peft(source, meta["config"])
+            PeftCheckpointer(model, meta={}).load_peft(source, meta["config"], data)
             kind = "peft"
     else:
         model_given = any(o.split("=", 1)[0].lstrip("+") == "model" for o in overrides)
@@ -164,9 +191,3 @@ def _load_whole(model: nn.Module, state: dict, source: Path) -> None:
             f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}; it was edited or written by "
             "another peftseg version — merge the run again with `peftseg merge checkpoint=<run dir>`."
         )
-
-
-def merged_metadata(cfg: DictConfig, class_names: list[str], source: Path) -> dict:
-    """What `peftseg merge` stores beside the state dict, so eval/predict need no overrides."""
-    return {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(class_names),
-            "merged_from": str(source)}

@@ -1,4 +1,5 @@
-"""Fold a trained method into the base weights: a plain detectron2 model, no extra modules.
+"""`peftseg merge`: fold a trained method into the base weights — a plain detectron2 model,
+no extra modules — and write it with the metadata that rebuilds it.
 
 peft's layers merge their own update (LoRA/DoRA/LoHa/LoKr/IA3/VeRA) into the wrapped
 layer; we then put the wrapped layer back in its parent's place, as peft's unload does.
@@ -8,8 +9,17 @@ methods applied to a model are known from its ownership record (params.mark_adde
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
 import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
+
+from peftseg.checkpoint.files import MERGED_KEY
+from peftseg.checkpoint.formats import safetensors_bytes
+from peftseg.io.atomic import write_atomic_with
 
 from peftseg.errors import UserError
 from peftseg.methods._memory import widen_frozen
@@ -47,3 +57,34 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         del model.peft_config
     model.__dict__.pop("peftseg_added", None)  # nothing is left of the method's modules
     return model
+
+
+def merged_metadata(cfg: DictConfig, class_names: list[str], source: Path) -> dict:
+    """What `peftseg merge` stores beside the state dict, so eval/predict need no overrides."""
+    return {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(class_names),
+            "merged_from": str(source)}
+
+
+def merge_checkpoint(checkpoint: str, overrides: list[str], output: str | None):
+    """Load a run's PEFT checkpoint, merge it, write the plain model's tensors; returns
+    (the loaded run, the written file). Default output: model_merged.safetensors beside it."""
+    from peftseg.checkpoint.load import load_model
+
+    loaded = load_model(checkpoint, overrides)
+    if loaded.kind != "peft":
+        raise UserError(
+            f"{loaded.source} is a {loaded.kind} checkpoint, not a run's PEFT checkpoint: there is no method "
+            "left to merge. Give the run directory (or its model_* file) that `peftseg train` wrote."
+        )
+    model = merge_and_unload(loaded.model.eval())
+    out = Path(output or loaded.source.parent / "model_merged.safetensors")
+    # plain tensors under the model's names: loadable with model.weights=<out>; the metadata
+    # (config, class names) lets `peftseg eval`/`predict` rebuild the model without overrides.
+    # A .pth output keeps detectron2's checkpoint layout ({"model": state dict}).
+    meta = merged_metadata(loaded.cfg, loaded.class_names, loaded.source)
+    if out.suffix == ".pth":
+        write_atomic_with(out, lambda f: torch.save({"model": model.state_dict(), MERGED_KEY: meta}, f))
+    else:
+        payload = safetensors_bytes(model.state_dict(), {MERGED_KEY: json.dumps(meta), "format": "pt"})
+        write_atomic_with(out, lambda f: f.write(payload))
+    return loaded, out

@@ -7,9 +7,11 @@
   (`PeftConfig.save_pretrained` for adapter_config.json, `get_peft_model_state_dict` for the
   tensors, keyed `base_model.model.<module>` as `PeftModel.save_pretrained` keys them), so
   `peft.PeftModel.from_pretrained(base_model, "<run dir>/peft")` loads it; adapters other
-  than peft's "default" go to a subfolder each, as peft does. Tensors that train beside the
-  peft layers (neck, heads, biases, bottleneck adapters) go to `peft/heads.safetensors`
-  under their model names: `base_model.load_state_dict(heads, strict=False)` first.
+  than peft's "default" go to a subfolder each, as peft does. Tensors that train outside
+  the peft layers (task layers, biases, bottleneck adapters, a side path) go to
+  `peft/trained_outside_peft.safetensors` under their model names:
+  `base_model.load_state_dict(those, strict=False)` first. Runs of earlier versions named
+  that file `heads.safetensors`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 import torch.nn as nn
 
 PEFT_DIR = "peft"
-HEADS_FILE = "heads.safetensors"
+OUTSIDE_PEFT_FILE = "trained_outside_peft.safetensors"
+OLD_OUTSIDE_PEFT_FILE = "heads.safetensors"  # its name in runs of earlier versions
 _PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's names
 
 
@@ -75,8 +78,8 @@ def write_peft_export(model: nn.Module, trained: dict[str, torch.Tensor], run_di
             (where / "adapter_model.safetensors").write_bytes(
                 safetensors_bytes({_PREFIX + k: v for k, v in tensors.items()}))
         owned = peft_owned(model)
-        heads = {k: v for k, v in trained.items() if k not in owned}
-        (tmp / HEADS_FILE).write_bytes(safetensors_bytes(heads))
+        outside = {k: v for k, v in trained.items() if k not in owned}
+        (tmp / OUTSIDE_PEFT_FILE).write_bytes(safetensors_bytes(outside))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from peftseg.cli.common import console as default_console, print_text, split_args, wants_help
 from peftseg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,8 @@ class PredictOutcome:
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """Own options (OPTIONS) and Hydra-style config overrides (everything else)."""
-    options, overrides = {}, []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if not eq:
-            raise UserError(f"argument {arg!r} is not key=value; write e.g. input=images/ output=predictions/.")
-        (options.__setitem__(key, value) if key in OPTIONS else overrides.append(arg))
-    for needed in ("input", "output"):
-        if needed not in options:
-            raise UserError(f"no {needed} given; `peftseg predict` needs input=<image, folder or glob> and "
-                            "output=<dir>, plus checkpoint=<run dir or .pth> (or model=… model.weights=…).")
+    options, overrides, _ = split_args(argv, "predict", OPTIONS, required=("input", "output"),
+                                       example="checkpoint=outputs/<run> input=images/ output=predictions/")
     return options, overrides
 
 
@@ -115,9 +108,9 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from peftseg.engine.run import resolve_device
-    from peftseg.results import write_atomic_with, write_json
+    from peftseg.io.atomic import write_atomic_with, write_json
 
-    console = console or Console()
+    console = console or default_console
     model, cfg = loaded.model, loaded.cfg
     device = resolve_device(cfg.train.device)
     model.to(device)
@@ -180,9 +173,12 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
 
 
 def main(argv: list[str], console: Console | None = None) -> int:
-    from peftseg.engine.loading import load_model
+    if wants_help(argv):
+        print_text(__doc__.strip())
+        return 0
+    from peftseg.checkpoint.load import load_model
 
-    console = console or Console()
+    console = console or default_console
     options, overrides = parse_args(argv)
     score_thresh = _number(options, "score_thresh", 0.5, float, 0.0, 1.0)
     max_size = _number(options, "max_size", None, int, 32, 16384)

@@ -7,26 +7,22 @@ written every `train.log_period` iterations, plus the evaluation lines without l
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
+
+from peftseg.report.collect import Group
+from peftseg.report.plots import method_colour
+from peftseg.report.tables import knob_header, knob_text
 
 CURVE_KEYS = ("total_loss", "lr")
 
 
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """key -> [(iteration, value)] for CURVE_KEYS; empty lists when the file is missing."""
+    from peftseg.io.training_log import read_training_log
+
     curves: dict[str, list[tuple[int, float]]] = {k: [] for k in CURVE_KEYS}
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        return curves
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a run killed mid-line leaves a partial last line
-            continue
-        if "iteration" not in row:
-            continue
+    for _, row in read_training_log(run_dir):
         for key in CURVE_KEYS:
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
@@ -44,7 +40,7 @@ def write_curves_png(path: Path, title: str, runs: list[tuple[str, str, Path]], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peftseg.results import write_atomic
+    from peftseg.io.atomic import write_atomic
 
     curves = [(label, method, read_curves(d)) for label, method, d in runs]
     curves = [c for c in curves if any(c[2].values())]
@@ -72,11 +68,31 @@ def write_curves_png(path: Path, title: str, runs: list[tuple[str, str, Path]], 
     # no "1e-5+2.9043" offset labels: a flat stretch of loss reads as its plain values
     loss_ax.ticklabel_format(axis="y", useOffset=False)
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2), useOffset=False)
-    loss_ax.legend(fontsize=8, loc="upper right")
+    # one legend for both panels, under them: it never covers a curve, and long labels stay whole
+    handles, labels = loss_ax.get_legend_handles_labels()
     fig.suptitle(f"training curves · {title}")
     fig.tight_layout()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=max(1, min(3, len(labels))), frameon=False)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # the legend below is kept
     plt.close(fig)
     write_atomic(path, buf.getvalue())
     return True
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def write_group_curves(root: Path, group: Group) -> Path | None:
+    """curves_<model>_<dataset>.png under root: loss and lr of every run of the group."""
+    from peftseg.report.curves import write_curves_png
+
+    runs = []
+    for r in group.records:
+        label = " ".join([str(r.knob("method.name"))] + [f"{knob_header(k)}={knob_text(r.knob(k))}"
+                                                        for k in group.knobs if k in r.config])
+        runs.append((label, str(r.knob("method.name")), Path(r.run.dir or "")))
+    path = Path(root) / f"curves_{_slug(group.model)}_{_slug(group.dataset)}.png"
+    return path if write_curves_png(path, f"{group.model} · {group.dataset}", runs, method_colour) else None

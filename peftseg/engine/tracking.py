@@ -11,7 +11,7 @@ The callback talks to MLflow through `MlflowClient` with explicit run ids, not t
 fluent `mlflow.start_run` stack: sweep members may run in other processes (submitit,
 SLURM), which find the parent's id in the sweep dir.
 
-Light module: mlflow is imported when a callback method runs, so `import peftseg.tracking`
+Light module: mlflow is imported when a callback method runs, so `import peftseg.engine.tracking`
 (Hydra resolving `_target_`) costs nothing when tracking is off.
 """
 
@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,8 @@ log = logging.getLogger(__name__)
 
 PARENT_FILE = ".mlflow_parent_run"  # in the sweep dir: the parent run's id for members elsewhere
 ARTIFACTS = ("results.json", "model_final.safetensors", "peft/adapter_config.json", "peft/adapter_model.safetensors",
-             "peft/heads.safetensors", ".hydra/config.yaml", ".hydra/overrides.yaml")
+             "peft/trained_outside_peft.safetensors", "peft/heads.safetensors", ".hydra/config.yaml", ".hydra/overrides.yaml")
 _BATCH = 100  # MlflowClient.log_batch takes at most 100 params (and 1000 metrics) per call
-
-
-@dataclass
-class TrackingConfig:
-    """`tracking.*` (set by +tracking=mlflow)."""
-    uri: str = ""  # empty: a local file store ./mlruns (browse with `mlflow ui`); or http://host:5000, sqlite:///…
-    experiment: str = "peftseg"
 
 
 def tracking_uri(uri: str) -> str:
@@ -81,20 +73,14 @@ def record_metrics(record: dict) -> dict[str, float]:
 
 def curve_points(run_dir: Path) -> list[tuple[str, float, int]]:
     """(key, value, iteration) of every number detectron2's JSONWriter logged during training."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return []
+    from peftseg.io.training_log import read_training_log
+
     points = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        step = row.get("iteration")
+    for _, row in read_training_log(run_dir):
         for key, value in row.items():
             number = _number(value)
-            if key != "iteration" and number is not None and isinstance(step, int):
-                points.append((_metric_key(f"train/{key}"), number, step))
+            if key != "iteration" and number is not None:
+                points.append((_metric_key(f"train/{key}"), number, row["iteration"]))
     return points
 
 
@@ -207,7 +193,7 @@ class MlflowTracker(Callback):
         from rich.console import Console
 
         from peftseg.report import build_report
-        from peftseg.sweep import last_sweep
+        from peftseg.engine.sweep import last_sweep
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         status = "FINISHED"

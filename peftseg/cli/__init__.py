@@ -1,0 +1,64 @@
+"""`peftseg` entry point: one module per subcommand in this package.
+
+Each subcommand module has `main(argv) -> exit status` and is imported only when its
+command runs, so `peftseg list` or a bad value never pays for torch or detectron2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+# Third-party deprecation chatter (torch.jit, pkg_resources) would drown the progress bar.
+# Set by the entry point only: importing peftseg as a library changes no global filter.
+from peftseg.cli.common import console, err_console, print_text, report_error
+from peftseg.errors import UserError
+
+__all__ = ["COMMANDS", "console", "err_console", "main"]
+
+HELP = """\
+usage: peftseg <command> [args]
+
+commands:
+  train    train + evaluate one run, or a sweep with -m (Hydra overrides: method=lora model=vitdet_b ...)
+  eval     evaluate a trained run again: checkpoint=<run dir or model_* file> [dataset=… dataset.*=… train.device=…]
+  merge    fold a mergeable method (LoRA family) into the base weights, write a plain detectron2 checkpoint:
+           checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]
+  report   table, report.csv, report.md, pareto.png and training curves of every results.json under a
+           directory (a sweep)
+  predict  masks on new images: checkpoint=<run dir or model file> input=<image, folder or glob> output=<dir>
+           [score_thresh=0.5] [max_size=<px>]; a plain checkpoint also needs model=<preset> classes=[a,b]
+  visualize  ground truth | predictions side by side for n validation images of a run: <run dir> [n=8]
+  list     the models, methods and datasets there are, one line each
+
+`peftseg <command> --help` tells more; `peftseg train --help` lists the config groups and their options.
+"""
+
+
+# command -> module of this package that runs it
+COMMANDS = {"train": "train", "eval": "eval", "merge": "merge", "report": "report", "predict": "predict",
+            "visualize": "visualize", "list": "list"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_text(HELP)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        err_console.print(f"[bold red]error:[/] unknown command {command!r}; commands: {', '.join(COMMANDS)}. "
+                          "Run `peftseg --help`.", highlight=False)
+        return 2
+    try:
+        return importlib.import_module(f"peftseg.cli.{COMMANDS[command]}").main(rest)
+    except UserError as exc:
+        report_error(exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`peftseg eval`: evaluate a trained checkpoint again, on its dataset or another with the same classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftseg.cli.common import console, print_text, split_args, wants_help
+
+EVAL_HELP = """\
+usage: peftseg eval checkpoint=<run dir, model_* file or merged file> [output=<dir>] [overrides…]
+
+Rebuilds the run's model and method from the checkpoint, loads the trained tensors and
+evaluates them. A PEFT checkpoint and a `peftseg merge` file carry their model, method and
+classes; a plain detectron2 checkpoint needs model=<preset> and dataset=… (its classes).
+The model and method come from the checkpoint; these may be overridden with Hydra's
+syntax, as for `peftseg train`:
+  dataset=<{datasets}> and dataset.<key>=…   evaluate on other data (same classes)
+  train.device=…  train.num_workers=…
+Writes <output>/eval.json (default: eval_<checkpoint name>/ beside the checkpoint).
+"""
+
+
+def main(argv: list[str]) -> int:
+    """`peftseg eval`: rebuild base + method, load the checkpoint, run the dataset's evaluator."""
+    if wants_help(argv):
+        from peftseg.registry import DATASETS
+
+        print_text(EVAL_HELP.format(datasets="|".join(DATASETS.names())))
+        return 0
+    from peftseg.engine.evaluate import evaluate
+    from peftseg.checkpoint.load import load_model
+    from peftseg.engine.run import resolve_device
+    from peftseg.params import count_parameters
+    from peftseg.io.atomic import write_json
+    from peftseg.results import evaluator_metrics
+    from peftseg.report.tables import eval_table
+
+    options, overrides, _ = split_args(argv, "eval", ("checkpoint", "output"), required=("checkpoint",),
+                                       example="checkpoint=outputs/<date>/<time>")
+    r = load_model(options["checkpoint"], overrides, need_dataset=True)
+    device = resolve_device(r.cfg.train.device)
+    r.model.to(device)
+    out_dir = Path(options.get("output") or r.source.parent / f"eval_{r.source.stem}")
+    results = evaluate(r.model, r.splits.val, r.cfg.model.image_size, out_dir, r.cfg.train.num_workers)
+    record = {
+        "checkpoint": str(r.source), "checkpoint_kind": r.kind, "dataset": r.cfg.dataset.name,
+        "params": count_parameters(r.model).to_dict(), "metrics": evaluator_metrics(results),
+    }
+    write_json(out_dir / "eval.json", record)
+    console.print(eval_table(record))
+    console.print(f"record: {out_dir / 'eval.json'}")
+    return 0

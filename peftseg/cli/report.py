@@ -1,0 +1,27 @@
+"""`peftseg report DIR [--baseline METHOD]`: the tables, CSV, markdown and pictures of a sweep."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from peftseg.report import CSV_NAME, PLOT_NAME, build_report
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="peftseg report",
+        description="Aggregate every results.json under DIR: a table per model and dataset, "
+                    f"DIR/{CSV_NAME} (one row per run) and DIR/{PLOT_NAME} (mask AP vs trainable %).",
+    )
+    parser.add_argument("dir", type=Path, help="a sweep folder (multirun/<date>/<time>) or any folder of runs")
+    parser.add_argument("--baseline", metavar="METHOD",
+                        help="add ΔAP and step-time / peak-memory ratios against this method's run "
+                             "of the same model and dataset (e.g. --baseline full)")
+    args = parser.parse_args(argv)
+    # at least 160 columns: piped output (CI logs) defaults to 80, too narrow for the table
+    console = Console()
+    build_report(args.dir, args.baseline, Console(width=max(console.width, 160)))
+    return 0

@@ -1,0 +1,105 @@
+"""`peftseg train`: one run, or a sweep with -m, through Hydra's app (conf/)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from peftseg.cli.common import console, err_console, print_text, report_error
+from peftseg.config import CONF_DIR, check_group_choices
+from peftseg.errors import UserError
+
+log = logging.getLogger("peftseg")
+
+
+def train_task(cfg):
+    """One run; returns its `objective` value(s) for sweepers (None: failed, a failed trial)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from peftseg.config import validate
+    from peftseg.engine.objectives import objective_names, objective_values
+    from peftseg.results import failed_record, write_record
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    run_id = str(run_dir.relative_to(Path.cwd())) if run_dir.is_relative_to(Path.cwd()) else str(run_dir)
+    try:
+        validate(cfg)  # ranges, choices, unknown keys: before any heavy import
+        objective_names(cfg.objective)  # a typo fails now, not after training
+    except UserError as exc:
+        report_error(exc)
+        if hc.mode == RunMode.RUN:
+            sys.exit(2)  # nothing written: the dir may hold (or be in use by) another run
+        # a sweep member with a bad value still leaves a record in its own fresh dir, so the
+        # sweep's failure count includes it
+        write_record(run_dir, failed_record(cfg, run_dir, run_id, exc))
+        return None
+
+    from peftseg.engine.distributed import launch_run
+    from peftseg.engine.interrupt import RunInterrupted
+    from peftseg.report.tables import run_table
+
+    # Spawned training processes get the job's logging (console + run dir log file) from here.
+    log_config = OmegaConf.to_container(hc.job_logging, resolve=True) if hc.job_logging else None
+    try:
+        record = launch_run(cfg, run_dir, run_id, log_config)
+    except RunInterrupted as stop:
+        if stop.checkpoint:
+            err_console.print(f"[bold yellow]interrupted:[/] {stop}; checkpoint {run_dir / stop.checkpoint}. "
+                              f"Continue with: peftseg train <same overrides> train.resume={run_dir}",
+                              soft_wrap=True, highlight=False)
+        else:
+            err_console.print(f"[bold yellow]interrupted:[/] {stop} (before training had a step to save)",
+                              highlight=False)
+        sys.exit(128 + stop.signum)  # the shell's convention for "ended by signal N"; stops a sweep too
+    except Exception as exc:
+        if isinstance(exc, UserError):
+            report_error(exc)
+        else:
+            log.exception("run %s failed", run_id)
+        if hc.mode == RunMode.RUN:
+            sys.exit(2 if isinstance(exc, UserError) else 1)
+        return None
+    if record is None:
+        console.print(f"machine {cfg.train.machine_rank} done; machine 0 writes the record")
+        return None
+    console.print(run_table(record))
+    console.print(f"record: {run_dir / 'results.json'}")
+    return objective_values(record, OmegaConf.to_container(cfg, resolve=True)["objective"])
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):  # ours, not Hydra's: knobs, no schema/* groups
+        from peftseg.cli.list import train_help
+
+        print_text(train_help(argv))
+        return 0
+    check_group_choices(argv)  # before the heavy imports: a typo fails in a second, not six
+
+    import hydra
+
+    from peftseg.config import register_schemas
+    from peftseg.engine.objectives import register_resolver
+    from peftseg.engine.sweep import last_sweep
+
+    register_schemas()
+    register_resolver()  # conf/hydra/sweeper/peft_search.yaml: direction from the objective
+    # Under `python -m peftseg.cli.train` this module is __main__, whose functions cloudpickle
+    # (submitit launchers) copies by value, consoles and all; by module name it pickles a reference.
+    from peftseg.cli.train import train_task as task
+
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
+    sys.argv = ["peftseg train", *argv]
+    app()
+    outcome = last_sweep()
+    if outcome is None:
+        return 0  # a single run: failures already exited from inside the task
+    sweep_dir, members, failed = outcome
+    if members == 0:
+        console.print(f"sweep: no run left a record under {sweep_dir}; see the launcher's logs there")
+        return 1
+    console.print(f"sweep: {failed} of {members} runs failed; records under {sweep_dir}")
+    return 1 if failed else 0

@@ -1,0 +1,62 @@
+"""`peftseg report DIR`: every results.json under DIR as tables (terminal, report.md),
+report.csv, pareto.png and training curves.
+
+collect (records, groups, baselines, front) -> tables / csvfile / markdown / plots / curves.
+Next to each method the tables show its knobs that vary within the group (rank, targets,
+adapters_per_block, …), so the members of a sweep tell apart; report.csv has every
+flattened config value and number of every run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from peftseg.report.collect import (baseline_command, baseline_numbers, find_baseline, group_records, load_records,
+                                    timing_note)
+from peftseg.report.csvfile import flat_row, write_csv
+from peftseg.report.curves import write_group_curves
+from peftseg.report.markdown import write_report_md
+from peftseg.report.plots import write_plot
+from peftseg.report.tables import DASH, RSS_NOTE, group_rows, group_table, is_rss
+
+CSV_NAME = "report.csv"
+PLOT_NAME = "pareto.png"
+MD_NAME = "report.md"
+
+
+def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Path, Path]:
+    root = Path(root)
+    records = load_records(root, console)
+    groups = group_records(records)
+    rows = []
+    sections = []  # (group, headers, rows, curves png or None) for report.md
+    for g in groups:
+        extras: dict[int, dict] = {}
+        if baseline:
+            for r in g.records:
+                base = find_baseline(r, g, baseline)
+                extras[id(r)] = baseline_numbers(r, base)
+            if not any(r.knob("method.name") == baseline and r.ok for r in g.records):
+                g.baseline_note = (
+                    f"no successful `{baseline}` run for {g.model} · {g.dataset}, so ΔAP and the "
+                    f"ratios show {DASH}; add one to this folder with: {baseline_command(root, g, baseline)}"
+                )
+            g.timing_note = timing_note(g, extras)
+        console.print(group_table(g, baseline, extras, width=console.width))
+        for note in (g.baseline_note, g.timing_note):
+            if note:
+                console.print(f"[yellow]note:[/] {note}", highlight=False)
+        if any(is_rss(r) for r in g.records):
+            console.print(RSS_NOTE, highlight=False)
+        rows += [flat_row(r, extras.get(id(r), {})) for r in g.records]
+        sections.append((g, *group_rows(g, baseline, extras), write_group_curves(root, g)))
+    csv_path, plot_path = root / CSV_NAME, root / PLOT_NAME
+    write_csv(csv_path, rows)
+    write_plot(plot_path, groups)
+    write_report_md(root / MD_NAME, sections, PLOT_NAME, RSS_NOTE if any(is_rss(r) for r in records) else None)
+    failed = sum(not r.ok for r in records)
+    console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·dataset group(s); "
+                  f"wrote {csv_path}, {plot_path} and {root / MD_NAME}", highlight=False)
+    return csv_path, plot_path

@@ -1,0 +1,210 @@
+"""The runs a report is about: records under a folder, grouped by model and dataset (AP is only
+comparable within one), the knobs that tell a group's runs apart, each run's baseline, and
+the Pareto front of trainable % against mask AP."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from peftseg.errors import UserError
+from peftseg.registry import METHODS
+from peftseg.results import FILENAME, Record, read_record
+
+
+@dataclass
+class Group:
+    model: str
+    dataset: str
+    records: list[Record] = field(default_factory=list)
+    knobs: list[str] = field(default_factory=list)  # config keys shown as columns
+    baseline_note: str | None = None
+    timing_note: str | None = None  # step-time ratios of runs that did not share machine and time
+
+
+def load_records(root: Path, console: Console | None = None) -> list[Record]:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(
+            f"{root} is not a directory. Give `peftseg report` the folder of a sweep or of runs "
+            "(e.g. peftseg report multirun/2024-05-01/12-00-00); it reads every results.json under it."
+        )
+    paths = sorted(root.rglob(FILENAME))
+    if not paths:
+        raise UserError(
+            f"No {FILENAME} under {root}. Point `peftseg report` at a folder that `peftseg train` "
+            "wrote into (outputs/… for single runs, multirun/… for sweeps), or run a sweep first, "
+            "e.g. peftseg train -m method=full,heads,lora."
+        )
+    records = []
+    for path in paths:
+        try:
+            record = read_record(path)
+        except (OSError, ValueError) as exc:  # a hand-edited or foreign file: skip, say so
+            if console:
+                console.print(f"[yellow]skipping {path}: {exc}[/]", highlight=False)
+            continue
+        record.run.dir = record.run.dir or str(path.parent)
+        records.append(record)
+    if not records:
+        raise UserError(f"None of the {len(paths)} {FILENAME} files under {root} could be read; "
+                        "see the messages above, and re-run the runs they belong to.")
+    return records
+
+
+def _hashable(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _sort_value(value):
+    # Numbers sort numerically (ranks 4 < 8 < 16), everything else by its text.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, _hashable(value))
+
+
+# --- grouping and knobs -----------------------------------------------------------------
+
+def varying_knobs(records: list[Record]) -> list[str]:
+    """Config keys worth a column: a method's keys that differ among that method's runs,
+    and other (non-name) keys that differ across the group."""
+    keys: list[str] = []
+    by_method: dict[str, list[Record]] = {}
+    for r in records:
+        by_method.setdefault(r.knob("method.name"), []).append(r)
+    for runs in by_method.values():
+        for key in dict.fromkeys(k for r in runs for k in r.config):
+            if key.startswith("method.") and key != "method.name" and key not in keys:
+                if len({_hashable(r.knob(key)) for r in runs}) > 1:
+                    keys.append(key)
+    for key in dict.fromkeys(k for r in records for k in r.config):
+        if key.startswith("method.") or key.endswith(".name") or key in keys:
+            continue
+        if len({_hashable(r.knob(key)) for r in records}) > 1:
+            keys.append(key)
+    return keys
+
+
+def method_rank(name) -> tuple:
+    # the registry's order: baselines first, then methods by their usual footprint; a name
+    # this install does not know (a record from a newer peftseg) goes last
+    order = METHODS.names()
+    return (order.index(name), "") if name in order else (len(order), str(name))
+
+
+def group_records(records: list[Record]) -> list[Group]:
+    groups: dict[tuple[str, str], Group] = {}
+    for r in records:
+        model, dataset = str(r.knob("model.name")), str(r.knob("dataset.name"))
+        groups.setdefault((model, dataset), Group(model, dataset)).records.append(r)
+    for g in groups.values():
+        g.knobs = varying_knobs(g.records)
+        g.records.sort(key=lambda r: (
+            method_rank(r.knob("method.name")),
+            [_sort_value(r.knob(k)) for k in g.knobs],
+            str(r.run.id),
+        ))
+    return [groups[k] for k in sorted(groups)]
+
+
+# --- baseline ---------------------------------------------------------------------------
+
+def find_baseline(record: Record, group: Group, method: str) -> Record | None:
+    """The group's ok `method` run closest in config to `record` (most equal config values)."""
+    candidates = [r for r in group.records
+                  if r.knob("method.name") == method and r.ok and r.mask_ap is not None]
+    if not candidates:
+        return None
+    own = record.config
+
+    def shared(r):
+        other = r.config
+        return sum(_hashable(other.get(k)) == _hashable(v) for k, v in own.items() if not k.startswith("method."))
+
+    return max(candidates, key=shared)  # max keeps the first (sorted) one on ties
+
+
+def timing_note(group: Group, extras: dict[int, dict]) -> str | None:
+    """A caveat for the group's step-time ratios: each run timed itself, alone, at its own time
+    (and maybe on another machine), so a ratio also carries the difference in machine load."""
+    timed = [r for r in group.records if extras.get(id(r), {}).get("baseline.step_time_ratio") is not None]
+    if len(timed) < 2:
+        return None
+    hosts = sorted({r.run.host for r in timed if r.run.host})
+    where = f" on {len(hosts)} machines ({', '.join(hosts)})" if len(hosts) > 1 else ""
+    return (f"step-time ratios compare runs timed one after another{where}, not side by side: machine load "
+            "and clocks differ between them. For ratios to publish, measure the methods in one process with "
+            "scripts/benchmark.py.")
+
+
+def _ratio_of(a, b) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def baseline_numbers(record: Record, base: Record | None) -> dict:
+    if base is None or not record.ok:
+        return {}
+    same_mem = record.eff("peak_memory_kind") == base.eff("peak_memory_kind")
+    ap, base_ap = record.mask_ap, base.mask_ap
+    return {
+        "baseline.run_id": base.run.id,
+        "baseline.delta_mask_AP": None if ap is None or base_ap is None else ap - base_ap,
+        "baseline.step_time_ratio": _ratio_of(record.eff("mean_step_time_s"), base.eff("mean_step_time_s")),
+        "baseline.peak_memory_ratio": _ratio_of(record.eff("peak_memory_bytes"), base.eff("peak_memory_bytes"))
+        if same_mem else None,
+    }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: the best AP at that trainable % or less."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plottable(r: Record) -> bool:
+    ap, rt = r.mask_ap, r.trainable_ratio
+    return r.ok and ap is not None and math.isfinite(ap) and rt is not None and rt > 0
+
+
+def front_ids(group: Group) -> set[int]:
+    """id() of the group's runs on the Pareto front of trainable % (lower) vs mask AP (higher)."""
+    runs = [r for r in group.records if plottable(r)]
+    if len(runs) < 2:
+        return set()
+    return {id(runs[i]) for i in pareto_front([(r.trainable_ratio, r.mask_ap) for r in runs])}
+
+
+def _run_overrides(record: Record) -> list[str] | None:
+    """The command-line overrides a run was started with (Hydra's .hydra/overrides.yaml)."""
+    path = Path(record.run.dir or "") / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
+
+
+def baseline_command(root: Path, group: Group, baseline: str) -> str:
+    """The exact `peftseg train` that adds the missing baseline run to this folder: a member's
+    own overrides with the method swapped, its record written under `root`."""
+    for r in group.records:
+        overrides = _run_overrides(r)
+        if overrides is not None:
+            break
+    else:
+        overrides = [f"model={group.model}", f"dataset={group.dataset}"]
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("method", "hydra.run.dir", "hydra.sweep"))]
+    words = [f"method={baseline}", *kept, f"hydra.run.dir={Path(root) / ('baseline_' + baseline)}"]
+    return "peftseg train " + " ".join(shlex.quote(w) for w in words)

@@ -1,0 +1,60 @@
+"""report.csv: one row per run with every flattened config value and number."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from peftseg.io.atomic import write_atomic
+from peftseg.results import Record
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def flat_row(record: Record, extra: dict) -> dict:
+    row: dict = {"run.id": record.run.id, "status": record.status}
+    row.update(record.config)  # already flat: model.*, method.*, …
+    for section in ("params", "metrics", "efficiency", "run", "versions"):
+        _flatten(section, getattr(record, section) or {}, row)
+    error = record.error or {}
+    row["error.type"], row["error.message"] = error.get("type"), error.get("message")
+    row.update(extra)
+    return row
+
+
+def _column_rank(key: str) -> int:
+    order = ("run.id", "status", "model.name", "dataset.name", "method.name", "model.", "method.",
+             "dataset.", "train.", "params.", "metrics.", "efficiency.", "baseline.", "run.", "versions.",
+             "error.")
+    for i, prefix in enumerate(order):
+        if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
+            return i
+    return len(order)
+
+
+def _csv_value(value):
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return value
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    keys.sort(key=_column_rank)  # stable: first-seen order within a section
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    write_atomic(path, buf.getvalue().encode())

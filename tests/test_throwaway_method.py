@@ -1,0 +1,98 @@
+"""The registry is the only place a method's facts live: a method registered here, in the
+test, with no other edit anywhere, shows up in the CLI's list and help, its parameters are
+accounted as `peft`, get `train.peft_lr`, it honours `method.blocks`, and it takes its place
+in the report's order and colours."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from peftseg.config import TrainConfig
+from peftseg.engine.optim import build_optimizer
+from peftseg.methods import apply_method
+from peftseg.methods._memory import PeftOptions
+from peftseg.params import count_parameters
+from peftseg.registry import METHODS, MethodSpec
+
+NAME = "throwaway_scale"
+
+
+@dataclass
+class ThrowawayConfig(PeftOptions):  # + base_dtype, blocks, train_task_layers
+    name: str = NAME
+    init: float = 1.0  # starting value of each block's output scale
+
+
+def apply(model, cfg):
+    """One learnable scalar per backbone block (multiplying its output): the smallest method
+    that adds parameters, placed per block through the FamilyMap like a real one."""
+    from peftseg.methods._memory import selected_blocks
+    from peftseg.methods.freeze import train_only_added
+
+    added = []
+    for name in selected_blocks(model, cfg.blocks):
+        block = model.get_submodule(name)
+        block.throwaway_scale = nn.Parameter(torch.full((), float(cfg.init)))
+        block.register_forward_hook(lambda m, _, out: out * m.throwaway_scale)
+        added.append(block.throwaway_scale)
+    return train_only_added(model, added, NAME, cfg.train_task_layers)
+
+
+@pytest.fixture()
+def registered():
+    spec = MethodSpec(NAME, ThrowawayConfig, apply, summary="a learnable output scale per backbone block",
+                      adds_parameters=True, block_aware=True, order=35, colour="#123456")
+    METHODS.add(spec)
+    try:
+        yield spec
+    finally:
+        METHODS._specs.pop(NAME)
+
+
+def test_the_cli_lists_it_and_its_knobs(registered):
+    from peftseg.cli.list import list_text, train_help
+
+    assert any(line.split()[:1] == [NAME] and line.endswith("a learnable output scale per backbone block")
+               for line in list_text().splitlines())
+    text = train_help([f"method={NAME}"])
+    assert f"{NAME}*" in text
+    assert "method.init=1.0  # starting value of each block's output scale" in text
+    assert "method.train_task_layers=True" in text
+
+
+def test_accounting_learning_rates_and_blocks_follow_the_registration(registered, base):
+    cfg = OmegaConf.structured(ThrowawayConfig(blocks="last:1"))
+    model = apply_method(copy.deepcopy(base), cfg)
+    counts = count_parameters(model)
+    assert counts.by_group["peft"]["total"] == counts.by_group["peft"]["trainable"] == 1  # one block: one scalar
+    assert counts.by_group["backbone"]["trainable"] == 0
+    train = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"base_lr": 1e-3, "peft_lr": 7e-3})
+    optimizer = build_optimizer(model, train)
+    scale = next(p for n, p in model.named_parameters() if n.endswith("throwaway_scale"))
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr[id(scale)] == pytest.approx(7e-3)
+    with pytest.raises(Exception, match="base_dtype=bf16 stores"):
+        # not trains_everything: bf16 storage of the frozen base is allowed, unlike for `full`
+        METHODS.get("full").config(base_dtype="bf16")
+    ThrowawayConfig(base_dtype="bf16")  # allowed: it freezes the base
+
+
+def test_report_order_and_colour_come_from_the_registration(registered):
+    from peftseg.report.collect import group_records
+    from peftseg.report.plots import method_colour
+    from peftseg.results import Record, RunInfo
+
+    def record(method):
+        return Record(run=RunInfo(id=method, dir="", start_time="t"), status="ok",
+                      config={"model.name": "m", "dataset.name": "d", "method.name": method})
+
+    (group,) = group_records([record(m) for m in ("adapter", NAME, "lora", "full", "ia3")])
+    # order=35: after ia3 (30), before lora (40)
+    assert [r.knob("method.name") for r in group.records] == ["full", "ia3", NAME, "lora", "adapter"]
+    assert method_colour(NAME) == "#123456"
