@@ -27,6 +27,8 @@ usage: peftseg <command> [args]
 
 commands:
   train    train + evaluate one run, or a sweep with -m (Hydra overrides: method=lora model=vitdet_b ...)
+  search   an Optuna study over methods and their knobs, kept in a storage (resumable, many workers):
+           [search.storage=sqlite:///search.db] [search.n_trials=20] [objective=…] [Hydra overrides…]
   eval     evaluate a trained run again: checkpoint=<run dir or model_* file> [dataset=… dataset.*=… train.device=…]
   merge    fold a mergeable method (LoRA family) into the base weights, write a plain detectron2 checkpoint:
            checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]
@@ -298,7 +300,13 @@ def list_options(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "eval": evaluate_checkpoint, "merge": merge, "report": report,
+def search(argv: list[str]) -> int:
+    from peftseg.search import main as search_main
+
+    return search_main(argv, console)
+
+
+COMMANDS = {"train": train, "search": search, "eval": evaluate_checkpoint, "merge": merge, "report": report,
             "predict": predict, "visualize": visualize, "list": list_options}
 
 

@@ -8,6 +8,7 @@ direction that is better, which the `peft_search` sweeper preset reads through t
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from peftseg.errors import UserError
@@ -52,15 +53,16 @@ def objective_names(objective) -> list[str]:
 
 
 def objective_values(record, objective) -> float | list[float] | None:
-    """The run's objective value(s); None when the run failed or lacks a number, which a
-    sweeper then records as a failed trial (not as a score of 0)."""
+    """The run's objective value(s); None when the run failed or lacks a finite number, which
+    a search then records as a failed trial (not as a score of 0)."""
     names = objective_names(objective)
     if hasattr(record, "to_dict"):  # a peftseg.results.Record
         record = record.to_dict()
     if record.get("status") != "ok":
         return None
     values = [OBJECTIVES[n][0](record) for n in names]
-    if any(v is None for v in values):
+    # NaN/inf is no score (COCOEvaluator gives NaN AP when a model predicted nothing)
+    if any(v is None or not math.isfinite(v) for v in values):
         return None
     values = [float(v) for v in values]
     return values[0] if isinstance(objective, str) else values

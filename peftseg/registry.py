@@ -34,6 +34,10 @@ class MethodSpec:
     adds_parameters: bool = False
     # report order: baselines first, then methods by the usual size of their footprint
     order: int = 100
+    # the knobs `peftseg search` samples for this method, with their ranges
+    # (peftseg.search_space.Int/Float/Choice over keys under `method.`); empty: the method
+    # is searched as it is configured
+    search_space: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -122,10 +126,11 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset", "peftseg.data")
 
 
 def register_method(name: str, *, config: type, summary: str, mergeable: bool = False,
-                    adds_parameters: bool = False, order: int = 100):
+                    adds_parameters: bool = False, order: int = 100, search_space: tuple = ()):
     """Decorator on a method module's `apply(model, cfg)`."""
     def deco(apply: Callable) -> Callable:
-        METHODS.add(MethodSpec(name, config, apply, summary, mergeable, adds_parameters, order))
+        METHODS.add(MethodSpec(name, config, apply, summary, mergeable, adds_parameters, order,
+                               tuple(search_space)))
         return apply
     return deco
 

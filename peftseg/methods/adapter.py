@@ -26,11 +26,14 @@ from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 from peftseg.registry import register_method
+from peftseg.search_space import Choice, Int
 from peftseg.methods._memory import MemoryOptions
 
 SITES = ("attn", "mlp", "mlp_parallel")
 ACTIVATION_NAMES = ("gelu", "relu")
 MAX_PER_BLOCK = 4
+# 1-3 adapters per block (the study's design space) of the widths adapter papers use
+SEARCH_SPACE = (Int("adapters_per_block", 1, 3), Choice("bottleneck", (8, 16, 32, 64)))
 DEFAULT_BOTTLENECK = 64  # AdaptFormer's width on ViT-B (d=768)
 
 
@@ -116,7 +119,7 @@ def adapter_width(cfg: AdapterConfig, d: int) -> int:
     return cfg.bottleneck or min(DEFAULT_BOTTLENECK, max(1, d // 4))
 
 
-@register_method("adapter", config=AdapterConfig, adds_parameters=True, order=60,
+@register_method("adapter", config=AdapterConfig, adds_parameters=True, order=60, search_space=SEARCH_SPACE,
                  summary="bottleneck adapters (down-act-up, residual), N per block at attn/mlp sites")
 def apply(model, cfg: AdapterConfig):
     from peftseg.methods._adapter_layers import add_adapters

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 from peftseg.registry import register_method
+from peftseg.search_space import Choice
 from peftseg.methods._memory import MemoryOptions
+
+# every set keeps `mlp`, the preset's feedforward group, which must stay among the targets
+SEARCH_SPACE = (Choice("targets", (("attn_qkv", "mlp"), ("attn_qkv", "attn_proj", "mlp"))),)
 
 
 @dataclass
@@ -33,7 +37,7 @@ class Ia3Config(MemoryOptions):  # + base_dtype, blocks
             )
 
 
-@register_method("ia3", config=Ia3Config, mergeable=True, adds_parameters=True, order=30,
+@register_method("ia3", config=Ia3Config, mergeable=True, adds_parameters=True, order=30, search_space=SEARCH_SPACE,
                  summary="learned scaling vectors on target outputs / feed-forward inputs (HF peft)")
 def apply(model, cfg: Ia3Config):
     import peft

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from peftseg.methods._memory import MemoryOptions
 from peftseg.registry import register_method
+from peftseg.search_space import Int
 
 
 @dataclass
@@ -51,6 +52,7 @@ def check_side_config(cfg: SideConfig) -> None:
 
 
 @register_method("side", config=SideConfig, adds_parameters=True, order=65,
+                 search_space=(Int("bottleneck", 16, 128, log=True),),
                  summary="E3VA-style side path fed by the frozen backbone's blocks; no backward through it")
 def apply(model, cfg: SideConfig):
     from peftseg.methods._side_path import apply_side
