@@ -160,11 +160,9 @@ def train(argv: list[str]) -> int:
     import hydra
 
     from peftseg.config import register_schemas
-    from peftseg.objectives import register_resolver
     from peftseg.sweep import last_sweep
 
     register_schemas()
-    register_resolver()  # conf/hydra/sweeper/peft_search.yaml: direction from the objective
     # Under `python -m peftseg.cli` this module is __main__, whose functions cloudpickle
     # (submitit launchers) copies by value, consoles and all; by module name it pickles a reference.
     from peftseg.cli import _train_task as task

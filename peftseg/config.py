@@ -115,7 +115,7 @@ class Config:
     method: Any = MISSING
     dataset: Any = MISSING
     train: TrainConfig = MISSING
-    # what the train task returns (Hydra sweepers such as Optuna optimise it): one name of
+    # what `peftseg search` optimises (and the train task returns): one name of
     # peftseg.objectives.OBJECTIVES or a list of them (multi-objective)
     objective: Any = "segm_ap"
     tracking: Optional[TrackingConfig] = None  # set by +tracking=mlflow

@@ -1,9 +1,8 @@
-"""What the train task returns: the objective(s) a Hydra sweeper (Optuna) optimises.
+"""The objective(s) `peftseg search` optimises (and the train task returns).
 
 `objective=segm_ap` (default) or a list, e.g. `objective=[segm_ap,trainable_pct]` for a
 multi-objective (NSGA-II) search. Each name maps to a number of the run record and the
-direction that is better, which the `peft_search` sweeper preset reads through the
-`peftseg_directions` resolver, so objective and direction never disagree.
+direction that is better, so objective and direction never disagree.
 """
 
 from __future__ import annotations
@@ -69,14 +68,7 @@ def objective_values(record, objective) -> float | list[float] | None:
 
 
 def directions(objective) -> str | list[str]:
-    """OmegaConf resolver `peftseg_directions`: Optuna's direction(s) for `objective`."""
+    """Optuna's direction(s) for `objective`."""
     names = objective_names(objective)
     found = [OBJECTIVES[n][1] for n in names]
     return found[0] if isinstance(objective, str) else found
-
-
-def register_resolver() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("peftseg_directions"):
-        OmegaConf.register_new_resolver("peftseg_directions", directions)

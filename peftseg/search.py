@@ -427,10 +427,12 @@ def _pruning_listener(trial, metric_task: str):
     def listener(iteration: int, results: dict, final: bool) -> None:
         import math
 
-        value = (results.get(metric_task) or {}).get("AP")
-        if final or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if final:  # the final evaluation is the trial's result, not a step to prune at
             return
-        trial.report(float(value), step=iteration)
+        value = (results.get(metric_task) or {}).get("AP")
+        # NaN (the model predicted nothing) is reported as such: Optuna's pruners prune it
+        value = float(value) if isinstance(value, (int, float)) else math.nan
+        trial.report(value, step=iteration)
         if trial.should_prune():
             raise RunPruned(iteration, results, f"{metric_task} AP {value:.3f} at iteration {iteration}, "
                                                 "judged by the study's pruner")
@@ -455,8 +457,8 @@ def _log_to(path: Path):
         handler.close()
 
 
-def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, console) -> tuple[str, Any]:
-    """Run one trial; (status, objective values or None)."""
+def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, console) -> tuple[str, Any, Path]:
+    """Run one trial; (status, objective values or None, its run dir)."""
     from omegaconf import OmegaConf
 
     from peftseg.config import compose_config, validate
@@ -468,7 +470,12 @@ def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, cons
 
     sampled = trial_overrides(trial, plan)
     overrides = [*plan.fixed, *sampled]
-    cfg = compose_config(overrides)
+    try:
+        cfg = compose_config(overrides)
+    except Exception as exc:  # Hydra refuses a sampled value (a type the key does not take)
+        console.print(f"trial {trial.number}: {' '.join(sampled)}\n  failed: {exc}", highlight=False, markup=False,
+                      soft_wrap=True)
+        return "failed", None, search_dir / str(trial.number)
     run_dir = search_dir / f"{trial.number}-{cfg.model.name}-{cfg.method.name}"
     run_id = str(run_dir)
     trial.set_user_attr(RUN_DIR_ATTR, str(run_dir.resolve()))
@@ -478,7 +485,7 @@ def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, cons
     except UserError as exc:
         write_record(run_dir, failed_record(cfg, run_dir, run_id, exc))
         console.print(f"  failed: {exc}", highlight=False, markup=False, soft_wrap=True)
-        return "failed", None
+        return "failed", None, run_dir
     listener = _pruning_listener(trial, pruner_task) if pruner_task else None
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -486,22 +493,69 @@ def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, cons
             record = launch_run(cfg, run_dir, run_id)
     except RunPruned as pruned:
         console.print(f"  pruned: {pruned.reason}", highlight=False, markup=False, soft_wrap=True)
-        return "pruned", None
+        return "pruned", None, run_dir
     except RunInterrupted:
         raise
     except Exception as exc:  # the run wrote its failed record; the search goes on
         console.print(f"  failed: {type(exc).__name__}: {exc}", highlight=False, markup=False, soft_wrap=True)
-        return "failed", None
+        return "failed", None, run_dir
     objective = OmegaConf.to_container(cfg, resolve=True)["objective"]
     values = objective_values(record, objective)
     if values is None:
         console.print(f"  failed: the run ended {record.status} without finite numbers for objective {objective}",
                       highlight=False, markup=False)
-        return "failed", None
+        return "failed", None, run_dir
     shown = values if isinstance(values, list) else [values]
     console.print(f"  ok: objective {', '.join(f'{v:.4g}' for v in shown)} ({run_dir})", highlight=False,
                   markup=False, soft_wrap=True)
-    return "ok", values
+    return "ok", values, run_dir
+
+
+# --- MLflow (+tracking=mlflow): the study is a parent run, each trial a child --------------
+
+MLFLOW_PARENT_ATTR = "peftseg.mlflow_parent"
+
+
+def _tracker(cfg):
+    """The MLflow tracker `+tracking=mlflow` asks for (Hydra callbacks do not run here)."""
+    if cfg.get("tracking") is None:
+        return None
+    from peftseg.tracking import MlflowTracker
+
+    return MlflowTracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+
+
+def _track_trial(tracker, study, plan: Plan, number: int, run_dir: Path) -> None:
+    from peftseg.results import read_record
+
+    with workers_lock(plan.options.storage):  # one parent run per study, whichever worker is first
+        parent = study.user_attrs.get(MLFLOW_PARENT_ATTR)
+        if parent is None:
+            parent = tracker.start_parent(
+                f"search {plan.options.study}", {"peftseg.kind": "search", "peftseg.study": plan.options.study},
+                {"search.storage": plan.options.storage, "search.fixed": " ".join(plan.fixed)})
+            study.set_user_attr(MLFLOW_PARENT_ATTR, parent)
+    try:
+        record = read_record(run_dir).to_dict()
+    except (OSError, ValueError):
+        record = {}
+    config = record.get("config") or {}
+    tracker.log_run(run_dir, record, str(config.get("model.name")), str(config.get("method.name")), parent,
+                    tags={"peftseg.study": plan.options.study, "peftseg.trial": str(number)})
+
+
+def _finish_tracking(tracker, study, summary: dict) -> None:
+    parent = study.user_attrs.get(MLFLOW_PARENT_ATTR)
+    if parent is None:
+        return
+    try:
+        client = tracker.client()
+        if client.get_run(parent).info.status == "RUNNING":
+            for key in ("n_trials", "best_trials"):
+                client.set_tag(parent, f"peftseg.{key}", json.dumps(summary[key]))
+            client.set_terminated(parent, "FINISHED")
+    except Exception as exc:  # tracking never takes the search down
+        log.warning("MLflow: the study's parent run %s was not closed: %s", parent, exc)
 
 
 # --- the worker loop ------------------------------------------------------------------------
@@ -536,41 +590,11 @@ def summarize(study, plan: Plan, objective) -> dict:
     }
 
 
-def main(argv: list[str], console=None) -> int:
-    """`peftseg search`: run trials of the study until it holds search.n_trials; exit code."""
-    from rich.console import Console
-
-    console = console or Console()
-    if any(a in ("-h", "--help") for a in argv):
-        console.print(HELP, highlight=False, markup=False, soft_wrap=True)
-        return 0
-    plan = parse_args(argv)
-    from peftseg.cli import check_group_choices
-
-    check_group_choices(plan.fixed)
-    from omegaconf import OmegaConf
+def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, tracker, console) -> int:
+    """Run trials until the study's budget is used; how many this worker ran."""
     from optuna.trial import TrialState
 
-    from peftseg.config import compose_config, validate
-    from peftseg.objectives import objective_names
-    from peftseg.results import write_json
-
-    base = compose_config(plan.fixed)  # the fixed part fails now, not in every trial
-    validate(base)
-    objective = OmegaConf.to_container(base, resolve=True)["objective"]
-    objective_names(objective)
-    opts = plan.options
-    study = open_study(plan, objective, base.train)
-    search_dir = Path(opts.dir or Path("search") / opts.study)
-    import optuna
-
-    pruner = None if isinstance(study.pruner, optuna.pruners.NopPruner) else study.pruner
-    pruner_task = AP_OBJECTIVES[objective] if pruner is not None else None
-    console.print(f"study {opts.study!r} in {opts.storage}: {opts.n_trials} trials over {', '.join(plan.methods)}; "
-                  f"runs under {search_dir}/; pruner {type(pruner).__name__ if pruner else 'none'}",
-                  highlight=False, markup=False, soft_wrap=True)
-    grace_s = 3 * opts.heartbeat_s
-    ran = 0
+    opts, ran = plan.options, 0
     while True:
         trial, lost = _next_trial(study, plan, grace_s)
         for number in lost:
@@ -579,7 +603,7 @@ def main(argv: list[str], console=None) -> int:
             break
         with Heartbeat(trial, opts.heartbeat_s):
             try:
-                status, values = run_trial(trial, plan, search_dir, pruner_task, console)
+                status, values, run_dir = run_trial(trial, plan, search_dir, pruner_task, console)
             except BaseException:
                 # interrupted (SIGTERM/SIGINT) or an error of the search itself: the trial is lost,
                 # and the next worker (or the same command again) runs its parameters again
@@ -594,7 +618,63 @@ def main(argv: list[str], console=None) -> int:
         else:
             study.tell(trial, state=TrialState.PRUNED if status == "pruned" else TrialState.FAIL)
         ran += 1
+        if tracker is not None:
+            _track_trial(tracker, study, plan, trial.number, run_dir)
+    return ran
+
+
+def _first_value(knob) -> str:
+    first = knob.choices[0] if hasattr(knob, "choices") else knob.low
+    return f"{knob.key}={knob.override(first)}"
+
+
+def main(argv: list[str], console=None) -> int:
+    """`peftseg search`: run trials of the study until it holds search.n_trials; exit code."""
+    from rich.console import Console
+
+    console = console or Console()
+    if any(a in ("-h", "--help") for a in argv):
+        console.print(HELP, highlight=False, markup=False, soft_wrap=True)
+        return 0
+    plan = parse_args(argv)
+    from peftseg.cli import check_group_choices
+
+    check_group_choices(plan.fixed)
+    from omegaconf import OmegaConf
+
+    from peftseg.config import compose_config, validate
+    from peftseg.objectives import objective_names
+    from peftseg.results import write_json
+
+    base = compose_config(plan.fixed)  # the fixed part fails now, not in every trial
+    validate(base)
+    if plan.sampled:  # and so does a sampled key the config does not have
+        compose_config([*plan.fixed, *(_first_value(knob) for knob in plan.sampled)])
+    objective = OmegaConf.to_container(base, resolve=True)["objective"]
+    objective_names(objective)
+    opts = plan.options
+    study = open_study(plan, objective, base.train)
+    search_dir = Path(opts.dir or Path("search") / opts.study)
+    import optuna
+
+    pruner = None if isinstance(study.pruner, optuna.pruners.NopPruner) else study.pruner
+    pruner_task = AP_OBJECTIVES[objective] if pruner is not None else None
+    console.print(f"study {opts.study!r} in {opts.storage}: {opts.n_trials} trials over {', '.join(plan.methods)}; "
+                  f"runs under {search_dir}/; pruner {type(pruner).__name__ if pruner else 'none'}",
+                  highlight=False, markup=False, soft_wrap=True)
+    grace_s = 3 * opts.heartbeat_s
+    tracker = _tracker(base)
+    from peftseg.engine.interrupt import RunInterrupted
+
+    try:
+        ran = _work(study, plan, search_dir, pruner_task, grace_s, tracker, console)
+    except (RunInterrupted, KeyboardInterrupt) as stop:
+        console.print(f"interrupted ({stop}); the trial in progress was enqueued to run again: the same "
+                      "command continues the study", highlight=False, markup=False, soft_wrap=True)
+        return 128 + getattr(stop, "signum", 2)
     summary = summarize(study, plan, objective)
+    if tracker is not None and not any(t["state"] in ("running", "waiting") for t in summary["trials"]):
+        _finish_tracking(tracker, study, summary)
     search_dir.mkdir(parents=True, exist_ok=True)
     write_json(search_dir / SUMMARY, summary)
     states = [t["state"] for t in summary["trials"] if t["status"] != "lost"]
