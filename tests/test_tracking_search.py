@@ -86,7 +86,7 @@ def test_a_tracked_sweep_lands_in_mlflows_default_sqlite_store(tmp_path, shapes_
                           text=True, timeout=300)
     assert read.returncode == 0, read.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in read.stdout.splitlines() if line[:4] in ("URI ", "RUNS", "CLIE"))
-    assert lines["URI"] == "sqlite:///mlflow.db"  # MLflow's own default, found with no setting
+    assert lines["URI"] == store  # MLflow's own default (sqlite:///mlflow.db, made absolute), with no setting
     runs = json.loads(lines["RUNS"])
     parents = [r for r in runs if not r["tags.mlflow.parentRunId"]]
     children = [r for r in runs if r["tags.mlflow.parentRunId"]]
