@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, records_under
-from helpers import _in
+from helpers import _in, cli_in_process
 from peftseg import search
 from peftseg.errors import UserError
 from peftseg.registry import METHODS, MethodSpec
@@ -173,6 +173,10 @@ def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
     assert trial.user_attrs[search.STATUS_ATTR] == "pruned"
     summary = json.loads((tmp_path / "search/peft_search/search.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["pruned"]
+    # peftseg report reads the trial as pruned: not a result, not counted ok
+    report = cli_in_process("report", str(tmp_path / "search"), cwd=tmp_path, cache=shapes_cache)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "pruned" in report.stdout and "1 runs (1 not ok)" in report.stdout
     # +tracking=mlflow: the study is a parent run, the trial its child, KILLED (not FINISHED) as pruned
     mlflow = pytest.importorskip("mlflow")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -182,6 +186,29 @@ def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
     assert parent.info.status == "FINISHED" and parent.data.params["search.storage"] == storage
     assert child.info.status == "KILLED" and child.data.tags["peftseg.status"] == "pruned"
     assert child.data.tags["peftseg.trial"] == "0" and child.data.params["method.name"] == "heads"
+
+
+def test_a_multi_objective_search_keeps_the_pareto_set(tmp_path, shapes_cache):
+    from rich.console import Console
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    args = [*TINY, "objective=[trainable_pct,peak_memory]", "search.methods=[heads,bitfit,lora]", "search.n_trials=3",
+            "search.seed=1", f"search.storage={storage}"]
+    with _in(tmp_path, shapes_cache):
+        assert search.main(args, Console(file=open(os.devnull, "w"))) == 0
+    study = optuna.load_study(study_name="peft_search", storage=storage)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    summary = json.loads((tmp_path / "search/peft_search/search.json").read_text())
+    points = {}
+    for t in summary["trials"]:
+        record = json.loads((Path(t["run_dir"]) / "results.json").read_text())
+        assert t["state"] == "complete" and record["status"] == "ok"
+        assert t["values"] == pytest.approx([100 * record["params"]["ratio"],
+                                             record["efficiency"]["peak_memory_bytes"] / 2 ** 30])
+        points[t["number"]] = tuple(t["values"])
+    front = [n for n, p in points.items()
+             if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points.values())]
+    assert sorted(summary["best_trials"]) == sorted(front)
 
 
 # --- storage: resume after a kill, concurrent workers (the CLI is what is tested) ---------
