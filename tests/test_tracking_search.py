@@ -45,6 +45,8 @@ def test_objectives_and_their_directions():
     assert objective_values(record, "segm_ap") == 12.5
     assert objective_values(record, ["segm_ap", "trainable_pct", "peak_memory"]) == [12.5, 2.0, 2.0]
     assert objective_values({**record, "status": "failed"}, "segm_ap") is None  # a failed trial, not 0
+    # NaN AP (COCOEvaluator's answer when the model predicted nothing) is no score either
+    assert objective_values({**record, "metrics": {"segm": {"AP": float("nan")}}}, "segm_ap") is None
     assert directions("segm_ap") == "maximize"
     assert directions(["segm_ap", "trainable_pct"]) == ["maximize", "minimize"]
     with pytest.raises(UserError, match="objective='ap' is not a known objective"):
