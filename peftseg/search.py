@@ -71,7 +71,7 @@ Options (defaults in brackets):
   search.prune_startup=N  median: trials that finish before any is pruned [5]
   search.prune_below=X  threshold: prune a trial whose AP at an evaluation is below X
   search.sampler=…      auto | tpe | nsgaii | random [auto: TPE, NSGA-II for several objectives]
-  search.seed=N         sampler seed (give parallel workers none, or each its own) [none]
+  search.seed=N         sampler seed; trial k samples with seed N+k, however many workers [none]
   search.dir=…          where the trials' run dirs go [search/<study>]
   search.heartbeat_s=N  how often a worker says its trial is alive; a trial silent for 3x
                         this is taken as lost and run again [60]
@@ -286,26 +286,29 @@ def open_study(plan: Plan, objective, tcfg):
     import optuna
 
     directions = _directions(objective)
-    storage = open_storage(plan.options.storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our console says what each trial did
-    study = optuna.create_study(
-        storage=storage, study_name=plan.options.study, directions=directions, load_if_exists=True,
-        sampler=build_sampler(plan.options, len(directions)), pruner=build_pruner(plan.options, objective, tcfg),
-    )
-    if [d.name.lower() for d in study.directions] != directions:
-        raise UserError(f"study {plan.options.study!r} in {plan.options.storage} optimises "
-                        f"{[d.name.lower() for d in study.directions]}, not {directions} of objective={objective}; "
-                        "keep its objective or start another study with search.study=<name>.")
-    attrs = study.user_attrs
-    identity = {FIXED_ATTR: sorted(plan.fixed), OBJECTIVE_ATTR: objective}
-    for key, value in identity.items():
-        if key in attrs and attrs[key] != value:
-            raise UserError(
-                f"study {plan.options.study!r} in {plan.options.storage} was started with {key.split('.')[1]} "
-                f"{attrs[key]}, this command has {value}; resume it with the same overrides, or start "
-                "another study with search.study=<name>.")
-        if key not in attrs:
-            study.set_user_attr(key, value)
+    # under the lock: workers starting together on a new sqlite file would each create its tables
+    with workers_lock(plan.options.storage):
+        storage = open_storage(plan.options.storage)
+        study = optuna.create_study(
+            storage=storage, study_name=plan.options.study, directions=directions, load_if_exists=True,
+            sampler=build_sampler(plan.options, len(directions)), pruner=build_pruner(plan.options, objective, tcfg),
+        )
+        if [d.name.lower() for d in study.directions] != directions:
+            raise UserError(f"study {plan.options.study!r} in {plan.options.storage} optimises "
+                            f"{[d.name.lower() for d in study.directions]}, not {directions} of "
+                            f"objective={objective}; keep its objective or start another study with "
+                            "search.study=<name>.")
+        attrs = study.user_attrs
+        identity = {FIXED_ATTR: sorted(plan.fixed), OBJECTIVE_ATTR: objective}
+        for key, value in identity.items():
+            if key in attrs and attrs[key] != value:
+                raise UserError(
+                    f"study {plan.options.study!r} in {plan.options.storage} was started with {key.split('.')[1]} "
+                    f"{attrs[key]}, this command has {value}; resume it with the same overrides, or start "
+                    "another study with search.study=<name>.")
+            if key not in attrs:
+                study.set_user_attr(key, value)
     return study
 
 
@@ -342,7 +345,7 @@ def reclaim_lost(study, grace_s: float) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_lost(trial, grace_s):
             continue
-        try:
+        try:  # through the storage, as Optuna's own fail_stale_trials fails another worker's trial
             study._storage.set_trial_user_attr(trial._trial_id, STATUS_ATTR, "lost")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:  # its worker finished it after all
@@ -560,18 +563,33 @@ def _finish_tracking(tracker, study, summary: dict) -> None:
 
 # --- the worker loop ------------------------------------------------------------------------
 
+def _seeded(study, opts: SearchOptions, number: int):
+    """The study with its sampler seeded for trial `number` (search.seed + number): a seeded
+    search samples the same trials whether one worker runs them or several; one seed shared
+    by workers would make each of them sample the same configurations."""
+    import dataclasses
+
+    import optuna
+
+    sampler = build_sampler(dataclasses.replace(opts, seed=opts.seed + number), len(study.directions))
+    return optuna.load_study(study_name=study.study_name, storage=study._storage, sampler=sampler,
+                             pruner=study.pruner)
+
+
 def _next_trial(study, plan: Plan, grace_s: float):
-    """Under the workers' lock: give lost trials back, and ask for a trial if the budget has room."""
+    """Under the workers' lock: give lost trials back, and ask for a trial if the budget has room.
+    (the study object that asked, the trial or None, numbers of trials found lost)"""
     with workers_lock(plan.options.storage):
         lost = reclaim_lost(study, grace_s)
-        counted = [t for t in study.get_trials(deepcopy=False) if counts_toward_budget(t)]
-        if len(counted) >= plan.options.n_trials:
-            return None, lost
-        trial = study.ask()
+        trials = study.get_trials(deepcopy=False)
+        if sum(counts_toward_budget(t) for t in trials) >= plan.options.n_trials:
+            return study, None, lost
+        asker = study if plan.options.seed is None else _seeded(study, plan.options, len(trials))
+        trial = asker.ask()
         trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
         trial.set_user_attr(HEARTBEAT_ATTR, time.time())
         trial.set_user_attr(STATUS_ATTR, "running")
-        return trial, lost
+        return asker, trial, lost
 
 
 def summarize(study, plan: Plan, objective) -> dict:
@@ -596,7 +614,7 @@ def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, trac
 
     opts, ran = plan.options, 0
     while True:
-        trial, lost = _next_trial(study, plan, grace_s)
+        asker, trial, lost = _next_trial(study, plan, grace_s)
         for number in lost:
             console.print(f"trial {number}: its worker is gone; enqueued to run again", highlight=False, markup=False)
         if trial is None:
@@ -614,9 +632,9 @@ def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, trac
                 raise
         trial.set_user_attr(STATUS_ATTR, status)
         if status == "ok":
-            study.tell(trial, values)
+            asker.tell(trial, values)
         else:
-            study.tell(trial, state=TrialState.PRUNED if status == "pruned" else TrialState.FAIL)
+            asker.tell(trial, state=TrialState.PRUNED if status == "pruned" else TrialState.FAIL)
         ran += 1
         if tracker is not None:
             _track_trial(tracker, study, plan, trial.number, run_dir)
@@ -639,7 +657,8 @@ def main(argv: list[str], console=None) -> int:
     plan = parse_args(argv)
     from peftseg.cli import check_group_choices
 
-    check_group_choices(plan.fixed)
+    # groups fixed or sampled (model=vitdet_b,swin_t) must exist
+    check_group_choices([a for a in argv if not a.startswith("search.") and not a.startswith("method=")])
     from omegaconf import OmegaConf
 
     from peftseg.config import compose_config, validate

@@ -151,6 +151,21 @@ def test_a_trial_whose_worker_died_is_failed_as_lost_and_enqueued_again(tmp_path
     assert search.reclaim_lost(study, grace_s=60) == [alive.number]
 
 
+def test_resuming_a_study_with_other_fixed_overrides_or_objective_is_refused(tmp_path):
+    from peftseg.config import TrainConfig
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    first = search.parse_args(["train.max_iter=10", f"search.storage={storage}"])
+    study = search.open_study(first, "segm_ap", TrainConfig())
+    assert study.user_attrs[search.FIXED_ATTR] == ["train.max_iter=10"]
+    assert search.open_study(first, "segm_ap", TrainConfig()).study_name == "peft_search"  # the same: resumes
+    other = search.parse_args(["train.max_iter=20", f"search.storage={storage}"])
+    with pytest.raises(UserError, match=r"was started with fixed \['train.max_iter=10'\], this command has"):
+        search.open_study(other, "segm_ap", TrainConfig())
+    with pytest.raises(UserError, match="optimises \\['maximize'\\], not \\['minimize'\\]"):
+        search.open_study(first, "trainable_pct", TrainConfig())
+
+
 # --- pruning, in process ------------------------------------------------------------------
 
 def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
@@ -247,7 +262,8 @@ def test_a_killed_search_resumes_to_its_total_with_the_same_command(tmp_path, sh
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            if (tmp_path / "search.db").exists():
+            # the study's tables exist once a trial trains (reading sooner would race their creation)
+            if list(tmp_path.glob("search/peft_search/*/results.json")):
                 try:
                     trials = _study_trials(storage)
                 except Exception:  # the study is being created
