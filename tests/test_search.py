@@ -109,6 +109,17 @@ def test_bad_search_options_name_the_fix(args, message):
         search.parse_args(args)
 
 
+def test_the_command_explains_itself_and_refuses_bad_input_without_a_traceback(tmp_path, shapes_cache):
+    shown = cli_in_process("search", "--help", cwd=tmp_path, cache=shapes_cache)
+    assert shown.returncode == 0 and "optuna-dashboard <storage>" in shown.stdout
+    assert "search.n_trials=N" in shown.stdout and "[sqlite:///search.db]" in shown.stdout
+    bad = cli_in_process("search", "search.n_trials=0", cwd=tmp_path, cache=shapes_cache)
+    assert bad.returncode == 2 and "search.n_trials" in bad.stderr and "Traceback" not in bad.stderr
+    typo = cli_in_process("search", "model=vitdet_tinyy", cwd=tmp_path, cache=shapes_cache)
+    assert typo.returncode == 2 and "Unknown model 'vitdet_tinyy'" in typo.stderr
+    assert not (tmp_path / "search.db").exists()  # nothing opened for a command that cannot run
+
+
 def test_pruning_needs_one_ap_objective_and_periodic_evaluation():
     from peftseg.config import TrainConfig
 
