@@ -34,7 +34,7 @@ AMP_DTYPES = ("bf16", "fp16")  # bf16 first: the default, and the one CPUs run
 @dataclass
 class TrackingConfig:
     """`tracking.*` (set by +tracking=mlflow)."""
-    uri: str = ""  # empty: a local file store ./mlruns (browse with `mlflow ui`); or http://host:5000, sqlite:///…
+    uri: str = ""  # empty: sqlite:///mlflow.db here (MLflow's default); or http://host:5000, ./mlruns (file store)
     experiment: str = "peftseg"
 
 
@@ -122,7 +122,7 @@ class Config:
     method: Any = MISSING
     dataset: Any = MISSING
     train: TrainConfig = MISSING
-    # what the train task returns (Hydra sweepers such as Optuna optimise it): one name of
+    # what `peftseg search` optimises (and the train task returns): one name of
     # peftseg.engine.objectives.OBJECTIVES or a list of them (multi-objective)
     objective: Any = "segm_ap"
     tracking: Optional[TrackingConfig] = None  # set by +tracking=mlflow

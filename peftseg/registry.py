@@ -40,6 +40,10 @@ class MethodSpec:
     trains_everything: bool = False
     # its colour in every picture (pareto.png, curves); "": a stable colour from its name
     colour: str = ""
+    # the knobs `peftseg search` samples for this method, with their ranges
+    # (peftseg.search_space.Int/Float/Choice over keys under `method.`); empty: the method
+    # is searched as it is configured
+    search_space: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class Record:
 
     run: RunInfo
     config: dict[str, Any]  # flattened `group.key` values
-    status: str = "running"  # running | ok | failed | interrupted
+    status: str = "running"  # running | ok | failed | interrupted | pruned
     params: dict[str, Any] | None = None  # peftseg.params.ParamCounts.to_dict()
     metrics: dict[str, dict[str, float | None]] | None = None
     efficiency: dict[str, Any] | None = None
@@ -50,6 +50,8 @@ class Record:
     # status "interrupted": signal, last completed iteration, checkpoint, how to resume
     interrupted: dict[str, Any] | None = None
     data_notes: dict[str, dict[str, int]] | None = None  # harmless data problems: split -> kind -> count
+    # status "pruned" (peftseg search): the iteration whose evaluation a pruner stopped it at, and why
+    pruned: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     # the numbers every table reads; None when the run has none
@@ -105,7 +107,7 @@ class Record:
             run=run, config=data["config"], status=str(data.get("status", "unknown")),
             params=data.get("params"), metrics=data.get("metrics"), efficiency=data.get("efficiency"),
             versions=data.get("versions") or {}, error=data.get("error"), schema_version=version,
-            interrupted=data.get("interrupted"), data_notes=data.get("data_notes"),
+            interrupted=data.get("interrupted"), data_notes=data.get("data_notes"), pruned=data.get("pruned"),
         )
 
 

@@ -31,5 +31,7 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
 fi
 
 "${PIP[@]}" -e ".[test,tracking,search]" "${TORCH_PINS[@]}"
+# the Hydra Optuna sweeper of older setups pins optuna<3; peftseg search replaced it
+"$VENV/bin/python" -m pip uninstall -y -q hydra-optuna-sweeper 2>/dev/null || true
 stamp_inputs > "$STAMP"
 echo "setup: done ($VENV)"

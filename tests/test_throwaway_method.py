@@ -1,7 +1,7 @@
 """The registry is the only place a method's facts live: a method registered here, in the
 test, with no other edit anywhere, shows up in the CLI's list and help, its parameters are
 accounted as `peft`, get `train.peft_lr`, it honours `method.blocks`, and it takes its place
-in the report's order and colours."""
+in the report's order and colours, and `peftseg search` samples it."""
 
 from __future__ import annotations
 
@@ -46,8 +46,11 @@ def apply(model, cfg):
 
 @pytest.fixture()
 def registered():
+    from peftseg.search_space import Float
+
     spec = MethodSpec(NAME, ThrowawayConfig, apply, summary="a learnable output scale per backbone block",
-                      adds_parameters=True, block_aware=True, order=35, colour="#123456")
+                      adds_parameters=True, block_aware=True, order=35, colour="#123456",
+                      search_space=(Float("init", 0.5, 2.0),))
     METHODS.add(spec)
     try:
         yield spec
@@ -96,3 +99,11 @@ def test_report_order_and_colour_come_from_the_registration(registered):
     # order=35: after ia3 (30), before lora (40)
     assert [r.knob("method.name") for r in group.records] == ["full", "ia3", NAME, "lora", "adapter"]
     assert method_colour(NAME) == "#123456"
+
+
+def test_search_samples_it_and_its_knobs(registered):
+    from peftseg.engine import search
+
+    plan = search.parse_args([])
+    assert NAME in plan.methods
+    assert [k.key for k in METHODS.get(NAME).search_space] == ["init"]

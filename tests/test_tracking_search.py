@@ -1,25 +1,29 @@
-"""Optuna search over PEFT configurations (hydra/sweeper=peft_search) and MLflow tracking."""
+"""MLflow tracking (+tracking=mlflow): the default sqlite store, read back as MLflow's users do;
+an explicit file store; objectives and their directions (peftseg search optimises them)."""
 
+import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from omegaconf import OmegaConf
 
-from conftest import records_under
+from helpers import cli_env
+from conftest import ROOT
 from peftseg.errors import UserError
 from peftseg.engine.objectives import directions, objective_values
 from peftseg.io.atomic import write_json
 
 mlflow = pytest.importorskip("mlflow")
-pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
-TINY = ("train=smoke", "dataset.num_val=4", "hydra.sweeper.sampler.seed=0")
+TINY = ("train=smoke", "train.progress=false", "dataset.num_train=8", "dataset.num_val=2")
 
 
 def _runs(store: Path):
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as peftseg.engine.tracking does for its default
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as peftseg.engine.tracking does for a named file store
     mlflow.set_tracking_uri(store.as_uri())
     runs = mlflow.search_runs(experiment_names=["peftseg"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -42,50 +46,68 @@ def test_objectives_and_their_directions():
     assert objective_values(record, "segm_ap") == 12.5
     assert objective_values(record, ["segm_ap", "trainable_pct", "peak_memory"]) == [12.5, 2.0, 2.0]
     assert objective_values({**record, "status": "failed"}, "segm_ap") is None  # a failed trial, not 0
+    # NaN AP (COCOEvaluator's answer when the model predicted nothing) is no score either
+    assert objective_values({**record, "metrics": {"segm": {"AP": float("nan")}}}, "segm_ap") is None
     assert directions("segm_ap") == "maximize"
     assert directions(["segm_ap", "trainable_pct"]) == ["maximize", "minimize"]
     with pytest.raises(UserError, match="objective='ap' is not a known objective"):
         directions("ap")
 
 
-def test_single_objective_search_completes(peftseg, tmp_path):
-    proc = peftseg("train", "-m", "hydra/sweeper=peft_search", "hydra.sweeper.n_trials=2", *TINY,
-                   "train.max_iter=2", timeout=600)
+def _env(cwd_cache) -> dict:
+    """A subprocess env that runs this checkout's peftseg, with no MLflow setting at all."""
+    return {k: v for k, v in cli_env(cwd_cache).items() if not k.startswith("MLFLOW_")}
+
+
+# the README's read-back snippet, run where the sweep ran, with no tracking URI and no env var
+READ_BACK = """
+import json, mlflow
+runs = mlflow.search_runs(experiment_names=["peftseg"])
+print("URI", mlflow.get_tracking_uri())
+print("RUNS", runs[["run_id", "status", "tags.mlflow.parentRunId", "params.method.name",
+                    "metrics.params.trainable"]].to_json(orient="records"))
+client = mlflow.MlflowClient()
+(exp,) = [e for e in client.search_experiments() if e.name == "peftseg"]
+print("CLIENT", len(client.search_runs([exp.experiment_id])))
+"""
+
+
+def test_a_tracked_sweep_lands_in_mlflows_default_sqlite_store(tmp_path, shapes_cache):
+    env = _env(shapes_cache)
+    proc = subprocess.run([sys.executable, "-m", "peftseg.cli", "train", "-m", "method=heads,bitfit",
+                           "+tracking=mlflow", *TINY, "train.max_iter=2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
-    records = records_under(sweep_dir)
-    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
-    assert {r["config"]["method.name"] for r in records} <= {"lora", "adapter", "ia3", "loha"}
-    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert result["best_value"] == pytest.approx(max(r["metrics"]["segm"]["AP"] for r in records))
-    assert result["best_params"]["method"] in {"lora", "adapter", "ia3", "loha"}
-
-
-def test_two_objective_search_tracked_in_mlflow_gives_a_pareto_set(peftseg, tmp_path):
-    store = tmp_path / "store"
-    proc = peftseg("train", "-m", "hydra/sweeper=peft_search", "hydra/sweeper/sampler=nsgaii",
-                   "hydra.sweeper.n_trials=2", "objective=[segm_ap,trainable_pct]", "+tracking=mlflow",
-                   f"tracking.uri={store.as_uri()}", *TINY, "train.max_iter=2", timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
-    records = records_under(sweep_dir)
-    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    # the Pareto set of (mask AP up, trainable % down) over the two trials
-    points = sorted({(r["metrics"]["segm"]["AP"], 100 * r["params"]["ratio"]) for r in records})
-    front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points)]
-    assert sorted(tuple(s["values"]) for s in result["solutions"]) == [pytest.approx(p) for p in front]
-
-    parents, children = _runs(store)
-    assert len(parents) == 1 and len(children) == 2
-    (parent,) = parents
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert child.data.params["model.name"] == "vitdet_tiny"
-        assert child.data.params["method.name"] in {"lora", "adapter", "ia3", "loha"}
-        assert "metrics.segm.AP" in child.data.metrics and child.data.metrics["params.trainable"] > 0
-        assert {"results.json", "model_final.safetensors"} <= _artifacts(child)
-    assert {"report/report.md", "report/report.csv", "report/pareto.png"} <= _artifacts(parent)
+    store = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    # the console says where it logged: the store and each run id
+    said = re.findall(r"mlflow: (parent run|run) ([0-9a-f]{32}) in (\S+) \(experiment 'peftseg'\)", proc.stdout)
+    assert [(kind, uri) for kind, _, uri in said] == [("parent run", store), ("run", store), ("run", store)]
+    assert not list(tmp_path.glob("mlruns/*/meta.yaml"))  # no file store: MLflow's default stays sqlite
+    read = subprocess.run([sys.executable, "-c", READ_BACK], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert read.returncode == 0, read.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in read.stdout.splitlines() if line[:4] in ("URI ", "RUNS", "CLIE"))
+    assert lines["URI"] == store  # MLflow's own default (sqlite:///mlflow.db, made absolute), with no setting
+    runs = json.loads(lines["RUNS"])
+    parents = [r for r in runs if not r["tags.mlflow.parentRunId"]]
+    children = [r for r in runs if r["tags.mlflow.parentRunId"]]
+    assert len(parents) == 1 and len(children) == 2 and lines["CLIENT"] == "3"
+    assert {c["tags.mlflow.parentRunId"] for c in children} == {parents[0]["run_id"]}
+    assert sorted(c["params.method.name"] for c in children) == ["bitfit", "heads"]
+    assert all(c["status"] == "FINISHED" and c["metrics.params.trainable"] > 0 for c in children)
+    assert {run_id for _, run_id, _ in said} == {r["run_id"] for r in runs}
+    # the README's snippet works as written, from the same directory
+    readme = (ROOT / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "mlflow.search_runs" in b)
+    shown = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "heads" in shown.stdout and "bitfit" in shown.stdout and "FINISHED" in shown.stdout
+    # artifacts beside the database, under ./mlruns (git-ignored with it)
+    assert list(tmp_path.glob("mlruns/*/*/artifacts/results.json"))
+    ignored = subprocess.run(["git", "check-ignore", "mlflow.db", "mlruns/", "search.db", "search/"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert ignored.stdout.split() == ["mlflow.db", "mlruns/", "search.db", "search/"]
 
 
 def test_a_failed_member_is_logged_failed_with_its_error(tmp_path):

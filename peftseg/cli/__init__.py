@@ -22,6 +22,8 @@ usage: peftseg <command> [args]
 
 commands:
   train    train + evaluate one run, or a sweep with -m (Hydra overrides: method=lora model=vitdet_b ...)
+  search   an Optuna study over methods and their knobs, kept in a storage (resumable, many workers):
+           [search.storage=sqlite:///search.db] [search.n_trials=20] [objective=…] [Hydra overrides…]
   eval     evaluate a trained run again: checkpoint=<run dir or model_* file> [dataset=… dataset.*=… train.device=…]
   merge    fold a mergeable method (LoRA family) into the base weights, write a plain detectron2 checkpoint:
            checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]
@@ -37,7 +39,7 @@ commands:
 
 
 # command -> module of this package that runs it
-COMMANDS = {"train": "train", "eval": "eval", "merge": "merge", "report": "report", "predict": "predict",
+COMMANDS = {"train": "train", "search": "search", "eval": "eval", "merge": "merge", "report": "report", "predict": "predict",
             "visualize": "visualize", "list": "list"}
 
 

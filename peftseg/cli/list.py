@@ -123,9 +123,9 @@ def train_help(argv: list[str]) -> str:
             chosen[key] = value
     lines = [
         "usage: peftseg train [-m] [group=option ...] [group.knob=value ...] [hydra overrides]",
-        "  -m runs a sweep: comma-separated values (method=full,lora) and Hydra sweepers",
-        "  (hydra/sweeper=peft_search); +tracking=mlflow logs to MLflow; objective=… is what",
-        "  the run returns to a sweeper. Hydra's own help: peftseg train --hydra-help.",
+        "  -m runs a sweep: comma-separated values (method=full,lora); +tracking=mlflow logs to",
+        "  MLflow (sqlite:///mlflow.db here); `peftseg search` optimises objective=… with Optuna.",
+        "  Hydra's own help: peftseg train --hydra-help.",
         "",
     ]
     for group in GROUPS:

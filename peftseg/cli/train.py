@@ -82,11 +82,9 @@ def main(argv: list[str]) -> int:
     import hydra
 
     from peftseg.config import register_schemas
-    from peftseg.engine.objectives import register_resolver
     from peftseg.engine.sweep import last_sweep
 
     register_schemas()
-    register_resolver()  # conf/hydra/sweeper/peft_search.yaml: direction from the objective
     # Under `python -m peftseg.cli.train` this module is __main__, whose functions cloudpickle
     # (submitit launchers) copies by value, consoles and all; by module name it pickles a reference.
     from peftseg.cli.train import train_task as task

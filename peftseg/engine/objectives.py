@@ -1,13 +1,13 @@
-"""What the train task returns: the objective(s) a Hydra sweeper (Optuna) optimises.
+"""The objective(s) `peftseg search` optimises (and the train task returns).
 
 `objective=segm_ap` (default) or a list, e.g. `objective=[segm_ap,trainable_pct]` for a
 multi-objective (NSGA-II) search. Each name maps to a number of the run record and the
-direction that is better, which the `peft_search` sweeper preset reads through the
-`peftseg_directions` resolver, so objective and direction never disagree.
+direction that is better, so objective and direction never disagree.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from peftseg.errors import UserError
@@ -52,29 +52,23 @@ def objective_names(objective) -> list[str]:
 
 
 def objective_values(record, objective) -> float | list[float] | None:
-    """The run's objective value(s); None when the run failed or lacks a number, which a
-    sweeper then records as a failed trial (not as a score of 0)."""
+    """The run's objective value(s); None when the run failed or lacks a finite number, which
+    a search then records as a failed trial (not as a score of 0)."""
     names = objective_names(objective)
     if hasattr(record, "to_dict"):  # a peftseg.results.Record
         record = record.to_dict()
     if record.get("status") != "ok":
         return None
     values = [OBJECTIVES[n][0](record) for n in names]
-    if any(v is None for v in values):
+    # NaN/inf is no score (COCOEvaluator gives NaN AP when a model predicted nothing)
+    if any(v is None or not math.isfinite(v) for v in values):
         return None
     values = [float(v) for v in values]
     return values[0] if isinstance(objective, str) else values
 
 
 def directions(objective) -> str | list[str]:
-    """OmegaConf resolver `peftseg_directions`: Optuna's direction(s) for `objective`."""
+    """Optuna's direction(s) for `objective`."""
     names = objective_names(objective)
     found = [OBJECTIVES[n][1] for n in names]
     return found[0] if isinstance(objective, str) else found
-
-
-def register_resolver() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("peftseg_directions"):
-        OmegaConf.register_new_resolver("peftseg_directions", directions)

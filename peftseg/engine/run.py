@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from peftseg.data import register_dataset
 from peftseg.engine.failure import explain
 from peftseg.engine.interrupt import RunInterrupted, StopRequest
+from peftseg.engine.pruning import RunPruned
 from peftseg.engine.rundir import clear_earlier_run
 from peftseg.engine.trainer import train_and_evaluate
 from peftseg.errors import UserError
@@ -119,6 +120,12 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             record.status = "ok"
         except RunInterrupted as stop_exc:
             _mark_interrupted(record, stop_exc, run_dir)
+            raise
+        except RunPruned as pruned:
+            # the evaluation it was pruned at is kept, under a status no table reads as a result
+            record.status = "pruned"
+            record.metrics = evaluator_metrics(pruned.results)
+            record.pruned = {"iteration": pruned.iteration, "reason": pruned.reason}
             raise
         except BaseException as exc:
             cause = explain(exc, run_dir) if isinstance(exc, Exception) else None

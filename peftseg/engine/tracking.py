@@ -1,5 +1,11 @@
 """MLflow tracking as a Hydra callback: `peftseg train +tracking=mlflow …`.
 
+The default store is MLflow's own default local backend since 3.7, `sqlite:///mlflow.db`
+in the working directory (artifacts under ./mlruns/<experiment>/<run>/artifacts), so
+`mlflow ui` and `mlflow.search_runs()` run there find what peftseg logged, with no
+setting. A file store (`tracking.uri=./mlruns`, MLflow 3's maintenance-mode backend) still
+works when named explicitly.
+
 Each run becomes an MLflow run: its flattened config as params, the record's metrics,
 parameter counts and efficiency numbers as metrics, the training curves per iteration
 (from metrics.json), and results.json, the final checkpoint and the Hydra config as
@@ -35,11 +41,17 @@ ARTIFACTS = ("results.json", "model_final.safetensors", "peft/adapter_config.jso
 _BATCH = 100  # MlflowClient.log_batch takes at most 100 params (and 1000 metrics) per call
 
 
+DEFAULT_DB = "mlflow.db"  # MLflow's default local backend (sqlite:///mlflow.db) since 3.7
+
+
 def tracking_uri(uri: str) -> str:
-    uri = uri or Path("mlruns").resolve().as_uri()
+    """The store to log to. The default database is named by its absolute path: sweep members
+    (other processes, SLURM jobs) must reach the same file whatever their working directory."""
+    if not uri:
+        return "sqlite:///" + str(Path(DEFAULT_DB).resolve())
     if uri.startswith("file:") or "://" not in uri:
-        # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked; it is
-        # still the serverless, database-free store this project promises as the default.
+        # a file store named explicitly (e.g. an existing ./mlruns): MLflow 3 keeps it in
+        # maintenance mode and refuses it unless asked; the user asked for it by name
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return uri
 
@@ -128,17 +140,28 @@ class MlflowTracker(Callback):
 
     # -- Hydra callback hooks -------------------------------------------------------------
 
+    def store(self) -> str:
+        return tracking_uri(self.uri)
+
+    def announce(self, what: str, run_id: str) -> None:
+        """Say where it logged: the store and the run id (what `mlflow ui` and the client need)."""
+        print(f"mlflow: {what} {run_id} in {self.store()} (experiment {self.experiment!r})", flush=True)
+
+    def start_parent(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        """A parent run (a sweep, a search study) the runs are logged under as children."""
+        run = self.client().create_run(self.experiment_id(), run_name=name, tags=tags)
+        self._log_params(run.info.run_id, params)
+        self.announce("parent run", run.info.run_id)
+        return run.info.run_id
+
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        run = self.client().create_run(
-            self.experiment_id(), run_name=f"sweep {sweep_dir.name}",
-            tags={"peftseg.sweep_dir": str(sweep_dir.resolve()), "peftseg.kind": "sweep"},
-        )
-        self._parent = run.info.run_id
+        overrides = list(config.hydra.overrides.task)
+        self._parent = self.start_parent(
+            f"sweep {sweep_dir.name}", {"peftseg.sweep_dir": str(sweep_dir.resolve()), "peftseg.kind": "sweep"},
+            {"sweep.overrides": " ".join(overrides)})
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(self._parent)
-        overrides = list(config.hydra.overrides.task)
-        self._log_params(self._parent, {"sweep.overrides": " ".join(overrides)})
 
     def _parent_id(self, config) -> str | None:
         if self._parent is not None:
@@ -160,32 +183,47 @@ class MlflowTracker(Callback):
         record_path = run_dir / FILENAME
         record = read_record(record_path).to_dict() if record_path.is_file() else {}
         parent = self._parent_id(config) if config.hydra.mode == RunMode.MULTIRUN else None
-        name = f"{config.model.name} · {config.method.name} ({run_dir.name})"
+        error = None
+        if job_return.status == JobStatus.FAILED:
+            exc = job_return._return_value
+            error = {"type": type(exc).__name__, "message": str(exc)}
+        if not record:
+            from peftseg.results import flatten_config
+
+            record = {"config": flatten_config(config)}
+        self.log_run(run_dir, record, str(config.model.name), str(config.method.name), parent, error)
+
+    def log_run(self, run_dir: Path, record: dict, model: str, method: str, parent: str | None,
+                error: dict | None = None, tags: dict[str, str] | None = None) -> str | None:
+        """One finished run (its record, curves, artifacts) as an MLflow run, a child of
+        `parent` if given; FINISHED if its record is ok, FAILED otherwise. Its run id."""
+        name = f"{model} · {method} ({run_dir.name})"
         tags = {"peftseg.run_dir": str(run_dir.resolve()), "peftseg.kind": "run",
-                "peftseg.model": str(config.model.name), "peftseg.method": str(config.method.name)}
+                "peftseg.model": model, "peftseg.method": method, **(tags or {})}
         if parent:
             tags["mlflow.parentRunId"] = parent
         try:
             run_id = self.client().create_run(self.experiment_id(), run_name=name[:250], tags=tags).info.run_id
-            from peftseg.results import flatten_config
-
-            self._log_params(run_id, record.get("config") or flatten_config(config))
+            self._log_params(run_id, record.get("config") or {})
             self._log_metrics(run_id, [(k, v, 0) for k, v in record_metrics(record).items()]
                               + curve_points(run_dir))
             for rel in ARTIFACTS:
                 if (run_dir / rel).is_file():
                     self.client().log_artifact(run_id, str(run_dir / rel), artifact_path=str(Path(rel).parent)
                                                if "/" in rel else None)
-            ok = record.get("status") == "ok" and job_return.status == JobStatus.COMPLETED
+            ok = record.get("status") == "ok" and error is None
             if not ok:
-                error = record.get("error") or {}
-                if not error and job_return.status == JobStatus.FAILED:
-                    exc = job_return._return_value
-                    error = {"type": type(exc).__name__, "message": str(exc)}
+                error = record.get("error") or error or {"type": "status", "message": str(record.get("status"))}
+                self.client().set_tag(run_id, "peftseg.status", str(record.get("status")))
                 self.client().set_tag(run_id, "peftseg.error", f"{error.get('type')}: {error.get('message')}"[:5000])
-            self.client().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+            # a pruned (search) or interrupted run was stopped on purpose: KILLED, not FAILED
+            stopped = record.get("status") in ("pruned", "interrupted")
+            self.client().set_terminated(run_id, "FINISHED" if ok else "KILLED" if stopped else "FAILED")
+            self.announce("run", run_id)
+            return run_id
         except Exception as exc:  # tracking must never take a finished run down with it
             log.warning("MLflow tracking of %s failed: %s: %s", run_dir, type(exc).__name__, exc)
+            return None
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if self._parent is None:

@@ -23,6 +23,7 @@ from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_
 from peftseg.engine.precision import make_trainer, run_precision
 from peftseg.engine.progress import RichProgress
 from peftseg.data._resume_state import rng_untouched, set_rng_state
+from peftseg.engine.pruning import evaluated
 from peftseg.engine.rundir import trim_metrics
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
     def do_eval():
         with rng_untouched():
             outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
+        # listeners (a search's pruner) see every evaluation; one may stop the run here
+        done = trainer.iter + 1
+        evaluated(done, outcome.eval_results, final=done >= tcfg.max_iter)
         return outcome.eval_results
 
     main = comm.is_main_process()  # the other ranks neither print nor write files

@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 from peftseg.errors import UserError
 from peftseg.registry import register_method
 from peftseg.methods._memory import PeftOptions
+from peftseg.search_space import Choice, Int
 
 SITES = ("attn", "mlp", "mlp_parallel")
 ACTIVATION_NAMES = ("gelu", "relu")
 MAX_PER_BLOCK = 4
+# 1-3 adapters per block (the study's design space) of the widths adapter papers use
+SEARCH_SPACE = (Int("adapters_per_block", 1, 3), Choice("bottleneck", (8, 16, 32, 64)))
 
 
 @dataclass
@@ -107,7 +110,7 @@ class AdapterConfig(PeftOptions):  # + base_dtype, blocks, train_task_layers
             )
 
 
-@register_method("adapter", config=AdapterConfig, colour="#d62728", block_aware=True, adds_parameters=True, order=60,
+@register_method("adapter", config=AdapterConfig, colour="#d62728", block_aware=True, adds_parameters=True, order=60, search_space=SEARCH_SPACE,
                  summary="bottleneck adapters (down-act-up, residual), N per block at attn/mlp sites")
 def apply(model, cfg: AdapterConfig):
     from peftseg.methods._adapter_layers import add_adapters

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from peftseg.methods import adapter, lora
 from peftseg.methods.adapter import AdapterConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.registry import register_method
+from peftseg.search_space import prefixed
 from peftseg.methods._memory import MemoryOptions
 
 
@@ -23,6 +25,7 @@ class AdapterLoraConfig(MemoryOptions):  # + base_dtype, blocks
 
 
 @register_method("adapter_lora", config=AdapterLoraConfig, colour="#bcbd22", adds_parameters=True, order=70,
+                 search_space=prefixed("adapter", adapter.SEARCH_SPACE) + prefixed("lora", lora.SEARCH_SPACE),
                  summary="adapters and LoRA together (method.adapter.*, method.lora.*)")
 def apply(model, cfg: AdapterLoraConfig):
     from peftseg.methods import apply_method

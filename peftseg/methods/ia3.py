@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from peftseg.errors import UserError
 from peftseg.registry import register_method
 from peftseg.methods._memory import PeftOptions
+from peftseg.search_space import Choice
+
+# every set keeps `mlp`, the preset's feedforward group, which must stay among the targets
+SEARCH_SPACE = (Choice("targets", (("attn_qkv", "mlp"), ("attn_qkv", "attn_proj", "mlp"))),)
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Ia3Config(PeftOptions):  # + base_dtype, blocks, train_task_layers
             )
 
 
-@register_method("ia3", config=Ia3Config, colour="#7f7f7f", block_aware=True, mergeable=True, adds_parameters=True, order=30,
+@register_method("ia3", config=Ia3Config, colour="#7f7f7f", block_aware=True, mergeable=True, adds_parameters=True, order=30, search_space=SEARCH_SPACE,
                  summary="learned scaling vectors on target outputs / feed-forward inputs (HF peft)")
 def apply(model, cfg: Ia3Config):
     import peft

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftseg.methods.lowrank import LowRankConfig, check_alpha, check_probability
+from peftseg.methods.lowrank import TARGET_SETS, LowRankConfig, check_alpha, check_probability
 from peftseg.registry import register_method
+from peftseg.search_space import Int
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LohaConfig(LowRankConfig):
 
 
 @register_method("loha", config=LohaConfig, colour="#8c564b", block_aware=True, mergeable=True, adds_parameters=True, order=50,
+                 search_space=(Int("rank", 2, 32, log=True), TARGET_SETS),
                  summary="LyCORIS Hadamard-product low-rank updates (HF peft)")
 def apply(model, cfg: LohaConfig):
     import peft

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftseg import checks
-from peftseg.methods.lowrank import LowRankConfig, check_alpha, check_probability
+from peftseg.methods.lowrank import TARGET_SETS, LowRankConfig, check_alpha, check_probability
 from peftseg.registry import register_method
+from peftseg.search_space import Int
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LokrConfig(LowRankConfig):
 
 
 @register_method("lokr", config=LokrConfig, colour="#e377c2", block_aware=True, mergeable=True, adds_parameters=True, order=55,
+                 search_space=(Int("rank", 2, 32, log=True), TARGET_SETS),
                  summary="LyCORIS Kronecker-product low-rank updates (HF peft)")
 def apply(model, cfg: LokrConfig):
     import peft

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftseg.methods.lowrank import LowRankConfig, check_alpha, check_probability
+from peftseg.methods.lowrank import TARGET_SETS, LowRankConfig, check_alpha, check_probability
 from peftseg.registry import register_method
+from peftseg.search_space import Float, Int
+
+# ranks of 2 to 32 and scales alpha/rank around 1, as LoRA papers on ViTs tune them
+SEARCH_SPACE = (Int("rank", 2, 32, log=True), Float("alpha", 2.0, 64.0, log=True), TARGET_SETS)
 
 
 @dataclass
@@ -26,7 +30,7 @@ class LoraConfig(LowRankConfig):
         check_probability("method.dropout", self.dropout)
 
 
-@register_method("lora", config=LoraConfig, colour="#9467bd", block_aware=True, mergeable=True, adds_parameters=True, order=40,
+@register_method("lora", config=LoraConfig, colour="#9467bd", block_aware=True, mergeable=True, adds_parameters=True, order=40, search_space=SEARCH_SPACE,
                  summary="low-rank updates W + (alpha/r)BA on target groups (HF peft); rsLoRA, DoRA")
 def apply(model, cfg: LoraConfig):
     import peft

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 from peftseg import checks
 from peftseg.methods._memory import PeftOptions
+from peftseg.search_space import Choice
+
+# target sets `peftseg search` tries, from attention-only to attention + MLP: groups every
+# transformer-backbone family maps (fix method.targets=… for a family without them)
+TARGET_SETS = Choice("targets", (("attn_qkv",), ("attn_qkv", "attn_proj"), ("attn_qkv", "attn_proj", "mlp")))
 
 
 def default_targets() -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from peftseg.methods._memory import PeftOptions
 from peftseg.registry import register_method
+from peftseg.search_space import Int
 
 
 @dataclass
@@ -50,6 +51,7 @@ def check_side_config(cfg: SideConfig) -> None:
 
 
 @register_method("side", config=SideConfig, colour="#393b79", block_aware=True, adds_parameters=True, order=65,
+                 search_space=(Int("bottleneck", 16, 128, log=True),),
                  summary="E3VA-style side path fed by the frozen backbone's blocks; no backward through it")
 def apply(model, cfg: SideConfig):
     from peftseg.methods._side_path import apply_side

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftseg import checks
-from peftseg.methods.lowrank import LowRankConfig, check_probability
+from peftseg.methods.lowrank import TARGET_SETS, LowRankConfig, check_probability
 from peftseg.registry import register_method
+from peftseg.search_space import Int
 
 
 @dataclass
@@ -31,6 +32,7 @@ class VeraConfig(LowRankConfig):
 
 
 @register_method("vera", config=VeraConfig, colour="#17becf", block_aware=True, mergeable=True, adds_parameters=True, order=45,
+                 search_space=(Int("rank", 64, 512, log=True), TARGET_SETS),
                  summary="VeRA: shared frozen random projections, trainable scaling vectors (HF peft)")
 def apply(model, cfg: VeraConfig):
     import peft

@@ -208,5 +208,7 @@ def group_table(group: Group, baseline: str | None, extras: dict[int, dict], wid
         status = row[-1]
         # cells are text, not markup: a knob value such as [attn_qkv] must not vanish
         cells = [Text(c.replace(",", ", ") if 1 <= i <= n_knobs else c) for i, c in enumerate(row[:-1])]
-        table.add_row(*cells, Text(status, style="green" if status == "ok" else "red"))
+        # a pruned (search) or interrupted run stopped on purpose: not a result, not an error
+        style = "green" if status == "ok" else "yellow" if status in ("pruned", "interrupted") else "red"
+        table.add_row(*cells, Text(status, style=style))
     return table

@@ -1,0 +1,319 @@
+"""`peftseg search`: the search space from the registry, a study in a storage that resumes
+after a kill and is shared by concurrent workers, pruning recorded as `pruned`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import records_under
+from helpers import _in, cli_env, cli_in_process
+from peftseg.cli import search as search_cli
+from peftseg.engine import search
+from peftseg.errors import UserError
+from peftseg.registry import METHODS, MethodSpec
+from peftseg.search_space import Choice, Int
+
+optuna = pytest.importorskip("optuna")
+
+# a trial as small as a real run gets: a few images, two steps; trainable % is the objective
+# here because it is a finite number whatever two steps of training predict
+TINY = ("train=smoke", "train.max_iter=2", "train.warmup_iters=0", "train.ims_per_batch=2", "train.progress=false",
+        "dataset.num_train=8", "dataset.num_val=2")
+STORAGE_TEST = (*TINY, "objective=trainable_pct", "search.methods=[heads,bitfit,lora]", "search.n_trials=4",
+                "search.seed=0")
+
+
+def _study_trials(storage: str, study: str = "peft_search"):
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def _ask(methods, enqueue: dict | None = None):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    if enqueue:
+        study.enqueue_trial(enqueue)
+    return study, study.ask()
+
+
+# --- the search space comes from the registry ---------------------------------------------
+
+def test_every_registered_method_is_in_the_search_space_and_its_samples_validate():
+    from peftseg.config import compose_config, validate
+
+    plan = search.parse_args([])
+    assert plan.methods == METHODS.names() and len(plan.methods) >= 11
+    for name in plan.methods:
+        study, trial = _ask(plan.methods, {"method": name})
+        overrides = search.trial_overrides(trial, plan)
+        spec = METHODS.get(name)
+        assert overrides[0] == f"method={name}"
+        assert [o.split("=")[0] for o in overrides[1:]] == [f"method.{k.key}" for k in spec.search_space]
+        # Optuna saw "method" over every registered method, and each knob under the method's name
+        assert trial.distributions["method"].choices == tuple(plan.methods)
+        assert set(trial.params) == {"method"} | {f"{name}.{k.key}" for k in spec.search_space}
+        validate(compose_config(overrides))  # every sampled configuration is a valid one
+    # methods with knobs: their knobs are sampled (not only the method name)
+    assert {m.name for m in METHODS if m.search_space} >= {"lora", "loha", "lokr", "vera", "ia3", "adapter",
+                                                            "side", "adapter_lora"}
+
+
+def test_a_method_added_to_the_registry_becomes_searchable_without_a_list_edit():
+    spec = MethodSpec("throwaway", config=object, apply=lambda m, c: m, summary="test only",
+                      search_space=(Int("width", 2, 4), Choice("where", (("a", "b"), ("c",)))))
+    METHODS.add(spec)
+    try:
+        plan = search.parse_args(["search.sampler=random"])
+        assert "throwaway" in plan.methods
+        study, trial = _ask(plan.methods, {"method": "throwaway", "throwaway.where": "a,b"})
+        overrides = search.trial_overrides(trial, plan)
+        assert overrides[0] == "method=throwaway" and overrides[2] == "method.where=[a,b]"
+        assert overrides[1].startswith("method.width=") and 2 <= int(overrides[1].split("=")[1]) <= 4
+        # a knob the user fixed on the command line is left as the user set it
+        plan = search.parse_args(["method=throwaway", "method.width=3"])
+        assert plan.methods == ["throwaway"] and plan.fixed == ["method.width=3"]
+        study, trial = _ask(plan.methods, {"throwaway.where": "c"})
+        assert search.trial_overrides(trial, plan) == ["method=throwaway", "method.where=[c]"]
+    finally:
+        METHODS._specs.pop("throwaway")
+
+
+def test_hydra_sweep_syntax_samples_keys_of_ones_own():
+    plan = search.parse_args(["train.base_lr=tag(log,interval(1e-4,1e-2))", "train.ims_per_batch=choice(2,4)",
+                              "method=lora,adapter", "train=smoke"])
+    assert plan.methods == ["lora", "adapter"] and plan.fixed == ["train=smoke"]
+    study, trial = _ask(plan.methods)
+    overrides = search.trial_overrides(trial, plan)
+    lr = float(next(o for o in overrides if o.startswith("train.base_lr=")).split("=")[1])
+    assert 1e-4 <= lr <= 1e-2 and trial.distributions["train.base_lr"].log
+    assert next(o for o in overrides if o.startswith("train.ims_per_batch=")) in ("train.ims_per_batch=2",
+                                                                                   "train.ims_per_batch=4")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search.n_trial=3"], "search.n_trial is not a search option"),
+    (["search.pruner=sometimes"], "search.pruner='sometimes' is not one of the choices"),
+    (["search.pruner=threshold"], "search.pruner=threshold needs search.prune_below"),
+    (["method=lora", "search.methods=[adapter]"], "give the methods once"),
+    (["search.methods=[lorra]"], "method 'lorra' is not known"),
+    (["hydra.run.dir=x"], "Hydra's own settings do not apply"),
+    (["-m"], "drop -m"),
+])
+def test_bad_search_options_name_the_fix(args, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        search.parse_args(args)
+
+
+def test_the_command_explains_itself_and_refuses_bad_input_without_a_traceback(tmp_path, shapes_cache):
+    shown = cli_in_process("search", "--help", cwd=tmp_path, cache=shapes_cache)
+    assert shown.returncode == 0 and "optuna-dashboard <storage>" in shown.stdout
+    assert "search.n_trials=N" in shown.stdout and "[sqlite:///search.db]" in shown.stdout
+    bad = cli_in_process("search", "search.n_trials=0", cwd=tmp_path, cache=shapes_cache)
+    assert bad.returncode == 2 and "search.n_trials" in bad.stderr and "Traceback" not in bad.stderr
+    typo = cli_in_process("search", "model=vitdet_tinyy", cwd=tmp_path, cache=shapes_cache)
+    assert typo.returncode == 2 and "Unknown model 'vitdet_tinyy'" in typo.stderr
+    assert not (tmp_path / "search.db").exists()  # nothing opened for a command that cannot run
+
+
+def test_pruning_needs_one_ap_objective_and_periodic_evaluation():
+    from peftseg.config import TrainConfig
+
+    opts = search.SearchOptions(pruner="median")
+    with pytest.raises(UserError, match="is not one AP"):
+        search.build_pruner(opts, ["segm_ap", "trainable_pct"], TrainConfig(eval_period=10))
+    with pytest.raises(UserError, match="set train.eval_period"):
+        search.build_pruner(opts, "segm_ap", TrainConfig(eval_period=0))
+    assert isinstance(search.build_pruner(opts, "segm_ap", TrainConfig(eval_period=10)), optuna.pruners.MedianPruner)
+    auto = search.SearchOptions()
+    assert isinstance(search.build_pruner(auto, "segm_ap", TrainConfig(eval_period=0)), optuna.pruners.NopPruner)
+    assert isinstance(search.build_pruner(auto, "segm_ap", TrainConfig(eval_period=5)), optuna.pruners.MedianPruner)
+    hyper = search.build_pruner(search.SearchOptions(pruner="hyperband"), "bbox_ap", TrainConfig(eval_period=5, max_iter=50))
+    assert isinstance(hyper, optuna.pruners.HyperbandPruner)
+    # several objectives: NSGA-II
+    assert isinstance(search.build_sampler(auto, 3), optuna.samplers.NSGAIISampler)
+    assert isinstance(search.build_sampler(auto, 1), optuna.samplers.TPESampler)
+
+
+def test_a_trial_whose_worker_died_is_failed_as_lost_and_enqueued_again(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=storage, study_name="s")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = study.ask()
+    trial.suggest_categorical("method", ["lora", "adapter"])
+    trial.set_user_attr(search.WORKER_ATTR, {"host": os.uname().nodename, "pid": dead.pid})
+    alive = study.ask()  # this process's own trial: alive, and its heartbeat is fresh
+    alive.set_user_attr(search.WORKER_ATTR, {"host": os.uname().nodename, "pid": os.getpid()})
+    alive.set_user_attr(search.HEARTBEAT_ATTR, time.time())
+    assert search.reclaim_lost(study, grace_s=3600) == [trial.number]
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[0].user_attrs[search.STATUS_ATTR] == "lost" and not search.counts_toward_budget(trials[0])
+    assert trials[2].system_attrs["fixed_params"] == trials[0].params  # the same configuration again
+    assert trials[2].user_attrs[search.RETRY_ATTR] == trial.number
+    # a stale heartbeat is lost too, wherever its worker ran
+    alive.set_user_attr(search.WORKER_ATTR, {"host": "elsewhere", "pid": 1})
+    alive.set_user_attr(search.HEARTBEAT_ATTR, time.time() - 100)
+    assert search.reclaim_lost(study, grace_s=60) == [alive.number]
+
+
+def test_resuming_a_study_with_other_fixed_overrides_or_objective_is_refused(tmp_path):
+    from peftseg.config import TrainConfig
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    first = search.parse_args(["train.max_iter=10", f"search.storage={storage}"])
+    study = search.open_study(first, "segm_ap", TrainConfig())
+    assert study.user_attrs[search.FIXED_ATTR] == ["train.max_iter=10"]
+    assert search.open_study(first, "segm_ap", TrainConfig()).study_name == "peft_search"  # the same: resumes
+    other = search.parse_args(["train.max_iter=20", f"search.storage={storage}"])
+    with pytest.raises(UserError, match=r"was started with fixed \['train.max_iter=10'\], this command has"):
+        search.open_study(other, "segm_ap", TrainConfig())
+    with pytest.raises(UserError, match="optimises \\['maximize'\\], not \\['minimize'\\]"):
+        search.open_study(first, "trainable_pct", TrainConfig())
+
+
+# --- pruning, in process ------------------------------------------------------------------
+
+def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
+    from rich.console import Console
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    console = Console(file=open(os.devnull, "w"))
+    # every AP is below 101: the threshold pruner stops the trial at its first evaluation
+    args = [*TINY, "train.max_iter=3", "train.eval_period=1", "search.methods=[heads]", "search.n_trials=1",
+            "search.pruner=threshold", "search.prune_below=101", f"search.storage={storage}",
+            "+tracking=mlflow", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with _in(tmp_path, shapes_cache):
+        assert search_cli.main(args, console) == 0
+    (record,) = records_under(tmp_path / "search")
+    assert record["status"] == "pruned"
+    assert record["pruned"]["iteration"] == 1 and "judged by the study's pruner" in record["pruned"]["reason"]
+    assert "segm" in record["metrics"]  # the evaluation it was pruned at, under status pruned
+    (trial,) = _study_trials(storage)
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
+    assert trial.user_attrs[search.STATUS_ATTR] == "pruned"
+    summary = json.loads((tmp_path / "search/peft_search/search.json").read_text())
+    assert [t["state"] for t in summary["trials"]] == ["pruned"]
+    # peftseg report reads the trial as pruned: not a result, not counted ok
+    report = cli_in_process("report", str(tmp_path / "search"), cwd=tmp_path, cache=shapes_cache)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "pruned" in report.stdout and "1 runs (1 not ok)" in report.stdout
+    # +tracking=mlflow: the study is a parent run, the trial its child, KILLED (not FINISHED) as pruned
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("peftseg").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("peftseg.kind") == "search"]
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and parent.data.params["search.storage"] == storage
+    assert child.info.status == "KILLED" and child.data.tags["peftseg.status"] == "pruned"
+    assert child.data.tags["peftseg.trial"] == "0" and child.data.params["method.name"] == "heads"
+
+
+def test_a_multi_objective_search_keeps_the_pareto_set(tmp_path, shapes_cache):
+    from rich.console import Console
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    args = [*TINY, "objective=[trainable_pct,peak_memory]", "search.methods=[heads,bitfit,lora]", "search.n_trials=3",
+            "search.seed=1", f"search.storage={storage}"]
+    with _in(tmp_path, shapes_cache):
+        assert search_cli.main(args, Console(file=open(os.devnull, "w"))) == 0
+    study = optuna.load_study(study_name="peft_search", storage=storage)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    summary = json.loads((tmp_path / "search/peft_search/search.json").read_text())
+    points = {}
+    for t in summary["trials"]:
+        record = json.loads((Path(t["run_dir"]) / "results.json").read_text())
+        assert t["state"] == "complete" and record["status"] == "ok"
+        assert t["values"] == pytest.approx([100 * record["params"]["ratio"],
+                                             record["efficiency"]["peak_memory_bytes"] / 2 ** 30])
+        points[t["number"]] = tuple(t["values"])
+    front = [n for n, p in points.items()
+             if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points.values())]
+    assert sorted(summary["best_trials"]) == sorted(front)
+
+
+# --- storage: resume after a kill, concurrent workers (the CLI is what is tested) ---------
+
+def _cli(cwd: Path, cache: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "peftseg.cli", "search", *args], cwd=cwd, env=cli_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _check_complete_study(tmp_path: Path, storage: str, n: int):
+    trials = _study_trials(storage)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == n
+    # every other trial was lost with its worker and ran again as a later one
+    lost = [t for t in trials if t.state.name != "COMPLETE"]
+    assert all(t.state.name == "FAIL" and t.user_attrs[search.STATUS_ATTR] == "lost" for t in lost)
+    assert sorted(t.user_attrs[search.RETRY_ATTR] for t in complete if search.RETRY_ATTR in t.user_attrs) == \
+        sorted(t.number for t in lost)
+    # one run dir per trial, each with its own ok record whose trainable % is the trial's value
+    dirs = [Path(t.user_attrs[search.RUN_DIR_ATTR]) for t in complete]
+    assert len(set(dirs)) == n
+    for t, run_dir in zip(complete, dirs):
+        record = json.loads((run_dir / "results.json").read_text())
+        assert record["status"] == "ok" and record["config"]["method.name"] == t.params["method"]
+        assert t.values[0] == pytest.approx(100 * record["params"]["ratio"])
+    return trials
+
+
+def test_a_killed_search_resumes_to_its_total_with_the_same_command(tmp_path, shapes_cache):
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    args = (*STORAGE_TEST, f"search.storage={storage}")
+    proc = _cli(tmp_path, shapes_cache, *args)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            # the study's tables exist once a trial trains (reading sooner would race their creation)
+            if list(tmp_path.glob("search/peft_search/*/results.json")):
+                try:
+                    trials = _study_trials(storage)
+                except Exception:  # the study is being created
+                    continue
+                # two trials done, the third one training (its "running" record written)
+                training = [t for t in trials if t.state.name == "RUNNING" and search.RUN_DIR_ATTR in t.user_attrs
+                            and (Path(t.user_attrs[search.RUN_DIR_ATTR]) / "results.json").exists()]
+                if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and training:
+                    break
+        assert proc.poll() is None, "the search ended before it could be killed: " + proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: as a crashed node
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = _study_trials(storage)
+    assert sum(t.state.name == "COMPLETE" for t in before) == 2
+    again = _cli(tmp_path, shapes_cache, *args)
+    out, _ = again.communicate(timeout=500)
+    assert again.returncode == 0, out[-3000:]
+    trials = _check_complete_study(tmp_path, storage, 4)
+    (lost,) = [t for t in trials if t.state.name == "FAIL"]  # trial 2, killed while it trained
+    assert lost.number == 2 and "trial 2: its worker is gone; enqueued to run again" in out
+    record = json.loads((Path(lost.user_attrs[search.RUN_DIR_ATTR]) / "results.json").read_text())
+    assert record["status"] == "failed" and record["error"]["type"] == "WorkerLost"  # not "running" forever
+    assert [t.number for t in trials if t.state.name == "COMPLETE"] == [0, 1, 3, 4]
+    assert "study 'peft_search': 4 complete, 0 pruned, 0 failed" in out
+
+
+def test_two_concurrent_workers_fill_one_study_without_duplicates(tmp_path, shapes_cache):
+    storage = str(tmp_path / "journal.log")  # Optuna's journal file: the other kind of storage
+    args = (*STORAGE_TEST, f"search.storage={storage}")
+    workers = [_cli(tmp_path, shapes_cache, *args) for _ in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    storage_obj = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    trials = _check_complete_study(tmp_path, storage_obj, 4)
+    assert [t.number for t in trials] == [0, 1, 2, 3]  # not one trial past the budget
+    ran = [int(out.split(" run by this worker")[0].rsplit("(", 1)[1]) for out in outs]
+    assert sum(ran) == 4  # each trial ran in exactly one worker
+    numbers = [int(line.split(":")[0].split()[1]) for out in outs for line in out.splitlines()
+               if line.startswith("trial ")]
+    assert sorted(numbers) == [0, 1, 2, 3]
