@@ -153,23 +153,24 @@ def test_shapes_registers_in_detectron2_catalogs():
 def test_shapes_cache_is_reused_and_keyed_by_params(cache):
     cfg = OmegaConf.structured(ShapesDatasetConfig(**SMALL))
     first = register_dataset(cfg)
-    root = data_dir(first)
+    root = data_dir(first)  # read now: a later registration under the same names republishes them
     assert root.parent == cache / "shapes"
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     second = register_dataset(cfg)  # same process, same names: must not raise
     assert second == first
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps
     other = register_dataset(ShapesDatasetConfig(**{**SMALL, "seed": 1}))
-    assert data_dir(other) != data_dir(first)
+    other_root = data_dir(other)
+    assert other_root != root
     built = sorted(p.name for p in (cache / "shapes").iterdir())
-    assert built == sorted([root.name, data_dir(other).name])  # and no temp dirs left behind
+    assert built == sorted([root.name, other_root.name])  # and no temp dirs left behind
     elsewhere = cache.parent / "elsewhere"
     explicit = register_dataset(ShapesDatasetConfig(**SMALL, cache_dir=str(elsewhere)))
     assert data_dir(explicit).parent == elsewhere / "shapes"
 
 
 def test_shapes_damaged_cache_is_rebuilt():
-    root = Path(register_dataset(ShapesDatasetConfig(**SMALL)).root)
+    root = data_dir(register_dataset(ShapesDatasetConfig(**SMALL)))
     (root / "val" / "000002.png").unlink()
     register_dataset(ShapesDatasetConfig(**SMALL))
     assert (root / "val" / "000002.png").is_file()
@@ -187,13 +188,13 @@ def test_shapes_unwritable_cache(tmp_path):
 
 def test_coco_layout_registers_via_root_and_env(coco_root, monkeypatch):
     splits = register_dataset(CocoDatasetConfig(root=str(coco_root)))
-    assert splits.class_names == CLASSES and splits.root == str(coco_root)
+    assert splits.class_names == CLASSES and data_dir(splits).parent == coco_root  # annotations/ under it
     assert len(DatasetCatalog.get(splits.train)) == 4
     assert len(DatasetCatalog.get(splits.val)) == 2
     val_json = coco_root / "annotations" / "instances_val2017.json"
     assert MetadataCatalog.get(splits.val).json_file == str(val_json)
     monkeypatch.setenv("DETECTRON2_DATASETS", str(coco_root.parent))
-    assert register_dataset(OmegaConf.structured(CocoDatasetConfig())).root == str(coco_root)
+    assert data_dir(register_dataset(OmegaConf.structured(CocoDatasetConfig()))).parent == coco_root
 
 
 def _coco_format(root: Path, **over) -> CocoFormatDatasetConfig:
@@ -311,7 +312,7 @@ def test_dataset_yamls_compose_with_schemas(coco_root):
         assert OmegaConf.get_type(shapes) is ShapesDatasetConfig
         assert register_dataset(shapes).class_names == CLASSES
         coco = compose(overrides=["+dataset=coco", f"dataset.root={coco_root}"]).dataset
-        assert register_dataset(coco).root == str(coco_root)
+        assert data_dir(register_dataset(coco)).parent == coco_root
         fmt = compose(overrides=["+dataset=coco_format", "dataset.val_json=v.json"]).dataset
         msg = _error(fmt)
         assert "dataset.train_json=" in msg and "dataset.val_json=" not in msg
