@@ -24,7 +24,7 @@ from peftseg.errors import UserError
 BASE_DTYPES = ("fp32", "bf16")
 # methods that place modules per block and so read `method.blocks` (a combination
 # such as adapter_lora takes it per part: method.lora.blocks, method.adapter.blocks)
-BLOCK_AWARE = ("lora", "loha", "lokr", "vera", "ia3", "adapter", "side")
+BLOCK_AWARE = ("lora", "loha", "lokr", "vera", "ia3", "adapter", "side", "mona")
 
 
 @dataclass
