@@ -94,6 +94,9 @@ class Record:
     # status "interrupted": signal, last completed iteration, checkpoint, how to resume
     interrupted: dict[str, Any] | None = None
     data_notes: dict[str, dict[str, int]] | None = None  # harmless data problems: split -> kind -> count
+    # the training data as used: train_images (after dataset.train_subset), train_images_available,
+    # train_subset, subset_seed (peftseg.data.subset.training_data)
+    data: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     # the numbers every table reads; None when the run has none
@@ -106,6 +109,11 @@ class Record:
     @property
     def mask_ap(self) -> float | None:
         return self.metric("segm")
+
+    @property
+    def train_images(self) -> int | None:
+        """Training images the run used (None: a record from before this was recorded)."""
+        return (self.data or {}).get("train_images")
 
     @property
     def box_ap(self) -> float | None:
@@ -150,6 +158,7 @@ class Record:
             params=data.get("params"), metrics=data.get("metrics"), efficiency=data.get("efficiency"),
             versions=data.get("versions") or {}, error=data.get("error"), schema_version=version,
             interrupted=data.get("interrupted"), data_notes=data.get("data_notes"),
+            data=data.get("data") if isinstance(data.get("data"), dict) else None,
         )
 
 
