@@ -52,6 +52,9 @@ class Record:
     data_notes: dict[str, dict[str, int]] | None = None  # harmless data problems: split -> kind -> count
     # status "pruned" (peftseg search): the iteration whose evaluation a pruner stopped it at, and why
     pruned: dict[str, Any] | None = None
+    # the training data as used: train_images (after dataset.train_subset), train_images_available,
+    # train_subset, subset_seed (peftseg.data.subset.training_data)
+    data: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     # the numbers every table reads; None when the run has none
@@ -64,6 +67,11 @@ class Record:
     @property
     def mask_ap(self) -> float | None:
         return self.metric("segm")
+
+    @property
+    def train_images(self) -> int | None:
+        """Training images the run used (None: a record from before this was recorded)."""
+        return (self.data or {}).get("train_images")
 
     @property
     def box_ap(self) -> float | None:
@@ -108,6 +116,7 @@ class Record:
             params=data.get("params"), metrics=data.get("metrics"), efficiency=data.get("efficiency"),
             versions=data.get("versions") or {}, error=data.get("error"), schema_version=version,
             interrupted=data.get("interrupted"), data_notes=data.get("data_notes"), pruned=data.get("pruned"),
+            data=data.get("data") if isinstance(data.get("data"), dict) else None,
         )
 
 

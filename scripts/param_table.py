@@ -35,6 +35,7 @@ ROWS = [
     ("adapter 1/block", ["method=adapter", "method.adapters_per_block=1"]),
     ("adapter 2/block", ["method=adapter", "method.adapters_per_block=2"]),
     ("adapter 3/block", ["method=adapter", "method.adapters_per_block=3"]),
+    ("mona", ["method=mona"]),
 ]
 # rows only a family with those target groups has
 FAMILY_ROWS = {

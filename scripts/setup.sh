@@ -30,7 +30,10 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   "$VENV/bin/python" scripts/build_detectron2.py
 fi
 
-"${PIP[@]}" -e ".[test,tracking,search]" "${TORCH_PINS[@]}"
+"${PIP[@]}" -e ".[test,tracking,search,cityscapes]" "${TORCH_PINS[@]}"
+# dataset=cityscapes: Cityscapes' labels and instance AP; --no-deps because its metadata pulls
+# the `typing` backport (its real dependencies are in the `cityscapes` extra above)
+"${PIP[@]}" --no-deps "cityscapesscripts>=2.2"
 # the Hydra Optuna sweeper of older setups pins optuna<3; peftseg search replaced it
 "$VENV/bin/python" -m pip uninstall -y -q hydra-optuna-sweeper 2>/dev/null || true
 stamp_inputs > "$STAMP"

@@ -291,7 +291,7 @@ def test_split_categories_must_match(coco_root):
 
 def test_unknown_name_lists_known():
     msg = _error(ShapesDatasetConfig(name="shapez"))
-    assert "dataset 'shapez' is not known; the datasets are: coco, coco_format, shapes." in msg
+    assert "dataset 'shapez' is not known; the datasets are: cityscapes, coco, coco_format, shapes, zerowaste." in msg
 
 
 # --- the yaml files compose against the schemas --------------------------------------------

@@ -121,7 +121,8 @@ def test_param_table_is_unchanged_by_the_move_to_registries():
         rows = [(label, ov) for label, ov in pt.ROWS] + pt.FAMILY_ROWS.get(pt.family_of_preset(model), [])
         got = {r["label"]: {k: r[k] for k in ("trainable", "total", "peft", "backbone", "backbone_trainable")}
                for r in pt.table_rows(model, rows, 3)}
-        assert got == expected, model
+        # rows added since (e.g. mona) are not in the snapshot; every row it has is unchanged
+        assert {label: got.get(label) for label in expected} == expected, model
 
 
 def test_vera_trains_rank_plus_out_features_per_targeted_linear(model):

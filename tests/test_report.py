@@ -255,3 +255,23 @@ def test_report_notes_that_step_time_ratios_come_from_separate_runs(two_groups):
     build_report(two_groups, "full", Console(file=open(os.devnull, "w"), width=160))
     md = (two_groups / "report.md").read_text()
     assert "step-time ratios compare runs timed one after another" in md
+
+
+def test_a_data_efficiency_sweep_gets_ap_against_training_images(tmp_path):
+    import json
+
+    for method, aps in (("full", (10.0, 25.0, 40.0)), ("lora", (14.0, 27.0, 36.0))):
+        for n, ap in zip((10, 30, 100), aps):
+            record = fake(tmp_path, f"{method}{n}", method=method, ap=ap, ratio=1.0 if method == "full" else 0.02,
+                          train_subset=n)
+            record["data"] = {"train_images": n, "train_images_available": 300, "train_subset": n, "subset_seed": 0}
+            (tmp_path / f"{method}{n}" / "results.json").write_text(json.dumps(record))
+    build_report(tmp_path, None, Console(file=open(os.devnull, "w"), width=160))
+    picture = matplotlib.image.imread(tmp_path / "data_efficiency.png")
+    assert picture.shape[0] > 300 and picture.shape[1] > 600
+    assert "![mask AP vs training images](data_efficiency.png)" in (tmp_path / "report.md").read_text()
+    # one number of images only: no such picture
+    other = tmp_path / "other"
+    fake(other, "a", method="full")
+    build_report(other, None, Console(file=open(os.devnull, "w"), width=160))
+    assert not (other / "data_efficiency.png").exists()

@@ -24,6 +24,10 @@ class DatasetSplits:
     class_names: tuple[str, ...]
     mask_format: str = "polygon"  # of the train split: "bitmask" when it has RLE masks
     notes: dict = dataclasses.field(default_factory=dict)  # harmless data problems: split -> kind -> count
+    # set by dataset.train_subset (peftseg.data.subset): training images in the subset, and
+    # the split's images the train loader would keep without it; None: the whole split
+    train_images: int | None = None
+    train_images_available: int | None = None
 
 
 def _as_dictconfig(cfg) -> DictConfig:
@@ -43,7 +47,12 @@ def register_dataset(cfg) -> DatasetSplits:
     cfg = _as_dictconfig(cfg)
     spec = DATASETS.get(cfg.get("name"))
     check_config(cfg)
-    return spec.register(cfg)
+    splits = spec.register(cfg)
+    if cfg.get("train_subset"):  # every kind: the subset is cut from the registered train split
+        from peftseg.data.subset import restrict_train_split
+
+        splits = restrict_train_split(splits, cfg.train_subset, cfg.subset_seed)
+    return splits
 
 
 __all__ = ["DATASETS", "SPLITS", "DatasetSplits", "register_dataset"]

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from omegaconf import MISSING, OmegaConf
 
 from peftseg.data import SPLITS, DatasetSplits
+from peftseg.data.subset import TrainSubsetOptions
 from peftseg.errors import UserError
 from peftseg.registry import register_dataset
 
 
 @dataclass
-class CocoDatasetConfig:
+class CocoDatasetConfig(TrainSubsetOptions):  # + train_subset, subset_seed
     name: str = "coco"
     root: str = ""  # empty: $DETECTRON2_DATASETS/coco, DETECTRON2_DATASETS defaulting to datasets
     train_split: str = "train2017"
@@ -22,7 +23,7 @@ class CocoDatasetConfig:
 
 
 @dataclass
-class CocoFormatDatasetConfig:
+class CocoFormatDatasetConfig(TrainSubsetOptions):  # + train_subset, subset_seed
     name: str = "coco_format"
     train_json: str = MISSING
     train_images: str = MISSING

@@ -29,6 +29,7 @@ from PIL import Image
 
 from peftseg import checks
 from peftseg.data import SPLITS, DatasetSplits
+from peftseg.data.subset import TrainSubsetOptions
 from peftseg.errors import UserError
 from peftseg.registry import register_dataset
 
@@ -71,7 +72,7 @@ def get_domain(name: str) -> Domain:
 
 
 @dataclass
-class ShapesDatasetConfig:
+class ShapesDatasetConfig(TrainSubsetOptions):  # + train_subset, subset_seed
     name: str = "shapes"
     num_train: int = 200
     num_val: int = 50
@@ -84,6 +85,7 @@ class ShapesDatasetConfig:
     cache_dir: str = ""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # train_subset, subset_seed
         for key, low in (("num_train", 1), ("num_val", 1), ("image_size", 32), ("max_instances", 1), ("seed", 0)):
             checks.integer(f"dataset.{key}", getattr(self, key), minimum=low)
         checks.choice("dataset.domain", self.domain, DOMAINS)

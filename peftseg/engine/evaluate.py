@@ -22,7 +22,13 @@ def _coco(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
     )
 
 
-EVALUATORS = {"coco": _coco}
+def _cityscapes(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
+    from peftseg.engine.cityscapes_eval import cityscapes_evaluator  # cityscapesScripts: lazily
+
+    return cityscapes_evaluator(dataset_name, output_dir, _coco(dataset_name, output_dir))
+
+
+EVALUATORS = {"coco": _coco, "cityscapes_instance": _cityscapes}
 
 
 def build_evaluator(dataset_name: str, output_dir: Path) -> DatasetEvaluator:

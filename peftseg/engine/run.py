@@ -14,6 +14,7 @@ from detectron2.utils.env import seed_all_rng
 from omegaconf import DictConfig, OmegaConf
 
 from peftseg.data import register_dataset
+from peftseg.data.subset import training_data
 from peftseg.engine.failure import explain
 from peftseg.engine.interrupt import RunInterrupted, StopRequest
 from peftseg.engine.pruning import RunPruned
@@ -94,6 +95,8 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
                 for kind, count in notes.items():
                     log.warning("dataset %s %s: %d %s", cfg.dataset.name, split, count, kind)
             record.data_notes = splits.notes
+            record.data = training_data(splits, cfg.dataset)
+            log.info("training images: %d of %d", record.data["train_images"], record.data["train_images_available"])
             device = resolve_device(cfg.train.device)
             model = build_for_run(cfg, len(splits.class_names))
             counts = count_parameters(model)

@@ -14,6 +14,25 @@ from typing import Callable
 # RPN and ROI heads). "heads" alone is ambiguous: the code says which set it means.
 ACCOUNTING_GROUPS = ("backbone", "neck", "decoder", "task_heads")
 
+# where a backbone block's tokens come with their 2-D grid (TokenGrid.layout)
+GRID_LAYOUTS = ("bhwc", "block_hw", "input_dimensions")
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How the blocks of `FamilyMap.backbone_blocks` carry a 2-D token grid, for methods that
+    convolve over it (Mona). `norm` is the block's child whose input is the token stream right
+    after the attention residual (the pre-MLP norm); the block's output is that stream plus the
+    MLP's output. `layout` says where the grid (H, W) comes from:
+    - "bhwc": the tokens are (B, H, W, C) (detectron2's ViT);
+    - "block_hw": the tokens are (B, H·W, C) and the block holds `.H`, `.W`, set by its stage
+      before each call (detectron2's Swin);
+    - "input_dimensions": the tokens are (B, H·W, C) and the block's second argument
+      `input_dimensions` is (H, W) (transformers' Swin)."""
+
+    norm: str
+    layout: str
+
 
 @dataclass(frozen=True)
 class FamilyMap:
@@ -43,6 +62,9 @@ class FamilyMap:
     # feature; empty: the family offers no side path
     side_body: str = ""
     side_features: dict[str, str] = field(default_factory=dict)
+    # the backbone blocks' 2-D token grid (see TokenGrid); None: the blocks have none
+    # (or the family has no transformer backbone), and grid methods such as Mona refuse
+    token_grid: TokenGrid | None = None
 
     def group_of(self, param_name: str) -> str | None:
         """Accounting group of a parameter name, or None when no prefix matches."""

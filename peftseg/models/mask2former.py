@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 from peftseg import checks
 from peftseg.errors import UserError
-from peftseg.models.family import FamilyMap
+from peftseg.models.family import FamilyMap, TokenGrid
 from peftseg.models.swin import check_swin_stages
 from peftseg.registry import register_family
 
@@ -74,6 +74,8 @@ FAMILY = FamilyMap(
     side_body=_HF + "model.pixel_level_module.encoder",
     side_features={f"feature_maps.{i}": rf"m2f\.model\.pixel_level_module\.encoder\.swin\.encoder\.layers\.{i}\.blocks\.\d+"
                    for i in range(4)},
+    # transformers' SwinLayer: (B, H·W, C) tokens, forward(hidden_states, input_dimensions, …)
+    token_grid=TokenGrid(norm="layernorm_after", layout="input_dimensions"),
 )
 
 

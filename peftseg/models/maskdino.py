@@ -19,7 +19,7 @@ from omegaconf import MISSING
 from peftseg import checks
 from peftseg.errors import UserError
 from peftseg.models.family import FamilyMap
-from peftseg.models.swin import SWIN_STATE_DICT, check_swin_stages
+from peftseg.models.swin import SWIN_STATE_DICT, SWIN_TOKEN_GRID, check_swin_stages
 from peftseg.registry import register_family
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ FAMILY = FamilyMap(
     checkpoint_blocks=(_SWIN_BLOCK, _ENC, _DEC),
     side_body="backbone",
     side_features={f"res{i + 2}": rf"backbone\.layers\.{i}\.blocks\.\d+" for i in range(4)},
+    # detectron2's Swin blocks (the ResNet backbone has none: Mona then refuses)
+    token_grid=SWIN_TOKEN_GRID,
 )
 
 # official Swin ImageNet weights (e.g. swin_large_patch4_window12_384_22k.pth) go straight to

@@ -15,11 +15,13 @@ from omegaconf import MISSING
 
 from peftseg.errors import UserError
 from peftseg import checks
-from peftseg.models.family import FamilyMap, WeightLayout
+from peftseg.models.family import FamilyMap, TokenGrid, WeightLayout
 from peftseg.models.rcnn import HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
 from peftseg.registry import register_family
 
 _BLOCK = r"backbone\.bottom_up\.layers\.\d+\.blocks\.\d+"
+
+SWIN_TOKEN_GRID = TokenGrid(norm="norm2", layout="block_hw")
 
 FAMILY = FamilyMap(
     name="swin",
@@ -44,6 +46,8 @@ FAMILY = FamilyMap(
     # stage i's blocks feed its output p{i} (detectron2's SwinTransformer names them by stage)
     side_body="backbone.bottom_up",
     side_features={f"p{i}": rf"backbone\.bottom_up\.layers\.{i}\.blocks\.\d+" for i in range(4)},
+    # SwinTransformerBlock: (B, H·W, C) tokens, its stage sets blk.H, blk.W before each call
+    token_grid=SWIN_TOKEN_GRID,
 )
 
 # detectron2's SwinTransformer names its stage outputs with strides 2**(i+2), true only for

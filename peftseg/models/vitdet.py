@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 from peftseg.errors import UserError
 from peftseg import checks
-from peftseg.models.family import FamilyMap, WeightLayout
+from peftseg.models.family import FamilyMap, TokenGrid, WeightLayout
 from peftseg.models.rcnn import HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
 from peftseg.registry import register_family
 
@@ -43,6 +43,8 @@ FAMILY = FamilyMap(
     # every ViT block feeds the one plain feature map SimpleFeaturePyramid reads
     side_body="backbone.net",
     side_features={"last_feat": _BLOCK},
+    # ViT blocks pass (B, H, W, C) tokens; norm2 reads the stream after the attention residual
+    token_grid=TokenGrid(norm="norm2", layout="bhwc"),
 )
 
 # the scale factors SimpleFeaturePyramid implements

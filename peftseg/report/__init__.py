@@ -18,7 +18,7 @@ from peftseg.report.collect import (baseline_command, baseline_numbers, find_bas
 from peftseg.report.csvfile import flat_row, write_csv
 from peftseg.report.curves import write_group_curves
 from peftseg.report.markdown import write_report_md
-from peftseg.report.plots import write_plot
+from peftseg.report.plots import DATA_PLOT_NAME, write_data_efficiency_plot, write_plot
 from peftseg.report.tables import DASH, RSS_NOTE, group_rows, group_table, is_rss
 
 CSV_NAME = "report.csv"
@@ -55,7 +55,11 @@ def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Pa
     csv_path, plot_path = root / CSV_NAME, root / PLOT_NAME
     write_csv(csv_path, rows)
     write_plot(plot_path, groups)
-    write_report_md(root / MD_NAME, sections, PLOT_NAME, RSS_NOTE if any(is_rss(r) for r in records) else None)
+    data_plot = write_data_efficiency_plot(root / DATA_PLOT_NAME, groups)
+    if data_plot:
+        console.print(f"wrote {root / DATA_PLOT_NAME}: mask AP against training images", highlight=False)
+    write_report_md(root / MD_NAME, sections, PLOT_NAME, RSS_NOTE if any(is_rss(r) for r in records) else None,
+                    DATA_PLOT_NAME if data_plot else None)
     failed = sum(not r.ok for r in records)
     console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·dataset group(s); "
                   f"wrote {csv_path}, {plot_path} and {root / MD_NAME}", highlight=False)

@@ -19,7 +19,8 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report_md(path: Path, sections: list, plot_name: str, footnote: str | None) -> Path:
+def write_report_md(path: Path, sections: list, plot_name: str, footnote: str | None,
+                    data_plot: str | None = None) -> Path:
     """sections: (group, headers, rows, curves PNG or None) per model·dataset group."""
     path = Path(path)
     parts = [f"# PEFT report: {path.parent.name}", "",
@@ -36,5 +37,7 @@ def write_report_md(path: Path, sections: list, plot_name: str, footnote: str | 
     if footnote:
         parts += [footnote, ""]
     parts += ["## Mask AP against trainable parameters", "", f"![mask AP vs trainable %]({plot_name})", ""]
+    if data_plot:
+        parts += ["## Mask AP against training images", "", f"![mask AP vs training images]({data_plot})", ""]
     write_atomic(path, "\n".join(parts).encode())
     return path

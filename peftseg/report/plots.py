@@ -123,7 +123,8 @@ def write_plot(path: Path, groups: list[Group]) -> None:
     for g in groups:
         runs = [r for r in g.records if plottable(r)]
         keys.append([f"{i}  {r.knob('method.name')} " + " ".join(
-            f"{knob_header(k)}={knob_text(r.knob(k))}" for k in g.knobs if k in r.config) for i, r in enumerate(runs, 1)])
+            f"{knob_header(k)}={knob_text(r.knob(k))}" for k in g.knobs if r.knob(k) is not None)
+            for i, r in enumerate(runs, 1)])
     n = len(groups)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
@@ -192,3 +193,52 @@ def write_plot(path: Path, groups: list[Group]) -> None:
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")  # keeps the outside legend and key
     plt.close(fig)
     write_atomic(path, buf.getvalue())
+
+
+DATA_PLOT_NAME = "data_efficiency.png"
+
+
+def varies_training_images(group: Group) -> bool:
+    """A data-efficiency sweep: the group's ok runs trained on more than one number of images."""
+    return len({r.train_images for r in group.records if plottable(r) and r.train_images}) > 1
+
+
+def write_data_efficiency_plot(path: Path, groups: list[Group]) -> bool:
+    """data_efficiency.png: mask AP against the number of training images (log scale), one
+    line per method (per method and knob setting when knobs vary), for the groups whose runs
+    differ in `dataset.train_subset`. False (nothing written) when no group does."""
+    groups = [g for g in groups if varies_training_images(g)]
+    if not groups:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(7.5 * len(groups), 4.8), squeeze=False)
+    for ax, g in zip(axes.flat, groups):
+        lines: dict[tuple, list[tuple[int, float]]] = {}
+        for r in g.records:
+            if plottable(r) and r.train_images:
+                knobs = tuple(f"{knob_header(k)}={knob_text(r.knob(k))}" for k in g.knobs
+                              if k.startswith("method.") and k in r.config)
+                lines.setdefault((str(r.knob("method.name")), knobs), []).append((r.train_images, r.mask_ap))
+        for (method, knobs), pts in sorted(lines.items(), key=lambda kv: (method_rank(kv[0][0]), kv[0][1])):
+            pts.sort()
+            ax.plot([n for n, _ in pts], [ap for _, ap in pts], marker=method_marker(method), markersize=6,
+                    color=method_colour(method), label=" ".join((method, *knobs)), linewidth=1.5)
+        ax.set_xscale("log")
+        counts = sorted({n for pts in lines.values() for n, _ in pts})
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("training images (dataset.train_subset)")
+        ax.set_ylabel("mask AP")
+        ax.set_title(f"{g.model} · {g.dataset}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return True

@@ -187,19 +187,23 @@ def group_table(group: Group, baseline: str | None, extras: dict[int, dict], wid
     fixed = [max([len(row[i]) for row in rows] + [len(w) for w in headers[i].split()]) for i in range(len(headers))]
     fixed_width = sum(w + 3 for i, w in enumerate(fixed) if not 1 <= i <= n_knobs) + 1
     room = width - fixed_width
-    if n_knobs and room < n_knobs * (KNOB_MIN + 3):
+    # each knob column wants its longest single value (a list wraps at its commas) on one line
+    wanted = [min(KNOB_WIDTH, max(len(w) for row in rows for w in [*row[i].split(","), *headers[i].split("_")]))
+              for i in range(1, n_knobs + 1)]
+    if n_knobs and room < sum(w + 3 for w in wanted):
         headers = [headers[0], "knobs", *headers[n_knobs + 1:]]
         rows = [[row[0], "\n".join(f"{h}={v}" for h, v in zip(group_rows(group, baseline, extras)[0][1:n_knobs + 1],
-                                                               row[1:n_knobs + 1]) if v),
+                                                               row[1:n_knobs + 1]) if v not in ("", DASH)),
                  *row[n_knobs + 1:]] for row in rows]
         fixed = [fixed[0], max(KNOB_MIN, room - 3), *fixed[n_knobs + 1:]]
         n_knobs, knob_width = 1, max(KNOB_MIN, room - 3)
     else:
-        knob_width = max(KNOB_MIN, min(KNOB_WIDTH, room // max(n_knobs, 1) - 3))
+        knob_width = KNOB_WIDTH
     table = Table(title=f"{group.model} · {group.dataset}", title_justify="left")
     for i, name in enumerate(headers):
         if 1 <= i <= n_knobs:
-            table.add_column(name, overflow="fold", max_width=knob_width, min_width=min(knob_width, KNOB_MIN))
+            table.add_column(name, overflow="fold", max_width=knob_width,
+                             min_width=wanted[i - 1] if n_knobs == len(wanted) else knob_width)
         else:
             # headers break between words ("trainable %" over two lines); cells never do
             table.add_column(Text(name.replace(" ", "\n")), style="bold" if i == 0 else None, no_wrap=True,
