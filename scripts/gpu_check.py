@@ -217,7 +217,10 @@ def process_group(args) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
-    kwargs = {"device_id": torch.device(args.device)} if backend == "nccl" else {}
+    kwargs = {}
+    if backend == "nccl":  # NCCL binds the group to one device, by index
+        dev = torch.device(args.device)
+        kwargs["device_id"] = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
     try:
         x = torch.ones(4, device=args.device)
