@@ -47,7 +47,8 @@ def _chunk_scores(q_c, k, rel_h_c, rel_w_c, scale):
     kh, kw = rel_h_c.shape[-1], rel_w_c.shape[-1]
     acc = _acc(q_c.dtype)
     s = ((q_c * scale) @ k.transpose(-2, -1)).to(acc).view(n_bh, c, kh, kw)
-    s = s + rel_h_c.to(acc)[..., :, None] + rel_w_c.to(acc)[..., None, :]
+    # in place: s is this function's own fresh tensor, and no graph is recorded here
+    s.add_(rel_h_c.to(acc)[..., :, None]).add_(rel_w_c.to(acc)[..., None, :])
     return s.view(n_bh, c, kh * kw)
 
 
@@ -70,7 +71,7 @@ class _RelPosAttention(torch.autograd.Function):
             s = _chunk_scores(q[:, a:b], k, rel_h[:, a:b], rel_w[:, a:b], scale)
             m = torch.logsumexp(s, dim=-1, keepdim=True)
             lse[:, a:b] = m.squeeze(-1)
-            p = torch.exp(s - m)  # the softmax, in float32 as autocast computes it
+            p = s.sub_(m).exp_()  # the softmax, in float32 as autocast computes it
             out[:, a:b] = p.to(v.dtype) @ v
         ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
         ctx.scale, ctx.chunk = scale, chunk
@@ -93,7 +94,7 @@ class _RelPosAttention(torch.autograd.Function):
         delta = (d_out * out.to(acc)).sum(-1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            p = torch.exp(_chunk_scores(q[:, a:b], k, rel_h[:, a:b], rel_w[:, a:b], scale) - lse[:, a:b, None])
+            p = _chunk_scores(q[:, a:b], k, rel_h[:, a:b], rel_w[:, a:b], scale).sub_(lse[:, a:b, None]).exp_()
             do_c = d_out[:, a:b]
             dv += p.transpose(-2, -1) @ do_c
             ds = p.mul_((do_c @ vf.transpose(-2, -1)).sub_(delta[:, a:b, None]))  # dS = P ∘ (dP − delta)
