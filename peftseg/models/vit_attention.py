@@ -56,6 +56,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _scores_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the forward's QKᵀ runs in (autocast's, when on); backward recomputes the
+    scores in the same dtype, so they match the saved log-sum-exp exactly."""
+    dev = q.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+
+
 def default_chunk(n_bh: int, n_keys: int) -> int:
     return max(1, CHUNK_BYTES // (4 * n_bh * n_keys))
 
@@ -66,15 +73,17 @@ class _RelPosAttention(torch.autograd.Function):
         n_bh, n, _ = q.shape
         out = torch.empty(n_bh, n, v.shape[-1], dtype=v.dtype, device=v.device)
         lse = torch.empty(n_bh, n, dtype=_acc(q.dtype), device=q.device)
+        mm = _scores_dtype(q)
+        qm, km = q.to(mm), k.to(mm)
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            s = _chunk_scores(q[:, a:b], k, rel_h[:, a:b], rel_w[:, a:b], scale)
+            s = _chunk_scores(qm[:, a:b], km, rel_h[:, a:b], rel_w[:, a:b], scale)
             m = torch.logsumexp(s, dim=-1, keepdim=True)
             lse[:, a:b] = m.squeeze(-1)
             p = s.sub_(m).exp_()  # the softmax, in float32 as autocast computes it
             out[:, a:b] = p.to(v.dtype) @ v
         ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
-        ctx.scale, ctx.chunk = scale, chunk
+        ctx.scale, ctx.chunk, ctx.mm = scale, chunk, mm
         return out
 
     @staticmethod
@@ -92,9 +101,10 @@ class _RelPosAttention(torch.autograd.Function):
         d_rel_h = torch.empty(rel_h.shape, dtype=acc, device=q.device)
         d_rel_w = torch.empty(rel_w.shape, dtype=acc, device=q.device)
         delta = (d_out * out.to(acc)).sum(-1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+        qm, km = q.to(ctx.mm), k.to(ctx.mm)
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            p = _chunk_scores(q[:, a:b], k, rel_h[:, a:b], rel_w[:, a:b], scale).sub_(lse[:, a:b, None]).exp_()
+            p = _chunk_scores(qm[:, a:b], km, rel_h[:, a:b], rel_w[:, a:b], scale).sub_(lse[:, a:b, None]).exp_()
             do_c = d_out[:, a:b]
             dv += p.transpose(-2, -1) @ do_c
             ds = p.mul_((do_c @ vf.transpose(-2, -1)).sub_(delta[:, a:b, None]))  # dS = P ∘ (dP − delta)
