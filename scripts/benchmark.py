@@ -8,7 +8,15 @@
 
 `--methods` entries are `METHOD` or `LABEL:METHOD:KEY=VALUE[:KEY=VALUE…]` (a labelled
 variant with its own Hydra overrides); `--override KEY=VALUE` applies to every entry.
-Rows, and the JSON, are keyed by label.
+Rows, and the JSON, are keyed by label. Ratios are against the row `--baseline` names
+(default `full`), e.g. a stock-attention row `stock:full:model.attention=detectron2`.
+
+Every peftseg row steps through the trainer peftseg's training runs (detectron2's
+SimpleTrainer / AMPTrainer from engine/precision.make_trainer, with peftseg's optimizer).
+`--peer` adds the row `peer`: the same model built with detectron2's stock attention, all
+parameters training, stepped by detectron2's own SimpleTrainer with an optimizer made by
+detectron2's `get_default_optimizer_params` (no peftseg method, optimizer or precision code
+in the loop): what users would otherwise run, so peftseg's overhead shows against it.
 
 Every method trains the same model (same seed, so the same initial weights), on the same
 fixed batch, in one process: all models are built up front, then visited in rounds, each
@@ -63,6 +71,9 @@ def parse_args(argv=None):
                         f"those of {','.join(DEFAULT_METHODS)} that are registered)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override applied to every entry (repeatable), e.g. train.amp=true")
+    p.add_argument("--baseline", default="full", help="label of the row ratios are taken against (default full)")
+    p.add_argument("--peer", action="store_true",
+                   help="add the row `peer`: detectron2's SimpleTrainer, stock attention, full fine-tuning")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
@@ -123,9 +134,11 @@ def tensor_bytes(tensors) -> int:
 
 
 class Bench:
-    def __init__(self, name, model, optimizer, params, device, precision, cfg):
+    def __init__(self, name, model, optimizer, params, device, precision, cfg, trainer=None):
         self.name, self.model, self.optimizer, self.params, self.device = name, model, optimizer, params, device
         self.precision, self.cfg = precision, cfg
+        # a detectron2 trainer whose run_step is the step (None: the bare loop of `step`)
+        self.trainer = trainer
         self.times: list[float] = []
         self.step_peak_bytes = 0
         self.grad_bytes = 0
@@ -141,6 +154,10 @@ class Bench:
     def step(self, batch) -> None:
         # Old gradients go before the step starts, so "resident" is weights + optimizer state.
         self.optimizer.zero_grad(set_to_none=True)
+        if self.trainer is not None:  # forward, backward, metrics, optimizer step; grads stay
+            self.trainer.run_step()
+            self.grad_bytes = tensor_bytes([p.grad for p in self.model.parameters() if p.grad is not None])
+            return
         with self.autocast():  # as the trainer runs it (detectron2's AMPTrainer / CpuAMPTrainer)
             losses = self.model(batch)
             loss = sum(losses.values())
@@ -208,12 +225,44 @@ def cpu_step_peak(fn) -> int:
     return max(0, max(a["Total Allocated"] for a in cpu) - baseline)
 
 
+def build_peer(args, device, num_classes, batch, console) -> Bench:
+    """The `peer` row: detectron2's SimpleTrainer on the stock-attention model, full training."""
+    import itertools
+
+    from detectron2.engine import SimpleTrainer
+    from detectron2.solver.build import get_default_optimizer_params
+
+    from peftseg.models import build_model
+    from peftseg.params import count_parameters
+
+    cfg = compose(args.model, "full", args.image_size, list(args.override))
+    if "attention" in cfg.model:
+        cfg.model.attention = "detectron2"
+    torch.manual_seed(args.seed)  # the same initial weights as every other row
+    model = build_model(cfg.model, num_classes=num_classes)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.to(device).train()
+    params = get_default_optimizer_params(model, base_lr=cfg.train.base_lr, weight_decay=cfg.train.weight_decay,
+                                          weight_decay_norm=0.0)
+    cls, kwargs = {"adamw": (torch.optim.AdamW, {}),
+                   "sgd": (torch.optim.SGD, {"momentum": cfg.train.momentum})}[cfg.train.optimizer]
+    optimizer = cls(params, lr=cfg.train.base_lr, **kwargs)
+    trainer = SimpleTrainer(model, itertools.repeat(batch), optimizer)
+    bench = Bench("peer", model, optimizer, count_parameters(model), device, "fp32", cfg, trainer=trainer)
+    console.print(f"built peer: detectron2 SimpleTrainer, stock attention, {bench.params.trainable:,} parameters train",
+                  highlight=False)
+    return bench
+
+
 def build(entries, args, device, console):
+    import itertools
+
     from peftseg.data import register_dataset
     from peftseg.data._loaders import train_loader
     from peftseg.engine.checkpointing import enable_activation_checkpointing
     from peftseg.engine.optim import build_optimizer
-    from peftseg.engine.precision import run_precision
+    from peftseg.engine.precision import make_trainer, run_precision
     from peftseg.methods import apply_method
     from peftseg.models import build_model
     from peftseg.params import count_parameters
@@ -233,9 +282,13 @@ def build(entries, args, device, console):
         params = count_parameters(model)
         model.to(device).train()
         precision = run_precision(cfg.train, device, model)
-        benches.append(Bench(label, model, build_optimizer(model, cfg.train), params, device, precision, cfg))
+        optimizer = build_optimizer(model, cfg.train)
+        trainer = make_trainer(model, itertools.repeat(batch), optimizer, precision, device)
+        benches.append(Bench(label, model, optimizer, params, device, precision, cfg, trainer=trainer))
         console.print(f"built {label}: {params.trainable:,} of {params.total:,} parameters train, {precision}",
                       highlight=False)
+    if args.peer:
+        benches.append(build_peer(args, device, len(splits.class_names), batch, console))
     return benches, batch, image_size
 
 
@@ -275,8 +328,11 @@ def run(args, console: Console) -> dict:
             "method": b.cfg.method.name, "precision": b.precision,
             "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
             "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
+            "attention": str(b.cfg.model.get("attention", "")),
+            "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,
         }
-    base = results["methods"].get("full")
+    results["baseline"] = args.baseline
+    base = results["methods"].get(args.baseline)
     for m in results["methods"].values():
         m["step_time_ratio"] = m["step_time_s"] / base["step_time_s"] if base else None
         m["peak_memory_ratio"] = m["peak_memory_bytes"] / base["peak_memory_bytes"] if base else None
@@ -289,7 +345,8 @@ def table(results: dict) -> Table:
     t = Table(title=f"{results['model']} · {results['image_size']}px · batch {results['batch']} · "
                     f"{results['device']} · {results['steps_per_method']} steps/method")
     for col, just in (("method", "left"), ("trainable %", "right"), ("step time", "right"),
-                      ("× full", "right"), ("peak mem", "right"), ("× full ", "right"), ("weights", "right"),
+                      (f"× {results['baseline']}", "right"), ("peak mem", "right"), (f"× {results['baseline']} ", "right"),
+                      ("weights", "right"),
                       ("grads", "right"), ("optim", "right"), ("activations", "right")):
         t.add_column(col, justify=just)
     for name, m in results["methods"].items():
@@ -315,14 +372,16 @@ def main(argv=None) -> int:
     try:
         if args.batch < 1 or args.steps < 1 or args.rounds < 1:
             raise UserError("--batch, --steps and --rounds must each be at least 1.")
+        if args.peer and args.methods and any(e.split(":")[0] == "peer" for e in args.methods.split(",")):
+            raise UserError("--methods uses the label `peer`, which --peer adds; rename that entry.")
         results = run(args, console)
     except UserError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
     console.print(table(results))
     console.print(f"memory: {results['memory']}", highlight=False)
-    if "full" not in results["methods"]:
-        console.print("no `full` in --methods: ratios need it as the baseline", highlight=False)
+    if results["baseline"] not in results["methods"]:
+        console.print(f"no `{results['baseline']}` row: ratios need it as the baseline (--baseline)", highlight=False)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

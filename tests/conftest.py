@@ -1,12 +1,17 @@
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from helpers import cli_env
+# Triton kernels run in Triton's CPU interpreter in the tests (tests/test_msda_triton.py):
+# triton reads this when triton.language is first imported, which importing torch can do
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import cli_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

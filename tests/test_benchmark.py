@@ -78,3 +78,25 @@ def test_labelled_variants_parse_with_colons_and_lists_in_values():
         parse_entry("x:lora:rank")
     with pytest.raises(UserError, match="LABEL:METHOD"):
         parse_entry(":lora")
+
+
+def test_benchmark_peer_row_and_stock_baseline(tmp_path, bench):
+    """--peer adds detectron2's SimpleTrainer on the stock-attention model; --baseline names
+    the row ratios are taken against."""
+    out = tmp_path / "bench.json"
+    proc = bench("--methods", "full,stock:full:model.attention=detectron2", "--peer", "--baseline", "stock",
+                 "--steps", "1", "--rounds", "1", "--device", "cpu", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    methods = result["methods"]
+    assert list(methods) == ["full", "stock", "peer"] and result["baseline"] == "stock"
+    assert methods["stock"]["step_time_ratio"] == 1.0 and methods["stock"]["peak_memory_ratio"] == 1.0
+    assert methods["full"]["attention"] == "efficient"
+    assert methods["stock"]["attention"] == methods["peer"]["attention"] == "detectron2"
+    assert methods["peer"]["loop"].startswith("detectron2 SimpleTrainer")
+    assert methods["full"]["loop"] == "SimpleTrainer"  # peftseg's fp32 trainer is detectron2's
+    assert methods["peer"]["trainable"] == methods["stock"]["trainable"] == methods["full"]["trainable"]
+    # the same weights and batch: stock and peer hold the same parameters, grads and AdamW state
+    for key in ("weights_bytes", "gradients_bytes", "optimizer_state_bytes"):
+        assert methods["peer"][key] == methods["stock"][key], key
+    assert "× stock" in proc.stdout and "peer" in proc.stdout

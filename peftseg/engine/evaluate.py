@@ -14,11 +14,13 @@ from peftseg.errors import UserError
 
 
 def _coco(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
-    # use_fast_impl=False: the fast COCOeval lives in detectron2's C++ extension, which
-    # this install does not carry; pycocotools gives the same numbers.
+    # the fast COCOeval lives in detectron2's C++ extension, which this install does not
+    # carry; faster-coco-eval takes its place (same numbers), else pycocotools runs
+    from peftseg.engine.coco_eval import install_fast_cocoeval
+
     return COCOEvaluator(
         dataset_name, tasks=("segm", "bbox"), distributed=True, output_dir=str(output_dir),
-        use_fast_impl=False,
+        use_fast_impl=install_fast_cocoeval(),
     )
 
 

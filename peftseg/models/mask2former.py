@@ -124,10 +124,14 @@ class Mask2FormerConfig:
     test_topk_per_image: int = 100
     # the recipe's global gradient-norm clip (Mask2Former: 0.01); train.clip_grad_norm overrides
     clip_grad_norm: float = 0.01
+    # pixel decoder's deformable attention: auto | triton | pytorch (models/_msda.py; auto is
+    # transformers' grid_sample path until a GPU measurement shows the Triton kernels faster)
+    deform_attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
         checks.integer("model.image_size", self.image_size, minimum=32)
         checks.number("model.clip_grad_norm", self.clip_grad_norm, low=0, why="0 disables clipping")
+        checks.choice("model.deform_attn_impl", self.deform_attn_impl, ("auto", "triton", "pytorch"))
         # shapes transformers would reject deep inside a forward
         check_swin_stages(self.embed_dim, self.depths, self.num_heads,
                           "the pixel decoder reads strides 4, 8, 16 and 32")
@@ -170,6 +174,7 @@ def build(cfg: Mask2FormerConfig, num_classes: int):
     import os
 
     from peftseg.models._mask2former import HFMask2Former, hf_config, load_transformers_dir
+    from peftseg.models._mask2former_msda import set_deform_attn_impl
 
     model = HFMask2Former(
         hf_config(cfg, num_classes),
@@ -183,4 +188,5 @@ def build(cfg: Mask2FormerConfig, num_classes: int):
         # build_model sees this report and leaves the directory alone; a file goes through
         # the detectron2 loader there like any other family's checkpoint
         model.weights_report = load_transformers_dir(model, cfg.weights, _HF)
+    set_deform_attn_impl(model, cfg.deform_attn_impl)
     return model

@@ -156,6 +156,9 @@ class MaskDinoConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     test_topk_per_image: int = 100
+    # multi-scale deformable attention: auto | triton | pytorch (models/_msda.py; auto is the
+    # grid_sample path until a GPU measurement shows the Triton kernels correct and faster)
+    deform_attn_impl: str = "auto"
     # the recipe's global gradient-norm clip (official Mask DINO: full_model, 0.01);
     # train.clip_grad_norm overrides it when set
     clip_grad_norm: float = 0.01
@@ -174,6 +177,7 @@ def check(cfg) -> None:
     """Range and choice checks with a fix, before anything is built."""
     checks.number("model.clip_grad_norm", cfg.clip_grad_norm, low=0, why="0 disables clipping")
     checks.choice("model.input_format", cfg.input_format, ("RGB", "BGR"))
+    checks.choice("model.deform_attn_impl", cfg.deform_attn_impl, ("auto", "triton", "pytorch"))
     for key, choices in (("backbone", _BACKBONES), ("feature_order", _ORDERS),
                          ("initialize_box_type", _BOX_INIT), ("dn", _DN)):
         _choice(cfg, key, choices)
@@ -239,6 +243,10 @@ def check(cfg) -> None:
                  weight_layouts=(MASKDINO_SWIN_STATE_DICT,))
 def build(cfg: MaskDinoConfig, num_classes: int) -> "nn.Module":
     check(cfg)
+    from peftseg.models._maskdino.deform_attn import MSDeformAttn
     from peftseg.models._maskdino.meta_arch import build_maskdino
+    from peftseg.models._msda import set_impl
 
-    return build_maskdino(cfg, num_classes)
+    model = build_maskdino(cfg, num_classes)
+    set_impl(model, cfg.deform_attn_impl, MSDeformAttn)
+    return model

@@ -71,6 +71,10 @@ class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
     window_size: int = 14
     window_block_indexes: list[int] = field(default_factory=lambda: [0, 1, 3, 4, 6, 7, 9, 10])
     use_rel_pos: bool = True
+    # efficient: the same attention computed without N x N maps for the whole sequence
+    # (models/_vit_attention.py); detectron2: the stock forward (the reference, and the peer
+    # row of scripts/benchmark.py). Parameters and checkpoints are the same for both.
+    attention: str = "efficient"
     drop_path_rate: float = 0.1
     pretrain_img_size: int = 224  # size of the absolute position table in pretrained weights
     # SimpleFeaturePyramid
@@ -81,6 +85,12 @@ class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
     def __post_init__(self) -> None:
         super().__post_init__()
         checks.integer("model.image_size", self.image_size, minimum=32)
+        if self.attention not in ("efficient", "detectron2"):
+            raise UserError(
+                f"model.attention={self.attention!r} is not an attention implementation; use "
+                "model.attention=efficient (default: same results, no full attention maps) or "
+                "model.attention=detectron2 (detectron2's own forward, the reference)."
+            )
         # shapes detectron2 would reject with a bare assertion, or not at all
         if self.embed_dim % self.num_heads:
             raise UserError(
@@ -139,6 +149,10 @@ def _backbone(cfg: VitDetConfig):
         pretrain_img_size=cfg.pretrain_img_size,
         out_feature="last_feat",
     )
+    if cfg.attention == "efficient":
+        from peftseg.models._vit_attention import use_efficient_attention
+
+        use_efficient_attention(net)
     return SimpleFeaturePyramid(
         net=net,
         in_feature="last_feat",

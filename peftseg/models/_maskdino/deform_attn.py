@@ -40,6 +40,9 @@ def sample_levels(value: torch.Tensor, shapes: list[tuple[int, int]], locations:
 
 
 class MSDeformAttn(nn.Module):
+    # model.deform_attn_impl (auto | triton | pytorch; models/_msda.py), set after build
+    impl: str = "pytorch"
+
     def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int):
         super().__init__()
         if d_model % n_heads:
@@ -86,4 +89,6 @@ class MSDeformAttn(nn.Module):
             # offsets are in units of half the reference box, spread over the points
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        return self.output_proj(sample_levels(value, spatial_shapes, locations, weights))
+        from peftseg.models._msda import ms_deform_attn
+
+        return self.output_proj(ms_deform_attn(self.impl, sample_levels, value, spatial_shapes, locations, weights))

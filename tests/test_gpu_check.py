@@ -1,0 +1,50 @@
+"""scripts/gpu_check.py --device cpu --quick: every section runs on the CPU, so the GPU
+acceptance script cannot rot between GPU sessions; a failing section is recorded as failed."""
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture
+def gpu_check(shapes_cache, monkeypatch):
+    spec = importlib.util.spec_from_file_location("peftseg_gpu_check_script", ROOT / "scripts" / "gpu_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    monkeypatch.setenv("COLUMNS", "200")
+    return script
+
+
+def test_gpu_check_quick_on_cpu(gpu_check, tmp_path, capsys):
+    out = tmp_path / "check.json"
+    code = gpu_check.main(["--device", "cpu", "--quick", "--json", str(out), "--out", str(tmp_path / "runs")])
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert code == 0, (result.get("failed_sections"), printed)
+    assert result["failed_sections"] == []
+    for name in ("train_eval", "vitdet_b", "maskdino", "msda", "nccl"):
+        assert result[name]["status"] == "ok", name
+    rows = result["train_eval"]["rows"]
+    assert set(rows) == {"vitdet_tiny/fp32", "vitdet_tiny/amp_bf16"}
+    assert all(r["mask_AP"] >= 0 and r["step_time_s"] > 0 for r in rows.values())
+    vit = result["vitdet_b"]
+    assert list(vit["methods"]) == ["stock", "full", "peer"] and vit["baseline"] == "stock"
+    assert result["msda"]["max_abs_diff"]["output"] < 1e-4 and result["msda"]["correct"]  # the interpreter
+    assert result["nccl"]["backend"] == "gloo"
+    assert "deformable attention" in printed and "all sections ok" in printed
+
+
+def test_a_failing_section_is_recorded_as_failed(gpu_check, tmp_path, monkeypatch):
+    def broken(args):
+        raise RuntimeError("NCCL error: unhandled system error")
+
+    monkeypatch.setattr(gpu_check, "process_group", broken)
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--only", "nccl", "--json", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert result["failed_sections"] == ["nccl"]
+    assert result["nccl"]["status"] == "failed" and "unhandled system error" in result["nccl"]["error"]
