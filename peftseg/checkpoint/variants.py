@@ -25,6 +25,7 @@ through the variant's own parameter names, and a mismatch is refused, naming the
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,7 +176,8 @@ class VariantSet:
     def param_counts(self, variant: Variant) -> dict:
         """Total and trainable parameters of the variant's model as it runs (loaded alone it has the same)."""
         trainable = sum(p.numel() for p in self.model.parameters() if id(p) in variant.trainable)
-        return {"total": self.base_params + variant.added_params, "trainable": trainable}
+        total = self.base_params + variant.added_params
+        return {"total": total, "trainable": trainable, "ratio": trainable / total if total else 0.0}
 
     def memory(self) -> dict:
         """Bytes of tensors: the base once + each variant's delta, vs N separate models.
@@ -264,12 +266,6 @@ def _check_same_model(items: list[tuple[Path, dict, DictConfig]]) -> None:
                 f"{len(first_meta['class_names'])}; variants on one base must have task layers of the same shape. "
                 "Predict with these checkpoints in separate commands."
             )
-        if cfg.train.seed != first_cfg.train.seed and not cfg.model.weights:
-            raise UserError(
-                f"checkpoint {source} was trained on a base initialised with train.seed={cfg.train.seed}, "
-                f"{first_source} with train.seed={first_cfg.train.seed}; without model.weights the seed makes the "
-                "base, so these runs have different frozen bases. Give checkpoints of runs with one seed."
-            )
     for source, meta, cfg in items:
         base_dtype = getattr(cfg.method, "base_dtype", "fp32")
         if base_dtype != "fp32":
@@ -327,7 +323,9 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
         vset.activate(None)  # the bare base: this variant's method finds no other's modules
         before = _structure(model)
         peft_before = _inside_tuner(model)
-        with adapter_name(f"variant{i}"):
+        with adapter_name(f"variant{i}"), warnings.catch_warnings():
+            # peft warns that a second adapter joins the model's peft_config: that is the point here
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             applied = apply_method(model, cfg.method)
         if applied is not model:
             raise RuntimeError(f"method {cfg.method.name} replaced the model object; variants need in-place methods")
@@ -384,7 +382,7 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
         v.trainable = {id(p) for p in model.parameters() if p.requires_grad}
         mine_peft = own_peft(owned, v)
         if _fingerprint(model, to_own, trainable, owned - mine_peft) != meta["base_fingerprint"]:
-            mismatched.append(str(source))
+            mismatched.append((source, cfg))
         # the variant's trained tensors: peft's under its adapter name, the rest as they are
         tensors = read[i][1]["model"]
         unknown = []
@@ -416,10 +414,12 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
                              if id(p) not in base_ids and (k not in owned or k in mine_peft))
         variants.append(v)
     if mismatched:
+        odd = "; ".join(f"{s} (model.weights={c.model.weights!r}, train.seed={c.train.seed})" for s, c in mismatched)
         raise UserError(
-            f"checkpoint(s) {', '.join(mismatched)} were trained on different frozen base weights than the base "
-            f"built for {items[0][0]} (model.weights={first_cfg.model.weights!r}, train.seed={first_cfg.train.seed}); "
-            "variants must share one base: give only checkpoints of runs on the same base weights."
+            f"checkpoint(s) {odd} were trained on other frozen base weights than the base built here for "
+            f"{items[0][0]} (model.weights={first_cfg.model.weights!r}, train.seed={first_cfg.train.seed}); variants "
+            "share one base, so give only checkpoints of runs on the same base weights (a random base: the same "
+            "train.seed) and predict with the others separately."
         )
     vset.activate(None)
     return vset
