@@ -107,3 +107,14 @@ def test_an_op_without_an_onnx_form_is_refused_by_name_and_nothing_is_written(tm
         ex.export_checkpoint(str(run), "onnx", str(run / "model_final.safetensors"), [])
     with pytest.raises(UserError, match="format=onnx or format=torchscript"):
         ex.export_checkpoint(str(run), "tflite", None, [])
+
+
+def test_export_is_a_command_with_help(capsys):
+    from peftseg.cli import main
+
+    assert main(["--help"]) == 0 and "export   the model as one ONNX or TorchScript file" in capsys.readouterr().out
+    assert main(["export", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "format=onnx|torchscript" in out and "scores 0.0001, boxes 0.0001, masks 0.001" in out
+    assert main(["export", "checkpoint=x"]) == 2  # no format: one paragraph, exit 2
+    assert "needs format=" in capsys.readouterr().err

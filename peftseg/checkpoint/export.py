@@ -74,7 +74,11 @@ def tracing_adapter(model: nn.Module, image: torch.Tensor):
 
 def _output_names(adapter, outputs) -> list[str]:
     """Names of the flattened outputs: one per Instances field, plus the image size."""
-    schema = adapter.outputs_schema.schemas[0]  # the one image's Instances
+    from detectron2.export.flatten import InstancesSchema
+
+    schema = adapter.outputs_schema
+    while not isinstance(schema, InstancesSchema):  # [Instances] (R-CNN) or [{"instances": …}]
+        (schema,) = schema.schemas
     names = [_FIELDS.get(k, k) for k in schema.keys]
     return names + ["image_size"] if len(outputs) == len(names) + 1 else names
 

@@ -123,7 +123,10 @@ class VariantSet:
         for key, child in list(self._base_children.items()):
             if isinstance(child, nn.Module):
                 child.to(device)
-        self._base_tensors = {k: t.to(device) for k, t in self._base_tensors.items()}
+        for (mid, leaf) in self._base_tensors:  # the moved model's own tensors, not second copies
+            module = self._modules[mid]
+            p = module._parameters.get(leaf)
+            self._base_tensors[(mid, leaf)] = p.data if p is not None else module._buffers[leaf]
         for v in self.variants:
             for child in v.children.values():
                 child.to(device)
