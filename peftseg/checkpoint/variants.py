@@ -313,14 +313,14 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
     model = build_model(first_cfg.model, num_classes=len(items[0][1]["class_names"])).eval()
     base_state = model.state_dict(keep_vars=True)
     base_ids = {id(t): n for n, t in base_state.items()}
-    base_bytes, base_params = _tensor_bytes(base_state.values())
+    base_bytes, _ = _tensor_bytes(base_state.values())
     base_params = sum(p.numel() for p in model.parameters())
 
     modules: dict[int, nn.Module] = {}
     base_children: dict[tuple[int, str], object] = {}
-    base_tensors: dict[str, torch.Tensor] = {}
+    base_tensors: dict[tuple[int, str], torch.Tensor] = {}
     variants: list[Variant] = []
-    mismatched: list[str] = []
+    mismatched: list[tuple[Path, DictConfig]] = []
     vset = VariantSet(model, variants, modules, base_children, base_tensors, base_bytes, base_params, splits)
     for i, ((source, meta, cfg), name) in enumerate(zip(items, names)):
         vset.activate(None)  # the bare base: this variant's method finds no other's modules
@@ -334,7 +334,6 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
             raise RuntimeError(f"method {cfg.method.name} replaced the model object; variants need in-place methods")
         v = Variant(name=name, adapter=f"variant{i}", source=source, cfg=cfg, class_names=list(meta["class_names"]))
         inside_tuner = _inside_tuner(model)
-        own_modules: list[nn.Module] = []
         for mid, (module, children, hooks) in before.items():
             if mid in peft_before or mid in inside_tuner:
                 continue  # peft's own layers: they stay, switched by set_adapter
@@ -346,7 +345,6 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
                 base_children.setdefault((mid, key), old)
                 if new is not _ABSENT:
                     v.children[(mid, key)] = new
-                    own_modules.append(new)
             for dict_name in _HOOK_DICTS:
                 added = {k: f for k, f in getattr(module, dict_name).items() if k not in hooks[dict_name]}
                 if added:
