@@ -25,6 +25,8 @@ def runs(tmp_path_factory):
         make_run(root / "lora_a", "method=lora", noise_seed=1),
         make_run(root / "lora_b", "method=lora", "method.targets=[attn_proj,mlp]", "method.rank=2", noise_seed=2),
         make_run(root / "adapter", "method=adapter", noise_seed=3),
+        make_run(root / "side", "method=side", noise_seed=4),  # attached modules + hooks of its own
+        make_run(root / "bitfit", "method=bitfit", noise_seed=5),  # trains base tensors (biases) only
     ]
 
 
@@ -40,8 +42,9 @@ def _outputs(model, inputs):
 
 
 def test_each_variant_computes_exactly_what_it_computes_alone(runs):
+    """Two LoRA variants (peft adapters in the same layers), adapters, a side path, bitfit."""
     vset = load_variants([str(r) for r in runs], [])
-    assert [v.name for v in vset] == ["lora_a", "lora_b", "adapter"]
+    assert [v.name for v in vset] == ["lora_a", "lora_b", "adapter", "side", "bitfit"]
     inputs = _inputs()
     shared = {v.name: _outputs(vset.activate(v), inputs) for v in vset}
     for v in reversed(vset.variants):  # switching back and forth changes nothing either
@@ -54,8 +57,8 @@ def test_each_variant_computes_exactly_what_it_computes_alone(runs):
                 assert torch.equal(getattr(ref, field), getattr(got_again, field)), (v.name, field)
             assert torch.equal(ref.pred_boxes.tensor, got.pred_boxes.tensor), v.name
     # the variants do differ: the switch is what makes each one's outputs
-    a, b, c = (shared[n][0].scores for n in ("lora_a", "lora_b", "adapter"))
-    assert not torch.equal(a, b) and not torch.equal(a, c)
+    scores = [shared[v.name][0].scores for v in vset]
+    assert all(not torch.equal(x, y) for i, x in enumerate(scores) for y in scores[i + 1:])
     # two LoRA adapters in the same peft layers (qkv only in lora_a, proj/mlp in both)
     proj = vset.model.get_submodule("backbone.net.blocks.0.attn.proj")
     assert set(proj.lora_A) == {"variant0", "variant1"}
