@@ -30,6 +30,11 @@ def runs(tmp_path_factory):
     ]
 
 
+@pytest.fixture(scope="module")
+def vset(runs):
+    return load_variants([str(r) for r in runs], [])
+
+
 def _inputs():
     g = torch.Generator().manual_seed(0)
     return [{"image": (torch.rand(3, 128, 128, generator=g) * 255).to(torch.uint8), "height": 128, "width": 128}
@@ -41,9 +46,8 @@ def _outputs(model, inputs):
         return [o["instances"] for o in model(inputs)]
 
 
-def test_each_variant_computes_exactly_what_it_computes_alone(runs):
+def test_each_variant_computes_exactly_what_it_computes_alone(vset):
     """Two LoRA variants (peft adapters in the same layers), adapters, a side path, bitfit."""
-    vset = load_variants([str(r) for r in runs], [])
     assert [v.name for v in vset] == ["lora_a", "lora_b", "adapter", "side", "bitfit"]
     inputs = _inputs()
     shared = {v.name: _outputs(vset.activate(v), inputs) for v in vset}
@@ -64,8 +68,7 @@ def test_each_variant_computes_exactly_what_it_computes_alone(runs):
     assert set(proj.lora_A) == {"variant0", "variant1"}
 
 
-def test_memory_is_the_base_once_plus_measured_deltas(runs):
-    vset = load_variants([str(r) for r in runs], [])
+def test_memory_is_the_base_once_plus_measured_deltas(vset, runs):
     mem = vset.memory()
     lora_a = vset.get("lora_a")
     alone_bytes = sum(t.numel() * t.element_size() for t in load_model(str(runs[0]), []).model.state_dict().values())

@@ -102,7 +102,8 @@ class VariantSet:
         self._modules = modules  # id -> module, for the ones the switches touch
         self._base_children = base_children
         self._base_tensors = base_tensors  # the base's own tensor of every swapped name
-        self.base_bytes = base_bytes
+        self.base_bytes = base_bytes  # resident bytes of the shared base
+        self.full_base_bytes = base_bytes  # the base model as built, every tensor
         self.base_params = base_params
         self.splits = splits
         self.active: Variant | None = None
@@ -176,6 +177,18 @@ class VariantSet:
         self.active = variant
         return self.model
 
+    def release_unused_base_tensors(self) -> int:
+        """Drop the base's own copy of every tensor that all variants replace (typically the
+        task layers, which every run trains): nothing would ever compute with it. Returns the
+        bytes released; after this, `activate(None)` leaves those tensors at the last variant's."""
+        released = 0
+        for key in [k for k in self._base_tensors if all(k in v.swapped for v in self.variants)]:
+            tensor = self._base_tensors.pop(key)
+            _set_tensor(self._modules[key[0]], key[1], self.variants[0].swapped[key])
+            released += _nbytes(tensor)
+        self.base_bytes -= released
+        return released
+
     def param_counts(self, variant: Variant) -> dict:
         """Total and trainable parameters of the variant's model as it runs (loaded alone it has the same)."""
         trainable = sum(p.numel() for p in self.model.parameters() if id(p) in variant.trainable)
@@ -185,11 +198,11 @@ class VariantSet:
     def memory(self) -> dict:
         """Bytes of tensors: the base once + each variant's delta, vs N separate models.
 
-        Measured by summing the bytes of the tensors each part holds (a separate model of a
-        variant: the base's tensors + its own modules'; its trained task layers replace base
-        tensors of the same size)."""
+        Measured by summing the bytes of the tensors each part holds: the base's (less the
+        ones every variant replaces, released), each variant's own modules and replacement
+        tensors. A separate model of a variant holds the full base + its own modules."""
         deltas = {v.name: v.delta_bytes for v in self.variants}
-        separate = {v.name: self.base_bytes + v.added_bytes for v in self.variants}
+        separate = {v.name: self.full_base_bytes + v.added_bytes for v in self.variants}
         return {"base": self.base_bytes, "variants": deltas, "shared_total": self.base_bytes + sum(deltas.values()),
                 "separate_total": sum(separate.values()), "separate": separate}
 
@@ -422,6 +435,7 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
             "share one base, so give only checkpoints of runs on the same base weights (a random base: the same "
             "train.seed) and predict with the others separately."
         )
+    vset.release_unused_base_tensors()
     vset.activate(None)
     return vset
 
