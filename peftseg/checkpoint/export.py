@@ -186,14 +186,15 @@ def default_output(source: Path, fmt: str) -> Path:
     return source.with_name(source.name.split(".")[0] + FORMATS[fmt])
 
 
-def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: list[str]) -> Exported:
+def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: list[str],
+                      classes: list[str] | None = None) -> Exported:
     """Load (checkpoint.load), fold peft layers, trace, write atomically, check parity."""
     from peftseg.checkpoint.load import load_model
     from peftseg.checkpoint.merge import fold_tuner_layers
 
     if fmt not in FORMATS:
         raise UserError(f"format={fmt!r} is not an export format; choose format=onnx or format=torchscript.")
-    loaded = load_model(checkpoint, overrides)
+    loaded = load_model(checkpoint, overrides, classes=classes)  # classes: a plain checkpoint's
     family = str(loaded.cfg.model.family)
     out = Path(output) if output else default_output(loaded.source, fmt)
     if loaded.source is not None and out.resolve() == loaded.source.resolve():

@@ -6,6 +6,7 @@ from peftseg.cli.common import console, err_console, print_text, split_args, wan
 
 EXPORT_HELP = """\
 usage: peftseg export checkpoint=<run dir, model_* file or merged file> format=onnx|torchscript [output=<file>]
+       (a plain detectron2 checkpoint also needs model=<preset> classes=[a,b])
 
 Writes the model as one file whose graph maps an image tensor (float32, 3 x S x S with S the
 model's image_size, values 0..255 in the model's channel order) to boxes, classes, masks and
@@ -27,10 +28,13 @@ def main(argv: list[str]) -> int:
         return 0
     from peftseg.report.tables import fmt_bytes
 
-    options, overrides, _ = split_args(argv, "export", ("checkpoint", "format", "output"),
+    from peftseg.cli.predict import _classes
+
+    options, overrides, _ = split_args(argv, "export", ("checkpoint", "format", "output", "classes"),
                                        required=("checkpoint", "format"),
                                        example="checkpoint=outputs/<date>/<time> format=onnx")
-    result = ex.export_checkpoint(options["checkpoint"], options["format"], options.get("output"), overrides)
+    result = ex.export_checkpoint(options["checkpoint"], options["format"], options.get("output"), overrides,
+                                  classes=_classes(options.get("classes")))
     p = result.parity
     console.print(f"exported {p['model']} + {p['method']} ({p['family']}) to {result.path} "
                   f"({fmt_bytes(result.path.stat().st_size)}) in {p['export_seconds']:.1f} s", highlight=False)
