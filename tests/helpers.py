@@ -123,3 +123,28 @@ def cli_in_process(*args: str, cwd, cache):
     finally:
         cli.console.width, cli.err_console.width = widths
     return subprocess.CompletedProcess(["peftseg", *args], code, out.getvalue(), err.getvalue())
+
+
+CLASSES = ["circle", "square", "triangle"]
+
+
+def make_run(run_dir: Path, *overrides: str, noise_seed: int) -> Path:
+    """A run's final checkpoint of vitdet_tiny (or model=…) + a method, its trained tensors set to random
+    values (as training would leave them, but in a second): a checkpoint as `peftseg train` writes it."""
+    import torch
+
+    from peftseg.checkpoint.files import FINAL, PeftCheckpointer
+    from peftseg.config import compose_config
+    from peftseg.engine.run import build_for_run
+
+    cfg = compose_config(["model=vitdet_tiny", "train=smoke", *overrides])
+    model = build_for_run(cfg, len(CLASSES))
+    g = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # zero-initialised LoRA B / adapter up become non-zero
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": CLASSES}
+    run_dir.mkdir(parents=True)
+    PeftCheckpointer(model, save_dir=str(run_dir), meta=meta).save(FINAL)
+    return run_dir

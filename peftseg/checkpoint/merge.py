@@ -37,6 +37,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             "bottleneck adapters are non-linear), so they cannot be folded into the base weights. "
             f"Merge works for {', '.join(mergeable)}; evaluate this run with `peftseg eval` instead."
         )
+    fold_tuner_layers(model)
+    if hasattr(model, "peft_config"):  # set by peft.inject_adapter_in_model
+        del model.peft_config
+    model.__dict__.pop("peftseg_added", None)  # nothing is left of the method's modules
+    return model
+
+
+def fold_tuner_layers(model: nn.Module) -> nn.Module:
+    """Every peft layer merged into the layer it wraps, which takes its place (also used by
+    export, where modules that have no merged form stay in the graph)."""
     # method.base_dtype=bf16 stored the frozen weights in bfloat16; a merged model is a plain
     # float32 detectron2 model, and a small update added in bf16 would round away
     widen_frozen(model)
@@ -53,9 +63,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, base)
-    if hasattr(model, "peft_config"):  # set by peft.inject_adapter_in_model
-        del model.peft_config
-    model.__dict__.pop("peftseg_added", None)  # nothing is left of the method's modules
     return model
 
 

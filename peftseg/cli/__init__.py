@@ -29,8 +29,11 @@ commands:
            checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]
   report   table, report.csv, report.md, pareto.png and training curves of every results.json under a
            directory (a sweep)
+  export   the model as one ONNX or TorchScript file (LoRA folded in), parity with PyTorch checked:
+           checkpoint=<run dir, model_* file or merged file> format=onnx|torchscript [output=<file>]
   predict  masks on new images: checkpoint=<run dir or model file> input=<image, folder or glob> output=<dir>
-           [score_thresh=0.5] [max_size=<px>]; a plain checkpoint also needs model=<preset> classes=[a,b]
+           [score_thresh=0.5] [max_size=<px>]; a plain checkpoint also needs model=<preset> classes=[a,b];
+           checkpoint=[runA,runB,…]: task variants of one base, the base in memory once
   visualize  ground truth | predictions side by side for n validation images of a run: <run dir> [n=8]
   list     the models, methods and datasets there are, one line each
 
@@ -39,7 +42,7 @@ commands:
 
 
 # command -> module of this package that runs it
-COMMANDS = {"train": "train", "search": "search", "eval": "eval", "merge": "merge", "report": "report", "predict": "predict",
+COMMANDS = {"train": "train", "search": "search", "eval": "eval", "merge": "merge", "export": "export", "report": "report", "predict": "predict",
             "visualize": "visualize", "list": "list"}
 
 

@@ -17,6 +17,11 @@ syntax, as for `peftseg train`:
   dataset=<{datasets}> and dataset.<key>=…   evaluate on other data (same classes)
   train.device=…  train.num_workers=…
 Writes <output>/eval.json (default: eval_<checkpoint name>/ beside the checkpoint).
+
+checkpoint=[runA,runB,…]: run checkpoints of one base model (task variants) evaluated on one
+shared copy of the base, each variant switched in turn; <output>/<run dir name>/eval.json each
+(default output: eval_variants/ in the working directory), and the tensor memory of base +
+variants next to separate models.
 """
 
 
@@ -29,6 +34,7 @@ def main(argv: list[str]) -> int:
         return 0
     from peftseg.engine.evaluate import evaluate
     from peftseg.checkpoint.load import load_model
+    from peftseg.cli.many import checkpoint_list
     from peftseg.engine.run import resolve_device
     from peftseg.params import count_parameters
     from peftseg.io.atomic import write_json
@@ -37,6 +43,9 @@ def main(argv: list[str]) -> int:
 
     options, overrides, _ = split_args(argv, "eval", ("checkpoint", "output"), required=("checkpoint",),
                                        example="checkpoint=outputs/<date>/<time>")
+    many = checkpoint_list(options["checkpoint"])
+    if many is not None:
+        return _eval_variants(many, overrides, options.get("output"))
     r = load_model(options["checkpoint"], overrides, need_dataset=True)
     device = resolve_device(r.cfg.train.device)
     r.model.to(device)
@@ -49,4 +58,33 @@ def main(argv: list[str]) -> int:
     write_json(out_dir / "eval.json", record)
     console.print(eval_table(record))
     console.print(f"record: {out_dir / 'eval.json'}")
+    return 0
+
+
+def _eval_variants(checkpoints: list[str], overrides: list[str], output: str | None) -> int:
+    from peftseg.checkpoint.variants import load_variants
+    from peftseg.cli.many import print_memory
+    from peftseg.engine.evaluate import evaluate
+    from peftseg.engine.run import resolve_device
+    from peftseg.io.atomic import write_json
+    from peftseg.report.tables import eval_table
+    from peftseg.results import evaluator_metrics
+
+    vset = load_variants(checkpoints, overrides, need_dataset=True)
+    vset.to(resolve_device(vset.variants[0].cfg.train.device))
+    root = Path(output or "eval_variants")
+    for v in vset:
+        model = vset.activate(v)
+        out_dir = root / v.name
+        results = evaluate(model, vset.splits.val, v.cfg.model.image_size, out_dir, v.cfg.train.num_workers)
+        record = {
+            "checkpoint": str(v.source), "checkpoint_kind": "peft", "dataset": v.cfg.dataset.name,
+            "variant_of_shared_base": True, "params": vset.param_counts(v), "metrics": evaluator_metrics(results),
+        }
+        write_json(out_dir / "eval.json", record)
+        console.print(f"[bold]{v.name}[/] ({v.cfg.method.name})", highlight=False)
+        console.print(eval_table(record))
+        console.print(f"record: {out_dir / 'eval.json'}")
+    mem = print_memory(console, vset)
+    write_json(root / "memory.json", mem)
     return 0

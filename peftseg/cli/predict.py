@@ -2,6 +2,12 @@
 
     peftseg predict checkpoint=<run dir or .pth> input=<image, folder or glob> output=<dir>
                     [score_thresh=0.5] [max_size=<px>] [classes=[a,b]] [model=… model.weights=…]
+    peftseg predict checkpoint=[runA,runB,…] input=… output=<dir>
+
+Several run checkpoints of one base model (task variants) share one copy of the base: it is
+built once and each variant's method switched in (peft's set_adapter for the LoRA family);
+each variant's outputs go to <output>/<run dir name>/, and the tensor memory of the shared
+base + each variant is printed next to what separate models would take.
 
 Each readable image gets `<output>/<stem>.png`, drawn by detectron2's Visualizer (class,
 score, mask, box), and every detection goes into `<output>/predictions.json` in the COCO
@@ -177,12 +183,16 @@ def main(argv: list[str], console: Console | None = None) -> int:
         print_text(__doc__.strip())
         return 0
     from peftseg.checkpoint.load import load_model
+    from peftseg.cli.many import checkpoint_list
 
     console = console or default_console
     options, overrides = parse_args(argv)
     score_thresh = _number(options, "score_thresh", 0.5, float, 0.0, 1.0)
     max_size = _number(options, "max_size", None, int, 32, 16384)
     images = find_images(options["input"])
+    many = checkpoint_list(options.get("checkpoint"))
+    if many is not None:
+        return _predict_variants(many, overrides, images, Path(options["output"]), score_thresh, max_size, console)
     loaded = load_model(options.get("checkpoint"), overrides, classes=_classes(options.get("classes")))
     outcome = predict(loaded, images, Path(options["output"]), score_thresh=score_thresh, max_size=max_size,
                       console=console)
@@ -196,4 +206,28 @@ def main(argv: list[str], console: Console | None = None) -> int:
         console.print(f"[yellow]skipped {len(outcome.unreadable)} unreadable image(s):[/]", highlight=False)
         for path, why in outcome.unreadable:
             console.print(f"  {path}: {why}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def _predict_variants(checkpoints: list[str], overrides: list[str], images: list[Path], output: Path,
+                      score_thresh: float, max_size: int | None, console: Console) -> int:
+    """checkpoint=[a,b,…]: the base built once, each variant switched in; outputs in output/<variant>/."""
+    from peftseg.checkpoint.load import Loaded
+    from peftseg.checkpoint.variants import load_variants
+    from peftseg.cli.many import print_memory
+    from peftseg.engine.run import resolve_device
+
+    vset = load_variants(checkpoints, overrides)
+    vset.to(resolve_device(vset.variants[0].cfg.train.device))
+    for v in vset:
+        model = vset.activate(v)
+        loaded = Loaded(model=model, cfg=v.cfg, class_names=v.class_names, source=v.source, kind="peft")
+        outcome = predict(loaded, images, output / v.name, score_thresh=score_thresh, max_size=max_size,
+                          console=console)
+        console.print(f"{v.name} ({v.cfg.method.name}): {len(outcome.written)} of {len(images)} images, "
+                      f"{outcome.detections} detections with score >= {score_thresh} in {output / v.name}",
+                      highlight=False)
+        for path, why in outcome.unreadable:
+            console.print(f"  skipped {path}: {why}", highlight=False, soft_wrap=True)
+    print_memory(console, vset)
     return 0

@@ -6,6 +6,8 @@ FamilyMap turns into module-name regexes; peft matches their union with `re.full
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 
 import peft
@@ -16,6 +18,23 @@ from peftseg.errors import UserError
 from peftseg.methods.freeze import train_only_added
 from peftseg.models import family_of
 from peftseg.models.family import FamilyMap
+
+
+# The name peft gives the adapter being injected: "default" for a run; a task variant's own
+# name when peftseg.checkpoint.variants adds several variants to one base (peft's
+# multi-adapter API: the layers a second variant targets are already tuner layers and get
+# one more adapter, which set_adapter switches between).
+_ADAPTER_NAME: contextvars.ContextVar[str] = contextvars.ContextVar("peftseg_adapter_name", default="default")
+
+
+@contextlib.contextmanager
+def adapter_name(name: str):
+    """Inject peft-backed methods under adapter `name` (into existing tuner layers too)."""
+    token = _ADAPTER_NAME.set(name)
+    try:
+        yield
+    finally:
+        _ADAPTER_NAME.reset(token)
 
 
 def target_regex(family: FamilyMap, groups: list[str]) -> str:
@@ -55,6 +74,8 @@ def resolve_targets(model: nn.Module, family: FamilyMap, targets: list[str], fie
 
 def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> None:
     if isinstance(module, BaseTunerLayer):
+        if _ADAPTER_NAME.get() != "default":  # one more variant's adapter in the same layer
+            return
         raise UserError(
             f"{field} group {group!r} selects {name}, which another peft method of this run "
             "already wraps; give each method of a combination its own target groups."
@@ -85,9 +106,9 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bo
             # VeRA's projections are shared by all its layers and kept on the tuner, so peft's
             # inject_adapter_in_model refuses it; the tuner injects in place all the same, and
             # every layer holds the shared BufferDict as a submodule, so the tuner can go
-            model = tuner_cls(model, peft_config, adapter_name="default").model
+            model = tuner_cls(model, peft_config, adapter_name=_ADAPTER_NAME.get()).model
         else:
-            model = peft.inject_adapter_in_model(peft_config, model)
+            model = peft.inject_adapter_in_model(peft_config, model, adapter_name=_ADAPTER_NAME.get())
     except ValueError as e:  # peft's word for a layer type this method has no version of
         if "not supported" not in str(e):
             raise

@@ -146,6 +146,10 @@ class EfficientAttention(Attention):
         return new
 
     def forward(self, x):
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # an exported graph (peftseg export) gets detectron2's own attention: plain ops every
+            # runtime has, the same function; chunking is a training-memory measure
+            return super().forward(x)
         B, H, W, _ = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
