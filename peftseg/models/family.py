@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-ACCOUNTING_GROUPS = ("backbone", "neck", "heads")
+# "text": a language encoder that no method trains (seem's class-name encoder)
+ACCOUNTING_GROUPS = ("backbone", "neck", "heads", "text")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class FamilyMap:
     # feature; empty: the family offers no side path
     side_body: str = ""
     side_features: dict[str, str] = field(default_factory=dict)
+    # parameter-name prefixes that no method trains, `full` included (apply_method freezes them
+    # after the method): e.g. seem's language encoder, whose class embeddings are computed once
+    # per dataset, and parameters the model's forward never reads
+    frozen: tuple[str, ...] = ()
 
     def group_of(self, param_name: str) -> str | None:
         """Accounting group of a parameter name, or None when no prefix matches."""
