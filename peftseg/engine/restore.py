@@ -103,6 +103,6 @@ def restore(checkpoint: str, overrides: list[str]) -> Restored:
             f"{cfg.dataset.name!r} has {list(splits.class_names)}; evaluate on a dataset with the same "
             "categories in the same order."
         )
-    model = build_for_run(cfg, len(splits.class_names))
+    model = build_for_run(cfg, len(splits.class_names), splits.class_names)
     PeftCheckpointer(model, meta={}).load_peft(source, meta["config"])
     return Restored(model=model, cfg=cfg, splits=splits, source=source)
