@@ -138,7 +138,8 @@ class D2FocalNet(Backbone):
         super().__init__()
         stem_padding = 3 if depthwise else 2
         self.patch_embed = PatchEmbed(3, embed_dim, True, stem_padding)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        total = sum(depths)  # stochastic depth rising linearly over all blocks (torch.linspace(0, rate, n))
+        dpr = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
         self.num_features = [embed_dim * 2**i for i in range(len(depths))]
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
