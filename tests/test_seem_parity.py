@@ -145,3 +145,18 @@ def test_final_instances_match_official_as_sets(oracle):
         free.remove(j)
         assert abs(float(inst.scores[j]) - score) <= 1e-5
         assert torch.equal(inst.pred_masks[j] > 0.5, ref["pred_masks_bool"][i]), f"mask of official instance {i}"
+
+
+def test_other_class_count_reports_only_the_no_object_weight(oracle):
+    """The classifier is the text space, so another dataset reuses every weight: only the
+    criterion's class-count-sized buffer differs (and the class embeddings follow the names)."""
+    ckpt = oracle[4]
+    cfg = OmegaConf.merge(OmegaConf.structured(SeemConfig), ORACLE)
+    model = build_model(cfg, num_classes=5, class_names=["cat", "dog", "red square", "bird", "car"])
+    report = load_weights(model, str(ckpt))
+    assert report.shape_mismatch == ("criterion.empty_weight",) and report.unexpected == ()
+    lang = model.sem_seg_head.predictor.lang_encoder
+    # recomputed from the loaded text encoder when the weights came in: "red square" is the
+    # oracle's first class, embedded exactly as there
+    torch.testing.assert_close(lang.class_embeddings[2], oracle[0].sem_seg_head.predictor.lang_encoder.class_embeddings[0],
+                               atol=1e-6, rtol=0)
