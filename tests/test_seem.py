@@ -146,7 +146,7 @@ def test_family_map_sites_and_lora_groups_match_the_study_layout(model):
     assert counts == {
         "attn_qkv": blocks, "attn_proj": blocks, "mlp": 2 * blocks,
         "decoder_attn": 2 * dec, "decoder_self_attn": dec, "decoder_cross_attn": dec,
-        "pixel_decoder_attn": enc, "decoder_ffn": 2 * dec, "pixel_decoder_ffn": 2 * enc, "heads": 3,
+        "pixel_decoder_attn": enc, "encoder_attn": enc, "decoder_ffn": 2 * dec, "pixel_decoder_ffn": 2 * enc, "heads": 3,
     }
     assert all(isinstance(model.get_submodule(n), torch.nn.MultiheadAttention)
                for n in hits(FAMILY.lora_targets["decoder_attn"]) + hits(FAMILY.lora_targets["pixel_decoder_attn"]))

@@ -70,6 +70,8 @@ FAMILY = FamilyMap(
         "decoder_self_attn": rf"{_DEC_SELF}\.self_attn",
         "decoder_cross_attn": rf"{_DEC_CROSS}\.multihead_attn",
         "pixel_decoder_attn": rf"{_ENC}\.self_attn",
+        # the study grid's family-neutral name of the encoder attention (maskdino: deformable)
+        "encoder_attn": rf"{_ENC}\.self_attn",
         "decoder_ffn": rf"{_DEC_FFN}\.linear[12]",
         "pixel_decoder_ffn": rf"{_ENC}\.linear[12]",
         "heads": rf"{_P}\.mask_embed\.layers\.\d+",
