@@ -191,12 +191,23 @@ def test_lora_on_decoder_attention_wraps_multihead_attention(model, batch):
     assert len([n for n in wrapped if n.endswith(("self_attn", "multihead_attn"))]) == 2 * 3 + 2
     counts = count_parameters(m)
     assert counts.by_group["peft"]["trainable"] > 0
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     m.train()
     with EventStorage():
-        sum(m(batch).values()).backward()
+        for _ in range(2):
+            optimizer.zero_grad()
+            sum(m(batch).values()).backward()
+            optimizer.step()
     grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any("transformer_cross_attention_layers.2.multihead_attn" in n and "lora_" in n for n in grads)
     assert any(n.startswith(ENC) and "lora_" in n for n in grads)
+    # peft merges and unmerges the update around every MultiheadAttention forward; the base it
+    # leaves must be the frozen one bit for bit (peftseg.methods._mha_pin), or checkpoints
+    # stop matching their base fingerprint
+    params = dict(m.named_parameters())
+    drifted = [n for n, v in frozen.items() if not torch.equal(params[n], v)]
+    assert drifted == []
 
 
 def test_training_step_gives_the_official_loss_terms_and_no_text_forward(batch):
