@@ -276,7 +276,7 @@ def build(entries, args, device, console):
     benches = []
     for label, cfg in cfgs.items():
         torch.manual_seed(args.seed)  # same initial weights for every method
-        model = apply_method(build_model(cfg.model, num_classes=len(splits.class_names)), cfg.method)
+        model = apply_method(build_model(cfg.model, num_classes=len(splits.class_names), class_names=splits.class_names), cfg.method)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)
         params = count_parameters(model)

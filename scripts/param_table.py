@@ -57,6 +57,18 @@ FAMILY_ROWS = {
         ("lora r=8 deform enc+dec + decoder self-attn + backbone attn",
          ["method=lora", "method.targets=[deform_attn,decoder_deform_attn,decoder_self_attn,attn_qkv,attn_proj]"]),
     ],
+    # SEEM: the same study placements (adapters after the decoder's self- and cross-attention and
+    # the pixel decoder's self-attention; LoRA on those nn.MultiheadAttention modules); the frozen
+    # text encoder counts in `total` and never in `trainable`, `full` included
+    "seem": [
+        *[(f"adapter {n}/block (study sites)", ["method=adapter", f"method.adapters_per_block={n}",
+                                                "method.sites=[attn]"]) for n in (1, 2, 3, 4)],
+        ("lora r=8 decoder attn (self+cross)", ["method=lora", "method.targets=[decoder_attn]"]),
+        ("lora r=8 decoder + pixel-decoder attn",
+         ["method=lora", "method.targets=[decoder_attn,pixel_decoder_attn]"]),
+        ("lora r=8 decoder + pixel-decoder attn + focal modulation",
+         ["method=lora", "method.targets=[decoder_attn,pixel_decoder_attn,attn_qkv,attn_proj]"]),
+    ],
 }
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""The reference study's grid on Mask DINO in one command: one Hydra multirun, then the report.
+"""The reference study's grid on Mask DINO or SEEM in one command: one Hydra multirun, then the report.
 
     .venv/bin/python scripts/reproduce_study.py --dataset coco --weights /path/maskdino_swinl.pth
+    .venv/bin/python scripts/reproduce_study.py --model seem_focalt --weights /path/seem_focalt_v1.pt
     .venv/bin/python scripts/reproduce_study.py --smoke        # maskdino_tiny + shapes, minutes on a CPU
 
 The grid is conf/study/ (one file per setting: full, heads, adapters 1-4 per block at the
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ["full", "heads", "adapter1", "adapter2", "adapter3", "adapter4", "lora_deform", "lora_deform_attn"]
 # CPU-sized: the tiny model on a small shapes split, a few steps each; proves the pipeline
-SMOKE = ["model=maskdino_tiny", "dataset=shapes", "train=smoke", "train.max_iter=4",
+SMOKE = ["dataset=shapes", "train=smoke", "train.max_iter=4",
          "train.warmup_iters=1", "dataset.num_train=8", "dataset.num_val=4"]
 
 
@@ -32,7 +33,7 @@ def overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
         raise SystemExit(f"--only names none of the study's settings: {', '.join(STUDY)}")
     out = ["-m", f"+study={','.join(study)}"]
     if args.smoke:
-        out += SMOKE
+        out += [f"model={args.smoke_model}", *SMOKE]
     else:
         out += [f"model={args.model}", f"dataset={args.dataset}", f"train={args.train}"]
     if args.weights:
@@ -43,11 +44,13 @@ def overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="shapes", help="a conf/dataset preset (default: shapes)")
-    ap.add_argument("--model", default="maskdino_swin_l", help="a conf/model maskdino preset")
-    ap.add_argument("--weights", default="", help="official Mask DINO checkpoint (or Swin ImageNet weights)")
+    ap.add_argument("--model", default="maskdino_swin_l",
+                    help="a conf/model maskdino or seem preset (e.g. seem_focalt, seem_focall)")
+    ap.add_argument("--weights", default="", help="official Mask DINO or SEEM checkpoint (or Swin ImageNet weights)")
     ap.add_argument("--train", default="default", help="a conf/train preset (default: default)")
     ap.add_argument("--only", nargs="*", help=f"a subset of the grid ({', '.join(STUDY)})")
-    ap.add_argument("--smoke", action="store_true", help="maskdino_tiny on a small shapes split, a few steps")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on a small shapes split, a few steps")
+    ap.add_argument("--smoke-model", default="maskdino_tiny", help="the --smoke model (maskdino_tiny or seem_tiny)")
     args, extra = ap.parse_known_args(argv)
 
     from peftseg import cli

@@ -108,7 +108,7 @@ def test_families_leave_detectron2s_global_registry_to_the_official_packages():
     from detectron2.modeling import META_ARCH_REGISTRY
 
     before = set(dict(META_ARCH_REGISTRY))
-    for module in ("peftseg.models._maskdino.meta_arch", "peftseg.models._mask2former"):
+    for module in ("peftseg.models._maskdino.meta_arch", "peftseg.models._mask2former", "peftseg.models._seem.meta_arch"):
         importlib.import_module(module)
     assert set(dict(META_ARCH_REGISTRY)) == before
     if "MaskDINO" not in before:  # what `import maskdino` (the official package) does

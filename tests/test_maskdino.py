@@ -87,6 +87,7 @@ def test_family_map_sites_and_lora_groups_match_the_study_layout(model):
     counts = {group: len(hits(p)) for group, p in FAMILY.lora_targets.items()}
     assert counts == {
         "deform_attn": 4 * enc, "decoder_deform_attn": 4 * dec,
+        "encoder_attn": 4 * enc, "decoder_cross_attn": 4 * dec,  # the study grid's neutral names
         "sampling_offsets": enc + dec, "attention_weights": enc + dec, "value_proj": enc + dec,
         "output_proj": enc + dec, "decoder_self_attn": dec,
         "attn_qkv": 5, "attn_proj": 5, "mlp": 10,  # Swin depths [1, 1, 2, 1]

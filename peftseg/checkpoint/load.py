@@ -151,11 +151,11 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
                 )
         if merged:
             cfg.model.weights = ""  # every tensor comes from the merged file
-            model = build_model(cfg.model, len(names))
+            model = build_model(cfg.model, len(names), names)
             _load_whole(model, data["model"], source)
             kind = "merged"
         else:
-            model = build_for_run(cfg, len(names))
+            model = build_for_run(cfg, len(names), names)
             PeftCheckpointer(model, meta={}).load_peft(source, meta["config"], data)
             kind = "peft"
     else:
@@ -177,7 +177,7 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
         if need_dataset:
             splits = register_dataset(cfg.dataset)
         names = _class_names(cfg, classes, splits, "a plain checkpoint")
-        model = build_model(cfg.model, len(names))
+        model = build_model(cfg.model, len(names), names)
         kind = "plain"
     return Loaded(model=model.eval(), cfg=cfg, class_names=names, source=source, kind=kind, splits=splits)
 

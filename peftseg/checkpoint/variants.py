@@ -323,7 +323,8 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
 
     # the base exactly as build_for_run makes it for each of them
     seed_all_rng(first_cfg.train.seed)
-    model = build_model(first_cfg.model, num_classes=len(items[0][1]["class_names"])).eval()
+    model = build_model(first_cfg.model, num_classes=len(items[0][1]["class_names"]),
+                        class_names=list(items[0][1]["class_names"])).eval()
     base_state = model.state_dict(keep_vars=True)
     base_ids = {id(t): n for n, t in base_state.items()}
     base_bytes, _ = _tensor_bytes(base_state.values())

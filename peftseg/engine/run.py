@@ -46,11 +46,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)  # the value was checked against its choices at compose time
 
 
-def build_for_run(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+def build_for_run(cfg: DictConfig, num_classes: int, class_names=None) -> torch.nn.Module:
     """The model as a run trains it. Seeded first: a randomly initialised base must come
-    out identical when `peftseg eval`/`merge`/resume rebuild it around a PEFT checkpoint."""
+    out identical when `peftseg eval`/`merge`/resume rebuild it around a PEFT checkpoint.
+    `class_names`: the dataset's, for a family that classifies by name (seem)."""
     seed_all_rng(cfg.train.seed)
-    model = build_model(cfg.model, num_classes=num_classes)
+    model = build_model(cfg.model, num_classes=num_classes, class_names=class_names)
     model = apply_method(model, cfg.method)
     if cfg.train.activation_checkpointing:
         from peftseg.engine.checkpointing import enable_activation_checkpointing
@@ -98,7 +99,7 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             record.data = training_data(splits, cfg.dataset)
             log.info("training images: %d of %d", record.data["train_images"], record.data["train_images_available"])
             device = resolve_device(cfg.train.device)
-            model = build_for_run(cfg, len(splits.class_names))
+            model = build_for_run(cfg, len(splits.class_names), splits.class_names)
             counts = count_parameters(model)
             record.params = counts.to_dict()
             log.info("parameters: %d total, %d trainable (%.3f%%)", counts.total, counts.trainable, 100 * counts.ratio)

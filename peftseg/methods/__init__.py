@@ -22,6 +22,18 @@ def apply_method(model, cfg_method: Any):
 
     check_blocks_read(spec.name, getattr(cfg_method, "blocks", "all"))
     model = spec.apply(model, cfg_method)
+    _freeze_family_frozen(model)
     # after the method: its own (trainable) parameters are created fp32 and stay so
     store_frozen_in(model, getattr(cfg_method, "base_dtype", "fp32"), spec.name)
     return model
+
+
+def _freeze_family_frozen(model) -> None:
+    """What the family never trains (FamilyMap.frozen) stays frozen whatever the method did."""
+    from peftseg.models import family_of
+
+    frozen = family_of(model).frozen
+    if frozen:
+        for name, p in model.named_parameters():
+            if name.startswith(frozen):
+                p.requires_grad_(False)

@@ -117,6 +117,10 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bo
             "pick target groups of nn.Linear layers for this method (lora also takes nn.MultiheadAttention groups "
             "such as decoder_cross_attn)."
         ) from None
+    # peft's LoRA on nn.MultiheadAttention re-derives the frozen base every forward: pin it
+    from peftseg.methods._mha_pin import pin_multihead_attention_bases
+
+    pin_multihead_attention_bases(model)
     added = [p for p in model.parameters() if id(p) not in before]
     return train_only_added(model, added, owner, train_task_layers)
 

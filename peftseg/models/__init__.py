@@ -7,6 +7,8 @@ under `@register_family`; this package finds them by importing every public modu
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 from peftseg.errors import UserError
@@ -15,9 +17,16 @@ from peftseg.registry import FAMILIES, check_config
 
 __all__ = ["FAMILIES", "FamilyMap", "build_model", "family_of"]
 
+log = logging.getLogger(__name__)
 
-def build_model(cfg_model: Any, num_classes: int):
-    """Build the family's detectron2 model, load `cfg_model.weights` if set, attach its map."""
+
+def build_model(cfg_model: Any, num_classes: int, class_names: Sequence[str] | None = None):
+    """Build the family's detectron2 model, load `cfg_model.weights` if set, attach its map.
+
+    A model that classifies by class name (it has `set_class_names`, e.g. seem's text-space
+    classifier) is given `class_names` after its weights are loaded; without them it gets
+    placeholder names ("class 0", …) and a warning: its classifier then starts from
+    embeddings of meaningless text."""
     spec = FAMILIES.get(cfg_model.family)
     check_config(cfg_model)
     if int(num_classes) < 1:
@@ -35,6 +44,13 @@ def build_model(cfg_model: Any, num_classes: int):
         from peftseg.models._weights import load_weights
 
         load_weights(model, cfg_model.weights)
+    if hasattr(model, "set_class_names"):
+        if class_names is None:
+            log.warning("%s: no class names given; the text classifier uses placeholder names", spec.name)
+            class_names = [f"class {i}" for i in range(int(num_classes))]
+        elif len(class_names) != int(num_classes):
+            raise UserError(f"{len(class_names)} class names for {num_classes} classes: {list(class_names)}")
+        model.set_class_names([str(n) for n in class_names])
     return model
 
 

@@ -11,8 +11,9 @@ from typing import Callable
 
 # backbone: the pretrained feature extractor; neck: FPN / pixel decoder; decoder: a query-based
 # model's transformer decoder; task_heads: the class, box and mask predictors (and an R-CNN's
-# RPN and ROI heads). "heads" alone is ambiguous: the code says which set it means.
-ACCOUNTING_GROUPS = ("backbone", "neck", "decoder", "task_heads")
+# RPN and ROI heads); text: a language encoder that no method trains (seem's class-name
+# encoder). "heads" alone is ambiguous: the code says which set it means.
+ACCOUNTING_GROUPS = ("backbone", "neck", "decoder", "task_heads", "text")
 
 # where a backbone block's tokens come with their 2-D grid (TokenGrid.layout)
 GRID_LAYOUTS = ("bhwc", "block_hw", "input_dimensions")
@@ -65,6 +66,10 @@ class FamilyMap:
     # the backbone blocks' 2-D token grid (see TokenGrid); None: the blocks have none
     # (or the family has no transformer backbone), and grid methods such as Mona refuse
     token_grid: TokenGrid | None = None
+    # parameter-name prefixes that no method trains, `full` included (apply_method freezes them
+    # after the method): e.g. seem's language encoder, whose class embeddings are computed once
+    # per dataset, and parameters the model's forward never reads
+    frozen: tuple[str, ...] = ()
 
     def group_of(self, param_name: str) -> str | None:
         """Accounting group of a parameter name, or None when no prefix matches."""

@@ -63,6 +63,10 @@ FAMILY = FamilyMap(
     lora_targets={
         "deform_attn": rf"{_ENC}\.self_attn\.(?:{'|'.join(_DEFORM_PARTS)})",
         "decoder_deform_attn": rf"{_DEC}\.cross_attn\.(?:{'|'.join(_DEFORM_PARTS)})",
+        # family-neutral names of the two the study's grid (conf/study/) adapts, which seem
+        # maps to its own encoder and cross-attention
+        "encoder_attn": rf"{_ENC}\.self_attn\.(?:{'|'.join(_DEFORM_PARTS)})",
+        "decoder_cross_attn": rf"{_DEC}\.cross_attn\.(?:{'|'.join(_DEFORM_PARTS)})",
         **{part: rf"(?:{_ENC}\.self_attn|{_DEC}\.cross_attn)\.{part}" for part in _DEFORM_PARTS},
         # the output projection of each decoder self-attention: its q/k/v projection is one
         # fused Parameter (in_proj_weight, the official name), which Linear LoRA cannot wrap
