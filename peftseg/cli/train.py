@@ -29,6 +29,8 @@ def train_task(cfg):
     try:
         validate(cfg)  # ranges, choices, unknown keys: before any heavy import
         objective_names(cfg.objective)  # a typo fails now, not after training
+        if cfg.train.resume:
+            cfg = _resumed(cfg, hc, run_dir)
     except UserError as exc:
         report_error(exc)
         if hc.mode == RunMode.RUN:
@@ -69,6 +71,23 @@ def train_task(cfg):
     console.print(run_table(record))
     console.print(f"record: {run_dir / 'results.json'}")
     return objective_values(record, OmegaConf.to_container(cfg, resolve=True)["objective"])
+
+
+def _resumed(cfg, hc, run_dir: Path):
+    """The interrupted run's own config with the settings given anew (peftseg.checkpoint.resume),
+    also written over the `.hydra/config.yaml` Hydra saved from the command line alone, so
+    that the run dir says what runs."""
+    from omegaconf import OmegaConf
+
+    from peftseg.checkpoint.resume import resumed_config
+    from peftseg.io.atomic import write_atomic
+
+    cfg = resumed_config(cfg, list(hc.overrides.task))
+    if hc.output_subdir:
+        saved = run_dir / str(hc.output_subdir) / "config.yaml"
+        if saved.parent.is_dir():
+            write_atomic(saved, OmegaConf.to_yaml(cfg).encode())
+    return cfg
 
 
 def main(argv: list[str]) -> int:

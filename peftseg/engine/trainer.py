@@ -79,7 +79,13 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
     checkpointer.per_rank_batch = per_rank_batch
     start_iter, saved = 0, {}
     if tcfg.resume:
-        saved = checkpointer.load_peft(tcfg.resume, meta["config"])
+        from peftseg.checkpoint.files import read_checkpoint
+        from peftseg.checkpoint.resume import check_resumable
+
+        source, data = read_checkpoint(tcfg.resume)
+        # finished, a setting that differs from what the checkpoint ran with, other classes: refused
+        check_resumable(source, data, meta["config"], meta["class_names"])
+        saved = checkpointer.load_peft(source, meta["config"], data)
         start_iter = saved.get("iteration", -1) + 1
     resume = saved.get("resume") or {}
     # checkpoints of older versions carry no data position: the batches are fixed-size, so it is this
