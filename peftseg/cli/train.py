@@ -49,9 +49,13 @@ def train_task(cfg):
     try:
         record = launch_run(cfg, run_dir, run_id, log_config)
     except RunInterrupted as stop:
-        if stop.checkpoint:
+        if stop.checkpoint and stop.checkpoint.startswith("model_final"):
+            err_console.print(f"[bold yellow]interrupted:[/] {stop}, during the final evaluation; training is "
+                              f"complete ({run_dir / stop.checkpoint}). Evaluate it with: peftseg eval "
+                              f"checkpoint={run_dir}", soft_wrap=True, highlight=False)
+        elif stop.checkpoint:
             err_console.print(f"[bold yellow]interrupted:[/] {stop}; checkpoint {run_dir / stop.checkpoint}. "
-                              f"Continue with: peftseg train <same overrides> train.resume={run_dir}",
+                              f"Continue with: peftseg train train.resume={run_dir}",
                               soft_wrap=True, highlight=False)
         else:
             err_console.print(f"[bold yellow]interrupted:[/] {stop} (before training had a step to save)",

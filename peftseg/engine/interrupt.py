@@ -7,10 +7,14 @@ iteration, RNG and data position) and raises `RunInterrupted`, and the run recor
 `status: "interrupted"` with the iteration, so `train.resume=<run dir>` continues it.
 A second signal stops at once. Before and after training (model build, evaluation) there is
 no step to finish: a signal raises `RunInterrupted` right away, and the record says so.
+Evaluations inside training (periodic and final) are such stretches too (`undeferred`):
+a signal stops them at once instead of after minutes of inference, and the trainer saves
+the state of the step boundary the evaluation started from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -51,6 +55,18 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         return False
+
+    @contextlib.contextmanager
+    def undeferred(self):
+        """A stretch inside training with no step to finish (an evaluation): a signal pending
+        from the step before, or one that comes now, stops it at once."""
+        was, self.deferred = self.deferred, False
+        try:
+            if self.signum is not None:
+                raise RunInterrupted(self.signum)
+            yield
+        finally:
+            self.deferred = was
 
     # a signal can arrive twice at once: from a terminal or `scancel` (sent to every process of
     # the group) and forwarded by the launching process; a repeat this soon is the same request

@@ -4,7 +4,7 @@ Two runs in one dir would interleave their checkpoints and overwrite each other'
 and a run that dies in a reused dir would leave the earlier run's "ok" record (and its
 model_final) looking like its own. So a run takes a lock file (pid, host, start time)
 before it writes anything, refuses a dir another live run holds, and clears the earlier
-run's record, checkpoints and metrics before it trains. A lock left by a process that no
+run's record, checkpoints, metrics, predictions, events and drawings before it trains. A lock left by a process that no
 longer exists on this host (kill -9, a crash) is taken over with a warning.
 """
 
@@ -28,6 +28,14 @@ LOCK = ".peftseg.lock"
 # (model_merged.* of `peftseg merge` is the user's, not the run's: kept)
 _EARLIER_OUTPUTS = ("results.json", "metrics.json", "last_checkpoint", "model_[0-9]*.pth", "model_final.pth",
                     "model_final.safetensors")
+
+# folders of an earlier run: its peft export (peftseg.checkpoint.formats), its COCO predictions
+# (which `peftseg visualize` would draw under the new run's title), its TensorBoard events
+# and its drawings
+_EARLIER_FOLDERS = ("peft", "eval", "tb", "visualize")
+# what a run resumed from inside its dir continues rather than replaces: its export is
+# rewritten at the end, and its event files hold the curve up to the checkpoint
+_CONTINUED_FOLDERS = ("peft", "tb")
 
 
 def _alive(pid: int) -> bool:
@@ -98,8 +106,9 @@ def resumes_from_inside(run_dir: Path, resume: str) -> bool:
 
 
 def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:
-    """Delete an earlier run's record, checkpoints and metrics; checkpoints stay when this run
-    resumes from one of them (its metrics.json is trimmed by the trainer instead)."""
+    """Delete an earlier run's record, checkpoints, metrics, eval/, tb/, visualize/ and peft/;
+    checkpoints, peft/ and tb/ stay when this run resumes from one of them (its metrics.json is
+    trimmed by the trainer instead)."""
     keep_checkpoints = resumes_from_inside(run_dir, resume)
     removed = []
     for pattern in _EARLIER_OUTPUTS:
@@ -108,10 +117,16 @@ def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:
         for p in Path(run_dir).glob(pattern):
             p.unlink(missing_ok=True)
             removed.append(p.name)
-    peft_dir = Path(run_dir) / "peft"  # the earlier run's peft export (peftseg.checkpoint.formats)
-    if not keep_checkpoints and peft_dir.is_dir():
-        shutil.rmtree(peft_dir)
-        removed.append("peft/")
+    for folder in _EARLIER_FOLDERS:
+        if keep_checkpoints and folder in _CONTINUED_FOLDERS:
+            continue
+        path = Path(run_dir) / folder
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            removed.append(f"{folder}/")
+        elif path.is_symlink() or path.is_file():  # never follow a link out of the run dir
+            path.unlink()
+            removed.append(folder)
     if removed:
         log.info("run dir %s: removed %d files of an earlier run (%s)", run_dir, len(removed), ", ".join(sorted(removed)[:5]))
     return removed

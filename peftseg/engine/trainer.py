@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from peftseg.checkpoint.files import FINAL, PeftCheckpointer
 from peftseg.engine.efficiency import peak_memory, reset_peak_memory, step_time_stats
 from peftseg.engine.evaluate import evaluate
 from peftseg.engine.failure import diverged
-from peftseg.engine.interrupt import StopAtStepBoundary, StopRequest
+from peftseg.engine.interrupt import RunInterrupted, StopAtStepBoundary, StopRequest
 from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_of
 from peftseg.engine.precision import make_trainer, run_precision
 from peftseg.engine.progress import RichProgress
@@ -61,6 +62,17 @@ class _FinalOnlyAtEnd(hooks.PeriodicCheckpointer):
             self.checkpointer.save(f"{self.file_prefix}_final", iteration=iteration)
         else:
             super().after_step()
+
+
+def _stopped_in_evaluation(signum: int, iteration: int, max_iter: int, checkpointer) -> RunInterrupted:
+    """A stop during an evaluation: the final one comes after model_final was written (the
+    training is complete, only its evaluation is missing); a periodic one runs at the step
+    boundary of `iteration`, whose state is saved as StopAtStepBoundary would have."""
+    if iteration >= max_iter - 1:
+        return RunInterrupted(signum, max_iter - 1, f"{FINAL}.safetensors")
+    name = f"model_{iteration:07d}"
+    checkpointer.save(name, iteration=iteration)
+    return RunInterrupted(signum, iteration, f"{name}.pth")
 
 
 def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, image_size: int,
@@ -116,8 +128,12 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
                         len(states), comm.get_world_size())
 
     def do_eval():
-        with rng_untouched():
-            outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
+        try:
+            # a stop request ends an evaluation at once, not after it (there is no step to finish)
+            with stop.undeferred() if stop is not None else contextlib.nullcontext(), rng_untouched():
+                outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
+        except RunInterrupted as e:
+            raise _stopped_in_evaluation(e.signum, trainer.iter, tcfg.max_iter, checkpointer) from None
         return outcome.eval_results
 
     main = comm.is_main_process()  # the other ranks neither print nor write files
