@@ -105,3 +105,19 @@ def test_other_class_names_are_refused(run_dir):
     with pytest.raises(UserError, match=r"predicts classes \['circle', 'square', 'triangle'\] but dataset "
                                         r"'shapes' has \['cat', 'dog', 'bird'\]"):
         check_resumable(source, data, config, ["cat", "dog", "bird"])
+
+
+def test_the_cli_refuses_before_it_writes_anything(peftseg, run_dir, tmp_path):
+    """Through `peftseg train`: a finished run resumed in its own dir is refused (exit 2, the
+    paragraph, no traceback) before its record is touched."""
+    from peftseg.checkpoint.files import FINAL
+    from peftseg.engine.run import build_for_run
+
+    finished = tmp_path / "finished"
+    cfg = compose_config(FIRST)
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": CLASSES}
+    PeftCheckpointer(build_for_run(cfg, 3), save_dir=str(finished), meta=meta).save(FINAL, iteration=5)
+    (finished / "results.json").write_text('{"status": "ok"}')
+    r = peftseg("train", f"train.resume={finished}", f"hydra.run.dir={finished}")
+    assert r.returncode == 2 and "final checkpoint of a finished run" in r.stderr, r.stdout + r.stderr
+    assert (finished / "results.json").read_text() == '{"status": "ok"}'

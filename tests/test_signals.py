@@ -40,7 +40,6 @@ def metrics_lines(run_dir: Path) -> int:
 
 def test_sigterm_to_the_process_group_with_loader_workers_is_interrupted_and_resumes_exactly(
         tmp_path, shapes_cache):
-    from peftseg.checkpoint.resume import resumed_config
     from peftseg.config import compose_config
     from peftseg.engine.distributed import launch_run
 
@@ -67,23 +66,32 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_interrupted_and_res
     assert (killed / checkpoint).is_file()
     assert "killed by signal" not in output and f"train.resume={killed}" in output
 
+    # the resume as a user types it: no override of the first run repeated
+    resumed = tmp_path / "resumed"
+    proc = subprocess.run([sys.executable, "-m", "peftseg.cli", "train", f"train.resume={killed}",
+                           f"hydra.run.dir={resumed}"], cwd=tmp_path, env=cli_env(shapes_cache),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((resumed / "results.json").read_text())
+    assert record["status"] == "ok"
+    assert record["config"]["train.max_iter"] == 6 and record["config"]["train.num_workers"] == 2
+    # the run dir's composed config says what ran, not the command line's defaults
+    from omegaconf import OmegaConf
+
+    hydra_cfg = OmegaConf.load(resumed / ".hydra" / "config.yaml")
+    assert hydra_cfg.train.max_iter == 6 and hydra_cfg.train.resume == str(killed)
+
     # the reference: the same run, uninterrupted
-    with_cache = dict(os.environ, PEFTSEG_CACHE=str(shapes_cache))
     reference = tmp_path / "reference"
-    old = os.environ.copy()
+    old = os.environ.get("PEFTSEG_CACHE")
+    os.environ["PEFTSEG_CACHE"] = str(shapes_cache)
     try:
-        os.environ.update(with_cache)
         assert launch_run(compose_config(SETUP), reference, "reference").status == "ok"
-        # the resume as a user types it: no override of the first run repeated
-        given = [f"train.resume={killed}"]
-        cfg = resumed_config(compose_config(given), given)
-        resumed = tmp_path / "resumed"
-        record = launch_run(cfg, resumed, "resumed")
     finally:
-        os.environ.clear()
-        os.environ.update(old)
-    assert record.status == "ok"
-    assert record.config["train.max_iter"] == 6 and record.config["train.num_workers"] == 2
+        if old is None:
+            os.environ.pop("PEFTSEG_CACHE")
+        else:
+            os.environ["PEFTSEG_CACHE"] = old
     wa, wb = final_weights(reference), final_weights(resumed)
     assert wa.keys() == wb.keys() and wa
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
