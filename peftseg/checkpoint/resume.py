@@ -72,10 +72,9 @@ def _finished(source: Path, data: dict, max_iter: int) -> str | None:
 
 
 def _refuse_finished(source: Path, why: str) -> UserError:
-    run = source.parent
     return UserError(
         f"train.resume={source}: {why}, so nothing is left to train (resuming would restart a finished "
-        f"schedule on trained weights). Evaluate it with `peftseg eval checkpoint={run}`, or to train for "
+        f"schedule on trained weights). Evaluate it with `peftseg eval checkpoint={source}`, or to train for "
         "longer start a new run with a larger train.max_iter."
     )
 
