@@ -173,3 +173,30 @@ def test_loader_workers_leave_stops_to_the_main_process():
 
     loader = _leave_stops_to_the_main_process(torch.utils.data.DataLoader(Probe(), num_workers=1, batch_size=None))
     assert [list(x) for x in loader] == [[True, True]]
+
+
+def test_a_samples_augmentation_depends_on_its_stream_position_not_on_the_worker():
+    """What makes resumes with workers exact: mapping position p draws the same numbers whatever
+    state the process's RNGs are in (another worker, a fresh one after a resume), different
+    positions draw differently, and the process's own RNG streams are left as they were."""
+    import random
+
+    import numpy as np
+
+    from peftseg.data._resume_state import PositionedMapping, ResumedTrainingSampler
+
+    dicts = [{"id": i} for i in range(3)]
+    mapping = PositionedMapping(dicts, lambda d: (d["id"], np.random.rand(), random.random()), seed=7)
+    sampler = ResumedTrainingSampler(len(dicts), seed=7)
+    keys = [k for _, k in zip(range(6), sampler)]
+    np.random.seed(1)
+    first = [mapping[k] for k in keys]
+    np.random.seed(2)
+    random.seed(2)
+    before = (np.random.get_state()[1].copy(), random.getstate())
+    again = [mapping[k] for k in keys]
+    assert first == again
+    assert len({draw for _, draw, _ in first}) == 6  # every position its own draw
+    assert (np.random.get_state()[1] == before[0]).all() and random.getstate() == before[1]
+    resumed = [k for _, k in zip(range(3), ResumedTrainingSampler(len(dicts), seed=7, skip=3))]
+    assert [mapping[k] for k in resumed] == first[3:]  # a resumed stream maps the same samples the same way
