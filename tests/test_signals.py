@@ -200,3 +200,26 @@ def test_a_samples_augmentation_depends_on_its_stream_position_not_on_the_worker
     assert (np.random.get_state()[1] == before[0]).all() and random.getstate() == before[1]
     resumed = [k for _, k in zip(range(3), ResumedTrainingSampler(len(dicts), seed=7, skip=3))]
     assert [mapping[k] for k in resumed] == first[3:]  # a resumed stream maps the same samples the same way
+
+
+def test_sigterm_in_the_last_step_points_to_eval_not_to_a_resume(tmp_path, shapes_cache, monkeypatch):
+    from peftseg.engine.interrupt import StopAtStepBoundary
+
+    original = StopAtStepBoundary.after_step
+
+    def signal_in_last_step(self):
+        if self.trainer.iter == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self)
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated after the stop")
+
+    monkeypatch.setattr(StopAtStepBoundary, "after_step", signal_in_last_step)
+    monkeypatch.setattr("peftseg.engine.trainer.evaluate", no_evaluation)
+    with pytest.raises(RunInterrupted):
+        run_in_process(tmp_path, shapes_cache, "train.max_iter=2", "dataset.num_train=4", "dataset.num_val=2")
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["interrupted"] == {"signal": "SIGTERM", "iteration": 1, "checkpoint": "model_final.safetensors",
+                                     "resume": None, "evaluate": f"peftseg eval checkpoint={tmp_path}"}
+    assert not list(tmp_path.glob("model_*.pth"))

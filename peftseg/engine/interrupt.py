@@ -105,6 +105,11 @@ class StopAtStepBoundary(HookBase):
         if signum is None:
             return
         it = self.trainer.iter
+        if it >= self.trainer.max_iter - 1:
+            # the last step: model_final is written (an earlier hook), nothing is left to resume
+            from peftseg.checkpoint.files import FINAL
+
+            raise RunInterrupted(signum, it, f"{FINAL}.safetensors")
         name = f"model_{it:07d}"
         self._checkpointer.save(name, iteration=it)
         raise RunInterrupted(signum, it, f"{name}.pth")
