@@ -50,9 +50,31 @@ def _alive(pid: int) -> bool:
 
 def _read_lock(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+# a lock file is written a moment after it is created: one that names no process after this
+# long was left half-written by a killed run (or written by something else)
+_GARBAGE_LOCK_AGE_S = 10.0
+
+
+def _age_s(path: Path) -> float:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _head(path: Path) -> str:
+    try:
+        return path.read_bytes()[:40].decode(errors="replace")
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -74,6 +96,18 @@ def claim(run_dir: Path):
         except FileExistsError:
             other = _read_lock(path)
             pid = other.get("pid")
+            if not isinstance(pid, int) and _age_s(path) > _GARBAGE_LOCK_AGE_S:
+                # not a lock a live run holds: its writer died between creating and writing it
+                # (the file is created first, then filled), or something else wrote it
+                log.warning("run dir %s: taking over the lock %s, which names no process (%r)", run_dir, path,
+                            _head(path))
+                path.unlink(missing_ok=True)
+                continue
+            if not isinstance(pid, int):
+                raise UserError(
+                    f"run dir {run_dir} has a lock file {path} that names no process; another run may be "
+                    "creating it right now. Try again in a few seconds; if it stays, delete the file."
+                ) from None
             if other.get("host") == host and isinstance(pid, int) and not _alive(pid):
                 log.warning("run dir %s: taking over the lock of pid %d, which is no longer running", run_dir, pid)
                 path.unlink(missing_ok=True)
