@@ -121,3 +121,14 @@ def test_the_cli_refuses_before_it_writes_anything(peftseg, run_dir, tmp_path):
     r = peftseg("train", f"train.resume={finished}", f"hydra.run.dir={finished}")
     assert r.returncode == 2 and "final checkpoint of a finished run" in r.stderr, r.stdout + r.stderr
     assert (finished / "results.json").read_text() == '{"status": "ok"}'
+
+
+def test_the_checkpoints_group_choices_go_to_hydra_first(run_dir):
+    """So Hydra names the run dir after the model and method that run, not the defaults."""
+    from peftseg.cli.train import with_resumed_groups
+
+    argv = [f"train.resume={run_dir}", "train.num_workers=1"]
+    assert with_resumed_groups(argv) == ["model=vitdet_tiny", "method=lora", "dataset=shapes", "train=smoke", *argv]
+    assert with_resumed_groups(["method=lora", *argv]) == ["model=vitdet_tiny", "dataset=shapes", "train=smoke",
+                                                           "method=lora", *argv]
+    assert with_resumed_groups(["train=smoke"]) == ["train=smoke"]  # no resume: untouched

@@ -168,3 +168,19 @@ def resumed_config(composed: DictConfig, overrides: list[str]) -> DictConfig:
     names = list((data.get("peftseg") or {}).get("class_names") or [])
     check_resumable(source, data, OmegaConf.to_container(out, resolve=True), names)
     return out
+
+
+def saved_group_choices(resume: str) -> list[str]:
+    """`group=<option>` for each of the checkpoint's model/method/dataset/train choices that is
+    an option of conf/: given to Hydra before it composes, so that what it derives from the
+    choices (the run dir's `<model>-<method>` name) is the resumed run's, not the defaults'."""
+    from peftseg.config import group_options
+
+    source, data = read_checkpoint(resume)
+    saved = _saved_config(source, data)
+    choices = []
+    for group in GROUPS:
+        name = saved[group].get("name")
+        if isinstance(name, str) and name in group_options(group):
+            choices.append(f"{group}={name}")
+    return choices

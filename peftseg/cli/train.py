@@ -94,6 +94,18 @@ def _resumed(cfg, hc, run_dir: Path):
     return cfg
 
 
+def with_resumed_groups(argv: list[str]) -> list[str]:
+    """With `train.resume=`, the checkpoint's group choices (model=…, method=…, …) go first,
+    unless given: Hydra then names the run dir after the model and method that run."""
+    resume = next((a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("train.resume=")), "")
+    if not resume:
+        return argv
+    from peftseg.checkpoint.resume import saved_group_choices
+
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
+    return [*(c for c in saved_group_choices(resume) if c.split("=", 1)[0] not in given), *argv]
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):  # ours, not Hydra's: knobs, no schema/* groups
         from peftseg.cli.list import train_help
@@ -101,6 +113,7 @@ def main(argv: list[str]) -> int:
         print_text(train_help(argv))
         return 0
     check_group_choices(argv)  # before the heavy imports: a typo fails in a second, not six
+    argv = with_resumed_groups(argv)
 
     import hydra
 
