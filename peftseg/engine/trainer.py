@@ -95,9 +95,10 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
         from peftseg.checkpoint.resume import check_resumable
 
         source, data = read_checkpoint(tcfg.resume)
-        # finished, a setting that differs from what the checkpoint ran with, other classes: refused
+        # first another model, method or base (load_peft names those), then a finished run, a
+        # setting that differs from what the checkpoint ran with, other classes: all refused
+        saved = checkpointer.load_peft(source, meta["config"], data)  # works on a copy of data
         check_resumable(source, data, meta["config"], meta["class_names"])
-        saved = checkpointer.load_peft(source, meta["config"], data)
         start_iter = saved.get("iteration", -1) + 1
     resume = saved.get("resume") or {}
     # checkpoints of older versions carry no data position: the batches are fixed-size, so it is this
