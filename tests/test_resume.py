@@ -133,12 +133,15 @@ def test_a_second_run_in_a_claimed_dir_is_refused_naming_the_first(work):
 def test_an_earlier_runs_outputs_are_cleared_before_training(tmp_path):
     from peftseg.engine.rundir import clear_earlier_run
 
-    (tmp_path / "peft").mkdir()
+    for folder in ("peft", "eval", "tb", "visualize"):
+        (tmp_path / folder).mkdir()
     for name in ("results.json", "metrics.json", "last_checkpoint", "model_final.safetensors", "model_0000009.pth",
-                 "train.log", "model_merged.safetensors", "peft/adapter_model.safetensors"):
+                 "train.log", "model_merged.safetensors", "peft/adapter_model.safetensors",
+                 "eval/coco_instances_results.json", "tb/events.out.tfevents.1", "visualize/a.png"):
         (tmp_path / name).write_text("old")
-    assert sorted(clear_earlier_run(tmp_path)) == ["last_checkpoint", "metrics.json", "model_0000009.pth",
-                                                   "model_final.safetensors", "peft/", "results.json"]
+    assert sorted(clear_earlier_run(tmp_path)) == ["eval/", "last_checkpoint", "metrics.json", "model_0000009.pth",
+                                                   "model_final.safetensors", "peft/", "results.json", "tb/",
+                                                   "visualize/"]
     assert (tmp_path / "train.log").exists() and (tmp_path / "model_merged.safetensors").exists()
     (tmp_path / "model_0000009.pth").write_text("old")
     (tmp_path / "results.json").write_text("old")

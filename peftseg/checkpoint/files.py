@@ -63,7 +63,15 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     if p.is_dir():
         for candidate in (p / f"{FINAL}.safetensors", p / f"{FINAL}.pth", p / "last_checkpoint"):
             if candidate.name == "last_checkpoint" and candidate.is_file():
-                candidate = p / candidate.read_text().strip()
+                named = candidate.read_text(errors="replace").strip()
+                candidate = p / named
+                if not candidate.is_file():
+                    there = sorted(q.name for q in p.glob("model_*.pth"))
+                    raise UserError(
+                        f"{p / 'last_checkpoint'} names {named!r}, which is not a file in {p} (deleted or moved?); "
+                        + (f"give one of the checkpoints there, e.g. {p / there[-1]} (all: {', '.join(there)})."
+                           if there else "no model_*.pth is left there either: start a new run.")
+                    )
             if candidate.is_file():
                 return candidate
         raise UserError(

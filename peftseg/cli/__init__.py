@@ -58,11 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] unknown command {command!r}; commands: {', '.join(COMMANDS)}. "
                           "Run `peftseg --help`.", highlight=False)
         return 2
+    from peftseg.cli.stop import Stopped, stop_on_signals
+
     try:
-        return importlib.import_module(f"peftseg.cli.{COMMANDS[command]}").main(rest)
+        with stop_on_signals():
+            return importlib.import_module(f"peftseg.cli.{COMMANDS[command]}").main(rest)
     except UserError as exc:
         report_error(exc)
         return 2
+    except Stopped as stop:
+        err_console.print(f"[bold yellow]interrupted:[/] peftseg {command} {stop}; the files it had finished are "
+                          "whole, the one in progress was not written.", soft_wrap=True, highlight=False)
+        return 128 + stop.signum  # the shell's convention for "ended by signal N"
 
 
 if __name__ == "__main__":

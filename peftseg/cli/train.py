@@ -29,6 +29,8 @@ def train_task(cfg):
     try:
         validate(cfg)  # ranges, choices, unknown keys: before any heavy import
         objective_names(cfg.objective)  # a typo fails now, not after training
+        if cfg.train.resume:
+            cfg = _resumed(cfg, hc, run_dir)
     except UserError as exc:
         report_error(exc)
         if hc.mode == RunMode.RUN:
@@ -47,9 +49,13 @@ def train_task(cfg):
     try:
         record = launch_run(cfg, run_dir, run_id, log_config)
     except RunInterrupted as stop:
-        if stop.checkpoint:
+        if stop.checkpoint and stop.checkpoint.startswith("model_final"):
+            err_console.print(f"[bold yellow]interrupted:[/] {stop}, during the final evaluation; training is "
+                              f"complete ({run_dir / stop.checkpoint}). Evaluate it with: peftseg eval "
+                              f"checkpoint={run_dir}", soft_wrap=True, highlight=False)
+        elif stop.checkpoint:
             err_console.print(f"[bold yellow]interrupted:[/] {stop}; checkpoint {run_dir / stop.checkpoint}. "
-                              f"Continue with: peftseg train <same overrides> train.resume={run_dir}",
+                              f"Continue with: peftseg train train.resume={run_dir}",
                               soft_wrap=True, highlight=False)
         else:
             err_console.print(f"[bold yellow]interrupted:[/] {stop} (before training had a step to save)",
@@ -71,6 +77,35 @@ def train_task(cfg):
     return objective_values(record, OmegaConf.to_container(cfg, resolve=True)["objective"])
 
 
+def _resumed(cfg, hc, run_dir: Path):
+    """The interrupted run's own config with the settings given anew (peftseg.checkpoint.resume),
+    also written over the `.hydra/config.yaml` Hydra saved from the command line alone, so
+    that the run dir says what runs."""
+    from omegaconf import OmegaConf
+
+    from peftseg.checkpoint.resume import resumed_config
+    from peftseg.io.atomic import write_atomic
+
+    cfg = resumed_config(cfg, list(hc.overrides.task))
+    if hc.output_subdir:
+        saved = run_dir / str(hc.output_subdir) / "config.yaml"
+        if saved.parent.is_dir():
+            write_atomic(saved, OmegaConf.to_yaml(cfg).encode())
+    return cfg
+
+
+def with_resumed_groups(argv: list[str]) -> list[str]:
+    """With `train.resume=`, the checkpoint's group choices (model=…, method=…, …) go first,
+    unless given: Hydra then names the run dir after the model and method that run."""
+    resume = next((a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("train.resume=")), "")
+    if not resume:
+        return argv
+    from peftseg.checkpoint.resume import saved_group_choices
+
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
+    return [*(c for c in saved_group_choices(resume) if c.split("=", 1)[0] not in given), *argv]
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):  # ours, not Hydra's: knobs, no schema/* groups
         from peftseg.cli.list import train_help
@@ -78,6 +113,7 @@ def main(argv: list[str]) -> int:
         print_text(train_help(argv))
         return 0
     check_group_choices(argv)  # before the heavy imports: a typo fails in a second, not six
+    argv = with_resumed_groups(argv)
 
     import hydra
 

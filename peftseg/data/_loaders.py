@@ -48,19 +48,42 @@ def train_loader(name: str, image_size: int, image_format: str, batch_size: int,
                  skip: int = 0, mask_format: str = "polygon"):
     """`skip`: indices of this rank's sampler stream already trained on (a resumed run);
     `mask_format`: detectron2's instance_mask_format for the split (validate.SplitCheck)."""
-    from peftseg.data._resume_state import ResumedTrainingSampler
+    from peftseg.data._resume_state import PositionedMapping, ResumedTrainingSampler
 
     dicts = get_detection_dataset_dicts([name], filter_empty=True)
     warn_if_oversized(dicts, image_size, "training")
-    return build_detection_train_loader(
-        dataset=dicts, mapper=_mapper(True, image_size, image_format, mask_format),
+    loader = build_detection_train_loader(
+        # mapped here, not by detectron2's MapDataset: augmentations seeded by stream position
+        dataset=PositionedMapping(dicts, _mapper(True, image_size, image_format, mask_format), seed), mapper=None,
         sampler=ResumedTrainingSampler(len(dicts), seed=seed, skip=skip),
         total_batch_size=batch_size, num_workers=num_workers, aspect_ratio_grouping=False,
     )
+    return _leave_stops_to_the_main_process(loader)
 
 
 def test_loader(name: str, image_size: int, image_format: str, num_workers: int):
-    return build_detection_test_loader(
+    return _leave_stops_to_the_main_process(build_detection_test_loader(
         dataset=DatasetCatalog.get(name), mapper=_mapper(False, image_size, image_format),
         num_workers=num_workers,
-    )
+    ))
+
+
+def _ignore_stop_signals(init_fn, worker_id: int) -> None:
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    if init_fn is not None:
+        init_fn(worker_id)
+
+
+def _leave_stops_to_the_main_process(loader):
+    """Data-loader workers ignore SIGTERM/SIGINT. `timeout`, `scancel`, a SLURM time limit and
+    Ctrl-C signal the whole process group: a worker that died of it made the main process
+    fail with "DataLoader worker … killed by signal" before it could stop at a step boundary
+    with a checkpoint. The main process decides; its loaders end their workers as usual (and
+    torch's workers exit by themselves when the main process is gone)."""
+    import functools
+
+    loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+    return loader

@@ -7,10 +7,14 @@ iteration, RNG and data position) and raises `RunInterrupted`, and the run recor
 `status: "interrupted"` with the iteration, so `train.resume=<run dir>` continues it.
 A second signal stops at once. Before and after training (model build, evaluation) there is
 no step to finish: a signal raises `RunInterrupted` right away, and the record says so.
+Evaluations inside training (periodic and final) are such stretches too (`undeferred`):
+a signal stops them at once instead of after minutes of inference, and the trainer saves
+the state of the step boundary the evaluation started from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -52,6 +56,18 @@ class StopRequest:
             signal.signal(s, handler)
         return False
 
+    @contextlib.contextmanager
+    def undeferred(self):
+        """A stretch inside training with no step to finish (an evaluation): a signal pending
+        from the step before, or one that comes now, stops it at once."""
+        was, self.deferred = self.deferred, False
+        try:
+            if self.signum is not None:
+                raise RunInterrupted(self.signum)
+            yield
+        finally:
+            self.deferred = was
+
     # a signal can arrive twice at once: from a terminal or `scancel` (sent to every process of
     # the group) and forwarded by the launching process; a repeat this soon is the same request
     REPEAT_WINDOW_S = 2.0
@@ -89,6 +105,11 @@ class StopAtStepBoundary(HookBase):
         if signum is None:
             return
         it = self.trainer.iter
+        if it >= self.trainer.max_iter - 1:
+            # the last step: model_final is written (an earlier hook), nothing is left to resume
+            from peftseg.checkpoint.files import FINAL
+
+            raise RunInterrupted(signum, it, f"{FINAL}.safetensors")
         name = f"model_{it:07d}"
         self._checkpointer.save(name, iteration=it)
         raise RunInterrupted(signum, it, f"{name}.pth")

@@ -13,6 +13,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from omegaconf import DictConfig, OmegaConf
 
+from peftseg.checkpoint.files import FINAL
 from peftseg.data import register_dataset
 from peftseg.data.subset import training_data
 from peftseg.engine.failure import explain
@@ -62,12 +63,15 @@ def build_for_run(cfg: DictConfig, num_classes: int, class_names=None) -> torch.
 
 def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path) -> None:
     record.status = "interrupted"
+    trained = stop.checkpoint is not None and stop.checkpoint.startswith(FINAL)  # stopped in the final evaluation
     record.interrupted = {
         "signal": signal.Signals(stop.signum).name,
         "iteration": stop.iteration,  # the last completed step; None: stopped outside training
         "checkpoint": stop.checkpoint,
-        "resume": f"train.resume={run_dir}" if stop.checkpoint else None,
+        "resume": f"train.resume={run_dir}" if stop.checkpoint and not trained else None,
     }
+    if trained:  # nothing left to train: what is missing is the evaluation
+        record.interrupted["evaluate"] = f"peftseg eval checkpoint={run_dir}"
 
 
 def _write_record_safely(run_dir: Path, record: Record) -> None:

@@ -4,7 +4,7 @@ Two runs in one dir would interleave their checkpoints and overwrite each other'
 and a run that dies in a reused dir would leave the earlier run's "ok" record (and its
 model_final) looking like its own. So a run takes a lock file (pid, host, start time)
 before it writes anything, refuses a dir another live run holds, and clears the earlier
-run's record, checkpoints and metrics before it trains. A lock left by a process that no
+run's record, checkpoints, metrics, predictions, events and drawings before it trains. A lock left by a process that no
 longer exists on this host (kill -9, a crash) is taken over with a warning.
 """
 
@@ -29,6 +29,14 @@ LOCK = ".peftseg.lock"
 _EARLIER_OUTPUTS = ("results.json", "metrics.json", "last_checkpoint", "model_[0-9]*.pth", "model_final.pth",
                     "model_final.safetensors")
 
+# folders of an earlier run: its peft export (peftseg.checkpoint.formats), its COCO predictions
+# (which `peftseg visualize` would draw under the new run's title), its TensorBoard events
+# and its drawings
+_EARLIER_FOLDERS = ("peft", "eval", "tb", "visualize")
+# what a run resumed from inside its dir continues rather than replaces: its export is
+# rewritten at the end, and its event files hold the curve up to the checkpoint
+_CONTINUED_FOLDERS = ("peft", "tb")
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -42,9 +50,31 @@ def _alive(pid: int) -> bool:
 
 def _read_lock(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+# a lock file is written a moment after it is created: one that names no process after this
+# long was left half-written by a killed run (or written by something else)
+_GARBAGE_LOCK_AGE_S = 10.0
+
+
+def _age_s(path: Path) -> float:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _head(path: Path) -> str:
+    try:
+        return path.read_bytes()[:40].decode(errors="replace")
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -66,6 +96,18 @@ def claim(run_dir: Path):
         except FileExistsError:
             other = _read_lock(path)
             pid = other.get("pid")
+            if not isinstance(pid, int) and _age_s(path) > _GARBAGE_LOCK_AGE_S:
+                # not a lock a live run holds: its writer died between creating and writing it
+                # (the file is created first, then filled), or something else wrote it
+                log.warning("run dir %s: taking over the lock %s, which names no process (%r)", run_dir, path,
+                            _head(path))
+                path.unlink(missing_ok=True)
+                continue
+            if not isinstance(pid, int):
+                raise UserError(
+                    f"run dir {run_dir} has a lock file {path} that names no process; another run may be "
+                    "creating it right now. Try again in a few seconds; if it stays, delete the file."
+                ) from None
             if other.get("host") == host and isinstance(pid, int) and not _alive(pid):
                 log.warning("run dir %s: taking over the lock of pid %d, which is no longer running", run_dir, pid)
                 path.unlink(missing_ok=True)
@@ -98,8 +140,9 @@ def resumes_from_inside(run_dir: Path, resume: str) -> bool:
 
 
 def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:
-    """Delete an earlier run's record, checkpoints and metrics; checkpoints stay when this run
-    resumes from one of them (its metrics.json is trimmed by the trainer instead)."""
+    """Delete an earlier run's record, checkpoints, metrics, eval/, tb/, visualize/ and peft/;
+    checkpoints, peft/ and tb/ stay when this run resumes from one of them (its metrics.json is
+    trimmed by the trainer instead)."""
     keep_checkpoints = resumes_from_inside(run_dir, resume)
     removed = []
     for pattern in _EARLIER_OUTPUTS:
@@ -108,10 +151,16 @@ def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:
         for p in Path(run_dir).glob(pattern):
             p.unlink(missing_ok=True)
             removed.append(p.name)
-    peft_dir = Path(run_dir) / "peft"  # the earlier run's peft export (peftseg.checkpoint.formats)
-    if not keep_checkpoints and peft_dir.is_dir():
-        shutil.rmtree(peft_dir)
-        removed.append("peft/")
+    for folder in _EARLIER_FOLDERS:
+        if keep_checkpoints and folder in _CONTINUED_FOLDERS:
+            continue
+        path = Path(run_dir) / folder
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            removed.append(f"{folder}/")
+        elif path.is_symlink() or path.is_file():  # never follow a link out of the run dir
+            path.unlink()
+            removed.append(folder)
     if removed:
         log.info("run dir %s: removed %d files of an earlier run (%s)", run_dir, len(removed), ", ".join(sorted(removed)[:5]))
     return removed

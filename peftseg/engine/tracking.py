@@ -41,6 +41,41 @@ ARTIFACTS = ("results.json", "model_final.safetensors", "peft/adapter_config.jso
 _BATCH = 100  # MlflowClient.log_batch takes at most 100 params (and 1000 metrics) per call
 
 
+PROBE_TIMEOUT_S = 5.0  # the start-of-run check of a tracking server
+# MLflow's HTTP client retries a failed request 7 times with a doubling backoff, each attempt
+# waiting up to 120 s: a dead server stalled the end of a run for minutes (never-answering:
+# 8 minutes and counting). A few short tries instead; a user's own setting wins.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def probe(uri: str, timeout: float | None = None) -> str | None:
+    """Why the tracking server at `uri` cannot be used, or None (it answers, or `uri` is not a
+    server). MLflow's server answers GET /health; any HTTP answer (a proxy's 404, a 401) means
+    something is listening, and MLflow's own calls will say what is wrong with it."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    timeout = PROBE_TIMEOUT_S if timeout is None else timeout
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read(64)
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (TimeoutError, socket.timeout)):
+            return f"no answer within {timeout:g} s"
+        return str(e.reason)
+    except (TimeoutError, socket.timeout):
+        return f"no answer within {timeout:g} s"
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 DEFAULT_DB = "mlflow.db"  # MLflow's default local backend (sqlite:///mlflow.db) since 3.7
 
 
@@ -49,6 +84,9 @@ def tracking_uri(uri: str) -> str:
     (other processes, SLURM jobs) must reach the same file whatever their working directory."""
     if not uri:
         return "sqlite:///" + str(Path(DEFAULT_DB).resolve())
+    if uri.startswith(("http://", "https://")):
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     if uri.startswith("file:") or "://" not in uri:
         # a file store named explicitly (e.g. an existing ./mlruns): MLflow 3 keeps it in
         # maintenance mode and refuses it unless asked; the user asked for it by name
@@ -101,6 +139,21 @@ class MlflowTracker(Callback):
         self.uri, self.experiment = uri, experiment
         self._parent: str | None = None
         self._client = None
+        self._unreachable: str | None = None
+        self._probed = False
+
+    def available(self) -> bool:
+        """Probe the tracking server once (seconds): a dead one is one warning, and this
+        callback does nothing more; the run itself goes on untracked."""
+        if not self._probed:
+            self._probed = True
+            uri = tracking_uri(self.uri)
+            self._unreachable = probe(uri)
+            if self._unreachable:
+                log.warning("MLflow tracking server %s is unreachable (%s): this run is not tracked (its record "
+                            "and files are written as usual). Start the server, point tracking.uri at a "
+                            "running one, or leave out +tracking=mlflow.", uri, self._unreachable)
+        return self._unreachable is None
 
     # -- MLflow plumbing ------------------------------------------------------------------
 
@@ -154,7 +207,12 @@ class MlflowTracker(Callback):
         self.announce("parent run", run.info.run_id)
         return run.info.run_id
 
+    def on_run_start(self, config, **kwargs) -> None:
+        self.available()  # at the start, not after the run
+
     def on_multirun_start(self, config, **kwargs) -> None:
+        if not self.available():
+            return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         overrides = list(config.hydra.overrides.task)
         self._parent = self.start_parent(
@@ -179,6 +237,8 @@ class MlflowTracker(Callback):
 
         from peftseg.results import FILENAME, read_record
 
+        if not self.available():
+            return
         run_dir = Path(str(config.hydra.runtime.output_dir))
         record_path = run_dir / FILENAME
         record = read_record(record_path).to_dict() if record_path.is_file() else {}

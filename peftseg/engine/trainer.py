@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from peftseg.checkpoint.files import FINAL, PeftCheckpointer
 from peftseg.engine.efficiency import peak_memory, reset_peak_memory, step_time_stats
 from peftseg.engine.evaluate import evaluate
 from peftseg.engine.failure import diverged
-from peftseg.engine.interrupt import StopAtStepBoundary, StopRequest
+from peftseg.engine.interrupt import RunInterrupted, StopAtStepBoundary, StopRequest
 from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_of
 from peftseg.engine.precision import make_trainer, run_precision
 from peftseg.engine.progress import RichProgress
@@ -64,6 +65,17 @@ class _FinalOnlyAtEnd(hooks.PeriodicCheckpointer):
             super().after_step()
 
 
+def _stopped_in_evaluation(signum: int, iteration: int, max_iter: int, checkpointer) -> RunInterrupted:
+    """A stop during an evaluation: the final one comes after model_final was written (the
+    training is complete, only its evaluation is missing); a periodic one runs at the step
+    boundary of `iteration`, whose state is saved as StopAtStepBoundary would have."""
+    if iteration >= max_iter - 1:
+        return RunInterrupted(signum, max_iter - 1, f"{FINAL}.safetensors")
+    name = f"model_{iteration:07d}"
+    checkpointer.save(name, iteration=iteration)
+    return RunInterrupted(signum, iteration, f"{name}.pth")
+
+
 def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, image_size: int,
                        meta: dict, stop: StopRequest | None = None) -> TrainOutcome:
     """`meta` (resolved config, class names) goes into every checkpoint so it can be rebuilt.
@@ -80,7 +92,14 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
     checkpointer.per_rank_batch = per_rank_batch
     start_iter, saved = 0, {}
     if tcfg.resume:
-        saved = checkpointer.load_peft(tcfg.resume, meta["config"])
+        from peftseg.checkpoint.files import read_checkpoint
+        from peftseg.checkpoint.resume import check_resumable
+
+        source, data = read_checkpoint(tcfg.resume)
+        # first another model, method or base (load_peft names those), then a finished run, a
+        # setting that differs from what the checkpoint ran with, other classes: all refused
+        saved = checkpointer.load_peft(source, meta["config"], data)  # works on a copy of data
+        check_resumable(source, data, meta["config"], meta["class_names"])
         start_iter = saved.get("iteration", -1) + 1
     resume = saved.get("resume") or {}
     # checkpoints of older versions carry no data position: the batches are fixed-size, so it is this
@@ -111,8 +130,12 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
                         len(states), comm.get_world_size())
 
     def do_eval():
-        with rng_untouched():
-            outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
+        try:
+            # a stop request ends an evaluation at once, not after it (there is no step to finish)
+            with stop.undeferred() if stop is not None else contextlib.nullcontext(), rng_untouched():
+                outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
+        except RunInterrupted as e:
+            raise _stopped_in_evaluation(e.signum, trainer.iter, tcfg.max_iter, checkpointer) from None
         # listeners (a search's pruner) see every evaluation; one may stop the run here
         done = trainer.iter + 1
         evaluated(done, outcome.eval_results, final=done >= tcfg.max_iter)
