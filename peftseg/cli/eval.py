@@ -34,6 +34,8 @@ def main(argv: list[str]) -> int:
     from peftseg.io.atomic import write_json
     from peftseg.results import evaluator_metrics
     from peftseg.report.tables import eval_table
+    from peftseg.errors import UserError
+    from peftseg.finite import check_result
 
     options, overrides, _ = split_args(argv, "eval", ("checkpoint", "output"), required=("checkpoint",),
                                        example="checkpoint=outputs/<date>/<time>")
@@ -44,8 +46,14 @@ def main(argv: list[str]) -> int:
     results = evaluate(r.model, r.splits.val, r.cfg.model.image_size, out_dir, r.cfg.train.num_workers)
     record = {
         "checkpoint": str(r.source), "checkpoint_kind": r.kind, "dataset": r.cfg.dataset.name,
-        "params": count_parameters(r.model).to_dict(), "metrics": evaluator_metrics(results),
+        "params": count_parameters(r.model).to_dict(), "metrics": evaluator_metrics(results), "status": "ok",
     }
+    try:  # invariant 1: NaN/inf is never written as a result (peftseg.finite decides, as for runs)
+        check_result(record["metrics"], f"evaluating {r.source} on {r.splits.val!r}", "this evaluation has",
+                     params=record["params"])
+    except UserError as exc:
+        write_json(out_dir / "eval.json", {**record, "status": "failed", "error": str(exc)})
+        raise UserError(f"{exc} The reason is in {out_dir / 'eval.json'}.") from None
     write_json(out_dir / "eval.json", record)
     console.print(eval_table(record))
     console.print(f"record: {out_dir / 'eval.json'}")

@@ -19,6 +19,7 @@ from peftseg.engine.interrupt import RunInterrupted, StopRequest
 from peftseg.engine.rundir import clear_earlier_run
 from peftseg.engine.trainer import train_and_evaluate
 from peftseg.errors import UserError
+from peftseg.finite import check_result
 from peftseg.methods import apply_method
 from peftseg.models import build_model
 from peftseg.params import count_parameters
@@ -103,12 +104,8 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop)
             record.metrics = evaluator_metrics(outcome.eval_results)
             # COCOEvaluator returns the numbers on rank 0 only (the others get {})
-            if comm.is_main_process() and record.mask_ap is None:
-                raise UserError(
-                    f"evaluation on {splits.val!r} returned no mask AP (metrics: {sorted(record.metrics)}), "
-                    "so this run has no result to record; check that the val split has instance "
-                    "annotations with segmentations."
-                )
+            if comm.is_main_process():
+                check_result(record.metrics, f"evaluation on {splits.val!r}", "this run has")
             record.efficiency = {
                 "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
                 # memory options as they ran: blocks recomputed in backward, frozen-weight storage
@@ -116,6 +113,9 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
                 "base_dtype": getattr(model, "peftseg_base_dtype", "fp32"),
                 "run_wall_time_s": time.perf_counter() - start,
             }
+            if main:  # an inf step time or a NaN ratio is no more a result than a NaN AP
+                check_result(None, "this run's accounting", "this run has", params=record.params,
+                             efficiency=record.efficiency, required=())
             record.status = "ok"
         except RunInterrupted as stop_exc:
             _mark_interrupted(record, stop_exc, run_dir)
