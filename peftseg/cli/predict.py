@@ -96,8 +96,9 @@ def _read(path: Path, image_format: str):
 
 
 def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0.5, max_size: int | None = None,
-            console: Console | None = None) -> PredictOutcome:
-    """Run `loaded.model` on `images`; write overlays and predictions.json under `output`."""
+            console: Console | None = None, input_folder: Path | None = None) -> PredictOutcome:
+    """Run `loaded.model` on `images` (from `input_folder`, when a folder was given); write
+    overlays and predictions.json under `output`."""
     import numpy as np
     import torch
     from detectron2.data import MetadataCatalog
@@ -109,6 +110,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
 
     from peftseg.engine.run import resolve_device
     from peftseg.io.atomic import write_atomic_with, write_json
+    from peftseg.io.output_guard import check_targets, distinct_names, output_dir
 
     console = console or default_console
     model, cfg = loaded.model, loaded.cfg
@@ -123,7 +125,11 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
         MetadataCatalog.remove(meta_name)
     metadata = MetadataCatalog.get(meta_name).set(thing_classes=list(loaded.class_names))
 
-    output.mkdir(parents=True, exist_ok=True)
+    # invariant 2 (peftseg.io.output_guard): never over an input, a run's files, a link; distinct names
+    names = distinct_names(images, ".png")
+    sources = [*images, *([loaded.source] if loaded.source else [])]
+    output_dir(output, inputs=[folder for folder in (input_folder,) if folder], what="output=")
+    check_targets([output / name for name in names.values()] + [output / PREDICTIONS], sources, what="output=")
     outcome = PredictOutcome()
     results: list[dict] = []
     warned_size = False
@@ -157,7 +163,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
             scale = max(1.0, MIN_OVERLAY_PX / max(h, w))
             drawn = Visualizer(rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE).draw_instance_predictions(
                 instances)
-            target = output / f"{path.stem}.png"
+            target = output / names[path]
             write_atomic_with(target, lambda f: Image.fromarray(drawn.get_image()).save(f, format="PNG"))
             outcome.written.append(target)
             for det in instances_to_coco_json(instances, image_id):
@@ -177,6 +183,7 @@ def main(argv: list[str], console: Console | None = None) -> int:
         print_text(__doc__.strip())
         return 0
     from peftseg.checkpoint.load import load_model
+    from peftseg.io.output_guard import write_errors
 
     console = console or default_console
     options, overrides = parse_args(argv)
@@ -184,8 +191,10 @@ def main(argv: list[str], console: Console | None = None) -> int:
     max_size = _number(options, "max_size", None, int, 32, 16384)
     images = find_images(options["input"])
     loaded = load_model(options.get("checkpoint"), overrides, classes=_classes(options.get("classes")))
-    outcome = predict(loaded, images, Path(options["output"]), score_thresh=score_thresh, max_size=max_size,
-                      console=console)
+    spec = Path(options["input"]).expanduser()
+    with write_errors(Path(options["output"])):
+        outcome = predict(loaded, images, Path(options["output"]), score_thresh=score_thresh, max_size=max_size,
+                          console=console, input_folder=spec if spec.is_dir() else None)
     what = loaded.cfg.model.name + ("" if loaded.kind == "plain" else f" + {loaded.cfg.method.name}")
     console.print(
         f"predicted {len(outcome.written)} of {len(images)} images with {what} ({loaded.kind} checkpoint): {outcome.detections} detections with score >= "
