@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from helpers import cli_in_process, run_in_process
+from helpers import cli_in_process
 from peftseg.errors import UserError
 from peftseg.io.output_guard import distinct_names, output_file
 from test_finite import _record
@@ -22,13 +22,9 @@ def _digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, shapes_cache):
-    """A finished 2-step LoRA run (mergeable), its eval/ written."""
-    work = tmp_path_factory.mktemp("guard")
-    record = run_in_process(work, shapes_cache, "method=lora", "train.max_iter=2", "train.num_workers=0")
-    assert record.status == "ok"
-    return work
+@pytest.fixture
+def run_dir(finished_lora_run):
+    return finished_lora_run
 
 
 def _cli(run_dir, shapes_cache, *args):

@@ -178,6 +178,7 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
             splits = register_dataset(cfg.dataset)
         names = _class_names(cfg, classes, splits, "a plain checkpoint")
         model = build_model(cfg.model, len(names))
+        _require_whole_model(model, cfg.model.name)
         kind = "plain"
     return Loaded(model=model.eval(), cfg=cfg, class_names=names, source=source, kind=kind, splits=splits)
 
@@ -190,4 +191,19 @@ def _load_whole(model: nn.Module, state: dict, source: Path) -> None:
             f"merged checkpoint {source} does not fit the model its metadata names: missing "
             f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}; it was edited or written by "
             "another peftseg version — merge the run again with `peftseg merge checkpoint=<run dir>`."
+        )
+
+
+def _require_whole_model(model: nn.Module, preset: str) -> None:
+    """A plain checkpoint used for inference must fill the whole model: training may start from a
+    backbone-only file (the heads then train), but predict/eval would run random heads."""
+    report = getattr(model, "weights_report", None)
+    missing = [k for k in getattr(report, "missing", ()) if not k.endswith("num_batches_tracked")]
+    if missing:
+        parts = sorted({k.split(".")[0] for k in missing})
+        raise UserError(
+            f"{getattr(report, 'source', 'the checkpoint')} does not hold the whole {preset} model: "
+            f"{len(missing)} tensors did not load (in {', '.join(parts)}; e.g. {missing[0]}), so those parts would "
+            "predict from random initialisation. Give a checkpoint of this model trained for these classes (a "
+            "run's directory or model_final file, or a `peftseg merge` output), or the preset it was trained as."
         )

@@ -86,15 +86,6 @@ def find_images(spec: str) -> list[Path]:
     return found
 
 
-def _read(path: Path, image_format: str):
-    from detectron2.data.detection_utils import read_image
-
-    try:
-        return read_image(str(path), format=image_format)
-    except Exception as e:  # PIL raises several types for truncated/foreign files
-        raise ValueError(f"{type(e).__name__}: {e}") from e
-
-
 def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0.5, max_size: int | None = None,
             console: Console | None = None, input_folder: Path | None = None) -> PredictOutcome:
     """Run `loaded.model` on `images` (from `input_folder`, when a folder was given); write
@@ -108,6 +99,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
     from PIL import Image
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from peftseg.data.images import read_image_checked
     from peftseg.engine.run import resolve_device
     from peftseg.io.atomic import write_atomic_with, write_json
     from peftseg.io.output_guard import check_targets, distinct_names, output_dir
@@ -117,8 +109,10 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
     device = resolve_device(cfg.train.device)
     model.to(device)
     image_size = int(cfg.model.image_size)
-    # The same resize as evaluation (data/loaders.py), unless max_size asks for more pixels.
-    resize = T.ResizeShortestEdge(image_size, max_size=max_size or image_size)
+    # The same resize as evaluation (data/loaders.py); max_size=<px> runs the model at that long
+    # side instead (short side scaled up to it, then capped), so it really raises the resolution.
+    resize = T.ResizeShortestEdge(max_size, max_size=max_size) if max_size else T.ResizeShortestEdge(
+        image_size, max_size=image_size)
     # Metadata under a name of its own: the Visualizer only needs the class names.
     meta_name = f"peftseg_predict_{'_'.join(loaded.class_names)}"[:200]
     if meta_name in MetadataCatalog.list():
@@ -140,7 +134,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
         for image_id, path in enumerate(images, start=1):
             progress.update(task, name=path.name)
             try:
-                image = _read(path, model.input_format)
+                image = read_image_checked(path, model.input_format)  # training's checks (data/images.py)
             except ValueError as e:
                 outcome.unreadable.append((path, str(e)))
                 progress.advance(task)
@@ -173,6 +167,10 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
                 det["height"], det["width"] = h, w
                 results.append(det)
             progress.advance(task)
+    if outcome.unreadable and not outcome.written:  # nothing predicted: not a success
+        listed = "; ".join(f"{p}: {why}" for p, why in outcome.unreadable[:5])
+        raise UserError(f"none of the {len(images)} input image(s) could be given to the model ({listed}). "
+                        "Give 8-bit RGB/greyscale images of normal proportions (the checks training applies).")
     outcome.detections = len(results)
     outcome.predictions = write_json(output / PREDICTIONS, results)
     return outcome

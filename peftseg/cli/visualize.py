@@ -75,11 +75,11 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.detection_utils import read_image
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from omegaconf import OmegaConf
 
     from peftseg.data import register_dataset
+    from peftseg.data.images import read_image_checked
     from peftseg.io.atomic import write_atomic_with
     from peftseg.io.output_guard import check_targets, distinct_names, output_dir
 
@@ -102,7 +102,10 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
     check_targets([output / name for name in names.values()], images, what="output=")
     written = []
     for record in records:
-        image = read_image(record["file_name"], format="RGB")
+        try:  # the one reader (data/images.py): the checks training applied to these images
+            image = read_image_checked(record["file_name"], "RGB")
+        except ValueError as e:
+            raise UserError(f"validation image {record['file_name']} {e}; fix or replace it.") from None
         h, w = image.shape[:2]
         # Small images are drawn enlarged (by the Visualizer, which sizes its labels to the
         # output) so class names stay readable; the figure then shows them pixel for pixel.

@@ -24,16 +24,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from peftseg.data.images import ALPHA, ROTATED, pixel_problem, read_header
 from peftseg.errors import UserError
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 _SHOW_MISSING = 5
 _SHOW_PROBLEMS = 10
-# PIL modes that convert to RGB faithfully (alpha is dropped: noted); anything else (16-bit,
-# 32-bit integer or float pixels) would be clipped to 8 bits by the conversion detectron2 does
-_RGB_SAFE = {"1", "L", "P", "RGB", "YCbCr", "CMYK", "LAB", "HSV"}
-_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
-_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 @dataclass
@@ -127,53 +123,36 @@ def _inside(root: str, name: str) -> bool:
     return os.path.commonpath([root, os.path.realpath(os.path.join(root, name))]) == root
 
 
-def _header(path: str):
-    """(width, height, mode, exif orientation) from the header only, or the error text."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            try:
-                orientation = im.getexif().get(0x0112, 1)
-            except Exception:  # a damaged EXIF block: detectron2 ignores it too
-                orientation = 1
-            return im.size[0], im.size[1], im.mode, orientation
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
-
-
 def _check_image_headers(coco: dict, image_root: str, problems: list, notes: Counter, split: str) -> None:
     images = coco["images"]
     paths = [os.path.join(image_root, im["file_name"]) for im in images]
     workers = min(16, max(1, len(images) // 64 + 1))
     with ThreadPoolExecutor(workers) as pool:  # header reads are I/O-bound: threads overlap the waits
-        headers = list(pool.map(_header, paths))
+        headers = list(pool.map(read_header, paths))  # the one reader's checks (data/images.py)
     for im, path, header in zip(images, paths, headers):
         where = f"image id {im.get('id')} ({path})"
         if isinstance(header, str):
             problems.append(f"{where} is not a readable image ({header}); replace the file or remove the image "
                             "and its annotations from the json")
             continue
-        w, h, mode, orientation = header
-        if orientation in _ROTATED:
-            w, h = h, w  # detectron2's read_image applies the EXIF rotation
+        w, h, mode, orientation = header.width, header.height, header.mode, header.orientation
         jw, jh = im.get("width"), im.get("height")
         if not (isinstance(jw, int) and isinstance(jh, int)):
             problems.append(f"{where} has no integer width/height in the json (got {jw!r}, {jh!r}); set them to "
                             f"width={w}, height={h}")
         elif (jw, jh) != (w, h):
-            rotated = (jh, jw) == (w, h) and orientation in _ROTATED
+            rotated = (jh, jw) == (w, h) and orientation in ROTATED
             why = (f"its EXIF orientation {orientation} rotates it to {w}x{h} when loaded, but the json has "
                    f"the unrotated {jw}x{jh}; set width={w}, height={h} in the json if the annotations were made "
                    "on the rotated view, or save the image without the EXIF orientation tag if they were made "
                    "on the stored pixels") if rotated else (
                    f"it is {w}x{h} but the json says {jw}x{jh}; fix width/height in the json or replace the image")
             problems.append(f"{where}: {why}")
-        if mode in _ALPHA:
+        if mode in ALPHA:
             notes["images with an alpha channel (dropped when converted to RGB)"] += 1
-        elif mode not in _RGB_SAFE:
-            problems.append(f"{where} has pixel mode {mode!r} (e.g. 16-bit or float), which converting to 8-bit "
-                            "RGB would clip; convert it to 8-bit (scale the values to 0-255) and save it again")
+        problem = pixel_problem(header)  # 16-bit/float pixels, decompression bombs, degenerate sizes
+        if problem:
+            problems.append(f"{where} {problem}")
 
 
 def _check_segmentation(ann: dict, image: dict, where: str, problems: list, notes: Counter) -> str | None:

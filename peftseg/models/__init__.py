@@ -34,7 +34,7 @@ def build_model(cfg_model: Any, num_classes: int):
     if cfg_model.weights and getattr(model, "weights_report", None) is None:
         from peftseg.models._weights import load_weights
 
-        load_weights(model, cfg_model.weights)
+        model.weights_report = load_weights(model, cfg_model.weights)  # what loaded: predict/eval check it
     return model
 
 
