@@ -79,9 +79,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key, low in (("max_iter", 1), ("ims_per_batch", 1), ("log_period", 1), ("num_gpus", 1),
                          ("num_machines", 1), ("warmup_iters", 0), ("eval_period", 0),
-                         ("checkpoint_period", 0), ("num_workers", 0), ("seed", 0),
+                         ("checkpoint_period", 0), ("num_workers", 0),
                          ("timing_warmup_iters", 0), ("machine_rank", 0)):
             checks.integer(f"train.{key}", getattr(self, key), minimum=low)
+        # numpy's and detectron2's seeding take 32-bit seeds: 2**32 would fail mid-setup
+        checks.integer("train.seed", self.seed, minimum=0, maximum=2**32 - 1, why="numpy seeds are 32-bit")
         checks.choice("train.optimizer", self.optimizer, OPTIMIZERS)
         checks.choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         checks.choice("train.amp_dtype", self.amp_dtype, AMP_DTYPES)
@@ -100,8 +102,9 @@ class TrainConfig:
         for f in self.lr_steps:
             checks.number("train.lr_steps", f, low=0, high=1, low_open=True, high_open=True,
                           why="each step is a fraction of train.max_iter, e.g. [0.8, 0.9]")
-        if list(self.lr_steps) != sorted(self.lr_steps):
-            raise UserError(f"train.lr_steps={list(self.lr_steps)} must be increasing, e.g. [0.8, 0.9].")
+        if list(self.lr_steps) != sorted(set(self.lr_steps)):  # [0.5, 0.5] is one step given twice
+            raise UserError(f"train.lr_steps={list(self.lr_steps)} must be strictly increasing fractions (each "
+                            "step once), e.g. [0.8, 0.9].")
         if not (self.device in ("auto", "cpu", "cuda") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise UserError(
