@@ -91,7 +91,8 @@ class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
             raise UserError(
                 f"model.window_block_indexes={list(self.window_block_indexes)} names block(s) {outside} that "
                 f"model.depth={self.depth} does not have (blocks are 0..{self.depth - 1}); list indexes of existing "
-                "blocks, e.g. model.window_block_indexes=[0,1,3,4]."
+                "blocks, e.g. model.window_block_indexes="
+                f"{[i for i in range(self.depth) if i % 3 != 2] or [0]} (ViTDet's pattern: global every third block)."
             )
         # shapes detectron2 would reject with a bare assertion, or not at all
         if self.embed_dim % self.num_heads:
