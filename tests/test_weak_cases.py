@@ -96,3 +96,36 @@ def test_classes_for_a_checkpoint_that_records_its_own_is_refused(finished_lora_
                           f"output={tmp_path / 'p'}", cwd=tmp_path, cache=shapes_cache)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Leave classes= out" in proc.stderr and "PEFT checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["method.rnk=4"], ["method.rnk is not a setting of method 'lora' (did you mean method.rank?)"]),
+    (["train.max_iter=abc"], ["train.max_iter=abc cannot be applied: Value 'abc' of type 'str' could not be "
+                              "converted to Integer", "a value of its type"]),
+    (["-m", "method=full,adapter", "method.adapters_per_block=1"],
+     ["in the sweep member `method=full method.adapters_per_block=1`",
+      "method.adapters_per_block is not a setting of method 'full'"]),
+])
+def test_hydra_refusals_are_one_paragraph_naming_what_was_asked(argv, needles):
+    from peftseg.config import check_overrides
+
+    with pytest.raises(UserError) as err:
+        check_overrides(argv)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    assert "LoraConfig" not in str(err.value)
+    check_overrides(["-m", "method=adapter", "method.adapters_per_block=1,2", "hydra.run.dir=x"])  # fine: no error
+
+
+def test_train_exits_2_on_a_value_of_the_wrong_type(peftseg, tmp_path):
+    proc = peftseg("train", "train.max_iter=abc")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "train.max_iter=abc cannot be applied" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "visualize", "eval", "merge"])
+def test_help_exits_0(command, tmp_path):
+    proc = cli_in_process(command, "--help", cwd=tmp_path, cache=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"peftseg {command}" in proc.stdout
