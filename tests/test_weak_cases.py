@@ -129,3 +129,19 @@ def test_help_exits_0(command, tmp_path):
     proc = cli_in_process(command, "--help", cwd=tmp_path, cache=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"peftseg {command}" in proc.stdout
+
+
+def test_logs_written_to_a_file_are_not_wrapped_at_80_columns(capsys):
+    import logging.config
+
+    from omegaconf import OmegaConf
+
+    from peftseg.config import CONF_DIR
+
+    handler = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "hydra" / "job_logging" / "rich.yaml").handlers.console)
+    logging.config.dictConfig({"version": 1, "handlers": {"console": handler}, "disable_existing_loggers": False,
+                               "loggers": {"peftseg.test_wrap": {"handlers": ["console"], "level": "INFO"}}})
+    row = "| circle     | 41.337 | square     | 38.102 | triangle   | 29.874 |" + " record: /" + "x" * 120
+    logging.getLogger("peftseg.test_wrap").info(row)
+    out = capsys.readouterr().out
+    assert row in out.splitlines()[-1]  # one line, whole: not cut at 80 columns
