@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 from peftseg import checks
 from peftseg.errors import UserError
@@ -79,9 +79,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key, low in (("max_iter", 1), ("ims_per_batch", 1), ("log_period", 1), ("num_gpus", 1),
                          ("num_machines", 1), ("warmup_iters", 0), ("eval_period", 0),
-                         ("checkpoint_period", 0), ("num_workers", 0), ("seed", 0),
+                         ("checkpoint_period", 0), ("num_workers", 0),
                          ("timing_warmup_iters", 0), ("machine_rank", 0)):
             checks.integer(f"train.{key}", getattr(self, key), minimum=low)
+        # numpy's and detectron2's seeding take 32-bit seeds: 2**32 would fail mid-setup
+        checks.integer("train.seed", self.seed, minimum=0, maximum=2**32 - 1, why="numpy seeds are 32-bit")
         checks.choice("train.optimizer", self.optimizer, OPTIMIZERS)
         checks.choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         checks.choice("train.amp_dtype", self.amp_dtype, AMP_DTYPES)
@@ -100,8 +102,9 @@ class TrainConfig:
         for f in self.lr_steps:
             checks.number("train.lr_steps", f, low=0, high=1, low_open=True, high_open=True,
                           why="each step is a fraction of train.max_iter, e.g. [0.8, 0.9]")
-        if list(self.lr_steps) != sorted(self.lr_steps):
-            raise UserError(f"train.lr_steps={list(self.lr_steps)} must be increasing, e.g. [0.8, 0.9].")
+        if list(self.lr_steps) != sorted(set(self.lr_steps)):  # [0.5, 0.5] is one step given twice
+            raise UserError(f"train.lr_steps={list(self.lr_steps)} must be strictly increasing fractions (each "
+                            "step once), e.g. [0.8, 0.9].")
         if not (self.device in ("auto", "cpu", "cuda") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise UserError(
@@ -245,3 +248,74 @@ def check_group_choices(overrides: list[str]) -> None:
                     f"Unknown {group} {choice!r}. Available {group} options: {', '.join(options)}. "
                     f"Pick one with `{group}=<name>` (the configs live in {CONF_DIR / group}/)."
                 )
+
+
+MAX_CHECKED_MEMBERS = 16  # sweep members composed up front (each takes a fraction of a second)
+
+
+def _compose_error(exc: Exception, overrides: list[str], where: str) -> UserError:
+    """Hydra's refusal of `overrides` as one paragraph naming the override and the fix."""
+    text = str(exc)
+    cause = exc.__cause__ if isinstance(exc.__cause__, UserError) else None
+    if cause is not None:
+        return cause
+    detail = str(exc.__cause__ or "")
+    if "Could not override" in text and isinstance(exc.__cause__, ConfigAttributeError):
+        key = text.split("'")[1]
+        given = next((o for o in overrides if o.split("=", 1)[0] == key), None)
+        if given is not None:  # the same key added: validate() names the group's settings and a close match
+            try:
+                validate(compose_config([o for o in overrides if o != given] + ["+" + given]))
+            except UserError as e:
+                return UserError(f"{where}{e}")
+            except Exception:
+                pass
+        return UserError(f"{where}{key} is not a setting of this config; see `peftseg train --help` for the settings.")
+    first = next((line.strip() for line in (detail or text).splitlines() if line.strip()), text)
+    full_key = next((line.split(":", 1)[1].strip() for line in detail.splitlines()
+                     if line.strip().startswith("full_key:")), None)
+    given = next((o for o in overrides if full_key and o.split("=", 1)[0].lstrip("+~") == full_key), None)
+    if given is not None:
+        return UserError(f"{where}{given} cannot be applied: {first}. Give {full_key} a value of its type (see "
+                         "`peftseg train --help` for each setting and its default).")
+    return UserError(f"{where}the overrides cannot be applied: {text.splitlines()[0]} ({first}).")
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the run's config (or each sweep member's, up to MAX_CHECKED_MEMBERS) before Hydra's
+    app starts, so a key the schema lacks (`method.rnk=4`) or a value of the wrong type
+    (`train.max_iter=abc`) is one paragraph naming it, not Hydra's raw error; in a sweep the
+    member named is one that was asked for (Hydra's own check composes the default method)."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = any(a in ("-m", "--multirun") for a in argv)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # Hydra's own flags (--cfg, --info, …): Hydra handles those
+    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    if not sweep:
+        members = [overrides]
+    else:
+        parser = OverridesParser.create()
+        choices = []
+        for arg in overrides:
+            (override,) = parser.parse_overrides([arg])  # readable: check_group_choices parsed it
+            if override.is_sweep_override() and not override.is_delete():
+                try:
+                    values = list(override.sweep_string_iterator())
+                except Exception:  # range/interval sweeps of a search sweeper: leave to it
+                    values = None
+                if values:
+                    key = override.get_key_element()
+                    choices.append([f"{key}={v}" for v in values])
+                    continue
+                return
+            choices.append([arg])
+        members = [list(m) for m in itertools.islice(itertools.product(*choices), MAX_CHECKED_MEMBERS)]
+    for member in members:
+        where = f"in the sweep member `{' '.join(member)}`: " if sweep else ""
+        try:  # composition only: a bad value is validate()'s, in the run (a sweep records it and goes on)
+            compose_config(member)
+        except Exception as e:  # Hydra's ConfigCompositionException, OmegaConf's ValidationError
+            raise _compose_error(e, member, where) from None

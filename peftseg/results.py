@@ -101,7 +101,10 @@ class Record:
         if not isinstance(data, dict) or not isinstance(data.get("run"), dict) or not isinstance(data.get("config"), dict):
             raise ValueError("not a peftseg run record (no 'run' and 'config' objects)")
         version = data.get("schema_version", 1)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"schema_version {version!r} is not a record version (1, 2, …): the file was edited or "
+                             "written by another tool")
+        if version > SCHEMA_VERSION:
             raise ValueError(f"schema_version {version!r} is newer than this peftseg reads ({SCHEMA_VERSION})")
         run_fields = {f for f in RunInfo.__dataclass_fields__}
         try:

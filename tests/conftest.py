@@ -69,3 +69,15 @@ def base():
 @pytest.fixture
 def model(base):
     return copy.deepcopy(base)
+
+
+@pytest.fixture(scope="session")
+def finished_lora_run(tmp_path_factory, shapes_cache) -> Path:
+    """A finished 2-step LoRA run (mergeable; eval/ written), in-process: for the tests of the
+    commands that read a run (predict, visualize, merge, eval) and must never damage it."""
+    from helpers import run_in_process
+
+    work = tmp_path_factory.mktemp("finished_lora")
+    record = run_in_process(work, shapes_cache, "method=lora", "train.max_iter=2", "train.num_workers=0")
+    assert record.status == "ok", record.error
+    return work

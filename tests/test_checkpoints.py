@@ -127,7 +127,7 @@ TARGETS = "method.targets=[attn_qkv,mlp]"
 @pytest.mark.parametrize("override,needle", [
     (("method=heads",), "different method (method.name: checkpoint 'lora' vs this run 'heads')"),
     ((TARGETS, "method.rank=4"), "method.rank: checkpoint 8 vs this run 4"),
-    ((TARGETS, "model.depth=2"), "different model"),
+    ((TARGETS, "model.depth=2", "model.window_block_indexes=[0]"), "different model"),  # [0, 2] names no block 2
     ((TARGETS, "train.seed=5"), "different frozen base weights"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_setup(lora_run, override, needle, tmp_path, shapes_cache,

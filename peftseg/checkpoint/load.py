@@ -138,6 +138,13 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
     if "peftseg" in data or MERGED_KEY in data:
         merged = MERGED_KEY in data
         meta = data[MERGED_KEY] if merged else data["peftseg"]
+        _check_metadata(meta, source, merged)
+        if classes is not None and list(classes) != list(meta["class_names"]):
+            raise UserError(
+                f"classes={list(classes)} was given, but {source} is a {'merged' if merged else 'PEFT'} checkpoint that "
+                f"predicts {list(meta['class_names'])} (in that order), which it records itself. Leave classes= out: "
+                "it is only for plain checkpoints, which do not record their classes."
+            )
         # the checkpoint's config, typed and validated; only dataset/device overrides pass
         cfg = compose_for_checkpoint(meta["config"], overrides)
         names = list(meta["class_names"])
@@ -178,16 +185,59 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
             splits = register_dataset(cfg.dataset)
         names = _class_names(cfg, classes, splits, "a plain checkpoint")
         model = build_model(cfg.model, len(names), names)
+        _require_whole_model(model, cfg.model.name)
         kind = "plain"
     return Loaded(model=model.eval(), cfg=cfg, class_names=names, source=source, kind=kind, splits=splits)
 
 
 def _load_whole(model: nn.Module, state: dict, source: Path) -> None:
     """A merged file holds every tensor of the plain model: load strictly, or say what differs."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape (e.g. class names edited in the metadata)
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise UserError(
+            f"merged checkpoint {source} does not fit the model its metadata names ({first}); the file's tensors "
+            "or its metadata (config, class_names) were edited — merge the run again with "
+            "`peftseg merge checkpoint=<run dir>`."
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise UserError(
             f"merged checkpoint {source} does not fit the model its metadata names: missing "
             f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}; it was edited or written by "
             "another peftseg version — merge the run again with `peftseg merge checkpoint=<run dir>`."
+        )
+
+
+def _require_whole_model(model: nn.Module, preset: str) -> None:
+    """A plain checkpoint used for inference must fill the whole model: training may start from a
+    backbone-only file (the heads then train), but predict/eval would run random heads."""
+    report = getattr(model, "weights_report", None)
+    missing = [k for k in getattr(report, "missing", ()) if not k.endswith("num_batches_tracked")]
+    if missing:
+        parts = sorted({k.split(".")[0] for k in missing})
+        raise UserError(
+            f"{getattr(report, 'source', 'the checkpoint')} does not hold the whole {preset} model: "
+            f"{len(missing)} tensors did not load (in {', '.join(parts)}; e.g. {missing[0]}), so those parts would "
+            "predict from random initialisation. Give a checkpoint of this model trained for these classes (a "
+            "run's directory or model_final file, or a `peftseg merge` output), or the preset it was trained as."
+        )
+
+
+def _check_metadata(meta, source: Path, merged: bool) -> None:
+    """The metadata a PEFT or merged checkpoint rebuilds its model from: a config and class names."""
+    what = "merged" if merged else "PEFT"
+    problem = None
+    if not isinstance(meta, dict):
+        problem = f"its metadata is a {type(meta).__name__}, not an object"
+    elif not isinstance(meta.get("config"), dict) or not all(
+            isinstance(meta["config"].get(g), dict) for g in ("model", "method", "dataset", "train")):
+        problem = "its metadata has no config (model, method, dataset and train)"
+    elif not (isinstance(meta.get("class_names"), list) and meta["class_names"]
+              and all(isinstance(n, str) for n in meta["class_names"])):
+        problem = "its metadata has no list of class names"
+    if problem:
+        raise UserError(
+            f"{what} checkpoint {source} cannot be rebuilt: {problem}; the file was edited or written by another "
+            "tool. Use the run's own model_final file, or merge the run again with `peftseg merge checkpoint=<run dir>`."
         )

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peftseg.checkpoint.files import MERGED_KEY
 from peftseg.checkpoint.formats import safetensors_bytes
 from peftseg.io.atomic import write_atomic_with
+from peftseg.io.output_guard import output_file, write_errors
 
 from peftseg.errors import UserError
 from peftseg.methods._memory import widen_frozen
@@ -83,15 +84,18 @@ def merge_checkpoint(checkpoint: str, overrides: list[str], output: str | None):
             f"{loaded.source} is a {loaded.kind} checkpoint, not a run's PEFT checkpoint: there is no method "
             "left to merge. Give the run directory (or its model_* file) that `peftseg train` wrote."
         )
-    model = merge_and_unload(loaded.model.eval())
     out = Path(output or loaded.source.parent / "model_merged.safetensors")
+    # invariant 2 (peftseg.io.output_guard): a known format, never the run's own checkpoint or record
+    output_file(out, (".safetensors", ".pth"), inputs=[loaded.source], what="output=")
+    model = merge_and_unload(loaded.model.eval())
     # plain tensors under the model's names: loadable with model.weights=<out>; the metadata
     # (config, class names) lets `peftseg eval`/`predict` rebuild the model without overrides.
     # A .pth output keeps detectron2's checkpoint layout ({"model": state dict}).
     meta = merged_metadata(loaded.cfg, loaded.class_names, loaded.source)
-    if out.suffix == ".pth":
-        write_atomic_with(out, lambda f: torch.save({"model": model.state_dict(), MERGED_KEY: meta}, f))
-    else:
-        payload = safetensors_bytes(model.state_dict(), {MERGED_KEY: json.dumps(meta), "format": "pt"})
-        write_atomic_with(out, lambda f: f.write(payload))
+    with write_errors(out):
+        if out.suffix.lower() == ".pth":
+            write_atomic_with(out, lambda f: torch.save({"model": model.state_dict(), MERGED_KEY: meta}, f))
+        else:
+            payload = safetensors_bytes(model.state_dict(), {MERGED_KEY: json.dumps(meta), "format": "pt"})
+            write_atomic_with(out, lambda f: f.write(payload))
     return loaded, out

@@ -7,8 +7,27 @@ from rich.console import Console
 
 from peftseg.errors import UserError
 
-console = Console()
-err_console = Console(stderr=True)
+import logging
+import sys
+
+# Written to a file or pipe, rich would wrap every line at 80 columns (it cannot know a width),
+# cutting detectron2's per-category tables and the record's path: there, text is never wrapped.
+console = Console(soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+
+
+def console_log_handler(level: str | int = "INFO") -> logging.Handler:
+    """The console log handler of conf/hydra/job_logging/rich.yaml: rich's (it prints above the
+    progress bar) on a terminal; plain lines, unwrapped, when the output is a file or pipe."""
+    if sys.stdout.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(level)
+    return handler
 
 
 def report_error(exc: UserError) -> None:

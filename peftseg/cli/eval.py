@@ -40,6 +40,9 @@ def main(argv: list[str]) -> int:
     from peftseg.io.atomic import write_json
     from peftseg.results import evaluator_metrics
     from peftseg.report.tables import eval_table
+    from peftseg.errors import UserError
+    from peftseg.finite import check_result
+    from peftseg.io.output_guard import check_targets, output_dir, write_errors
 
     options, overrides, _ = split_args(argv, "eval", ("checkpoint", "output"), required=("checkpoint",),
                                        example="checkpoint=outputs/<date>/<time>")
@@ -50,12 +53,24 @@ def main(argv: list[str]) -> int:
     device = resolve_device(r.cfg.train.device)
     r.model.to(device)
     out_dir = Path(options.get("output") or r.source.parent / f"eval_{r.source.stem}")
-    results = evaluate(r.model, r.splits.val, r.cfg.model.image_size, out_dir, r.cfg.train.num_workers)
+    # invariant 2 (peftseg.io.output_guard): not the checkpoint, not the run's eval/ (visualize reads it)
+    output_dir(out_dir, inputs=[r.source], what="output=")
+    check_targets([out_dir / "eval.json", out_dir / "coco_instances_results.json"], [r.source], what="output=")
+    with write_errors(out_dir):
+        results = evaluate(r.model, r.splits.val, r.cfg.model.image_size, out_dir, r.cfg.train.num_workers)
     record = {
         "checkpoint": str(r.source), "checkpoint_kind": r.kind, "dataset": r.cfg.dataset.name,
-        "params": count_parameters(r.model).to_dict(), "metrics": evaluator_metrics(results),
+        "params": count_parameters(r.model).to_dict(), "metrics": evaluator_metrics(results), "status": "ok",
     }
-    write_json(out_dir / "eval.json", record)
+    try:  # invariant 1: NaN/inf is never written as a result (peftseg.finite decides, as for runs)
+        check_result(record["metrics"], f"evaluating {r.source} on {r.splits.val!r}", "this evaluation has",
+                     params=record["params"])
+    except UserError as exc:
+        with write_errors(out_dir):
+            write_json(out_dir / "eval.json", {**record, "status": "failed", "error": str(exc)})
+        raise UserError(f"{exc} The reason is in {out_dir / 'eval.json'}.") from None
+    with write_errors(out_dir):
+        write_json(out_dir / "eval.json", record)
     console.print(eval_table(record))
     console.print(f"record: {out_dir / 'eval.json'}")
     return 0

@@ -92,18 +92,10 @@ def find_images(spec: str) -> list[Path]:
     return found
 
 
-def _read(path: Path, image_format: str):
-    from detectron2.data.detection_utils import read_image
-
-    try:
-        return read_image(str(path), format=image_format)
-    except Exception as e:  # PIL raises several types for truncated/foreign files
-        raise ValueError(f"{type(e).__name__}: {e}") from e
-
-
 def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0.5, max_size: int | None = None,
-            console: Console | None = None) -> PredictOutcome:
-    """Run `loaded.model` on `images`; write overlays and predictions.json under `output`."""
+            console: Console | None = None, input_folder: Path | None = None) -> PredictOutcome:
+    """Run `loaded.model` on `images` (from `input_folder`, when a folder was given); write
+    overlays and predictions.json under `output`."""
     import numpy as np
     import torch
     from detectron2.data import MetadataCatalog
@@ -113,23 +105,31 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
     from PIL import Image
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from peftseg.data.images import read_image_checked
     from peftseg.engine.run import resolve_device
     from peftseg.io.atomic import write_atomic_with, write_json
+    from peftseg.io.output_guard import check_targets, distinct_names, output_dir
 
     console = console or default_console
     model, cfg = loaded.model, loaded.cfg
     device = resolve_device(cfg.train.device)
     model.to(device)
     image_size = int(cfg.model.image_size)
-    # The same resize as evaluation (data/loaders.py), unless max_size asks for more pixels.
-    resize = T.ResizeShortestEdge(image_size, max_size=max_size or image_size)
+    # The same resize as evaluation (data/loaders.py); max_size=<px> runs the model at that long
+    # side instead (short side scaled up to it, then capped), so it really raises the resolution.
+    resize = T.ResizeShortestEdge(max_size, max_size=max_size) if max_size else T.ResizeShortestEdge(
+        image_size, max_size=image_size)
     # Metadata under a name of its own: the Visualizer only needs the class names.
     meta_name = f"peftseg_predict_{'_'.join(loaded.class_names)}"[:200]
     if meta_name in MetadataCatalog.list():
         MetadataCatalog.remove(meta_name)
     metadata = MetadataCatalog.get(meta_name).set(thing_classes=list(loaded.class_names))
 
-    output.mkdir(parents=True, exist_ok=True)
+    # invariant 2 (peftseg.io.output_guard): never over an input, a run's files, a link; distinct names
+    names = distinct_names(images, ".png")
+    sources = [*images, *([loaded.source] if loaded.source else [])]
+    output_dir(output, inputs=[folder for folder in (input_folder,) if folder], what="output=")
+    check_targets([output / name for name in names.values()] + [output / PREDICTIONS], sources, what="output=")
     outcome = PredictOutcome()
     results: list[dict] = []
     warned_size = False
@@ -140,7 +140,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
         for image_id, path in enumerate(images, start=1):
             progress.update(task, name=path.name)
             try:
-                image = _read(path, model.input_format)
+                image = read_image_checked(path, model.input_format)  # training's checks (data/images.py)
             except ValueError as e:
                 outcome.unreadable.append((path, str(e)))
                 progress.advance(task)
@@ -163,7 +163,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
             scale = max(1.0, MIN_OVERLAY_PX / max(h, w))
             drawn = Visualizer(rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE).draw_instance_predictions(
                 instances)
-            target = output / f"{path.stem}.png"
+            target = output / names[path]
             write_atomic_with(target, lambda f: Image.fromarray(drawn.get_image()).save(f, format="PNG"))
             outcome.written.append(target)
             for det in instances_to_coco_json(instances, image_id):
@@ -173,6 +173,10 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
                 det["height"], det["width"] = h, w
                 results.append(det)
             progress.advance(task)
+    if outcome.unreadable and not outcome.written:  # nothing predicted: not a success
+        listed = "; ".join(f"{p}: {why}" for p, why in outcome.unreadable[:5])
+        raise UserError(f"none of the {len(images)} input image(s) could be given to the model ({listed}). "
+                        "Give 8-bit RGB/greyscale images of normal proportions (the checks training applies).")
     outcome.detections = len(results)
     outcome.predictions = write_json(output / PREDICTIONS, results)
     return outcome
@@ -184,6 +188,7 @@ def main(argv: list[str], console: Console | None = None) -> int:
         return 0
     from peftseg.checkpoint.load import load_model
     from peftseg.cli.many import checkpoint_list
+    from peftseg.io.output_guard import write_errors
 
     console = console or default_console
     options, overrides = parse_args(argv)
@@ -194,8 +199,10 @@ def main(argv: list[str], console: Console | None = None) -> int:
     if many is not None:
         return _predict_variants(many, overrides, images, Path(options["output"]), score_thresh, max_size, console)
     loaded = load_model(options.get("checkpoint"), overrides, classes=_classes(options.get("classes")))
-    outcome = predict(loaded, images, Path(options["output"]), score_thresh=score_thresh, max_size=max_size,
-                      console=console)
+    spec = Path(options["input"]).expanduser()
+    with write_errors(Path(options["output"])):
+        outcome = predict(loaded, images, Path(options["output"]), score_thresh=score_thresh, max_size=max_size,
+                          console=console, input_folder=spec if spec.is_dir() else None)
     what = loaded.cfg.model.name + ("" if loaded.kind == "plain" else f" + {loaded.cfg.method.name}")
     console.print(
         f"predicted {len(outcome.written)} of {len(images)} images with {what} ({loaded.kind} checkpoint): {outcome.detections} detections with score >= "

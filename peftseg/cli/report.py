@@ -21,6 +21,17 @@ def main(argv: list[str]) -> int:
                         help="add ΔAP and step-time / peak-memory ratios against this method's run "
                              "of the same model and dataset (e.g. --baseline full)")
     args = parser.parse_args(argv)
+    if args.baseline is not None:
+        from peftseg.registry import METHODS
+        from peftseg.errors import UserError
+
+        if args.baseline not in METHODS.names():
+            import difflib
+
+            close = difflib.get_close_matches(args.baseline, METHODS.names(), n=1)
+            raise UserError(f"--baseline {args.baseline} is not a method"
+                            f"{f'; did you mean --baseline {close[0]}?' if close else '.'} "
+                            f"The methods are: {', '.join(METHODS.names())}.")
     # at least 160 columns: piped output (CI logs) defaults to 80, too narrow for the table
     console = Console()
     build_report(args.dir, args.baseline, Console(width=max(console.width, 160)))

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from peftseg.cli.common import console, err_console, print_text, report_error
-from peftseg.config import CONF_DIR, check_group_choices
+from peftseg.config import CONF_DIR, check_group_choices, check_overrides
 from peftseg.errors import UserError
 
 log = logging.getLogger("peftseg")
@@ -114,6 +114,7 @@ def main(argv: list[str]) -> int:
         return 0
     check_group_choices(argv)  # before the heavy imports: a typo fails in a second, not six
     argv = with_resumed_groups(argv)
+    check_overrides(argv)  # Hydra's raw errors (unknown key, wrong type) as one paragraph
 
     import hydra
 

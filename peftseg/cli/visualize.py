@@ -75,12 +75,13 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.detection_utils import read_image
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from omegaconf import OmegaConf
 
     from peftseg.data import register_dataset
+    from peftseg.data.images import read_image_checked
     from peftseg.io.atomic import write_atomic_with
+    from peftseg.io.output_guard import check_targets, distinct_names, output_dir
 
     results = run_dir / EVAL_RESULTS
     if not results.is_file():
@@ -92,9 +93,19 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
     id_map = metadata.thing_dataset_id_to_contiguous_id
     preds = _predictions_by_image(results)
     output = output or run_dir / OUT_DIR
+    records = DatasetCatalog.get(splits.val)[:n]
+    # invariant 2 (peftseg.io.output_guard): not over the val images, the run's own files or a link
+    images = [Path(r["file_name"]) for r in records]
+    names = distinct_names(images, ".png")
+    image_folders = sorted({str(p.parent) for p in images})
+    output_dir(output, inputs=[Path(f) for f in image_folders], what="output=")
+    check_targets([output / name for name in names.values()], images, what="output=")
     written = []
-    for record in DatasetCatalog.get(splits.val)[:n]:
-        image = read_image(record["file_name"], format="RGB")
+    for record in records:
+        try:  # the one reader (data/images.py): the checks training applied to these images
+            image = read_image_checked(record["file_name"], "RGB")
+        except ValueError as e:
+            raise UserError(f"validation image {record['file_name']} {e}; fix or replace it.") from None
         h, w = image.shape[:2]
         # Small images are drawn enlarged (by the Visualizer, which sizes its labels to the
         # output) so class names stay readable; the figure then shows them pixel for pixel.
@@ -115,7 +126,7 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
         fig.suptitle(f"{Path(record['file_name']).name} · {config['model']['name']} + {config['method']['name']}",
                      fontsize=11)
         fig.tight_layout()
-        target = output / f"{Path(record['file_name']).stem}.png"
+        target = output / names[Path(record["file_name"])]
         write_atomic_with(target, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
         written.append(target)
@@ -130,7 +141,10 @@ def main(argv: list[str], console: Console | None = None) -> int:
     run_dir, n, thresh, output = parse_args(argv)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory; give a run directory such as outputs/<date>/<time>.")
-    written = visualize(run_dir, n, thresh, output)
+    from peftseg.io.output_guard import write_errors
+
+    with write_errors(output or run_dir / OUT_DIR):
+        written = visualize(run_dir, n, thresh, output)
     console.print(f"wrote {len(written)} ground truth | prediction pictures to {written[0].parent if written else '-'}",
                   highlight=False)
     return 0

@@ -10,21 +10,28 @@ from __future__ import annotations
 
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json, register_coco_instances
 
 from peftseg.data import SPLITS, DatasetSplits
 from peftseg.data.validate import check_split
 from peftseg.errors import UserError
 
 
-def _publish(name: str, json_file: str, image_root: str, categories, evaluator_type: str) -> None:
+def _publish(name: str, json_file: str, image_root: str, categories, evaluator_type: str,
+             needs_defaults: bool = False) -> None:
     # Replace, not add: a second registration may point the same name at other files, and
     # Detectron2 refuses both re-registration and changing metadata in place.
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
     if name in MetadataCatalog.list():
         MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, json_file, image_root)
+    if needs_defaults:
+        # register_coco_instances minus `json_file`: without it COCOEvaluator evaluates against
+        # detectron2's convert_to_coco_json of these dicts, which fills iscrowd and area
+        DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
+        MetadataCatalog.get(name).set(image_root=image_root)
+    else:
+        register_coco_instances(name, {}, json_file, image_root)
     # Set now (load_coco_json sets the same values lazily) so that code reading the
     # metadata before the data is loaded, e.g. COCOEvaluator, already sees them.
     MetadataCatalog.get(name).set(
@@ -50,13 +57,18 @@ def publish_splits(cfg, files: dict, fixes: dict) -> DatasetSplits:
         )
     names = {split: f"peftseg_{cfg.name}_{split}" for split in SPLITS}
     for split, (json_file, image_root) in files.items():
-        _publish(names[split], json_file, image_root, categories[split], _evaluator_type(cfg.name))
+        _publish(names[split], json_file, image_root, categories[split], _evaluator_type(cfg.name),
+                 checks[split].needs_defaults)
+    notes = {split: c.notes for split, c in checks.items() if c.notes}
+    if _same_file(files["train"][0], files["val"][0]):
+        notes.setdefault("val", {})["val json identical to the train json (AP measures fit to the training "
+                                    "data, not generalisation)"] = 1
     return DatasetSplits(
         train=names["train"],
         val=names["val"],
         class_names=tuple(n for _, n in categories["train"]),
         mask_format=checks["train"].mask_format,
-        notes={split: c.notes for split, c in checks.items() if c.notes},
+        notes=notes,
     )
 
 
@@ -64,3 +76,11 @@ def _evaluator_type(dataset: str) -> str:
     from peftseg.registry import DATASETS
 
     return DATASETS.get(dataset).evaluator_type
+
+
+def _same_file(a: str, b: str) -> bool:
+    """One json for both splits (the same path, or byte-identical copies)."""
+    import filecmp
+    import os
+
+    return os.path.realpath(a) == os.path.realpath(b) or filecmp.cmp(a, b, shallow=False)

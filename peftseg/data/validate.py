@@ -24,16 +24,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from peftseg.data.images import ALPHA, ROTATED, pixel_problem, read_header
 from peftseg.errors import UserError
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 _SHOW_MISSING = 5
 _SHOW_PROBLEMS = 10
-# PIL modes that convert to RGB faithfully (alpha is dropped: noted); anything else (16-bit,
-# 32-bit integer or float pixels) would be clipped to 8 bits by the conversion detectron2 does
-_RGB_SAFE = {"1", "L", "P", "RGB", "YCbCr", "CMYK", "LAB", "HSV"}
-_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
-_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 @dataclass
@@ -41,6 +37,9 @@ class SplitCheck:
     categories: tuple[tuple[int, str], ...]
     mask_format: str = "polygon"  # "bitmask" when any annotation is RLE (detectron2 needs it)
     notes: dict[str, int] = field(default_factory=dict)  # harmless problems by kind: counts
+    # the json lacks iscrowd/area, which pycocotools' COCOeval reads: evaluate from detectron2's
+    # own conversion of the loaded dicts (convert_to_coco_json fills both) instead of the file
+    needs_defaults: bool = False
 
 
 def _load(json_path: str, split: str, fix_json: str) -> dict:
@@ -94,6 +93,23 @@ def _categories(coco, json_path: str, split: str, fix_json: str) -> list[tuple[i
         raise _not_coco(json_path, split, "a category lacks its 'id' or 'name'", fix_json)
     if not all(isinstance(im, dict) and "file_name" in im for im in coco["images"]):
         raise _not_coco(json_path, split, "an image entry lacks its 'file_name'", fix_json)
+    if not all(isinstance(c["id"], int) and not isinstance(c["id"], bool) for c in cats):
+        bad = next(c["id"] for c in cats if not isinstance(c["id"], int) or isinstance(c["id"], bool))
+        raise _not_coco(json_path, split, f"category id {bad!r} is not an integer (COCO ids are numbers)", fix_json)
+    ids = Counter(c["id"] for c in cats)
+    names = Counter(str(c["name"]) for c in cats)
+    dup_ids = [i for i, n in ids.items() if n > 1]
+    dup_names = [name for name, n in names.items() if n > 1]
+    if dup_ids or dup_names:
+        what = "; ".join(
+            [f"category id {i} is listed {ids[i]} times" for i in dup_ids[:3]]
+            + [f"{names[name]} categories are named {name!r} (ids "
+               f"{', '.join(str(c['id']) for c in cats if str(c['name']) == name)})" for name in dup_names[:3]])
+        raise UserError(
+            f"The {split} annotation file {json_path} has duplicate categories: {what}. Each class needs one id and "
+            "one name, or its annotations are split between two classes and one class's AP disappears from the "
+            f"per-class table; merge the duplicates (and re-point their annotations' category_id). {fix_json}"
+        )
     # Detectron2 orders classes by category id; so do we.
     return sorted((c["id"], str(c["name"])) for c in cats)
 
@@ -127,53 +143,36 @@ def _inside(root: str, name: str) -> bool:
     return os.path.commonpath([root, os.path.realpath(os.path.join(root, name))]) == root
 
 
-def _header(path: str):
-    """(width, height, mode, exif orientation) from the header only, or the error text."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            try:
-                orientation = im.getexif().get(0x0112, 1)
-            except Exception:  # a damaged EXIF block: detectron2 ignores it too
-                orientation = 1
-            return im.size[0], im.size[1], im.mode, orientation
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
-
-
 def _check_image_headers(coco: dict, image_root: str, problems: list, notes: Counter, split: str) -> None:
     images = coco["images"]
     paths = [os.path.join(image_root, im["file_name"]) for im in images]
     workers = min(16, max(1, len(images) // 64 + 1))
     with ThreadPoolExecutor(workers) as pool:  # header reads are I/O-bound: threads overlap the waits
-        headers = list(pool.map(_header, paths))
+        headers = list(pool.map(read_header, paths))  # the one reader's checks (data/images.py)
     for im, path, header in zip(images, paths, headers):
         where = f"image id {im.get('id')} ({path})"
         if isinstance(header, str):
             problems.append(f"{where} is not a readable image ({header}); replace the file or remove the image "
                             "and its annotations from the json")
             continue
-        w, h, mode, orientation = header
-        if orientation in _ROTATED:
-            w, h = h, w  # detectron2's read_image applies the EXIF rotation
+        w, h, mode, orientation = header.width, header.height, header.mode, header.orientation
         jw, jh = im.get("width"), im.get("height")
         if not (isinstance(jw, int) and isinstance(jh, int)):
             problems.append(f"{where} has no integer width/height in the json (got {jw!r}, {jh!r}); set them to "
                             f"width={w}, height={h}")
         elif (jw, jh) != (w, h):
-            rotated = (jh, jw) == (w, h) and orientation in _ROTATED
+            rotated = (jh, jw) == (w, h) and orientation in ROTATED
             why = (f"its EXIF orientation {orientation} rotates it to {w}x{h} when loaded, but the json has "
                    f"the unrotated {jw}x{jh}; set width={w}, height={h} in the json if the annotations were made "
                    "on the rotated view, or save the image without the EXIF orientation tag if they were made "
                    "on the stored pixels") if rotated else (
                    f"it is {w}x{h} but the json says {jw}x{jh}; fix width/height in the json or replace the image")
             problems.append(f"{where}: {why}")
-        if mode in _ALPHA:
+        if mode in ALPHA:
             notes["images with an alpha channel (dropped when converted to RGB)"] += 1
-        elif mode not in _RGB_SAFE:
-            problems.append(f"{where} has pixel mode {mode!r} (e.g. 16-bit or float), which converting to 8-bit "
-                            "RGB would clip; convert it to 8-bit (scale the values to 0-255) and save it again")
+        problem = pixel_problem(header)  # 16-bit/float pixels, decompression bombs, degenerate sizes
+        if problem:
+            problems.append(f"{where} {problem}")
 
 
 def _check_segmentation(ann: dict, image: dict, where: str, problems: list, notes: Counter) -> str | None:
@@ -218,6 +217,11 @@ def _check_segmentation(ann: dict, image: dict, where: str, problems: list, note
 
 def _check_annotations(coco: dict, split: str, problems: list, notes: Counter) -> str:
     images = {im.get("id"): im for im in coco["images"]}
+    id_types = sorted({type(im.get("id")).__name__ for im in coco["images"]})
+    if id_types != ["int"]:
+        problems.append(f"image ids are of type(s) {', '.join(id_types)}; COCO image ids are integers (and "
+                        "pycocotools matches predictions by id, so 1 and \"1\" are different images): write "
+                        "every image 'id' and annotation 'image_id' as a number")
     if len(images) != len(coco["images"]):
         dup = [i for i, n in Counter(im.get("id") for im in coco["images"]).items() if n > 1]
         problems.append(f"image ids {dup[:5]} occur more than once in 'images'; give every image a unique id")
@@ -227,6 +231,7 @@ def _check_annotations(coco: dict, split: str, problems: list, notes: Counter) -
         problems.append(f"annotation ids {dup[:5]} occur more than once; give every annotation a unique id "
                         "(COCOeval matches by id)")
     categories = {c["id"] for c in coco["categories"]}
+    filled = Counter()  # keys COCOeval needs that the json leaves out, per key
     kinds, used = Counter(), 0
     annotated = set()
     for ann in coco["annotations"]:
@@ -246,6 +251,19 @@ def _check_annotations(coco: dict, split: str, problems: list, notes: Counter) -
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
             problems.append(f"{where} has bbox {bbox!r}; a COCO box is 4 finite numbers [x, y, width, height]")
+            continue
+        # what many converters leave out: detectron2 assumes iscrowd 0 and computes the area from the mask
+        if "iscrowd" not in ann:
+            filled["iscrowd"] += 1
+        elif ann["iscrowd"] not in (0, 1) or isinstance(ann["iscrowd"], (str, float)):
+            problems.append(f"{where} has iscrowd {ann['iscrowd']!r}; it must be the number 0 or 1 (a text "
+                            "\"0\" counts as true, making the object a crowd region); write it as a number")
+            continue
+        if "area" not in ann:
+            filled["area"] += 1
+        elif not (_finite([ann["area"]]) and ann["area"] >= 0):
+            problems.append(f"{where} has area {ann['area']!r}; COCOeval needs a number >= 0 (the mask's pixel "
+                            "count) or none at all: fix it or delete the key and peftseg lets detectron2 compute it")
             continue
         if ann.get("iscrowd", 0):
             notes["crowd annotations (ignored in training, as in COCO)"] += 1
@@ -271,6 +289,10 @@ def _check_annotations(coco: dict, split: str, problems: list, notes: Counter) -
                         "empty; give the val json the annotations of its images")
     if split == "train" and len(annotated) < len(images):
         notes["train images without annotations (skipped in training)"] += len(images) - len(annotated)
+    if filled["iscrowd"]:
+        notes["annotations without 'iscrowd' (0 assumed, as detectron2 does)"] += filled["iscrowd"]
+    if filled["area"]:
+        notes["annotations without 'area' (computed from the mask for evaluation)"] += filled["area"]
     return "bitmask" if kinds["rle"] else "polygon"
 
 
@@ -299,4 +321,5 @@ def check_split(
         more = f"\n  (and {len(problems) - _SHOW_PROBLEMS} more)" if len(problems) > _SHOW_PROBLEMS else ""
         raise UserError(f"The {split} data ({json_path}, images in {image_root}) has {len(problems)} "
                         f"problem(s):\n  - {shown}{more}")
-    return SplitCheck(tuple(categories), mask_format, dict(notes))
+    needs_defaults = any(kind.startswith("annotations without") for kind in notes)
+    return SplitCheck(tuple(categories), mask_format, dict(notes), needs_defaults)

@@ -21,6 +21,9 @@ def _coco(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
     return COCOEvaluator(
         dataset_name, tasks=("segm", "bbox"), distributed=True, output_dir=str(output_dir),
         use_fast_impl=install_fast_cocoeval(),
+        # a dataset registered without a json (its own lacks iscrowd/area) is converted per
+        # evaluation: never reuse a conversion an earlier run left in a reused eval/ folder
+        allow_cached_coco=False,
     )
 
 

@@ -22,6 +22,7 @@ from peftseg.engine.pruning import RunPruned
 from peftseg.engine.rundir import clear_earlier_run
 from peftseg.engine.trainer import train_and_evaluate
 from peftseg.errors import UserError
+from peftseg.finite import check_result
 from peftseg.methods import apply_method
 from peftseg.models import build_model
 from peftseg.params import count_parameters
@@ -59,6 +60,17 @@ def build_for_run(cfg: DictConfig, num_classes: int, class_names=None) -> torch.
 
         model.peftseg_checkpointed_blocks = len(enable_activation_checkpointing(model))
     return model
+
+
+def warn_short_schedule(train) -> None:
+    """Warmup as long as the run is legal (short smoke runs use it) but rarely meant: say so, with
+    the highest learning rate the run will reach, before training."""
+    if train.warmup_iters >= train.max_iter:
+        peak = train.warmup_factor + (1 - train.warmup_factor) * (train.max_iter - 1) / train.warmup_iters
+        log.warning(
+            "train.warmup_iters=%d is not shorter than train.max_iter=%d: the learning rate is still warming "
+            "up when training ends and peaks at %.3g x train.base_lr. Lower train.warmup_iters (e.g. %d) "
+            "unless that is what you want.", train.warmup_iters, train.max_iter, peak, train.max_iter // 10)
 
 
 def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path) -> None:
@@ -102,6 +114,7 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             record.data_notes = splits.notes
             record.data = training_data(splits, cfg.dataset)
             log.info("training images: %d of %d", record.data["train_images"], record.data["train_images_available"])
+            warn_short_schedule(cfg.train)
             device = resolve_device(cfg.train.device)
             model = build_for_run(cfg, len(splits.class_names), splits.class_names)
             counts = count_parameters(model)
@@ -112,12 +125,8 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop)
             record.metrics = evaluator_metrics(outcome.eval_results)
             # COCOEvaluator returns the numbers on rank 0 only (the others get {})
-            if comm.is_main_process() and record.mask_ap is None:
-                raise UserError(
-                    f"evaluation on {splits.val!r} returned no mask AP (metrics: {sorted(record.metrics)}), "
-                    "so this run has no result to record; check that the val split has instance "
-                    "annotations with segmentations."
-                )
+            if comm.is_main_process():
+                check_result(record.metrics, f"evaluation on {splits.val!r}", "this run has")
             record.efficiency = {
                 "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
                 # memory options as they ran: blocks recomputed in backward, frozen-weight storage
@@ -125,6 +134,9 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
                 "base_dtype": getattr(model, "peftseg_base_dtype", "fp32"),
                 "run_wall_time_s": time.perf_counter() - start,
             }
+            if main:  # an inf step time or a NaN ratio is no more a result than a NaN AP
+                check_result(None, "this run's accounting", "this run has", params=record.params,
+                             efficiency=record.efficiency, required=())
             record.status = "ok"
         except RunInterrupted as stop_exc:
             _mark_interrupted(record, stop_exc, run_dir)

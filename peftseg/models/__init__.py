@@ -43,7 +43,7 @@ def build_model(cfg_model: Any, num_classes: int, class_names: Sequence[str] | N
     if cfg_model.weights and getattr(model, "weights_report", None) is None:
         from peftseg.models._weights import load_weights
 
-        load_weights(model, cfg_model.weights)
+        model.weights_report = load_weights(model, cfg_model.weights)  # what loaded: predict/eval check it
     if hasattr(model, "set_class_names"):
         if class_names is None:
             log.warning("%s: no class names given; the text classifier uses placeholder names", spec.name)

@@ -85,6 +85,21 @@ class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
     def __post_init__(self) -> None:
         super().__post_init__()
         checks.integer("model.image_size", self.image_size, minimum=32)
+        # sizes detectron2's ViT would take and then fail on with a ZeroDivisionError or an empty model
+        for key in ("embed_dim", "depth", "num_heads", "patch_size", "window_size", "pretrain_img_size"):
+            checks.integer(f"model.{key}", getattr(self, key), minimum=1 if key != "window_size" else 0)
+        checks.number("model.drop_path_rate", self.drop_path_rate, low=0, high=1, high_open=True,
+                      why="it is the probability of skipping a block's residual branch (ViTDet uses 0.1)")
+        checks.number("model.mlp_ratio", self.mlp_ratio, low=0, low_open=True)
+        outside = [i for i in self.window_block_indexes
+                   if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.depth)]
+        if outside:
+            raise UserError(
+                f"model.window_block_indexes={list(self.window_block_indexes)} names block(s) {outside} that "
+                f"model.depth={self.depth} does not have (blocks are 0..{self.depth - 1}); list indexes of existing "
+                "blocks, e.g. model.window_block_indexes="
+                f"{[i for i in range(self.depth) if i % 3 != 2] or [0]} (ViTDet's pattern: global every third block)."
+            )
         if self.attention not in ("efficient", "detectron2"):
             raise UserError(
                 f"model.attention={self.attention!r} is not an attention implementation; use "

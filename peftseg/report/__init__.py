@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from peftseg.io.output_guard import check_targets, write_errors
 from peftseg.report.collect import (baseline_command, baseline_numbers, find_baseline, group_records, load_records,
                                     timing_note)
 from peftseg.report.csvfile import flat_row, write_csv
@@ -29,6 +30,13 @@ MD_NAME = "report.md"
 def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Path, Path]:
     root = Path(root)
     records = load_records(root, console)
+    # invariant 2 (peftseg.io.output_guard): the report's files are never links, special files or a run's own
+    check_targets([root / CSV_NAME, root / PLOT_NAME, root / MD_NAME], [], what="report file")
+    with write_errors(root):
+        return _build(root, records, baseline, console)
+
+
+def _build(root: Path, records, baseline: str | None, console: Console) -> tuple[Path, Path]:
     groups = group_records(records)
     rows = []
     sections = []  # (group, headers, rows, curves png or None) for report.md

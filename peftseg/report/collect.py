@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from peftseg.errors import UserError
+from peftseg.finite import finite_or_none, is_nonfinite, result_problems
 from peftseg.registry import METHODS
 from peftseg.results import FILENAME, Record, read_record
 
@@ -50,11 +51,39 @@ def load_records(root: Path, console: Console | None = None) -> list[Record]:
                 console.print(f"[yellow]skipping {path}: {exc}[/]", highlight=False)
             continue
         record.run.dir = record.run.dir or str(path.parent)
+        if record.ok:
+            _refuse_nonfinite(record, path, console)
         records.append(record)
     if not records:
         raise UserError(f"None of the {len(paths)} {FILENAME} files under {root} could be read; "
                         "see the messages above, and re-run the runs they belong to.")
     return records
+
+
+def _blank_nonfinite(value):
+    if isinstance(value, dict):
+        return {k: _blank_nonfinite(v) for k, v in value.items()}
+    return None if is_nonfinite(value) else value
+
+
+def _refuse_nonfinite(record: Record, path: Path, console: Console | None) -> None:
+    """Invariant 1 on records written elsewhere (an older peftseg, a hand edit, another tool):
+    one recorded "ok" whose numbers are not a result (peftseg.finite decides, as for runs)
+    becomes an "invalid" row with the reason, its non-finite numbers blank, so it is never
+    an ok row, a baseline or a point of the Pareto front."""
+    problems = result_problems(record.metrics, record.params, record.efficiency)
+    if not problems:
+        return
+    record.status = "invalid"
+    record.error = {"type": "NonFiniteResult", "traceback": None,
+                    "message": f"recorded ok, but its numbers are not a result: {'; '.join(problems)}"}
+    record.metrics, record.params, record.efficiency = (
+        _blank_nonfinite(record.metrics), _blank_nonfinite(record.params), _blank_nonfinite(record.efficiency))
+    if console:
+        from rich.markup import escape
+
+        console.print(f"[yellow]{escape(str(path))}: {escape(record.error['message'])}; shown as invalid, "
+                      "not as a result[/]", highlight=False)
 
 
 def _hashable(value) -> str:
@@ -145,7 +174,7 @@ def timing_note(group: Group, extras: dict[int, dict]) -> str | None:
 def _ratio_of(a, b) -> float | None:
     if a is None or b is None or not b:
         return None
-    return a / b
+    return finite_or_none(a / b)  # two huge or tiny finite numbers can still divide to inf
 
 
 def baseline_numbers(record: Record, base: Record | None) -> dict:
@@ -155,7 +184,7 @@ def baseline_numbers(record: Record, base: Record | None) -> dict:
     ap, base_ap = record.mask_ap, base.mask_ap
     return {
         "baseline.run_id": base.run.id,
-        "baseline.delta_mask_AP": None if ap is None or base_ap is None else ap - base_ap,
+        "baseline.delta_mask_AP": None if ap is None or base_ap is None else finite_or_none(ap - base_ap),
         "baseline.step_time_ratio": _ratio_of(record.eff("mean_step_time_s"), base.eff("mean_step_time_s")),
         "baseline.peak_memory_ratio": _ratio_of(record.eff("peak_memory_bytes"), base.eff("peak_memory_bytes"))
         if same_mem else None,
@@ -175,7 +204,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plottable(r: Record) -> bool:
     ap, rt = r.mask_ap, r.trainable_ratio
-    return r.ok and ap is not None and math.isfinite(ap) and rt is not None and rt > 0
+    return (r.ok and ap is not None and math.isfinite(ap) and rt is not None and math.isfinite(rt)
+            and 0 < rt <= 1)
 
 
 def front_ids(group: Group) -> set[int]:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from peftseg.io.atomic import write_atomic
@@ -24,7 +25,9 @@ def flat_row(record: Record, extra: dict) -> dict:
     row: dict = {"run.id": record.run.id, "status": record.status}
     row.update(record.config)  # already flat: model.*, method.*, …
     for section in ("params", "metrics", "efficiency", "run", "versions"):
-        _flatten(section, getattr(record, section) or {}, row)
+        value = getattr(record, section) or {}
+        # run is a dataclass: flattened as run.id, run.dir, … (not one column holding its Python repr)
+        _flatten(section, asdict(value) if is_dataclass(value) else value, row)
     error = record.error or {}
     row["error.type"], row["error.message"] = error.get("type"), error.get("message")
     row.update(extra)

@@ -199,15 +199,18 @@ def group_table(group: Group, baseline: str | None, extras: dict[int, dict], wid
         n_knobs, knob_width = 1, max(KNOB_MIN, room - 3)
     else:
         knob_width = KNOB_WIDTH
+    # headers on one line where the table fits so, else broken between words ("trainable %"
+    # over two lines); cells never break
+    one_line = sum(max(w, len(h)) + 3 for w, h in zip(fixed, headers)) + 1 <= width
     table = Table(title=f"{group.model} · {group.dataset}", title_justify="left")
     for i, name in enumerate(headers):
         if 1 <= i <= n_knobs:
             table.add_column(name, overflow="fold", max_width=knob_width,
                              min_width=wanted[i - 1] if n_knobs == len(wanted) else knob_width)
         else:
-            # headers break between words ("trainable %" over two lines); cells never do
-            table.add_column(Text(name.replace(" ", "\n")), style="bold" if i == 0 else None, no_wrap=True,
-                             min_width=fixed[i], justify="left" if i == 0 or name in ("front", "status") else "right")
+            table.add_column(Text(name if one_line else name.replace(" ", "\n")), style="bold" if i == 0 else None,
+                             no_wrap=True, min_width=max(fixed[i], len(name)) if one_line else fixed[i],
+                             justify="left" if i == 0 or name in ("front", "status") else "right")
     for row in rows:
         status = row[-1]
         # cells are text, not markup: a knob value such as [attn_qkv] must not vanish
