@@ -40,6 +40,9 @@ class MethodSpec:
     trains_everything: bool = False
     # its colour in every picture (pareto.png, curves); "": a stable colour from its name
     colour: str = ""
+    # FamilyMap fields the method needs set (e.g. "token_grid" for Mona's convolutions): on a
+    # family without them it refuses with a message, which the contract test expects
+    requires: tuple = ()
     # the knobs `peftseg search` samples for this method, with their ranges
     # (peftseg.search_space.Int/Float/Choice over keys under `method.`); empty: the method
     # is searched as it is configured

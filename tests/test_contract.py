@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from helpers import CONF, preset, shapes_batch, train_steps_and_check
 from peftseg.config import TrainConfig
 from peftseg.engine.optim import build_optimizer
+from peftseg.errors import UserError
 from peftseg.methods import apply_method
 from peftseg.models import build_model
 from peftseg.params import added_params, count_parameters, group_of
@@ -67,6 +68,11 @@ def _outputs(model, batch):
 def test_method_contract(family_base, batch, name):
     family, base = family_base
     spec = METHODS.get(name)
+    missing = [need for need in spec.requires if not getattr(base.peftseg_family, need)]
+    if missing:  # a family without what the method needs: a clear refusal, nothing half-applied
+        with pytest.raises(UserError, match=name):
+            apply_method(copy.deepcopy(base), preset("method", name, spec.config))
+        return
     model = apply_method(copy.deepcopy(base), preset("method", name, spec.config))
     fmap = model.peftseg_family
 

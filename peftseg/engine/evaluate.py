@@ -13,14 +13,14 @@ from peftseg.engine.precision import autocast
 from peftseg.errors import UserError
 
 
-def _coco(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
+def _coco(dataset_name: str, output_dir: Path, fast: bool = True) -> DatasetEvaluator:
     # the fast COCOeval lives in detectron2's C++ extension, which this install does not
     # carry; faster-coco-eval takes its place (same numbers), else pycocotools runs
     from peftseg.engine.coco_eval import install_fast_cocoeval
 
     return COCOEvaluator(
         dataset_name, tasks=("segm", "bbox"), distributed=True, output_dir=str(output_dir),
-        use_fast_impl=install_fast_cocoeval(),
+        use_fast_impl=fast and install_fast_cocoeval(),
         # a dataset registered without a json (its own lacks iscrowd/area) is converted per
         # evaluation: never reuse a conversion an earlier run left in a reused eval/ folder
         allow_cached_coco=False,
@@ -30,7 +30,9 @@ def _coco(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
 def _cityscapes(dataset_name: str, output_dir: Path) -> DatasetEvaluator:
     from peftseg.engine.cityscapes_eval import cityscapes_evaluator  # cityscapesScripts: lazily
 
-    return cityscapes_evaluator(dataset_name, output_dir, _coco(dataset_name, output_dir))
+    # detectron2's Cityscapes loader names images by file name; faster-coco-eval's compiled
+    # dataset takes numeric image ids only, so these COCO-style numbers come from pycocotools
+    return cityscapes_evaluator(dataset_name, output_dir, _coco(dataset_name, output_dir, fast=False))
 
 
 EVALUATORS = {"coco": _coco, "cityscapes_instance": _cityscapes}

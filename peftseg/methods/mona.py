@@ -73,6 +73,7 @@ def mona_size(d: int, m: int) -> int:
 
 
 @register_method("mona", config=MonaConfig, colour="#637939", block_aware=True, adds_parameters=True, order=62,
+                 requires=("token_grid",),
                  search_space=(Int("bottleneck", 16, 128, log=True),),
                  summary="Mona: scaled LayerNorm, down, 3/5/7 depthwise convs over the token grid, "
                          "up; after attn and MLP of every backbone block")
