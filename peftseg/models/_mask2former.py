@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
+from detectron2.structures import BitMasks, ImageList, Instances
 from transformers import Mask2FormerConfig as HFMask2FormerConfig
 from transformers import Mask2FormerForUniversalSegmentation, SwinConfig
 from transformers.utils import logging as hf_logging
 
+from peftseg.models._targets import padded_gt_masks
 from peftseg.errors import UserError
 from peftseg.models._weights import LoadReport
 
@@ -91,13 +92,7 @@ class HFMask2Former(nn.Module):
         mask_labels, class_labels = [], []
         for x in batched_inputs:
             inst = x["instances"]
-            h, w = inst.image_size
-            masks = inst.gt_masks
-            if isinstance(masks, PolygonMasks):
-                masks = BitMasks.from_polygon_masks(masks, h, w)
-            bits = masks.tensor if isinstance(masks, BitMasks) else torch.as_tensor(masks)
-            padded = torch.zeros((len(bits), *padded_hw), dtype=torch.float32, device=self.device)
-            padded[:, : bits.shape[1], : bits.shape[2]] = bits.to(self.device, torch.float32)
+            padded = padded_gt_masks(inst, padded_hw, self.device)
             mask_labels.append(padded)
             class_labels.append(inst.gt_classes.to(self.device, torch.int64))
         return mask_labels, class_labels

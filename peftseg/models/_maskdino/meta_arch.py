@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SwinTransformer
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
+from detectron2.structures import Boxes, ImageList, Instances
 
+from peftseg.models._targets import padded_gt_masks
 from peftseg.models._maskdino.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
 
@@ -70,12 +71,7 @@ class MaskDINO(nn.Module):
         for x in batched_inputs:
             inst = x["instances"].to(self.device)
             h, w = inst.image_size
-            masks = inst.gt_masks
-            if isinstance(masks, PolygonMasks):
-                masks = BitMasks.from_polygon_masks(masks, h, w)
-            bits = masks.tensor if isinstance(masks, BitMasks) else torch.as_tensor(masks)
-            padded = torch.zeros((len(bits), *padded_hw), dtype=torch.float32, device=self.device)
-            padded[:, : bits.shape[1], : bits.shape[2]] = bits.to(self.device, torch.float32)
+            padded = padded_gt_masks(inst, padded_hw, self.device)
             # boxes normalised by the unpadded image size, as the official targets are
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             targets.append({

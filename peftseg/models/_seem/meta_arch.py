@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
+from detectron2.structures import BitMasks, ImageList, Instances
 
+from peftseg.models._targets import padded_gt_masks
 from peftseg.models._seem.criterion import HungarianMatcher, SetCriterion
 from peftseg.models._seem.decoder import SEEMDecoder
 from peftseg.models._seem.focal import D2FocalNet
@@ -77,13 +78,7 @@ class GeneralizedSEEM(nn.Module):
         targets = []
         for x in batched_inputs:
             inst = x["instances"].to(self.device)
-            h, w = inst.image_size
-            masks = inst.gt_masks
-            if isinstance(masks, PolygonMasks):
-                masks = BitMasks.from_polygon_masks(masks, h, w)
-            bits = masks.tensor if isinstance(masks, BitMasks) else torch.as_tensor(masks)
-            padded = torch.zeros((len(bits), *padded_hw), dtype=torch.float32, device=self.device)
-            padded[:, : bits.shape[1], : bits.shape[2]] = bits.to(self.device, torch.float32)
+            padded = padded_gt_masks(inst, padded_hw, self.device)
             targets.append({"labels": inst.gt_classes.to(torch.int64), "masks": padded})
         return targets
 
