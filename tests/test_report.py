@@ -267,6 +267,12 @@ def test_a_data_efficiency_sweep_gets_ap_against_training_images(tmp_path):
             record["data"] = {"train_images": n, "train_images_available": 300, "train_subset": n, "subset_seed": 0}
             (tmp_path / f"{method}{n}" / "results.json").write_text(json.dumps(record))
     build_report(tmp_path, None, Console(file=open(os.devnull, "w"), width=160))
+    from peftseg.report.collect import group_records, load_records
+    from peftseg.report.plots import efficiency_lines
+
+    (group,) = group_records(load_records(tmp_path))
+    assert efficiency_lines(group) == {("full", ()): [(10, 10.0), (30, 25.0), (100, 40.0)],
+                                       ("lora", ()): [(10, 14.0), (30, 27.0), (100, 36.0)]}  # one line per method
     picture = matplotlib.image.imread(tmp_path / "data_efficiency.png")
     assert picture.shape[0] > 300 and picture.shape[1] > 600
     assert "![mask AP vs training images](data_efficiency.png)" in (tmp_path / "report.md").read_text()

@@ -203,6 +203,18 @@ def varies_training_images(group: Group) -> bool:
     return len({r.train_images for r in group.records if plottable(r) and r.train_images}) > 1
 
 
+def efficiency_lines(group: Group) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, float]]]:
+    """(method, its knob settings) -> [(training images, mask AP)] sorted by images, in report
+    order: one line per method setting; the subset size is the x axis, never part of a line."""
+    lines: dict[tuple, list[tuple[int, float]]] = {}
+    for r in group.records:
+        if plottable(r) and r.train_images:
+            knobs = tuple(f"{knob_header(k)}={knob_text(r.knob(k))}" for k in group.knobs
+                          if k.startswith("method.") and k in r.config and not k.endswith(".train_subset"))
+            lines.setdefault((str(r.knob("method.name")), knobs), []).append((r.train_images, r.mask_ap))
+    return {key: sorted(pts) for key, pts in sorted(lines.items(), key=lambda kv: (method_rank(kv[0][0]), kv[0][1]))}
+
+
 def write_data_efficiency_plot(path: Path, groups: list[Group]) -> bool:
     """data_efficiency.png: mask AP against the number of training images (log scale), one
     line per method (per method and knob setting when knobs vary), for the groups whose runs
@@ -217,14 +229,8 @@ def write_data_efficiency_plot(path: Path, groups: list[Group]) -> bool:
 
     fig, axes = plt.subplots(1, len(groups), figsize=(7.5 * len(groups), 4.8), squeeze=False)
     for ax, g in zip(axes.flat, groups):
-        lines: dict[tuple, list[tuple[int, float]]] = {}
-        for r in g.records:
-            if plottable(r) and r.train_images:
-                knobs = tuple(f"{knob_header(k)}={knob_text(r.knob(k))}" for k in g.knobs
-                              if k.startswith("method.") and k in r.config)
-                lines.setdefault((str(r.knob("method.name")), knobs), []).append((r.train_images, r.mask_ap))
-        for (method, knobs), pts in sorted(lines.items(), key=lambda kv: (method_rank(kv[0][0]), kv[0][1])):
-            pts.sort()
+        lines = efficiency_lines(g)
+        for (method, knobs), pts in lines.items():
             ax.plot([n for n, _ in pts], [ap for _, ap in pts], marker=method_marker(method), markersize=6,
                     color=method_colour(method), label=" ".join((method, *knobs)), linewidth=1.5)
         ax.set_xscale("log")
