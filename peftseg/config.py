@@ -105,6 +105,14 @@ class TrainConfig:
         if list(self.lr_steps) != sorted(set(self.lr_steps)):  # [0.5, 0.5] is one step given twice
             raise UserError(f"train.lr_steps={list(self.lr_steps)} must be strictly increasing fractions (each "
                             "step once), e.g. [0.8, 0.9].")
+        if self.warmup_iters >= self.max_iter:
+            # refused, not warned: the record would carry a base_lr the run never trained at
+            peak = self.warmup_factor + (1 - self.warmup_factor) * (self.max_iter - 1) / self.warmup_iters
+            raise UserError(
+                f"train.warmup_iters={self.warmup_iters} is not shorter than train.max_iter={self.max_iter}: the "
+                f"learning rate would still be warming up when training ends (it would peak at {peak:.3g} x "
+                "train.base_lr), so the run would not train at the train.base_lr its record states. Lower "
+                f"train.warmup_iters (e.g. train.warmup_iters={self.max_iter // 10}) or raise train.max_iter.")
         if not (self.device in ("auto", "cpu", "cuda") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise UserError(

@@ -17,7 +17,7 @@ from peftseg.config import compose_config
 from peftseg.engine.run import build_for_run
 from peftseg.errors import UserError
 
-FIRST = ["train=smoke", "train.max_iter=6", "train.base_lr=1e-3"]
+FIRST = ["train=smoke", "train.max_iter=6", "train.warmup_iters=0", "train.base_lr=1e-3"]
 CLASSES = ["circle", "square", "triangle"]
 
 

@@ -39,7 +39,7 @@ def records_under(path: Path) -> list[dict]:
 
 
 SMOKE_SWEEP = ("train", "-m", "method=adapter", "method.adapters_per_block=1,2,3", "train=smoke",
-               "train.max_iter=8")
+               "train.max_iter=8", "train.warmup_iters=0")
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +78,6 @@ def finished_lora_run(tmp_path_factory, shapes_cache) -> Path:
     from helpers import run_in_process
 
     work = tmp_path_factory.mktemp("finished_lora")
-    record = run_in_process(work, shapes_cache, "method=lora", "train.max_iter=2", "train.num_workers=0")
+    record = run_in_process(work, shapes_cache, "method=lora", "train.max_iter=2", "train.warmup_iters=0", "model.score_thresh_test=0.0", "train.num_workers=0")
     assert record.status == "ok", record.error
     return work

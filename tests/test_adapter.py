@@ -265,7 +265,7 @@ def test_applying_twice_is_refused(model):
 
 
 def test_adapter_run_records_closed_form_params(tmp_path, shapes_cache):
-    run_in_process(tmp_path, shapes_cache, "method=adapter", "method.adapters_per_block=2", "train.max_iter=10")
+    run_in_process(tmp_path, shapes_cache, "method=adapter", "method.adapters_per_block=2", "train.max_iter=10", "train.warmup_iters=0")
     (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["method.name"] == "adapter"

@@ -1,8 +1,6 @@
 """PEFT-only checkpoints: size, contents, resume, `peftseg eval`, `peftseg merge`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import records_under
-from helpers import cli_env, cli_in_process
+from helpers import cli_in_process, run_in_process
 from detectron2.utils.env import seed_all_rng
 from peftseg.config import compose_config
 from peftseg.checkpoint.load import load_model
@@ -22,28 +20,33 @@ from peftseg.checkpoint.merge import merge_and_unload
 from peftseg.models import build_model
 from peftseg.models._weights import load_weights
 
-SHORT = ("train=smoke", "train.max_iter=6", "train.checkpoint_period=3", "train.log_period=1")
+SHORT = ("train.max_iter=6", "train.warmup_iters=0", "train.checkpoint_period=3", "train.log_period=1",
+         "model.score_thresh_test=0.0")
 
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, shapes_cache):
-    """`peftseg` from one work dir: train as the real subprocess, the other commands in-process."""
+    """`peftseg` commands from one work dir, in-process (the CLI's own paths are tested elsewhere)."""
     work = tmp_path_factory.mktemp("ckpt")
 
     def _run(*args):
-        if args[0] != "train":
-            return cli_in_process(*args, cwd=work, cache=shapes_cache)
-        return subprocess.run([sys.executable, "-m", "peftseg.cli", *args], cwd=work, env=cli_env(shapes_cache),
-                              capture_output=True, text=True, timeout=300)
+        return cli_in_process(*args, cwd=work, cache=shapes_cache)
 
-    _run.work = work
+    _run.work, _run.cache = work, shapes_cache
     return _run
+
+
+def _train(cli, name: str, *overrides: str):
+    """A run of SHORT + `overrides` in the work dir's `name` (as `hydra.run.dir=name`), in-process."""
+    run_dir = cli.work / name
+    run_dir.mkdir()
+    return run_in_process(run_dir, cli.cache, *SHORT, *overrides)
 
 
 @pytest.fixture(scope="module")
 def lora_run(cli):
-    proc = cli("train", *SHORT, "method.targets=[attn_qkv,mlp]", "hydra.run.dir=lora")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = _train(cli, "lora", "method.targets=[attn_qkv,mlp]")
+    assert record.status == "ok", record.error
     return cli.work / "lora"
 
 
@@ -111,14 +114,13 @@ def test_eval_reproduces_the_recorded_ap(cli, lora_run):
 
 
 def test_resume_continues_from_the_saved_iteration(cli, lora_run):
-    proc = cli("train", *SHORT, "method.targets=[attn_qkv,mlp]", f"train.resume={lora_run / 'model_0000002.pth'}",
-               "hydra.run.dir=resumed")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = _train(cli, "resumed", "method.targets=[attn_qkv,mlp]", f"train.resume={lora_run / 'model_0000002.pth'}")
+    assert record.status == "ok", record.error
     iterations = [json.loads(line)["iteration"] for line in (cli.work / "resumed" / "metrics.json").read_text().splitlines()
                   if "total_loss" in line]
     assert iterations and min(iterations) == 3 and max(iterations) == 5
-    (record,) = records_under(cli.work / "resumed")
-    assert record["status"] == "ok"
+    (saved,) = records_under(cli.work / "resumed")
+    assert saved["status"] == "ok"
 
 
 TARGETS = "method.targets=[attn_qkv,mlp]"
@@ -134,7 +136,7 @@ def test_resume_refuses_a_checkpoint_of_another_setup(lora_run, override, needle
                                                        monkeypatch):
     # in-process: the CLI's exit status and rendering of a UserError are tested in test_cli_errors
     monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
-    cfg = compose_config([*SHORT, *override, f"train.resume={lora_run}/model_0000002.pth"])
+    cfg = compose_config(["train=smoke", *SHORT, *override, f"train.resume={lora_run}/model_0000002.pth"])
     with pytest.raises(UserError) as refused:
         run(cfg, tmp_path, "bad")
     assert needle in " ".join(str(refused.value).split())

@@ -4,6 +4,9 @@ import json
 
 import pytest
 from conftest import records_under
+from helpers import run_in_process
+
+from peftseg.errors import UserError
 
 
 def assert_clean_failure(proc, tmp_path, *needles):
@@ -41,6 +44,17 @@ def test_missing_coco_directory(peftseg, tmp_path):
     assert record["status"] == "failed" and "DETECTRON2_DATASETS" in record["error"]["message"]
 
 
+def assert_failed_run(tmp_path, cache, overrides, *needles):
+    """The run refuses with a UserError naming `needles` and records "failed": in-process, for bad
+    values found once training starts (the CLI's own rendering of such an error is tested above)."""
+    with pytest.raises(UserError) as err:
+        run_in_process(tmp_path, cache, *overrides)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    (record,) = records_under(tmp_path)
+    assert record["status"] == "failed" and record["error"]["type"] == "UserError"
+
+
 def _coco_format_args(tmp_path, json_text=None, drop_image=False):
     from peftseg.data.shapes import write_coco_layout
 
@@ -53,26 +67,25 @@ def _coco_format_args(tmp_path, json_text=None, drop_image=False):
         first = json.loads(train_json.read_text())["images"][0]["file_name"]
         (root / "train2017" / first).unlink()
     return [
-        "dataset=coco_format", "train=smoke",
+        "dataset=coco_format",
         f"dataset.train_json={train_json}", f"dataset.train_images={root / 'train2017'}",
         f"dataset.val_json={root / 'annotations' / 'instances_val2017.json'}",
         f"dataset.val_images={root / 'val2017'}",
     ]
 
 
-def test_malformed_annotation_json(peftseg, tmp_path):
-    proc = peftseg("train", *_coco_format_args(tmp_path, json_text='{"images": [ oops'))
-    assert_clean_failure(proc, tmp_path, "instances_train2017.json")
+def test_malformed_annotation_json(tmp_path, shapes_cache):
+    assert_failed_run(tmp_path, shapes_cache, _coco_format_args(tmp_path, json_text='{"images": [ oops'),
+                      "instances_train2017.json")
 
 
-def test_image_listed_but_absent(peftseg, tmp_path):
-    proc = peftseg("train", *_coco_format_args(tmp_path, drop_image=True))
-    assert_clean_failure(proc, tmp_path, "missing")
+def test_image_listed_but_absent(tmp_path, shapes_cache):
+    assert_failed_run(tmp_path, shapes_cache, _coco_format_args(tmp_path, drop_image=True), "missing")
 
 
-def test_lora_target_group_matching_nothing(peftseg, tmp_path):
-    proc = peftseg("train", "method=lora", "method.targets=[attn_qkv,decoder_xattn]", "train=smoke")
-    assert_clean_failure(proc, tmp_path, "decoder_xattn", "attn_qkv", "attn_proj", "mlp")
+def test_lora_target_group_matching_nothing(tmp_path, shapes_cache):
+    assert_failed_run(tmp_path, shapes_cache, ["method=lora", "method.targets=[attn_qkv,decoder_xattn]"],
+                      "decoder_xattn", "attn_qkv", "attn_proj", "mlp")
 
 
 @pytest.mark.parametrize("rank", ["0", "-2"])

@@ -31,21 +31,21 @@ def test_smoke_run_trains_evaluates_and_records(peftseg, tmp_path):
     assert f"{record['metrics']['segm']['AP']:.2f}" in proc.stdout
 
 
-def test_lora_on_a_coco_layout_directory(peftseg, tmp_path):
+def test_lora_on_a_coco_layout_directory(tmp_path, shapes_cache, monkeypatch):
     datasets = tmp_path / "d2data"
     write_coco_layout(datasets / "coco", num_train=24, num_val=8, image_size=128, seed=3)
-    proc = peftseg("train", "method=lora", "dataset=coco", "train=smoke", "train.max_iter=10",
-                   env={"DETECTRON2_DATASETS": str(datasets)})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (record,) = records_under(tmp_path / "outputs")
-    assert record["status"] == "ok"
-    assert record["config"]["dataset.name"] == "coco"
-    assert record["config"]["method.name"] == "lora"
-    assert "AP" in record["metrics"]["segm"]
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))  # read when the dataset is registered
+    record = run_in_process(tmp_path, shapes_cache, "method=lora", "dataset=coco", "train.max_iter=10",
+                            "train.warmup_iters=0", "model.score_thresh_test=0.0")
+    assert record.status == "ok", record.error
+    assert record.config["dataset.name"] == "coco" and record.config["method.name"] == "lora"
+    assert record.data["train_images"] == 24
+    assert record.mask_ap is not None
 
 
 def test_heads_method_freezes_backbone(tmp_path, shapes_cache):
-    run_in_process(tmp_path, shapes_cache, "method=heads", "model=vitdet_tiny", "train.max_iter=4")
+    run_in_process(tmp_path, shapes_cache, "method=heads", "model=vitdet_tiny", "train.max_iter=4", "train.warmup_iters=0",
+                   "model.score_thresh_test=0.0")
     (record,) = records_under(tmp_path)
     groups = record["params"]["by_group"]
     assert groups["backbone"]["trainable"] == 0

@@ -52,7 +52,7 @@ def test_a_run_whose_evaluation_is_not_finite_is_failed_with_the_reason(tmp_path
     reason = "segm.AP = NaN"
     monkeypatch.setitem(evaluate_module.EVALUATORS, "coco", lambda name, out: _Evaluator(numbers))
     with pytest.raises(UserError, match="not a result"):
-        run_in_process(tmp_path, shapes_cache, "train.max_iter=2", "train.num_workers=0")
+        run_in_process(tmp_path, shapes_cache, "train.max_iter=2", "train.warmup_iters=0", "train.num_workers=0")
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "failed"
     assert reason in record["error"]["message"] and "bbox.AP50 = inf" in record["error"]["message"]

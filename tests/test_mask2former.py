@@ -327,7 +327,7 @@ def test_bad_sizes_are_user_errors(bad):
 
 def test_lora_run_on_deformable_attention(tmp_path, shapes_cache):
     run_in_process(tmp_path, shapes_cache, "model=m2f_tiny", "method=lora", "method.targets=[deform_attn]",
-                   "train.max_iter=10")
+                   "train.max_iter=10", "train.warmup_iters=0")
     (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["model.family"] == "mask2former"

@@ -16,7 +16,7 @@ from peftseg.checkpoint.resume import check_resumable, resumed_config
 from peftseg.config import compose_config
 from peftseg.errors import UserError
 
-FIRST = ["train=smoke", "train.max_iter=6", "train.base_lr=1e-3", "dataset.num_train=8", "dataset.num_val=2",
+FIRST = ["train=smoke", "train.max_iter=6", "train.warmup_iters=0", "train.base_lr=1e-3", "dataset.num_train=8", "dataset.num_val=2",
          "method.rank=2"]
 CLASSES = ["circle", "square", "triangle"]
 

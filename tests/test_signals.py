@@ -22,7 +22,7 @@ import torch
 from peftseg.engine.interrupt import RunInterrupted
 from helpers import cli_env, cli_in_process, run_in_process
 
-SETUP = ["train=smoke", "train.max_iter=4", "train.log_period=1",
+SETUP = ["train=smoke", "train.max_iter=4", "train.warmup_iters=0", "train.log_period=1",
          "train.progress=false", "train.device=cpu", "train.num_workers=2", "dataset.num_train=8",
          "dataset.num_val=2"]
 
@@ -116,7 +116,7 @@ def test_sigterm_during_the_final_evaluation_stops_it_at_once(tmp_path, shapes_c
     monkeypatch.setattr("peftseg.engine.trainer.evaluate", fake)
     start = time.monotonic()
     with pytest.raises(RunInterrupted) as info:
-        run_in_process(tmp_path, shapes_cache, "train.max_iter=2", "dataset.num_train=4", "dataset.num_val=2")
+        run_in_process(tmp_path, shapes_cache, "train.max_iter=2", "train.warmup_iters=0", "dataset.num_train=4", "dataset.num_val=2")
     assert time.monotonic() - start < 55 and fake.calls == 1
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "interrupted" and info.value.signum == signal.SIGTERM
@@ -130,7 +130,7 @@ def test_sigterm_during_a_periodic_evaluation_saves_that_step_and_stops(tmp_path
     fake = _SignalInEvaluation()
     monkeypatch.setattr("peftseg.engine.trainer.evaluate", fake)
     with pytest.raises(RunInterrupted):
-        run_in_process(tmp_path, shapes_cache, "train.max_iter=3", "train.eval_period=1", "dataset.num_train=4",
+        run_in_process(tmp_path, shapes_cache, "train.max_iter=3", "train.warmup_iters=0", "train.eval_period=1", "dataset.num_train=4",
                        "dataset.num_val=2")
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["interrupted"] == {"signal": "SIGTERM", "iteration": 0, "checkpoint": "model_0000000.pth",
@@ -218,7 +218,7 @@ def test_sigterm_in_the_last_step_points_to_eval_not_to_a_resume(tmp_path, shape
     monkeypatch.setattr(StopAtStepBoundary, "after_step", signal_in_last_step)
     monkeypatch.setattr("peftseg.engine.trainer.evaluate", no_evaluation)
     with pytest.raises(RunInterrupted):
-        run_in_process(tmp_path, shapes_cache, "train.max_iter=2", "dataset.num_train=4", "dataset.num_val=2")
+        run_in_process(tmp_path, shapes_cache, "train.max_iter=2", "train.warmup_iters=0", "dataset.num_train=4", "dataset.num_val=2")
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["interrupted"] == {"signal": "SIGTERM", "iteration": 1, "checkpoint": "model_final.safetensors",
                                      "resume": None, "evaluate": f"peftseg eval checkpoint={tmp_path}"}

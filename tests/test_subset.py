@@ -110,7 +110,8 @@ def test_bad_values_fail_before_training_with_the_fix(cache):
 
 
 def test_the_run_record_states_the_images_used(tmp_path, shapes_cache):
-    record = run_in_process(tmp_path, shapes_cache, "method=heads", "train.max_iter=2", "dataset.num_train=30",
+    record = run_in_process(tmp_path, shapes_cache, "method=heads", "train.max_iter=2", "train.warmup_iters=0", "dataset.num_train=30",
+                            "model.score_thresh_test=0.0",
                             "dataset.num_val=4", "dataset.train_subset=6", "train.seed=1")
     assert record.ok and record.mask_ap is not None
     assert record.config["dataset.train_subset"] == 6 and record.config["dataset.subset_seed"] == 1

@@ -24,7 +24,8 @@ def test_each_member_gets_its_own_dir_and_record(smoke_sweep):
 
 
 def test_a_failing_member_is_recorded_and_the_sweep_goes_on(peftseg, tmp_path):
-    proc = peftseg("train", "-m", "method.rank=4,0", "train=smoke", "train.max_iter=4")
+    proc = peftseg("train", "-m", "method.rank=4,0", "train=smoke", "train.max_iter=4", "train.warmup_iters=0",
+                   "model.score_thresh_test=0.0")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     records = {r["config"]["method.rank"]: r for r in records_under(tmp_path / "multirun")}
     assert set(records) == {4, 0}
@@ -41,7 +42,8 @@ def test_submitit_local_launcher_runs_a_sweep(peftseg, tmp_path):
     # The same code path as hydra/launcher=slurm, with jobs as local processes.
     # one member: each is its own process (~6 s of imports), and the sweep logic is tested above
     proc = peftseg("train", "-m", "hydra/launcher=submitit_local", "method.rank=2",
-                   "train=smoke", "train.max_iter=2")
+                   "train=smoke", "train.max_iter=2", "train.warmup_iters=0",
+                   "model.score_thresh_test=0.0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = records_under(tmp_path / "multirun")
     assert [r["config"]["method.rank"] for r in records] == [2]

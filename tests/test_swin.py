@@ -166,7 +166,7 @@ def test_bad_shapes_are_user_errors(override, needle):
 
 
 def test_lora_run_on_swin_tiny(tmp_path, shapes_cache):
-    run_in_process(tmp_path, shapes_cache, "model=swin_tiny", "method=lora", "train.max_iter=10")
+    run_in_process(tmp_path, shapes_cache, "model=swin_tiny", "method=lora", "train.max_iter=10", "train.warmup_iters=0")
     (record,) = records_under(tmp_path)
     assert record["status"] == "ok"
     assert record["config"]["model.name"] == "swin_tiny"

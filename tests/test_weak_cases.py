@@ -26,6 +26,9 @@ from test_finite import _record
     ("model.window_block_indexes=[99]", ["names block(s) [99]", "does not have"]),
     (f"train.seed={2**32}", ["train.seed must be an integer from 0 to 4294967295", "32-bit"]),
     ("train.lr_steps=[0.5,0.5]", ["strictly increasing", "each step once"]),
+    # still warming up when training ends: the record's base_lr would never have been trained at
+    ("train.warmup_iters=5000", ["train.warmup_iters=5000 is not shorter than train.max_iter=1000",
+                                 "peak at 0.201 x train.base_lr", "(e.g. train.warmup_iters=100)"]),
 ])
 def test_config_values_that_cannot_train_are_named(override, needles):
     with pytest.raises(UserError) as err:

@@ -62,17 +62,6 @@ def build_for_run(cfg: DictConfig, num_classes: int, class_names=None) -> torch.
     return model
 
 
-def warn_short_schedule(train) -> None:
-    """Warmup as long as the run is legal (short smoke runs use it) but rarely meant: say so, with
-    the highest learning rate the run will reach, before training."""
-    if train.warmup_iters >= train.max_iter:
-        peak = train.warmup_factor + (1 - train.warmup_factor) * (train.max_iter - 1) / train.warmup_iters
-        log.warning(
-            "train.warmup_iters=%d is not shorter than train.max_iter=%d: the learning rate is still warming "
-            "up when training ends and peaks at %.3g x train.base_lr. Lower train.warmup_iters (e.g. %d) "
-            "unless that is what you want.", train.warmup_iters, train.max_iter, peak, train.max_iter // 10)
-
-
 def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path) -> None:
     record.status = "interrupted"
     trained = stop.checkpoint is not None and stop.checkpoint.startswith(FINAL)  # stopped in the final evaluation
@@ -114,7 +103,6 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             record.data_notes = splits.notes
             record.data = training_data(splits, cfg.dataset)
             log.info("training images: %d of %d", record.data["train_images"], record.data["train_images_available"])
-            warn_short_schedule(cfg.train)
             device = resolve_device(cfg.train.device)
             model = build_for_run(cfg, len(splits.class_names), splits.class_names)
             counts = count_parameters(model)
