@@ -8,12 +8,29 @@ from pathlib import Path
 # Triton kernels run in Triton's CPU interpreter in the tests (tests/test_msda_triton.py):
 # triton reads this when triton.language is first imported, which importing torch can do
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (addopts: -n auto) every core runs a worker: one torch thread per worker,
+# and per CLI subprocess it starts, instead of each worker's threads competing for every core
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import cli_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+# session fixtures built once per worker: their users must share the worker that built them
+SHARED_SESSION_FIXTURES = ("smoke_sweep", "finished_lora_run")
+
+
+def pytest_collection_modifyitems(items):
+    """xdist's loadgroup schedules a group as a unit: a file's tests stay together (its module
+    fixtures are built once) unless they use a shared session fixture, whose users are one group."""
+    for item in items:
+        shared = [name for name in SHARED_SESSION_FIXTURES if name in item.fixturenames]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +56,7 @@ def records_under(path: Path) -> list[dict]:
 
 
 SMOKE_SWEEP = ("train", "-m", "method=adapter", "method.adapters_per_block=1,2,3", "train=smoke",
-               "train.max_iter=8", "train.warmup_iters=0")
+               "train.max_iter=8", "train.warmup_iters=0", "model.score_thresh_test=0.0")
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,7 @@ def test_a_json_without_iscrowd_or_area_trains_and_evaluates(tmp_path, shapes_ca
     run_dir.mkdir()
     record = run_in_process(run_dir, shapes_cache, "dataset=coco_format", f"dataset.train_json={stripped}",
                             f"dataset.val_json={stripped}", f"dataset.train_images={root / 'val'}",
-                            f"dataset.val_images={root / 'val'}", "model.image_size=64", "train.max_iter=2", "train.warmup_iters=0",
+                            f"dataset.val_images={root / 'val'}", "model.image_size=64", "train.max_iter=2", "train.warmup_iters=0", "model.score_thresh_test=0.0",
                             "train.num_workers=0")
     assert record.status == "ok", record.error
     assert record.mask_ap is not None and 0 <= record.mask_ap <= 100

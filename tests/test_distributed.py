@@ -17,7 +17,7 @@ from helpers import cli_env
 
 
 def test_two_gloo_processes_train_and_write_one_record(peftseg, tmp_path):
-    proc = peftseg("train", "train=smoke", "train.max_iter=6", "train.warmup_iters=0", "train.num_gpus=2")
+    proc = peftseg("train", "train=smoke", "train.max_iter=6", "train.warmup_iters=0", "model.score_thresh_test=0.0", "train.num_gpus=2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (record,) = records_under(tmp_path / "outputs")
     assert record["status"] == "ok"

@@ -190,7 +190,7 @@ def test_report_md_curves_and_backbone_share_of_a_sweep(smoke_sweep):
     assert_png(sweep_dir / "curves_vitdet_tiny_shapes.png")
     # the baseline hint is the member's own command with the method swapped, into this folder
     hint = " ".join(text.split())
-    assert f"peftseg train method=full train=smoke train.max_iter=8 train.warmup_iters=0 hydra.run.dir={sweep_dir / 'baseline_full'}" in hint
+    assert f"peftseg train method=full train=smoke train.max_iter=8 train.warmup_iters=0 model.score_thresh_test=0.0 hydra.run.dir={sweep_dir / 'baseline_full'}" in hint
     assert "peak RSS" in md  # CPU memory is marked as not comparable
 
 

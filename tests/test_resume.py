@@ -21,7 +21,7 @@ from peftseg.engine.interrupt import RunInterrupted, StopAtStepBoundary
 from peftseg.errors import UserError
 from helpers import cli_env
 
-SETUP = ["train=smoke", "train.max_iter=4", "train.warmup_iters=0", "train.checkpoint_period=2", "train.log_period=1",
+SETUP = ["train=smoke", "train.max_iter=4", "train.warmup_iters=0", "model.score_thresh_test=0.0", "train.checkpoint_period=2", "train.log_period=1",
          "train.progress=false", "train.device=cpu", "dataset.num_train=8", "dataset.num_val=2"]
 
 

@@ -135,7 +135,7 @@ def test_pruning_needs_one_ap_objective_and_periodic_evaluation():
     auto = search.SearchOptions()
     assert isinstance(search.build_pruner(auto, "segm_ap", TrainConfig(eval_period=0)), optuna.pruners.NopPruner)
     assert isinstance(search.build_pruner(auto, "segm_ap", TrainConfig(eval_period=5)), optuna.pruners.MedianPruner)
-    hyper = search.build_pruner(search.SearchOptions(pruner="hyperband"), "bbox_ap", TrainConfig(eval_period=5, max_iter=50))
+    hyper = search.build_pruner(search.SearchOptions(pruner="hyperband"), "bbox_ap", TrainConfig(eval_period=5, max_iter=50, warmup_iters=0))
     assert isinstance(hyper, optuna.pruners.HyperbandPruner)
     # several objectives: NSGA-II
     assert isinstance(search.build_sampler(auto, 3), optuna.samplers.NSGAIISampler)

@@ -22,7 +22,7 @@ import torch
 from peftseg.engine.interrupt import RunInterrupted
 from helpers import cli_env, cli_in_process, run_in_process
 
-SETUP = ["train=smoke", "train.max_iter=4", "train.warmup_iters=0", "train.log_period=1",
+SETUP = ["train=smoke", "train.max_iter=4", "train.warmup_iters=0", "model.score_thresh_test=0.0", "train.log_period=1",
          "train.progress=false", "train.device=cpu", "train.num_workers=2", "dataset.num_train=8",
          "dataset.num_val=2"]
 
