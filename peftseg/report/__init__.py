@@ -15,7 +15,7 @@ from rich.console import Console
 
 from peftseg.io.output_guard import check_targets, write_errors
 from peftseg.report.collect import (baseline_command, baseline_numbers, find_baseline, group_records, load_records,
-                                    timing_note)
+                                    timing_note, unmatched_note)
 from peftseg.report.csvfile import flat_row, write_csv
 from peftseg.report.curves import write_group_curves
 from peftseg.report.markdown import write_report_md
@@ -43,14 +43,19 @@ def _build(root: Path, records, baseline: str | None, console: Console) -> tuple
     for g in groups:
         extras: dict[int, dict] = {}
         if baseline:
+            unmatched = []
             for r in g.records:
                 base = find_baseline(r, g, baseline)
                 extras[id(r)] = baseline_numbers(r, base)
+                if base is None and r.ok:
+                    unmatched.append(r)
             if not any(r.knob("method.name") == baseline and r.ok for r in g.records):
                 g.baseline_note = (
-                    f"no successful `{baseline}` run for {g.model} · {g.dataset}, so ΔAP and the "
+                    f"no successful `{baseline}` run for {g.title}, so ΔAP and the "
                     f"ratios show {DASH}; add one to this folder with: {baseline_command(root, g, baseline)}"
                 )
+            elif unmatched:
+                g.baseline_note = unmatched_note(unmatched, baseline)
             g.timing_note = timing_note(g, extras)
         console.print(group_table(g, baseline, extras, width=console.width))
         for note in (g.baseline_note, g.timing_note):
@@ -69,6 +74,6 @@ def _build(root: Path, records, baseline: str | None, console: Console) -> tuple
     write_report_md(root / MD_NAME, sections, PLOT_NAME, RSS_NOTE if any(is_rss(r) for r in records) else None,
                     DATA_PLOT_NAME if data_plot else None)
     failed = sum(not r.ok for r in records)
-    console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·dataset group(s); "
+    console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·data group(s); "
                   f"wrote {csv_path}, {plot_path} and {root / MD_NAME}", highlight=False)
     return csv_path, plot_path

@@ -94,5 +94,5 @@ def write_group_curves(root: Path, group: Group) -> Path | None:
         label = " ".join([str(r.knob("method.name"))] + [f"{knob_header(k)}={knob_text(r.knob(k))}"
                                                         for k in group.knobs if r.knob(k) is not None])
         runs.append((label, str(r.knob("method.name")), Path(r.run.dir or "")))
-    path = Path(root) / f"curves_{_slug(group.model)}_{_slug(group.dataset)}.png"
-    return path if write_curves_png(path, f"{group.model} · {group.dataset}", runs, method_colour) else None
+    path = Path(root) / f"curves_{_slug(group.model)}_{_slug(group.label or group.dataset)}.png"
+    return path if write_curves_png(path, group.title, runs, method_colour) else None
