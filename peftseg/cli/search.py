@@ -33,6 +33,7 @@ def main(argv: list[str], console=None) -> int:
     objective = OmegaConf.to_container(base, resolve=True)["objective"]
     objective_names(objective)
     opts = plan.options
+    tracker = _tracker(base)  # an MLflow store it cannot write: refused before the study is opened
     study = open_study(plan, objective, base.train)
     search_dir = Path(opts.dir or Path("search") / opts.study)
     import optuna
@@ -47,7 +48,6 @@ def main(argv: list[str], console=None) -> int:
                       "evaluations this process does not see: no trial will be pruned", highlight=False,
                       markup=False, soft_wrap=True)
     grace_s = 3 * opts.heartbeat_s
-    tracker = _tracker(base)
     from peftseg.engine.interrupt import RunInterrupted
 
     try:

@@ -521,12 +521,15 @@ MLFLOW_PARENT_ATTR = "peftseg.mlflow_parent"
 
 
 def _tracker(cfg):
-    """The MLflow tracker `+tracking=mlflow` asks for (Hydra callbacks do not run here)."""
+    """The MLflow tracker `+tracking=mlflow` asks for (Hydra callbacks do not run here), its
+    start checks done: a store it cannot write is refused before the first trial."""
     if cfg.get("tracking") is None:
         return None
     from peftseg.engine.tracking import MlflowTracker
 
-    return MlflowTracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+    tracker = MlflowTracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+    tracker.start()
+    return tracker
 
 
 def _track_trial(tracker, study, plan: Plan, number: int, run_dir: Path) -> None:
