@@ -352,3 +352,26 @@ def test_the_pareto_front_is_among_runs_of_one_training_set_size(tmp_path):
                if "★" in line}
     assert starred == {"300full", "300lora", "10lora"}
     assert_png(tmp_path / "pareto.png")
+
+
+def test_a_folder_of_linked_runs_is_reported_each_run_once_and_never_written_into(tmp_path):
+    runs, mine = tmp_path / "runs", tmp_path / "mine"
+    fake(runs, "full", method="full", ap=40.0, ratio=1.0)
+    fake(runs, "lora", ap=37.0, ratio=0.02)
+    mine.mkdir()
+    for name, target in (("full", runs / "full"), ("lora", runs / "lora"), ("lora_again", runs / "lora"),
+                         ("loop", mine), ("gone", runs / "deleted")):
+        os.symlink(target, mine / name)
+    out = io.StringIO()
+    build_report(mine, "full", Console(file=out, width=200))
+    text = out.getvalue()
+    rows = read_csv(mine / "report.csv")
+    assert sorted(row["run.id"] for row in rows) == ["full", "lora"]  # one row per run, whatever links to it
+    assert float(next(r for r in rows if r["run.id"] == "lora")["baseline.delta_mask_AP"]) == pytest.approx(-3.0)
+    (warning,) = [line for line in text.splitlines() if "skipping" in line]
+    assert f"skipping {mine / 'gone'}: a symbolic link to {runs / 'deleted'}, which does not exist" in warning
+    assert sorted(p.name for p in (runs / "lora").iterdir()) == ["results.json"]  # the runs got no report files
+    # given a (link to a) run itself, the report would land among the run's files: refused, nothing written
+    with pytest.raises(UserError, match="would be written inside the input folder .*runs/lora.*peftseg report "):
+        build_report(mine / "lora", None, Console(file=io.StringIO()))
+    assert sorted(p.name for p in (runs / "lora").iterdir()) == ["results.json"]

@@ -138,14 +138,20 @@ def output_file(output: Path | str, suffixes: Iterable[str], inputs: Iterable[Pa
     return given
 
 
-def check_targets(targets: Iterable[Path], inputs: Iterable[Path], what: str = "output") -> None:
-    """Each file a command is about to write: not an input file, not a run's own, not special."""
+def check_targets(targets: Iterable[Path], inputs: Iterable[Path], what: str = "output",
+                  fix: str = "give an output folder of its own") -> None:
+    """Each file a command is about to write: not an input file nor inside an input folder, not a
+    run's own, not special. `fix` says what to give instead."""
     sources = {_resolved(p) for p in inputs}
     for target in targets:
         _not_special(target, what)
         path = _resolved(target)
         if path in sources:
-            raise UserError(f"{_label(what, target)} would overwrite the input {path}; give an output folder of its own.")
+            raise UserError(f"{_label(what, target)} would overwrite the input {path}; {fix}.")
+        inside = next((s for s in sorted(sources) if s.is_dir() and _inside(path, s)), None)
+        if inside is not None:
+            raise UserError(f"{_label(what, target)} would be written inside the input folder {inside}, among the "
+                            f"files it is read from; {fix}.")
         _against_run(path, what)
 
 

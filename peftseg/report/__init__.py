@@ -14,10 +14,10 @@ from pathlib import Path
 from rich.console import Console
 
 from peftseg.io.output_guard import check_targets, write_errors
-from peftseg.report.collect import (baseline_command, baseline_numbers, find_baseline, group_records, load_records,
-                                    timing_note, unmatched_note)
+from peftseg.report.collect import (baseline_command, baseline_numbers, find_baseline, find_records, group_records,
+                                    load_records, timing_note, unmatched_note)
 from peftseg.report.csvfile import flat_row, write_csv
-from peftseg.report.curves import write_group_curves
+from peftseg.report.curves import curves_path, write_group_curves
 from peftseg.report.markdown import write_report_md
 from peftseg.report.plots import DATA_PLOT_NAME, write_data_efficiency_plot, write_plot
 from peftseg.report.tables import DASH, RSS_NOTE, group_rows, group_table, is_rss
@@ -29,15 +29,20 @@ MD_NAME = "report.md"
 
 def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Path, Path]:
     root = Path(root)
-    records = load_records(root, console)
-    # invariant 2 (peftseg.io.output_guard): the report's files are never links, special files or a run's own
-    check_targets([root / CSV_NAME, root / PLOT_NAME, root / MD_NAME], [], what="report file")
-    with write_errors(root):
-        return _build(root, records, baseline, console)
-
-
-def _build(root: Path, records, baseline: str | None, console: Console) -> tuple[Path, Path]:
+    paths = find_records(root, console) if root.is_dir() else []
+    records = load_records(root, console, paths)
     groups = group_records(records)
+    # invariant 2 (peftseg.io.output_guard): the report's files are never links, special files, a
+    # run's own, nor inside a run it reads (a folder of links to runs gets them beside the links)
+    targets = [root / name for name in (CSV_NAME, PLOT_NAME, MD_NAME, DATA_PLOT_NAME)]
+    check_targets(targets + [curves_path(root, g) for g in groups], [p.parent for p in paths], what="report file",
+                  fix="give `peftseg report` the folder that holds the runs (a sweep, or a folder of links to "
+                      f"them), e.g. peftseg report {root.resolve().parent}")
+    with write_errors(root):
+        return _build(root, records, groups, baseline, console)
+
+
+def _build(root: Path, records, groups, baseline: str | None, console: Console) -> tuple[Path, Path]:
     rows = []
     sections = []  # (group, headers, rows, curves png or None) for report.md
     for g in groups:

@@ -34,14 +34,49 @@ class Group:
         return f"{self.model} · {self.label or self.dataset}"
 
 
-def load_records(root: Path, console: Console | None = None) -> list[Record]:
+def find_records(root: Path, console: Console | None = None) -> list[Path]:
+    """Every results.json under `root`, following symlinked folders (a folder of links to runs
+    kept elsewhere; Path.rglob does not follow them), each real file once however many links lead
+    to it, a link back up the tree (a loop) entered once. A link to nothing is one warning line."""
+    import os
+
+    found: dict[str, Path] = {}  # real path -> the path it was found under
+    entered: set[str] = set()
+    pending = [Path(root)]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in entered:
+            continue
+        entered.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)  # the same path wins every time
+        except OSError as exc:
+            if console:
+                console.print(f"[yellow]skipping {folder}: cannot be listed ({exc.strerror or exc})[/]", highlight=False)
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink() and not path.exists():
+                if console:
+                    console.print(f"[yellow]skipping {path}: a symbolic link to {os.readlink(path)}, which does not "
+                                  "exist (a moved or deleted run?)[/]", highlight=False)
+            elif entry.is_dir():  # follows links
+                pending.append(path)
+            elif entry.name == FILENAME and entry.is_file():
+                found.setdefault(os.path.realpath(path), path)
+    return sorted(found.values())
+
+
+def load_records(root: Path, console: Console | None = None, paths: list[Path] | None = None) -> list[Record]:
+    """The records under `root` (`paths`: the files find_records found there, when already known)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(
             f"{root} is not a directory. Give `peftseg report` the folder of a sweep or of runs "
             "(e.g. peftseg report multirun/2024-05-01/12-00-00); it reads every results.json under it."
         )
-    paths = sorted(root.rglob(FILENAME))
+    paths = find_records(root, console) if paths is None else paths
     if not paths:
         raise UserError(
             f"No {FILENAME} under {root}. Point `peftseg report` at a folder that `peftseg train` "
