@@ -93,35 +93,12 @@ def _local_store(uri: str) -> tuple[Path, bool] | None:
 
 def store_problem(uri: str) -> str | None:
     """Why MLflow could not write the local store `uri` (a sqlite file or a file store folder),
-    or None. Found by writing, not by permission bits (root ignores those; a read-only mount
-    does not show in them): a temporary file in the folder MLflow would write or create. Left
-    unchecked, an unwritable store failed after the run, with minutes of SQLAlchemy retries."""
-    import tempfile
+    or None (a server is probed instead). Left unchecked, an unwritable store failed after the
+    run, with minutes of SQLAlchemy retries."""
+    from peftseg.io.output_guard import unwritable
 
     local = _local_store(uri)
-    if local is None:
-        return None
-    path, is_db = local
-    if is_db and path.is_dir():
-        return f"{path} is a folder, not a database file"
-    if not is_db and path.exists() and not path.is_dir():
-        return f"{path} is a file, not a folder of runs"
-    folder = path.parent if is_db else path
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return (f"{existing} is a file, not a folder" if existing == folder
-                else f"{existing} is a file, so {folder} cannot be created under it")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-        if is_db and path.exists():
-            with open(path, "r+b"):
-                pass
-    except OSError as e:
-        return f"{path if is_db and path.exists() else existing} cannot be written ({e.strerror or e})"
-    return None
+    return None if local is None else unwritable(local[0], "file" if local[1] else "folder")
 
 
 DEFAULT_DB = "mlflow.db"  # MLflow's default local backend (sqlite:///mlflow.db) since 3.7
