@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -202,3 +204,16 @@ def test_the_same_run_twice_in_a_checkpoint_list_is_refused(finished_lora_run, t
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert f"lists {run / 'model_final.safetensors'} twice" in proc.stderr and "give each once" in proc.stderr
     assert not (tmp_path / "ev").exists()
+
+
+def test_merge_under_a_file_or_an_unwritable_folder_is_one_line(finished_lora_run, tmp_path, shapes_cache):
+    (tmp_path / "afile").write_text("")
+    places = [(tmp_path / "afile" / "m.safetensors", "a part of the path is a file")]
+    if Path("/sys/kernel").is_dir():  # sysfs (Linux) refuses new files to anyone, root included
+        places.append((Path("/sys/m.safetensors"), "you may not write there"))
+    for output, needle in places:
+        proc = cli_in_process("merge", f"checkpoint={finished_lora_run}", f"output={output}", cwd=tmp_path,
+                              cache=shapes_cache)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert line.startswith("error: could not write ") and needle in line, line

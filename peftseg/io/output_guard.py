@@ -213,6 +213,7 @@ _FIXES = {
     errno.ENOSPC: "the disk is full: free space or give a folder on another disk",
     errno.EDQUOT: "your disk quota is used up: free space or give a folder on another disk",
     errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EEXIST: "a part of the path is a file, not a folder: fix the path",  # mkdir over a file
     errno.EISDIR: "it is a folder: give a file name",
     errno.ENAMETOOLONG: "the name is too long: give a shorter path",
 }
