@@ -210,7 +210,8 @@ def test_merge_under_a_file_or_an_unwritable_folder_is_one_line(finished_lora_ru
     (tmp_path / "afile").write_text("")
     places = [(tmp_path / "afile" / "m.safetensors", "a part of the path is a file")]
     if Path("/sys/kernel").is_dir():  # sysfs (Linux) refuses new files to anyone, root included
-        places.append((Path("/sys/m.safetensors"), "you may not write there"))
+        places.append((Path("/sys/m.safetensors"), "could not write /sys/m.safetensors: Permission denied; you may "
+                                                   "not write there"))  # the file named, not its temporary sibling
     for output, needle in places:
         proc = cli_in_process("merge", f"checkpoint={finished_lora_run}", f"output={output}", cwd=tmp_path,
                               cache=shapes_cache)

@@ -227,4 +227,7 @@ def write_errors(path: Path) -> Iterator[None]:
     except OSError as e:
         fix = _FIXES.get(e.errno, "give another output path")
         where = e.filename or path
+        failed = Path(str(where))
+        if failed.name.startswith(".") and failed.name.endswith(".tmp") and failed.parent == Path(path).parent:
+            where = path  # peftseg.io.atomic's temporary sibling: the user named the file itself
         raise UserError(f"could not write {where}: {e.strerror or e}; {fix}.") from None
