@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 
@@ -68,8 +69,10 @@ def test_report_of_a_sweep(smoke_sweep, tmp_path, shapes_cache):
 
 
 def fake(root: Path, name: str, *, model="vitdet_tiny", dataset="shapes", method="lora", status="ok",
-         ap=30.0, box=35.0, ratio=0.05, step=0.5, mem=600, ckpt=100, **knobs) -> dict:
+         ap=30.0, box=35.0, ratio=0.05, step=0.5, mem=600, ckpt=100, data=None, images=None, **knobs) -> dict:
+    """A record as a run writes it; `data`: dataset.* knobs, `images`: the training images it used."""
     config = {"model.name": model, "dataset.name": dataset, "method.name": method,
+              **{f"dataset.{k}": v for k, v in (data or {}).items()},
               **{f"method.{k}": v for k, v in knobs.items()}, "train.max_iter": 100}
     ok = status == "ok"
     record = {
@@ -81,6 +84,7 @@ def fake(root: Path, name: str, *, model="vitdet_tiny", dataset="shapes", method
                        "checkpoint_bytes": ckpt} if ok else None,
         "status": status,
         "error": None if ok else {"type": "RuntimeError", "message": "boom", "traceback": "..."},
+        "data": None if images is None else {"train_images": images},
     }
     write_json(root / name / "results.json", record)  # a record as a run writes it
     return record
@@ -281,3 +285,93 @@ def test_a_data_efficiency_sweep_gets_ap_against_training_images(tmp_path):
     fake(other, "a", method="full")
     build_report(other, None, Console(file=open(os.devnull, "w"), width=160))
     assert not (other / "data_efficiency.png").exists()
+
+
+def test_two_domains_of_one_dataset_are_two_groups_with_no_ratio_across(tmp_path):
+    # what scripts/transfer.py writes: dataset=shapes upstream (default domain) and downstream
+    up, down = {"domain": "default", "num_train": 200}, {"domain": "downstream", "num_train": 50}
+    fake(tmp_path, "up/full", method="full", ap=40.0, ratio=1.0, data={**up, "cache_dir": "/a"})
+    fake(tmp_path, "up/lora", ap=37.0, ratio=0.02, data={**up, "cache_dir": "/b"})  # a cache is not other data
+    fake(tmp_path, "down/lora", ap=18.0, ratio=0.02, data=down)
+    fake(tmp_path, "down/heads", method="heads", ap=12.0, ratio=0.3, data=down)
+    out = io.StringIO()
+    build_report(tmp_path, "full", Console(file=out, width=200))
+    text = out.getvalue()
+    from peftseg.report.collect import group_records, load_records
+
+    groups = group_records(load_records(tmp_path))
+    assert [(g.title, sorted(r.run.id for r in g.records)) for g in groups] == [
+        ("vitdet_tiny · shapes (domain=default, num_train=200)", ["up/full", "up/lora"]),
+        ("vitdet_tiny · shapes (domain=downstream, num_train=50)", ["down/heads", "down/lora"])]
+    rows = {row["run.id"]: row for row in read_csv(tmp_path / "report.csv")}
+    assert float(rows["up/lora"]["baseline.delta_mask_AP"]) == pytest.approx(-3.0)
+    for other in ("down/lora", "down/heads"):  # never against the full run on the other domain's images
+        assert rows[other]["baseline.run_id"] == "" and rows[other]["baseline.delta_mask_AP"] == ""
+    assert "no successful `full` run for vitdet_tiny · shapes (domain=downstream, num_train=50)" in text
+    assert "## vitdet_tiny · shapes (domain=downstream, num_train=50)" in (tmp_path / "report.md").read_text()
+    assert len(list(tmp_path.glob("curves_*.png"))) in (0, 2)  # one per group if any (fake runs have no curves)
+
+
+def test_a_baseline_trained_on_the_same_subset_and_image_size_or_a_dash(tmp_path):
+    for n in (10, 100):
+        fake(tmp_path, f"full{n}", method="full", ap=n / 2, ratio=1.0, data={"train_subset": n}, images=n)
+    for n in (10, 30, 100):
+        fake(tmp_path, f"lora{n}", ap=n / 2 + 1, ratio=0.02, data={"train_subset": n}, images=n)
+    fake(tmp_path, "lora100_big", ap=60.0, ratio=0.02, data={"train_subset": 100}, images=100)
+    record = json.loads((tmp_path / "lora100_big" / "results.json").read_text())
+    record["config"]["model.image_size"] = 1024  # the others ran at the preset's size (none recorded)
+    write_json(tmp_path / "lora100_big" / "results.json", record)
+    out = io.StringIO()
+    build_report(tmp_path, "full", Console(file=out, width=200))
+    text = out.getvalue()
+    rows = {row["run.id"]: row for row in read_csv(tmp_path / "report.csv")}
+    assert rows["lora10"]["baseline.run_id"] == "full10"  # one group, one baseline per subset
+    assert float(rows["lora10"]["baseline.delta_mask_AP"]) == pytest.approx(1.0)
+    assert rows["lora100"]["baseline.run_id"] == "full100"
+    assert rows["lora30"]["baseline.delta_mask_AP"] == "" and rows["lora100_big"]["baseline.delta_mask_AP"] == ""
+    (note,) = [line for line in text.splitlines() if "have no successful `full` run" in line]
+    assert note.startswith("note: 2 run(s)") and "lora30" in note and "lora100_big" in note
+    (row30,) = [line for line in text.splitlines() if "│ 30 " in line]
+    assert row30.count("—") >= 3  # ΔAP, time ×, mem ×
+
+
+def test_the_pareto_front_is_among_runs_of_one_training_set_size(tmp_path):
+    from peftseg.report.collect import front_ids, group_records, load_records
+
+    for n, full_ap, lora_ap, heads_ap in ((300, 40.0, 38.0, 30.0), (10, 12.0, 14.0, 13.0)):
+        fake(tmp_path, f"full{n}", method="full", ap=full_ap, ratio=1.0, data={"train_subset": n}, images=n)
+        fake(tmp_path, f"lora{n}", ap=lora_ap, ratio=0.02, data={"train_subset": n}, images=n)
+        fake(tmp_path, f"heads{n}", method="heads", ap=heads_ap, ratio=0.3, data={"train_subset": n}, images=n)
+    (group,) = group_records(load_records(tmp_path))  # a data-efficiency sweep is one group
+    front = {r.run.id for r in group.records if id(r) in front_ids(group)}
+    # lora300 (2 %, 38 AP) would dominate every 10-image run; within its size lora10 leads
+    assert front == {"full300", "lora300", "lora10"}
+    out = io.StringIO()
+    build_report(tmp_path, None, Console(file=out, width=200))
+    starred = {line.split("│")[2].strip() + line.split("│")[1].strip() for line in out.getvalue().splitlines()
+               if "★" in line}
+    assert starred == {"300full", "300lora", "10lora"}
+    assert_png(tmp_path / "pareto.png")
+
+
+def test_a_folder_of_linked_runs_is_reported_each_run_once_and_never_written_into(tmp_path):
+    runs, mine = tmp_path / "runs", tmp_path / "mine"
+    fake(runs, "full", method="full", ap=40.0, ratio=1.0)
+    fake(runs, "lora", ap=37.0, ratio=0.02)
+    mine.mkdir()
+    for name, target in (("full", runs / "full"), ("lora", runs / "lora"), ("lora_again", runs / "lora"),
+                         ("loop", mine), ("gone", runs / "deleted")):
+        os.symlink(target, mine / name)
+    out = io.StringIO()
+    build_report(mine, "full", Console(file=out, width=200))
+    text = out.getvalue()
+    rows = read_csv(mine / "report.csv")
+    assert sorted(row["run.id"] for row in rows) == ["full", "lora"]  # one row per run, whatever links to it
+    assert float(next(r for r in rows if r["run.id"] == "lora")["baseline.delta_mask_AP"]) == pytest.approx(-3.0)
+    (warning,) = [line for line in text.splitlines() if "skipping" in line]
+    assert f"skipping {mine / 'gone'}: a symbolic link to {runs / 'deleted'}, which does not exist" in warning
+    assert sorted(p.name for p in (runs / "lora").iterdir()) == ["results.json"]  # the runs got no report files
+    # given a (link to a) run itself, the report would land among the run's files: refused, nothing written
+    with pytest.raises(UserError, match="would be written inside the input folder .*runs/lora.*peftseg report "):
+        build_report(mine / "lora", None, Console(file=io.StringIO()))
+    assert sorted(p.name for p in (runs / "lora").iterdir()) == ["results.json"]

@@ -223,3 +223,25 @@ def test_sigterm_in_the_last_step_points_to_eval_not_to_a_resume(tmp_path, shape
     assert record["interrupted"] == {"signal": "SIGTERM", "iteration": 1, "checkpoint": "model_final.safetensors",
                                      "resume": None, "evaluate": f"peftseg eval checkpoint={tmp_path}"}
     assert not list(tmp_path.glob("model_*.pth"))
+
+
+def test_sigterm_to_a_sweep_stops_the_whole_sweep(tmp_path, shapes_cache):
+    # what `timeout`, `scancel` or a SLURM time limit do to `peftseg train -m` (basic launcher; loader
+    # workers in the group: the test above):
+    # the member in progress ends interrupted with its checkpoint, and no further member starts
+    proc = subprocess.Popen([sys.executable, "-m", "peftseg.cli", "train", "-m", "method=heads,bitfit", "train=smoke",
+                             "train.max_iter=1000", "train.warmup_iters=0", "train.num_workers=0",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                            cwd=tmp_path, env=cli_env(shapes_cache), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = tmp_path / "sweep" / "0-vitdet_tiny-heads"
+    deadline = time.monotonic() + 240
+    while metrics_lines(first) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # member 0 is training
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    record = json.loads((first / "results.json").read_text())
+    assert record["status"] == "interrupted" and (first / record["interrupted"]["checkpoint"]).is_file()
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0-vitdet_tiny-heads"]
+    assert "bitfit" not in output.split("interrupted:")[-1] and "sweep:" not in output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -78,3 +79,57 @@ def test_mlflow_http_retries_are_short_unless_the_user_set_them(monkeypatch):
 def test_a_local_store_is_not_probed(tmp_path):
     assert tracking.probe((tmp_path / "mlruns").as_uri()) is None
     assert tracking.probe("sqlite:///mlflow.db") is None
+
+
+def _unwritable(kind: str, tmp_path) -> str:
+    """A tracking.uri MLflow could not write: under a file, in a read-only folder."""
+    (tmp_path / "afile").write_text("not a folder")
+    if kind == "sqlite under a file":
+        return f"sqlite:///{tmp_path}/afile/mlflow.db"
+    if kind == "file store under a file":
+        return str(tmp_path / "afile" / "mlruns")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:  # root writes into a 0o555 folder: use sysfs, which refuses new files to anyone
+        (ro / "probe").touch()
+        (ro / "probe").unlink()
+        ro = Path("/sys")
+    except OSError:
+        pass
+    if tracking.store_problem(f"sqlite:///{ro}/mlflow.db") is None:
+        pytest.skip("no read-only folder on this machine")
+    return f"sqlite:///{ro}/mlflow.db" if kind == "sqlite in a read-only folder" else f"file://{ro}/mlruns"
+
+
+@pytest.mark.parametrize("kind", ["sqlite under a file", "file store under a file", "sqlite in a read-only folder",
+                                  "file store in a read-only folder"])
+def test_an_unwritable_store_is_refused_before_the_run_or_sweep(tmp_path, kind):
+    from peftseg.errors import UserErrorExit
+
+    uri = _unwritable(kind, tmp_path)
+    for hook in ("on_run_start", "on_multirun_start"):  # Hydra would warn about an Exception and train on
+        with pytest.raises(UserErrorExit) as refused:
+            getattr(tracking.MlflowTracker(uri=uri), hook)(job_config(tmp_path))
+        message = str(refused.value.error)
+        assert message.startswith(f"tracking.uri={uri}: the MLflow store cannot be written: ")
+        assert ("is a file" in message) == ("under a file" in kind), message
+        assert "Nothing was run" in message and "tracking.uri=sqlite:///$PWD/mlflow.db" in message
+    assert tracking.store_problem(f"sqlite:///{tmp_path}/new/dir/mlflow.db") is None  # MLflow creates folders
+    assert tracking.store_problem(str(tmp_path / "mlruns")) is None
+    assert tracking.store_problem("http://127.0.0.1:5000") is None  # a server: probed, not written
+
+
+def test_train_and_search_refuse_an_unwritable_store_with_exit_2(peftseg, tmp_path, shapes_cache):
+    from helpers import cli_in_process
+
+    uri = _unwritable("sqlite under a file", tmp_path)
+    proc = peftseg("train", "+tracking=mlflow", f"tracking.uri={uri}", "train=smoke", "train.max_iter=2",
+                   "train.warmup_iters=0", timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: tracking.uri=" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs").exists()  # refused before Hydra made the run dir
+    proc = cli_in_process("search", "+tracking=mlflow", f"tracking.uri={uri}", "search.n_trials=1",
+                          f"search.storage=sqlite:///{tmp_path}/study.db", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2 and "the MLflow store cannot be written" in proc.stderr, proc.stderr
+    assert not (tmp_path / "study.db").exists()  # before the study was opened

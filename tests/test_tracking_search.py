@@ -75,7 +75,8 @@ print("CLIENT", len(client.search_runs([exp.experiment_id])))
 def test_a_tracked_sweep_lands_in_mlflows_default_sqlite_store(tmp_path, shapes_cache):
     env = _env(shapes_cache)
     proc = subprocess.run([sys.executable, "-m", "peftseg.cli", "train", "-m", "method=heads,bitfit",
-                           "+tracking=mlflow", *TINY, "train.max_iter=2", "train.warmup_iters=0", "model.score_thresh_test=0.0"], cwd=tmp_path, env=env,
+                           "+tracking=mlflow", *TINY, "train.max_iter=2", "train.warmup_iters=0",
+                           "model.score_thresh_test=0.0"], cwd=tmp_path, env=env,  # a 2-step model keeps its detections
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     store = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

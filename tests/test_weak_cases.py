@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -148,3 +150,71 @@ def test_logs_written_to_a_file_are_not_wrapped_at_80_columns(capsys):
     logging.getLogger("peftseg.test_wrap").info(row)
     out = capsys.readouterr().out
     assert row in out.splitlines()[-1]  # one line, whole: not cut at 80 columns
+
+
+def test_search_options_of_another_shape_are_read_as_meant_or_named(tmp_path):
+    from peftseg.engine import search
+
+    assert search.parse_args(["search.methods=lora"]).methods == ["lora"]  # not ['l', 'o', 'r', 'a']
+    assert search.parse_args(["search.methods=lora,adapter"]).methods == ["lora", "adapter"]
+    with pytest.raises(UserError, match="search.pruner takes one value"):
+        search.parse_args(["search.pruner=median,none"])
+    (tmp_path / "afile").write_text("")
+    for storage in (f"sqlite:///{tmp_path}/afile/study.db", f"{tmp_path}/afile/deeper/study.log"):
+        with pytest.raises(UserError, match=r"the study's file cannot be written: .*afile is a file"):
+            search.parse_args([f"search.storage={storage}"])
+    proc = cli_in_process("search", f"search.storage=sqlite:///{tmp_path}/afile/study.db", cwd=tmp_path, cache=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "search.storage=sqlite" in proc.stderr
+
+
+def test_a_search_whose_every_trial_fails_says_so_and_how_to_run_again(tmp_path, shapes_cache):
+    proc = cli_in_process("search", "search.n_trials=2", "method=heads", f"search.storage=sqlite:///{tmp_path}/s.db",
+                          "dataset=coco", f"dataset.root={tmp_path}/no_coco", "train=smoke", cwd=tmp_path,
+                          cache=shapes_cache)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "0 complete, 0 pruned, 2 failed" in proc.stdout and "best:" not in proc.stdout
+    error = proc.stderr[proc.stderr.index("error:"):]
+    assert "no trial of study 'peft_search' has a result: all 2 failed (trial 0: UserError: No COCO dataset" in error
+    assert "new search.study=<name> or a larger search.n_trials" in error
+
+
+def test_export_writes_only_where_the_guard_allows(finished_lora_run, tmp_path):
+    import os
+
+    from peftseg.checkpoint import export as ex
+
+    run = finished_lora_run
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)  # a special file, like /dev/null, which an atomic write as root replaced
+    for output, fmt, needle in ((fifo, "onnx", "is a device, pipe or socket"),
+                                (tmp_path / "m.pt", "onnx", "ends in '.pt'; the format follows the suffix"),
+                                (tmp_path / "m.onnx", "torchscript", "ends in '.onnx'"),
+                                (run / "model_final.safetensors", "onnx", "ends in '.safetensors'"),
+                                (run / "peft" / "m.onnx", "onnx", "the run's own 'peft'")):
+        with pytest.raises(UserError, match=needle):
+            ex.export_checkpoint(str(run), fmt, str(output), [])
+    assert fifo.is_fifo() and not (tmp_path / "m.pt").exists() and not (run / "peft" / "m.onnx").exists()
+
+
+def test_the_same_run_twice_in_a_checkpoint_list_is_refused(finished_lora_run, tmp_path, shapes_cache):
+    run = finished_lora_run
+    for listed in (f"[{run},{run}]", f"[{run},{run}/model_final.safetensors]"):
+        proc = cli_in_process("eval", f"checkpoint={listed}", f"output={tmp_path / 'ev'}", cwd=tmp_path,
+                              cache=shapes_cache)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"lists {run / 'model_final.safetensors'} twice" in proc.stderr and "give each once" in proc.stderr
+    assert not (tmp_path / "ev").exists()
+
+
+def test_merge_under_a_file_or_an_unwritable_folder_is_one_line(finished_lora_run, tmp_path, shapes_cache):
+    (tmp_path / "afile").write_text("")
+    places = [(tmp_path / "afile" / "m.safetensors", "a part of the path is a file")]
+    if Path("/sys/kernel").is_dir():  # sysfs (Linux) refuses new files to anyone, root included
+        places.append((Path("/sys/m.safetensors"), "could not write /sys/m.safetensors: Permission denied; you may "
+                                                   "not write there"))  # the file named, not its temporary sibling
+    for output, needle in places:
+        proc = cli_in_process("merge", f"checkpoint={finished_lora_run}", f"output={output}", cwd=tmp_path,
+                              cache=shapes_cache)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert line.startswith("error: could not write ") and needle in line, line

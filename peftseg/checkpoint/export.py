@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from peftseg.errors import UserError
 from peftseg.io.atomic import write_atomic_with, write_json
+from peftseg.io.output_guard import check_targets, output_file, write_errors
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 OPSET = 17  # GridSample (deformable attention) needs >= 16
@@ -206,9 +207,10 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
     loaded = load_model(checkpoint, overrides, classes=classes)  # classes: a plain checkpoint's
     family = str(loaded.cfg.model.family)
     out = Path(output) if output else default_output(loaded.source, fmt)
-    if loaded.source is not None and out.resolve() == loaded.source.resolve():
-        raise UserError(f"output={out} is the checkpoint itself; an export never overwrites its input — "
-                        "give another output= path.")
+    # invariant 2 (peftseg.io.output_guard): the format's suffix, never the checkpoint, a run's own
+    # file, a link or a device (as root, an atomic write over /dev/null replaced the device)
+    output_file(out, ("." + FORMATS[fmt].rsplit(".", 1)[-1],), inputs=[loaded.source] if loaded.source else [], what="output=")
+    check_targets([parity_path(out)], [], what="output=")
     model = fold_tuner_layers(loaded.model.to("cpu").eval())
     size = int(loaded.cfg.model.image_size)
     (trace_image,) = example_images(size, 1, seed=1234)
@@ -228,7 +230,7 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
                   "values": f"0..255, {model.input_format} channel order"},
         "outputs": names, **parity,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_with(out, lambda f: f.write(payload))
-    write_json(parity_path(out), record)
+    with write_errors(out):
+        write_atomic_with(out, lambda f: f.write(payload))
+        write_json(parity_path(out), record)
     return Exported(path=out, parity=record, family=family)

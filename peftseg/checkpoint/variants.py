@@ -251,8 +251,15 @@ def _fingerprint(model: nn.Module, to_own_name, trainable: set[str], skip: set[s
 
 def _read(checkpoints: list[str]) -> list[tuple[Path, dict]]:
     out = []
+    given: dict[Path, str] = {}
     for c in checkpoints:
-        source, data = read_checkpoint_file(checkpoint_file(c))
+        file = checkpoint_file(c)
+        real = file.resolve()
+        if real in given:  # a run dir and its model_final file are one checkpoint too
+            raise UserError(f"checkpoint=[…] lists {real} twice (as {given[real]} and {c}); each variant is one run's "
+                            "checkpoint, so give each once.")
+        given[real] = c
+        source, data = read_checkpoint_file(file)
         if "peftseg" not in data:
             kind = "a merged checkpoint (the whole model, no base to share)" if MERGED_KEY in data else \
                 "not a peftseg run checkpoint"

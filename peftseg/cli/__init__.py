@@ -13,7 +13,7 @@ import warnings
 # Third-party deprecation chatter (torch.jit, pkg_resources) would drown the progress bar.
 # Set by the entry point only: importing peftseg as a library changes no global filter.
 from peftseg.cli.common import console, err_console, print_text, report_error
-from peftseg.errors import UserError
+from peftseg.errors import UserError, UserErrorExit
 
 __all__ = ["COMMANDS", "console", "err_console", "main"]
 
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(f"peftseg.cli.{COMMANDS[command]}").main(rest)
     except UserError as exc:
         report_error(exc)
+        return 2
+    except UserErrorExit as exc:  # a UserError from inside Hydra's callbacks (peftseg.errors)
+        report_error(exc.error)
         return 2
     except Stopped as stop:
         err_console.print(f"[bold yellow]interrupted:[/] peftseg {command} {stop}; the files it had finished are "

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftseg.cli.common import console as default_console, print_text, wants_help
+from peftseg.cli.common import console as default_console, print_text, report_error, wants_help
+from peftseg.errors import UserError
 from peftseg.engine.search import (AP_OBJECTIVES, HELP, SUMMARY, _finish_tracking, _first_value, _tracker, _work, open_study, parse_args, summarize)
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str], console=None) -> int:
     objective = OmegaConf.to_container(base, resolve=True)["objective"]
     objective_names(objective)
     opts = plan.options
+    tracker = _tracker(base)  # an MLflow store it cannot write: refused before the study is opened
     study = open_study(plan, objective, base.train)
     search_dir = Path(opts.dir or Path("search") / opts.study)
     import optuna
@@ -47,7 +49,6 @@ def main(argv: list[str], console=None) -> int:
                       "evaluations this process does not see: no trial will be pruned", highlight=False,
                       markup=False, soft_wrap=True)
     grace_s = 3 * opts.heartbeat_s
-    tracker = _tracker(base)
     from peftseg.engine.interrupt import RunInterrupted
 
     try:
@@ -71,4 +72,26 @@ def main(argv: list[str], console=None) -> int:
         console.print(f"  best: trial {number} {t['values']} {t['params']} ({t['run_dir']})", highlight=False,
                       markup=False, soft_wrap=True)
     console.print(f"browse: optuna-dashboard {opts.storage}", highlight=False, markup=False)
-    return 0 if states.count("complete") or states.count("pruned") or running else 1
+    if states.count("complete") or states.count("pruned") or running:
+        return 0
+    report_error(UserError(no_result_note(summary, opts)))
+    return 1
+
+
+def no_result_note(summary: dict, opts) -> str:
+    """Every trial of the study failed: the first one's reason, and how to run again (the same
+    command would find the budget used and run nothing)."""
+    from peftseg.results import read_record
+
+    failed = [t for t in summary["trials"] if t["state"] == "fail" and t["status"] != "lost"]
+    reason = "see the trials' records"
+    for t in failed:
+        try:
+            error = read_record(Path(t["run_dir"])).error or {}
+        except (OSError, ValueError, TypeError):
+            continue
+        reason = f"trial {t['number']}: {error.get('type')}: {error.get('message')}"
+        break
+    return (f"no trial of study {opts.study!r} has a result: all {len(failed)} failed ({reason}). Fix that, then run "
+            f"again with a new search.study=<name> or a larger search.n_trials: the failed trials count toward "
+            f"search.n_trials={opts.n_trials}, so the same command would run nothing.")

@@ -114,6 +114,17 @@ class SearchOptions:
         if not str(self.storage).strip() or not str(self.study).strip():
             raise UserError("search.storage and search.study must not be empty; e.g. "
                             "search.storage=sqlite:///search.db search.study=peft_search.")
+        if not isinstance(self.methods, list) or not all(isinstance(m, str) for m in self.methods):
+            raise UserError(f"search.methods={self.methods!r} is not a list of method names; write "
+                            "search.methods=[lora,adapter] (or one: search.methods=lora).")
+        from peftseg.io.output_guard import unwritable
+
+        where = _storage_file(str(self.storage))
+        problem = where is not None and unwritable(where)
+        if problem:
+            raise UserError(f"search.storage={self.storage}: the study's file cannot be written: {problem}. Give a "
+                            "path in a writable folder, e.g. search.storage=sqlite:///search.db (a database in the "
+                            "working directory) or search.storage=studies/search.log (an Optuna journal).")
 
 
 # --- the command line: search.* options, fixed overrides, sampled keys ---------------------
@@ -165,7 +176,12 @@ def parse_args(argv: list[str]) -> Plan:
             if name not in SearchOptions.__dataclass_fields__:
                 raise UserError(f"{key} is not a search option; the options are: "
                                 f"{', '.join('search.' + f for f in SearchOptions.__dataclass_fields__)}.")
-            options[name] = override.value()
+            if override.is_sweep_override() and name != "methods":
+                raise UserError(f"{arg!r}: {key} takes one value, not a list of choices.")
+            value = [str(v) for v in override.sweep_iterator()] if override.is_sweep_override() else override.value()
+            # search.methods=lora (or lora,adapter: Hydra's choice syntax) means those methods,
+            # not the letters of a string
+            options[name] = [value] if name == "methods" and isinstance(value, str) else value
         elif key.startswith("hydra.") or key == "hydra" or key.startswith("hydra/"):
             raise UserError(f"{arg!r}: Hydra's own settings do not apply to a search (its trials go to "
                             "search.dir); drop it.")
@@ -521,12 +537,15 @@ MLFLOW_PARENT_ATTR = "peftseg.mlflow_parent"
 
 
 def _tracker(cfg):
-    """The MLflow tracker `+tracking=mlflow` asks for (Hydra callbacks do not run here)."""
+    """The MLflow tracker `+tracking=mlflow` asks for (Hydra callbacks do not run here), its
+    start checks done: a store it cannot write is refused before the first trial."""
     if cfg.get("tracking") is None:
         return None
     from peftseg.engine.tracking import MlflowTracker
 
-    return MlflowTracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+    tracker = MlflowTracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+    tracker.start()
+    return tracker
 
 
 def _track_trial(tracker, study, plan: Plan, number: int, run_dir: Path) -> None:

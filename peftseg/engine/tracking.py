@@ -33,6 +33,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from peftseg.errors import UserError, UserErrorExit
+
 log = logging.getLogger(__name__)
 
 PARENT_FILE = ".mlflow_parent_run"  # in the sweep dir: the parent run's id for members elsewhere
@@ -74,6 +76,29 @@ def probe(uri: str, timeout: float | None = None) -> str | None:
     except (OSError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _local_store(uri: str) -> tuple[Path, bool] | None:
+    """(path, is a sqlite file) of a store MLflow keeps on this machine's disk; None for a server
+    or a database elsewhere."""
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/m.db -> /abs/m.db
+        return (Path(rest), True) if rest not in ("", ":memory:") else None
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path)), False
+    return (Path(uri), False) if "://" not in uri else None
+
+
+def store_problem(uri: str) -> str | None:
+    """Why MLflow could not write the local store `uri` (a sqlite file or a file store folder),
+    or None (a server is probed instead). Left unchecked, an unwritable store failed after the
+    run, with minutes of SQLAlchemy retries."""
+    from peftseg.io.output_guard import unwritable
+
+    local = _local_store(uri)
+    return None if local is None else unwritable(local[0], "file" if local[1] else "folder")
 
 
 DEFAULT_DB = "mlflow.db"  # MLflow's default local backend (sqlite:///mlflow.db) since 3.7
@@ -141,6 +166,28 @@ class MlflowTracker(Callback):
         self._client = None
         self._unreachable: str | None = None
         self._probed = False
+        self._started = False
+
+    def check_store(self) -> None:
+        """UserError if the store is local and cannot be written: at the start, before anything
+        trains, instead of a failure (and minutes of retries) after the run."""
+        uri = tracking_uri(self.uri)
+        problem = store_problem(uri)
+        if problem:
+            given = (f"tracking.uri={self.uri}" if self.uri else
+                     f"+tracking=mlflow with no tracking.uri (MLflow's default store {uri})")
+            raise UserError(
+                f"{given}: the MLflow store cannot be written: {problem}. Nothing was run. Point "
+                f"tracking.uri at a writable place (e.g. tracking.uri=sqlite:///$PWD/mlflow.db, or a server: "
+                f"tracking.uri=http://host:5000), make that folder writable, or leave out +tracking=mlflow.")
+
+    def start(self) -> None:
+        """The start of a run, a sweep or a search: refuse a store that cannot be written (one
+        paragraph, exit 2) and probe a server (a dead one: one warning), once per process."""
+        if not self._started:
+            self._started = True
+            self.check_store()
+            self.available()
 
     def available(self) -> bool:
         """Probe the tracking server once (seconds): a dead one is one warning, and this
@@ -207,10 +254,17 @@ class MlflowTracker(Callback):
         self.announce("parent run", run.info.run_id)
         return run.info.run_id
 
+    def _start_in_hydra(self) -> None:
+        try:
+            self.start()
+        except UserError as exc:  # Hydra would turn it into a warning and train anyway
+            raise UserErrorExit(exc) from None
+
     def on_run_start(self, config, **kwargs) -> None:
-        self.available()  # at the start, not after the run
+        self._start_in_hydra()  # at the start, not after the run
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        self._start_in_hydra()  # before the first member
         if not self.available():
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))

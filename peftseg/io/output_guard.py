@@ -10,7 +10,9 @@ where it may write, before it writes anything:
   `results.json`, `metrics.json`, …) and a suffix the command can write (the format follows
   the suffix; any other suffix is refused, never silently written in another format);
 - `distinct_names(...)`: one output name per input, distinct even when two inputs share a stem;
-- `write_errors(...)`: an OSError while writing becomes a one-line UserError naming the path.
+- `write_errors(...)`: an OSError while writing becomes a one-line UserError naming the path;
+- `unwritable(...)`: why a file or folder another library will create cannot be (MLflow's and
+  Optuna's stores), before anything runs.
 
 The checks are on resolved paths, so `photos/../photos` or a symlinked parent cannot slip past.
 """
@@ -33,6 +35,9 @@ RUN_MARKERS = ("results.json", ".hydra")
 RUN_FILES = ("results.json", "metrics.json", "last_checkpoint", ".peftseg.lock", "train.log")
 RUN_FILE_PREFIXES = ("model_", "events.out.tfevents")
 USER_FILE_PREFIXES = ("model_merged",)  # `peftseg merge`'s default output: the user's, not the run's
+# `peftseg export`'s default outputs beside a checkpoint (model_final.onnx and its parity record):
+# the user's too; a run never writes these suffixes
+USER_FILE_SUFFIXES = (".onnx", ".torchscript.pt", ".parity.json")
 RUN_FOLDERS = ("peft", ".hydra", "eval", "tb")
 
 
@@ -74,7 +79,7 @@ def _run_owned(path: Path) -> tuple[Path, str] | None:
         if not _is_run_dir(parent):
             continue
         first = path.relative_to(parent).parts[0]
-        if first.startswith(USER_FILE_PREFIXES):
+        if first.startswith(USER_FILE_PREFIXES) or first.endswith(USER_FILE_SUFFIXES):
             return None
         if first in RUN_FILES or first in RUN_FOLDERS or first.startswith(RUN_FILE_PREFIXES):
             return parent, first
@@ -138,14 +143,20 @@ def output_file(output: Path | str, suffixes: Iterable[str], inputs: Iterable[Pa
     return given
 
 
-def check_targets(targets: Iterable[Path], inputs: Iterable[Path], what: str = "output") -> None:
-    """Each file a command is about to write: not an input file, not a run's own, not special."""
+def check_targets(targets: Iterable[Path], inputs: Iterable[Path], what: str = "output",
+                  fix: str = "give an output folder of its own") -> None:
+    """Each file a command is about to write: not an input file nor inside an input folder, not a
+    run's own, not special. `fix` says what to give instead."""
     sources = {_resolved(p) for p in inputs}
     for target in targets:
         _not_special(target, what)
         path = _resolved(target)
         if path in sources:
-            raise UserError(f"{_label(what, target)} would overwrite the input {path}; give an output folder of its own.")
+            raise UserError(f"{_label(what, target)} would overwrite the input {path}; {fix}.")
+        inside = next((s for s in sorted(sources) if s.is_dir() and _inside(path, s)), None)
+        if inside is not None:
+            raise UserError(f"{_label(what, target)} would be written inside the input folder {inside}, among the "
+                            f"files it is read from; {fix}.")
         _against_run(path, what)
 
 
@@ -165,6 +176,36 @@ def distinct_names(paths: list[Path], suffix: str) -> dict[Path, str]:
     return names
 
 
+def unwritable(path: Path, kind: str = "file") -> str | None:
+    """Why a library that creates `path` (a `kind` "file" or "folder", with any missing parent
+    folders) could not, or None. Found by writing a temporary file where it would be created,
+    not from permission bits: root ignores those and a read-only mount does not show in them.
+    For stores opened by other libraries (MLflow's, Optuna's), checked before anything runs."""
+    import tempfile
+
+    path = Path(path).expanduser()
+    if kind == "file" and path.is_dir():
+        return f"{path} is a folder, not a file"
+    if kind == "folder" and path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    folder = path.parent if kind == "file" else path
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return (f"{existing} is a file, not a folder" if existing == folder
+                else f"{existing} is a file, so {folder} cannot be created under it")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+        if kind == "file" and path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as e:
+        return f"{path if kind == 'file' and path.exists() else existing} cannot be written ({e.strerror or e})"
+    return None
+
+
 _FIXES = {
     errno.EACCES: "you may not write there: give a folder you own",
     errno.EPERM: "you may not write there: give a folder you own",
@@ -172,6 +213,7 @@ _FIXES = {
     errno.ENOSPC: "the disk is full: free space or give a folder on another disk",
     errno.EDQUOT: "your disk quota is used up: free space or give a folder on another disk",
     errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EEXIST: "a part of the path is a file, not a folder: fix the path",  # mkdir over a file
     errno.EISDIR: "it is a folder: give a file name",
     errno.ENAMETOOLONG: "the name is too long: give a shorter path",
 }
@@ -185,4 +227,7 @@ def write_errors(path: Path) -> Iterator[None]:
     except OSError as e:
         fix = _FIXES.get(e.errno, "give another output path")
         where = e.filename or path
+        failed = Path(str(where))
+        if failed.name.startswith(".") and failed.name.endswith(".tmp") and failed.parent == Path(path).parent:
+            where = path  # peftseg.io.atomic's temporary sibling: the user named the file itself
         raise UserError(f"could not write {where}: {e.strerror or e}; {fix}.") from None

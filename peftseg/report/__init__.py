@@ -14,10 +14,10 @@ from pathlib import Path
 from rich.console import Console
 
 from peftseg.io.output_guard import check_targets, write_errors
-from peftseg.report.collect import (baseline_command, baseline_numbers, find_baseline, group_records, load_records,
-                                    timing_note)
+from peftseg.report.collect import (baseline_command, baseline_numbers, find_baseline, find_records, group_records,
+                                    load_records, timing_note, unmatched_note)
 from peftseg.report.csvfile import flat_row, write_csv
-from peftseg.report.curves import write_group_curves
+from peftseg.report.curves import curves_path, write_group_curves
 from peftseg.report.markdown import write_report_md
 from peftseg.report.plots import DATA_PLOT_NAME, write_data_efficiency_plot, write_plot
 from peftseg.report.tables import DASH, RSS_NOTE, group_rows, group_table, is_rss
@@ -29,28 +29,38 @@ MD_NAME = "report.md"
 
 def build_report(root: Path, baseline: str | None, console: Console) -> tuple[Path, Path]:
     root = Path(root)
-    records = load_records(root, console)
-    # invariant 2 (peftseg.io.output_guard): the report's files are never links, special files or a run's own
-    check_targets([root / CSV_NAME, root / PLOT_NAME, root / MD_NAME], [], what="report file")
-    with write_errors(root):
-        return _build(root, records, baseline, console)
-
-
-def _build(root: Path, records, baseline: str | None, console: Console) -> tuple[Path, Path]:
+    paths = find_records(root, console) if root.is_dir() else []
+    records = load_records(root, console, paths)
     groups = group_records(records)
+    # invariant 2 (peftseg.io.output_guard): the report's files are never links, special files, a
+    # run's own, nor inside a run it reads (a folder of links to runs gets them beside the links)
+    targets = [root / name for name in (CSV_NAME, PLOT_NAME, MD_NAME, DATA_PLOT_NAME)]
+    check_targets(targets + [curves_path(root, g) for g in groups], [p.parent for p in paths], what="report file",
+                  fix="give `peftseg report` the folder that holds the runs (a sweep, or a folder of links to "
+                      f"them), e.g. peftseg report {root.resolve().parent}")
+    with write_errors(root):
+        return _build(root, records, groups, baseline, console)
+
+
+def _build(root: Path, records, groups, baseline: str | None, console: Console) -> tuple[Path, Path]:
     rows = []
     sections = []  # (group, headers, rows, curves png or None) for report.md
     for g in groups:
         extras: dict[int, dict] = {}
         if baseline:
+            unmatched = []
             for r in g.records:
                 base = find_baseline(r, g, baseline)
                 extras[id(r)] = baseline_numbers(r, base)
+                if base is None and r.ok:
+                    unmatched.append(r)
             if not any(r.knob("method.name") == baseline and r.ok for r in g.records):
                 g.baseline_note = (
-                    f"no successful `{baseline}` run for {g.model} · {g.dataset}, so ΔAP and the "
+                    f"no successful `{baseline}` run for {g.title}, so ΔAP and the "
                     f"ratios show {DASH}; add one to this folder with: {baseline_command(root, g, baseline)}"
                 )
+            elif unmatched:
+                g.baseline_note = unmatched_note(unmatched, baseline)
             g.timing_note = timing_note(g, extras)
         console.print(group_table(g, baseline, extras, width=console.width))
         for note in (g.baseline_note, g.timing_note):
@@ -69,6 +79,6 @@ def _build(root: Path, records, baseline: str | None, console: Console) -> tuple
     write_report_md(root / MD_NAME, sections, PLOT_NAME, RSS_NOTE if any(is_rss(r) for r in records) else None,
                     DATA_PLOT_NAME if data_plot else None)
     failed = sum(not r.ok for r in records)
-    console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·dataset group(s); "
+    console.print(f"{len(records)} runs ({failed} not ok) in {len(groups)} model·data group(s); "
                   f"wrote {csv_path}, {plot_path} and {root / MD_NAME}", highlight=False)
     return csv_path, plot_path

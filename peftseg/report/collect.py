@@ -1,6 +1,6 @@
-"""The runs a report is about: records under a folder, grouped by model and dataset (AP is only
-comparable within one), the knobs that tell a group's runs apart, each run's baseline, and
-the Pareto front of trainable % against mask AP."""
+"""The runs a report is about: records under a folder, grouped by model and data (AP is only
+comparable on the same images and classes), the knobs that tell a group's runs apart, each
+run's baseline, and the Pareto front of trainable % against mask AP."""
 
 from __future__ import annotations
 
@@ -22,20 +22,61 @@ from peftseg.results import FILENAME, Record, read_record
 class Group:
     model: str
     dataset: str
+    data: tuple = ()  # data_identity() of every run in the group
+    label: str = ""  # the dataset as titles show it: its name, and what tells it from a same-named group's
     records: list[Record] = field(default_factory=list)
     knobs: list[str] = field(default_factory=list)  # config keys shown as columns
     baseline_note: str | None = None
     timing_note: str | None = None  # step-time ratios of runs that did not share machine and time
 
+    @property
+    def title(self) -> str:
+        return f"{self.model} · {self.label or self.dataset}"
 
-def load_records(root: Path, console: Console | None = None) -> list[Record]:
+
+def find_records(root: Path, console: Console | None = None) -> list[Path]:
+    """Every results.json under `root`, following symlinked folders (a folder of links to runs
+    kept elsewhere; Path.rglob does not follow them), each real file once however many links lead
+    to it, a link back up the tree (a loop) entered once. A link to nothing is one warning line."""
+    import os
+
+    found: dict[str, Path] = {}  # real path -> the path it was found under
+    entered: set[str] = set()
+    pending = [Path(root)]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in entered:
+            continue
+        entered.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)  # the same path wins every time
+        except OSError as exc:
+            if console:
+                console.print(f"[yellow]skipping {folder}: cannot be listed ({exc.strerror or exc})[/]", highlight=False)
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink() and not path.exists():
+                if console:
+                    console.print(f"[yellow]skipping {path}: a symbolic link to {os.readlink(path)}, which does not "
+                                  "exist (a moved or deleted run?)[/]", highlight=False)
+            elif entry.is_dir():  # follows links
+                pending.append(path)
+            elif entry.name == FILENAME and entry.is_file():
+                found.setdefault(os.path.realpath(path), path)
+    return sorted(found.values())
+
+
+def load_records(root: Path, console: Console | None = None, paths: list[Path] | None = None) -> list[Record]:
+    """The records under `root` (`paths`: the files find_records found there, when already known)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(
             f"{root} is not a directory. Give `peftseg report` the folder of a sweep or of runs "
             "(e.g. peftseg report multirun/2024-05-01/12-00-00); it reads every results.json under it."
         )
-    paths = sorted(root.rglob(FILENAME))
+    paths = find_records(root, console) if paths is None else paths
     if not paths:
         raise UserError(
             f"No {FILENAME} under {root}. Point `peftseg report` at a folder that `peftseg train` "
@@ -126,11 +167,45 @@ def method_rank(name) -> tuple:
     return (order.index(name), "") if name in order else (len(order), str(name))
 
 
+# dataset.* knobs that do not change which images and labels a run sees (where a cache lives)
+NOT_DATA = frozenset({"dataset.cache_dir"})
+# the training subset: a data-efficiency sweep stays one group (a line per method over the sizes),
+# but a baseline must have trained on the same subset
+SUBSET = ("dataset.train_subset", "dataset.subset_seed")
+
+
+def data_identity(record: Record, subset: bool = False) -> tuple:
+    """The data a run trained and was evaluated on, as (key, value) pairs: every dataset.* knob
+    (name, domain, sizes, seed, paths, splits) but NOT_DATA, and the subset only if asked.
+    Runs of `dataset=shapes` with two domains are two datasets (other images, other classes)."""
+    keys = sorted(k for k in record.config if k.startswith("dataset.") and k not in NOT_DATA and k not in SUBSET)
+    pairs = [(k, _hashable(record.knob(k))) for k in keys]
+    if subset and record.knob("dataset.train_subset"):  # the seed picks the images of a subset only
+        pairs += [(k, _hashable(record.knob(k))) for k in SUBSET]
+    return tuple(pairs)
+
+
+def _labels(groups: list[Group]) -> None:
+    """A group's dataset label: its name, plus the knobs whose values tell it from the groups of
+    the same model and dataset name (`shapes (domain=downstream, num_train=50)`)."""
+    from peftseg.report.tables import knob_text  # tables builds on this module: imported when used
+
+    for g in groups:
+        twins = [o for o in groups if (o.model, o.dataset) == (g.model, g.dataset)]
+        keys = dict.fromkeys(k for o in twins for k, _ in o.data)
+        differ = [k for k in keys if len({dict(o.data).get(k) for o in twins}) > 1]
+        shown = ", ".join(f"{k.removeprefix('dataset.')}={knob_text(g.records[0].knob(k))}" for k in differ)
+        g.label = f"{g.dataset} ({shown})" if shown else g.dataset
+
+
 def group_records(records: list[Record]) -> list[Group]:
-    groups: dict[tuple[str, str], Group] = {}
+    """One group per model and data identity: AP, ΔAP and the front only compare runs on the
+    same images and classes (a run on another domain is another experiment)."""
+    groups: dict[tuple, Group] = {}
     for r in records:
-        model, dataset = str(r.knob("model.name")), str(r.knob("dataset.name"))
-        groups.setdefault((model, dataset), Group(model, dataset)).records.append(r)
+        model, dataset, data = str(r.knob("model.name")), str(r.knob("dataset.name")), data_identity(r)
+        groups.setdefault((model, dataset, data), Group(model, dataset, data)).records.append(r)
+    _labels(list(groups.values()))
     for g in groups.values():
         g.knobs = varying_knobs(g.records)
         g.records.sort(key=lambda r: (
@@ -138,15 +213,25 @@ def group_records(records: list[Record]) -> list[Group]:
             [_sort_value(r.knob(k)) for k in g.knobs],
             str(r.run.id),
         ))
-    return [groups[k] for k in sorted(groups)]
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], groups[k].label))]
 
 
 # --- baseline ---------------------------------------------------------------------------
 
+def same_footing(record: Record, base: Record) -> bool:
+    """Whether `base` can be `record`'s baseline: the same model at the same image size, trained
+    and evaluated on the same data, training subset included (a 10-image LoRA run against the
+    10-image full run, never against one trained on 300)."""
+    return (record.knob("model.name") == base.knob("model.name")
+            and _hashable(record.knob("model.image_size")) == _hashable(base.knob("model.image_size"))
+            and data_identity(record, subset=True) == data_identity(base, subset=True))
+
+
 def find_baseline(record: Record, group: Group, method: str) -> Record | None:
-    """The group's ok `method` run closest in config to `record` (most equal config values)."""
+    """The group's ok `method` run on the same footing as `record` (same_footing) closest to it
+    in config (most equal config values); None when there is none."""
     candidates = [r for r in group.records
-                  if r.knob("method.name") == method and r.ok and r.mask_ap is not None]
+                  if r.knob("method.name") == method and r.ok and r.mask_ap is not None and same_footing(record, r)]
     if not candidates:
         return None
     own = record.config
@@ -156,6 +241,21 @@ def find_baseline(record: Record, group: Group, method: str) -> Record | None:
         return sum(_hashable(other.get(k)) == _hashable(v) for k, v in own.items() if not k.startswith("method."))
 
     return max(candidates, key=shared)  # max keeps the first (sorted) one on ties
+
+
+def unmatched_note(runs: list[Record], method: str) -> str:
+    """One line: the ok runs that have no `method` run on the same footing, so their ΔAP and
+    ratios show a dash instead of a comparison with a run on other data."""
+    from peftseg.report.tables import DASH
+
+    def which(r: Record) -> str:
+        keys = ("model.image_size", *(SUBSET if r.knob("dataset.train_subset") else ()))
+        shown = ", ".join(f"{k.split('.')[-1]}={r.knob(k)}" for k in keys if r.knob(k) is not None)
+        return f"{r.run.id}" + (f" ({shown})" if shown else "")
+
+    names = ", ".join(which(r) for r in runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+    return (f"{len(runs)} run(s) have no successful `{method}` run at the same image size and training subset: "
+            f"{names}; their ΔAP and ratios show {DASH}, not a comparison with other data.")
 
 
 def timing_note(group: Group, extras: dict[int, dict]) -> str | None:
@@ -208,12 +308,32 @@ def plottable(r: Record) -> bool:
             and 0 < rt <= 1)
 
 
+def training_set_size(r: Record):
+    """What the front compares runs within: the images the run trained on (its record), else
+    its dataset.train_subset (a record from before the number was recorded)."""
+    return r.train_images if r.train_images is not None else _hashable(r.knob("dataset.train_subset") or 0)
+
+
+def fronts_by_size(runs: list[Record]) -> list[list[int]]:
+    """Indices into `runs` (plottable ones) of the Pareto front among the runs of each training-set
+    size, left to right: a 10-image run is never dominated by a 300-image one. A size with a
+    single run has no front (nothing to compare it with)."""
+    sizes: dict = {}
+    for i, r in enumerate(runs):
+        sizes.setdefault(training_set_size(r), []).append(i)
+    fronts = []
+    for members in sizes.values():
+        if len(members) >= 2:
+            front = pareto_front([(runs[i].trainable_ratio, runs[i].mask_ap) for i in members])
+            fronts.append([members[j] for j in front])
+    return fronts
+
+
 def front_ids(group: Group) -> set[int]:
-    """id() of the group's runs on the Pareto front of trainable % (lower) vs mask AP (higher)."""
+    """id() of the group's runs on the Pareto front of trainable % (lower) vs mask AP (higher),
+    among the runs of their training-set size."""
     runs = [r for r in group.records if plottable(r)]
-    if len(runs) < 2:
-        return set()
-    return {id(runs[i]) for i in pareto_front([(r.trainable_ratio, r.mask_ap) for r in runs])}
+    return {id(runs[i]) for front in fronts_by_size(runs) for i in front}
 
 
 def _run_overrides(record: Record) -> list[str] | None:

@@ -85,14 +85,16 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
+def curves_path(root: Path, group: Group) -> Path:
+    return Path(root) / f"curves_{_slug(group.model)}_{_slug(group.label or group.dataset)}.png"
+
+
 def write_group_curves(root: Path, group: Group) -> Path | None:
     """curves_<model>_<dataset>.png under root: loss and lr of every run of the group."""
-    from peftseg.report.curves import write_curves_png
-
     runs = []
     for r in group.records:
         label = " ".join([str(r.knob("method.name"))] + [f"{knob_header(k)}={knob_text(r.knob(k))}"
                                                         for k in group.knobs if r.knob(k) is not None])
         runs.append((label, str(r.knob("method.name")), Path(r.run.dir or "")))
-    path = Path(root) / f"curves_{_slug(group.model)}_{_slug(group.dataset)}.png"
-    return path if write_curves_png(path, f"{group.model} · {group.dataset}", runs, method_colour) else None
+    path = curves_path(root, group)
+    return path if write_curves_png(path, group.title, runs, method_colour) else None

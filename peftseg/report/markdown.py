@@ -26,14 +26,15 @@ def write_report_md(path: Path, sections: list, plot_name: str, footnote: str | 
     parts = [f"# PEFT report: {path.parent.name}", "",
              "trainable % = trainable / all parameters of the model as run (PEFT modules included); "
              "backbone % = (trainable backbone + PEFT parameters) / backbone parameters. "
-             "★ marks the Pareto front (fewest trainable parameters for the mask AP).", ""]
+             "★ marks the Pareto front (fewest trainable parameters for the mask AP, among the runs of one "
+             "training-set size).", ""]
     for group, headers, rows, curves in sections:
-        parts += [f"## {group.model} · {group.dataset}", "", markdown_table(headers, rows), ""]
+        parts += [f"## {group.title}", "", markdown_table(headers, rows), ""]
         for note in (group.baseline_note, group.timing_note):
             if note:
                 parts += [f"> {note}", ""]
         if curves is not None:
-            parts += [f"![training curves, {group.model} · {group.dataset}]({Path(curves).name})", ""]
+            parts += [f"![training curves, {group.title}]({Path(curves).name})", ""]
     if footnote:
         parts += [footnote, ""]
     parts += ["## Mask AP against trainable parameters", "", f"![mask AP vs trainable %]({plot_name})", ""]

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from peftseg.io.atomic import write_atomic
-from peftseg.report.collect import Group, method_rank, pareto_front, plottable
+from peftseg.report.collect import Group, fronts_by_size, method_rank, plottable
 from peftseg.report.tables import knob_header, knob_text
 
 
@@ -136,7 +136,7 @@ def write_plot(path: Path, groups: list[Group]) -> None:
     panels = []  # (axes, points) of the panels with runs
     for ax, g, key in zip(axes.flat, groups, keys):
         runs = [r for r in g.records if plottable(r)]
-        ax.set_title(f"{g.model} · {g.dataset}")
+        ax.set_title(g.title)
         ax.set_xlabel("trainable parameters (% of the model)")
         ax.set_ylabel("mask AP")
         ax.grid(True, which="both", alpha=0.3)
@@ -159,17 +159,21 @@ def write_plot(path: Path, groups: list[Group]) -> None:
                            edgecolors=method_colour(m), linewidths=1.6, zorder=3 + methods.index(m) / 100)
                 handles.append(Line2D([], [], linestyle="", marker=method_marker(m), color=method_colour(m),
                                       markersize=8, label=m))
-        front = [points[i] for i in pareto_front(points)]
-        ax.scatter([x for x, _ in front], [y for _, y in front], s=260, facecolors="none",
-                   edgecolors="black", linewidths=1, zorder=2)
-        if len(front) >= 2:  # a front of one point is only its ring; no line to explain
-            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black",
-                    linestyle="--", linewidth=1, zorder=1)
+        # one front per training-set size (a data-efficiency sweep): fewer images is another budget
+        fronts = [[points[i] for i in front] for front in fronts_by_size(runs)]
+        for front in fronts:
+            ax.scatter([x for x, _ in front], [y for _, y in front], s=260, facecolors="none",
+                       edgecolors="black", linewidths=1, zorder=2)
+            if len(front) >= 2:  # a front of one point is only its ring; no line to explain
+                ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black",
+                        linestyle="--", linewidth=1, zorder=1)
+        what = "Pareto front" + (" per training-set size" if len(fronts) > 1 else "")
+        if any(len(front) >= 2 for front in fronts):
             handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1, marker="o",
-                                  markerfacecolor="none", markersize=10, label="Pareto front"))
-        else:
+                                  markerfacecolor="none", markersize=10, label=what))
+        elif fronts:
             handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", markeredgecolor="black",
-                                  markersize=10, label="Pareto front (ringed)"))
+                                  markersize=10, label=f"{what} (ringed)"))
         # the legend sits outside the data, to the right of the panel
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.text(0.0, -0.16, "\n".join(key), transform=ax.transAxes, va="top", ha="left", fontsize=7.5,
@@ -239,7 +243,7 @@ def write_data_efficiency_plot(path: Path, groups: list[Group]) -> bool:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training images (dataset.train_subset)")
         ax.set_ylabel("mask AP")
-        ax.set_title(f"{g.model} · {g.dataset}")
+        ax.set_title(g.title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()

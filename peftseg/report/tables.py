@@ -202,7 +202,7 @@ def group_table(group: Group, baseline: str | None, extras: dict[int, dict], wid
     # headers on one line where the table fits so, else broken between words ("trainable %"
     # over two lines); cells never break
     one_line = sum(max(w, len(h)) + 3 for w, h in zip(fixed, headers)) + 1 <= width
-    table = Table(title=f"{group.model} · {group.dataset}", title_justify="left")
+    table = Table(title=group.title, title_justify="left")
     for i, name in enumerate(headers):
         if 1 <= i <= n_knobs:
             table.add_column(name, overflow="fold", max_width=knob_width,
