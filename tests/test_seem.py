@@ -279,3 +279,28 @@ def test_class_embeddings_are_cached_per_dataset_and_follow_loaded_weights(model
     with pytest.raises(ValueError, match="2 class names"):
         m.set_class_names(["cat", "dog"])
 
+
+def test_class_embeddings_are_recomputed_only_when_text_encoder_tensors_are_loaded(model):
+    m = copy.deepcopy(model)
+    lang = m.sem_seg_head.predictor.lang_encoder
+    text_forwards = []
+    lang.lang_encoder.register_forward_hook(lambda *a: text_forwards.append(1))
+    state = model.state_dict()
+    # a visual-only load (an adapter checkpoint, the decoder of another run): no text forward,
+    # and the cache is the very tensor it was
+    cached = lang.class_embeddings
+    visual = {k: v for k, v in state.items() if not k.startswith(LANG)}
+    assert m.load_state_dict(visual, strict=False).unexpected_keys == []
+    m.load_state_dict({LANG + "logit_scale": torch.tensor(2.0)}, strict=False)  # scales, not embeddings
+    assert text_forwards == [] and lang.class_embeddings is cached
+    # the projection alone changes every embedding: recomputed, once per class and background
+    proj = LANG + "lang_proj"
+    m.load_state_dict({proj: state[proj].flip(0)}, strict=False)
+    assert len(text_forwards) == len(NAMES) + 1
+    assert not torch.allclose(lang.class_embeddings, cached)
+    # a failed load clears the mark too: the next visual-only load stays free
+    with pytest.raises(RuntimeError):
+        m.load_state_dict({LANG + "lang_encoder.ln_final.weight": torch.zeros(3)}, strict=False)
+    text_forwards.clear()
+    m.load_state_dict(visual, strict=False)
+    assert text_forwards == []

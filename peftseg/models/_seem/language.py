@@ -110,8 +110,12 @@ class LanguageEncoder(nn.Module):
         # not in the state dict: derived from the class names and the (frozen) weights above
         self.register_buffer("class_embeddings", torch.zeros(0, dim_proj), persistent=False)
         self.class_names: tuple[str, ...] = ()
-        # a state dict loaded later (official weights, a merged checkpoint, a resume) changes
-        # what the cached embeddings were computed from: recompute them then
+        # a state dict loaded later (official weights, a merged checkpoint, a resume) may change
+        # what the cached embeddings were computed from: recompute them when it carries text
+        # encoder tensors, and only then (an adapter checkpoint or a visual-only load leaves
+        # them as they are, and a text forward of 81 prompts per class is not free)
+        self._text_loaded = False
+        self.register_load_state_dict_pre_hook(_note_text_tensors)
         self.register_load_state_dict_post_hook(_refresh_class_embeddings)
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -151,6 +155,17 @@ class LanguageEncoder(nn.Module):
         return self.logit_scale.exp() * v_emb @ self.class_embeddings.to(v_emb.dtype).t()
 
 
+# what the class embeddings are computed from (logit_scale only scales the similarities)
+_TEXT_TENSORS = ("lang_encoder.", "lang_proj")
+
+
+def _note_text_tensors(module: LanguageEncoder, state_dict, prefix, *args) -> None:
+    """Load pre-hook: does this load bring tensors the class embeddings depend on?"""
+    if any(k.startswith(tuple(prefix + t for t in _TEXT_TENSORS)) for k in state_dict):
+        module._text_loaded = True
+
+
 def _refresh_class_embeddings(module: LanguageEncoder, incompatible_keys) -> None:
-    if module.class_names:
+    loaded, module._text_loaded = module._text_loaded, False
+    if loaded and module.class_names:
         module.set_class_names(list(module.class_names[:-1]))
