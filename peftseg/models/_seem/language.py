@@ -110,8 +110,8 @@ class LanguageEncoder(nn.Module):
         # vlpencoder initialises 1, exp(1) = 2.7). Only a model built without weights keeps it:
         # released checkpoints (and the oracle's weights) load their own value. The scale is
         # frozen with the text encoder, and a random text encoder (seem_tiny) gives class
-        # embeddings with cosines of 0.92-0.99 to each other, so a class score can lead another
-        # by at most exp(logit_scale) * |t_i - t_j|: under 1 at exp(1), which kept class
+        # embeddings with cosines of 0.92-0.97 to each other, so a class score can lead another
+        # by at most exp(logit_scale) * |t_i - t_j|: about 1 at exp(1), which kept class
         # probabilities close to uniform (seem_tiny full on shapes, 400 iterations: mask AP
         # 21.7 at exp(1), 25.9 at 1/0.07).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
