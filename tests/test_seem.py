@@ -210,6 +210,30 @@ def test_lora_on_decoder_attention_wraps_multihead_attention(model, batch):
     assert drifted == []
 
 
+def test_every_lora_factor_on_multihead_attention_is_trained_and_counted(model):
+    """peft's LoRA on nn.MultiheadAttention frees the parameters it replaces, so a new lora_B
+    can get a freed id(); a method that told "added" from "old" by id() left such a factor
+    frozen in some injections (2 to 6 of 32 here, seen in 3 of 5 tries). Several injections,
+    each checked against the closed form: per MultiheadAttention of width d, rank r,
+    in_proj r*(d + 3d) and out_proj r*(d + d)."""
+    from torch import nn
+
+    cfg = method("lora", targets=["decoder_attn", "pixel_decoder_attn"])
+    mha = [mod for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)
+           and not any(mod is m for m in model.sem_seg_head.predictor.lang_encoder.modules())]
+    lora_total = sum(6 * cfg.rank * mod.embed_dim for mod in mha)
+    task = sum(p.numel() for n, p in model.named_parameters() if FAMILY.group_of(n) in FAMILY.task_layers)
+    for attempt in range(5):
+        m = apply_method(copy.deepcopy(model), cfg)
+        factors = {n: p for n, p in m.named_parameters() if re.search(r"\.lora_[AB]\.default\.weight$", n)}
+        assert len(factors) == 4 * len(mha)  # A and B on in_proj and on out_proj
+        assert [n for n, p in factors.items() if not p.requires_grad] == [], attempt
+        assert sum(p.numel() for p in factors.values()) == lora_total
+        counts = count_parameters(m)
+        assert counts.by_group["peft"] == {"total": lora_total, "trainable": lora_total}
+        assert counts.trainable == lora_total + task
+
+
 def test_training_step_gives_the_official_loss_terms_and_no_text_forward(batch):
     m = tiny().train()
     calls = []
@@ -254,3 +278,29 @@ def test_class_embeddings_are_cached_per_dataset_and_follow_loaded_weights(model
     assert not torch.allclose(after, m.sem_seg_head.predictor.lang_encoder.class_embeddings)
     with pytest.raises(ValueError, match="2 class names"):
         m.set_class_names(["cat", "dog"])
+
+
+def test_class_embeddings_are_recomputed_only_when_text_encoder_tensors_are_loaded(model):
+    m = copy.deepcopy(model)
+    lang = m.sem_seg_head.predictor.lang_encoder
+    text_forwards = []
+    lang.lang_encoder.register_forward_hook(lambda *a: text_forwards.append(1))
+    state = model.state_dict()
+    # a visual-only load (an adapter checkpoint, the decoder of another run): no text forward,
+    # and the cache is the very tensor it was
+    cached = lang.class_embeddings
+    visual = {k: v for k, v in state.items() if not k.startswith(LANG)}
+    assert m.load_state_dict(visual, strict=False).unexpected_keys == []
+    m.load_state_dict({LANG + "logit_scale": torch.tensor(2.0)}, strict=False)  # scales, not embeddings
+    assert text_forwards == [] and lang.class_embeddings is cached
+    # the projection alone changes every embedding: recomputed, once per class and background
+    proj = LANG + "lang_proj"
+    m.load_state_dict({proj: state[proj].flip(0)}, strict=False)
+    assert len(text_forwards) == len(NAMES) + 1
+    assert not torch.allclose(lang.class_embeddings, cached)
+    # a failed load clears the mark too: the next visual-only load stays free
+    with pytest.raises(RuntimeError):
+        m.load_state_dict({LANG + "lang_encoder.ln_final.weight": torch.zeros(3)}, strict=False)
+    text_forwards.clear()
+    m.load_state_dict(visual, strict=False)
+    assert text_forwards == []

@@ -99,7 +99,6 @@ def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> No
 
 def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bool, owner: str) -> nn.Module:
     """Insert peft's layers, then train exactly them (plus the task heads if asked)."""
-    before = {id(p) for p in model.parameters()}
     tuner_cls = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
     try:
         if tuner_cls.uses_shared_state:
@@ -121,8 +120,29 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bo
     from peftseg.methods._mha_pin import pin_multihead_attention_bases
 
     pin_multihead_attention_bases(model)
-    added = [p for p in model.parameters() if id(p) not in before]
-    return train_only_added(model, added, owner, train_task_layers)
+    return train_only_added(model, peft_added_parameters(model, _ADAPTER_NAME.get()), owner, train_task_layers)
+
+
+def peft_added_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """The parameters of adapter `adapter`, named by peft's own bookkeeping: every tuner layer
+    lists its per-adapter containers in `adapter_layer_names` (lora_A/lora_B/lora_embedding_*,
+    lora_magnitude_vector under DoRA, vera_lambda_*, lokr_*, hada_*, ia3_l, ...).
+
+    Not "the parameters whose id() is new after injection": peft's LoRA on
+    nn.MultiheadAttention frees the parameters it replaces, so Python may hand a freed id to a
+    new lora_B, which then looked old and stayed frozen (fewer parameters trained, silently)."""
+    added: dict[int, nn.Parameter] = {}  # a tensor shared by several layers counts once
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for attr in module.adapter_layer_names:
+            container = getattr(module, attr, None)
+            if container is None or adapter not in container:
+                continue
+            entry = container[adapter]
+            params = [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
+            added.update((id(p), p) for p in params)
+    return list(added.values())
 
 
 def family_targets(model: nn.Module, targets: list[str], field: str = "method.targets",

@@ -15,6 +15,7 @@ runs in a training step.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 
 import torch
@@ -105,13 +106,25 @@ class LanguageEncoder(nn.Module):
         self.lang_encoder = TextTransformer(width, layers, heads, context_length, autoregressive=autoregressive)
         self.lang_proj = nn.Parameter(torch.empty(width, dim_proj))
         nn.init.trunc_normal_(self.lang_proj, std=0.02)
-        self.logit_scale = nn.Parameter(torch.ones([]))
+        # CLIP's initial temperature 1/0.07, where CLIP training starts (the official
+        # vlpencoder initialises 1, exp(1) = 2.7). Only a model built without weights keeps it:
+        # released checkpoints (and the oracle's weights) load their own value. The scale is
+        # frozen with the text encoder, and a random text encoder (seem_tiny) gives class
+        # embeddings with cosines of 0.92-0.97 to each other, so a class score can lead another
+        # by at most exp(logit_scale) * |t_i - t_j|: about 1 at exp(1), which kept class
+        # probabilities close to uniform (seem_tiny full on shapes, 400 iterations: mask AP
+        # 21.7 at exp(1), 25.9 at 1/0.07).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.context_length = context_length
         # not in the state dict: derived from the class names and the (frozen) weights above
         self.register_buffer("class_embeddings", torch.zeros(0, dim_proj), persistent=False)
         self.class_names: tuple[str, ...] = ()
-        # a state dict loaded later (official weights, a merged checkpoint, a resume) changes
-        # what the cached embeddings were computed from: recompute them then
+        # a state dict loaded later (official weights, a merged checkpoint, a resume) may change
+        # what the cached embeddings were computed from: recompute them when it carries text
+        # encoder tensors, and only then (an adapter checkpoint or a visual-only load leaves
+        # them as they are, and a text forward of 81 prompts per class is not free)
+        self._text_loaded = False
+        self.register_load_state_dict_pre_hook(_note_text_tensors)
         self.register_load_state_dict_post_hook(_refresh_class_embeddings)
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -151,6 +164,17 @@ class LanguageEncoder(nn.Module):
         return self.logit_scale.exp() * v_emb @ self.class_embeddings.to(v_emb.dtype).t()
 
 
+# what the class embeddings are computed from (logit_scale only scales the similarities)
+_TEXT_TENSORS = ("lang_encoder.", "lang_proj")
+
+
+def _note_text_tensors(module: LanguageEncoder, state_dict, prefix, *args) -> None:
+    """Load pre-hook: does this load bring tensors the class embeddings depend on?"""
+    if any(k.startswith(tuple(prefix + t for t in _TEXT_TENSORS)) for k in state_dict):
+        module._text_loaded = True
+
+
 def _refresh_class_embeddings(module: LanguageEncoder, incompatible_keys) -> None:
-    if module.class_names:
+    loaded, module._text_loaded = module._text_loaded, False
+    if loaded and module.class_names:
         module.set_class_names(list(module.class_names[:-1]))
