@@ -81,16 +81,19 @@ def main(argv=None) -> int:
                         f"dataset.num_train={args.downstream_train}", f"train.max_iter={args.downstream_iters}",
                         "train.checkpoint_period=0", f"train.seed={args.seed}", *extra, f"hydra.run.dir={run_dir}")
             aps[start] = mask_ap(run_dir)
-        eff = record(out / f"{label}_pretrained")["efficiency"]
-        rows.append((label, aps["pretrained"], aps["scratch"], eff["mean_step_time_s"], eff["peak_memory_bytes"]))
+        rec = record(out / f"{label}_pretrained")
+        eff = rec["efficiency"]
+        rows.append((label, aps["pretrained"], aps["scratch"], 100 * rec["params"]["ratio"],
+                     eff["mean_step_time_s"], eff["peak_memory_bytes"]))
 
     table = Table(title=f"{args.model}: downstream mask AP after {args.downstream_iters} iters "
                         f"(upstream: {args.upstream_iters} iters of full training on another domain)")
-    for col in ("method", "from upstream", "from random init", "gain", "step time", "peak RSS"):
+    for col in ("method", "trainable %", "from upstream", "from random init", "gain", "step time", "peak RSS"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for label, pre, scratch, step, peak in rows:
-        # step time and peak RSS of the run from upstream weights (the record's own numbers)
-        table.add_row(label, f"{pre:.2f}", f"{scratch:.2f}", f"{pre - scratch:+.2f}",
+    for label, pre, scratch, trainable, step, peak in rows:
+        # trainable share, step time and peak RSS of the run from upstream weights (the record's own numbers;
+        # the share is over the whole model as run, the method's modules included)
+        table.add_row(label, f"{trainable:.2f}", f"{pre:.2f}", f"{scratch:.2f}", f"{pre - scratch:+.2f}",
                       f"{step * 1000:.0f} ms", f"{peak / 2**20:.0f} MiB")
     console.print(table)
     return 0
