@@ -363,7 +363,7 @@ def test_a_folder_of_linked_runs_is_reported_each_run_once_and_never_written_int
                          ("loop", mine), ("gone", runs / "deleted")):
         os.symlink(target, mine / name)
     out = io.StringIO()
-    build_report(mine, "full", Console(file=out, width=200))
+    build_report(mine, "full", Console(file=out, width=1000))  # long tmp paths stay on one line
     text = out.getvalue()
     rows = read_csv(mine / "report.csv")
     assert sorted(row["run.id"] for row in rows) == ["full", "lora"]  # one row per run, whatever links to it

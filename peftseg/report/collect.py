@@ -140,6 +140,19 @@ def _sort_value(value):
 
 # --- grouping and knobs -----------------------------------------------------------------
 
+DASH = "—"  # an empty or undefined cell, in every table
+
+
+def knob_text(value) -> str:
+    if value is None:
+        return DASH
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, str) and "/" in value:
+        return Path(value).name  # a weights path: its file name tells runs apart
+    return str(value)
+
+
 def varying_knobs(records: list[Record]) -> list[str]:
     """Config keys worth a column: a method's keys that differ among that method's runs,
     and other (non-name) keys that differ across the group."""
@@ -188,8 +201,6 @@ def data_identity(record: Record, subset: bool = False) -> tuple:
 def _labels(groups: list[Group]) -> None:
     """A group's dataset label: its name, plus the knobs whose values tell it from the groups of
     the same model and dataset name (`shapes (domain=downstream, num_train=50)`)."""
-    from peftseg.report.tables import knob_text  # tables builds on this module: imported when used
-
     for g in groups:
         twins = [o for o in groups if (o.model, o.dataset) == (g.model, g.dataset)]
         keys = dict.fromkeys(k for o in twins for k, _ in o.data)
@@ -246,8 +257,6 @@ def find_baseline(record: Record, group: Group, method: str) -> Record | None:
 def unmatched_note(runs: list[Record], method: str) -> str:
     """One line: the ok runs that have no `method` run on the same footing, so their ΔAP and
     ratios show a dash instead of a comparison with a run on other data."""
-    from peftseg.report.tables import DASH
-
     def which(r: Record) -> str:
         keys = ("model.image_size", *(SUBSET if r.knob("dataset.train_subset") else ()))
         shown = ", ".join(f"{k.split('.')[-1]}={r.knob(k)}" for k in keys if r.knob(k) is not None)

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.table import Table
 from rich.text import Text
 
-from peftseg.report.collect import Group, front_ids
+from peftseg.report.collect import DASH, Group, front_ids, knob_text
 from peftseg.results import Record
 
-DASH = "—"
 
 
 def fmt_count(n: int | None) -> str:
@@ -87,16 +84,6 @@ def eval_table(record: dict) -> Table:
     table.add_row("trainable %", fmt_num(100 * params["ratio"], ".3f"))
     add_group_rows(table, params)
     return table
-
-
-def knob_text(value) -> str:
-    if value is None:
-        return DASH
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, str) and "/" in value:
-        return Path(value).name  # a weights path: its file name tells runs apart
-    return str(value)
 
 
 def knob_header(key: str) -> str:
