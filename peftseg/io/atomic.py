@@ -18,7 +18,11 @@ def write_atomic_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(f)` on a temp file beside `path`, fsync, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        e.filename = str(path)  # the file the caller asked for, not the random temporary sibling
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -26,8 +30,10 @@ def write_atomic_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file a normal mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == tmp:
+            e.filename = str(path)
         raise
 
 

@@ -226,8 +226,5 @@ def write_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as e:
         fix = _FIXES.get(e.errno, "give another output path")
-        where = e.filename or path
-        failed = Path(str(where))
-        if failed.name.startswith(".") and failed.name.endswith(".tmp") and failed.parent == Path(path).parent:
-            where = path  # peftseg.io.atomic's temporary sibling: the user named the file itself
+        where = e.filename or path  # peftseg.io.atomic names the file asked for, never its temporary sibling
         raise UserError(f"could not write {where}: {e.strerror or e}; {fix}.") from None

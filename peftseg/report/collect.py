@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,6 @@ def find_records(root: Path, console: Console | None = None) -> list[Path]:
     """Every results.json under `root`, following symlinked folders (a folder of links to runs
     kept elsewhere; Path.rglob does not follow them), each real file once however many links lead
     to it, a link back up the tree (a loop) entered once. A link to nothing is one warning line."""
-    import os
-
     found: dict[str, Path] = {}  # real path -> the path it was found under
     entered: set[str] = set()
     pending = [Path(root)]
