@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftseg.environment import versions
 from peftseg.io.atomic import write_json
 
 FILENAME = "results.json"
@@ -210,19 +211,3 @@ def git_describe() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() or "unknown"
-
-
-VERSIONED = ("torch", "torchvision", "detectron2", "peft", "transformers", "timm", "hydra-core", "peftseg")
-
-
-def versions() -> dict:
-    """python and the installed version of every library a number here depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for dist in VERSIONED:
-        try:
-            out[dist.removesuffix("-core")] = version(dist)
-        except PackageNotFoundError:
-            out[dist.removesuffix("-core")] = "not installed"
-    return out

@@ -20,13 +20,13 @@ from pathlib import Path
 SOURCE = "sal-detectron2==0.7.2"
 SOURCE_SHA256 = "491af0c7f79bdb2d178e46f6cb16a97c4ac968d45c41ea3f6b6435d59bbee561"
 VERSION = "0.7.2"
-# Upstream detectron2's install_requires (the sal metadata drops fvcore/iopath, which the
-# code imports). numpy>=2 works with this tree; omegaconf 2.4 breaks LazyConfig.
-REQUIRES = [
-    "Pillow>=7.1", "matplotlib", "pycocotools>=2.0.2", "termcolor>=1.1", "yacs>=0.1.8",
-    "tabulate", "cloudpickle", "tqdm>4.29.0", "tensorboard", "fvcore>=0.1.5",
-    "iopath>=0.1.7", "omegaconf>=2.1,<2.4", "hydra-core>=1.1", "packaging", "scipy",
-]
+# Detectron2's install requirements: one list, which the lock resolves too
+REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "requirements" / "detectron2.in"
+
+
+def requires() -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in REQUIREMENTS_FILE.read_text().splitlines())
+    return [line for line in lines if line]
 
 
 def _record_hash(data: bytes) -> str:
@@ -54,7 +54,7 @@ def repack(source: Path, dest: Path) -> Path:
     metadata = "\n".join(
         ["Metadata-Version: 2.1", "Name: detectron2", f"Version: {VERSION}",
          "Summary: Detectron2 (pure-Python rebuild of sal-detectron2 0.7.2, no _C extension)",
-         "Requires-Python: >=3.8"] + [f"Requires-Dist: {r}" for r in REQUIRES]
+         "Requires-Python: >=3.8"] + [f"Requires-Dist: {r}" for r in requires()]
     ) + "\n"
     wheel_meta = "Wheel-Version: 1.0\nGenerator: peftseg\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     records = []
@@ -79,7 +79,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         wheel = repack(download(tmp), tmp)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+        # --no-deps: its requirements are in requirements/setup.lock, which setup installed (hash-checked)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                         str(wheel)], check=True)
 
 

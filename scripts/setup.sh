@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Create .venv and install everything peftseg needs, from the package registries only.
-# Idempotent: when nothing the install depends on has changed, a rerun is a no-op.
+# Create .venv and install exactly requirements/setup.lock into it (every package, transitive
+# ones included, at its locked version, each file checked against its locked sha256), then
+# Detectron2 (rebuilt from a hash-pinned wheel) and peftseg itself. From the package registries
+# only. Idempotent: when nothing the install depends on has changed, a rerun is a no-op.
+# The lock moves only through scripts/update_lock.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 VENV=${PEFTSEG_VENV:-.venv}
-TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
+LOCK=requirements/setup.lock
 
-stamp_inputs() { cat pyproject.toml scripts/setup.sh scripts/build_detectron2.py | sha256sum | cut -d' ' -f1; }
+stamp_inputs() {
+  cat pyproject.toml "$LOCK" scripts/setup.sh scripts/build_detectron2.py requirements/detectron2.in | sha256sum | cut -d' ' -f1
+}
 STAMP="$VENV/.peftseg-setup"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_inputs)" ] \
@@ -17,12 +22,18 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_inputs)" ] \
   exit 0
 fi
 
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: $LOCK is resolved for Python 3.11 and newer, and $PYTHON is $("$PYTHON" -V 2>&1);" \
+       "install Python 3.11+ and run PYTHON=python3.11 bash scripts/setup.sh" >&2
+  exit 1
+fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 
-# torch and torchvision must be a matched pair: the CPU torch wheel some machines carry
-# on disk has no torchvision that loads against it.
-"${PIP[@]}" "${TORCH_PINS[@]}" "setuptools<81"
+echo "setup: installing $LOCK into $VENV (torch with its CUDA libraries is several GB the first time)"
+# --no-deps: the lock already holds the whole resolved set, so pip resolves nothing and takes
+# nothing the lock does not name; --require-hashes: a file whose sha256 differs is refused.
+"${PIP[@]}" --no-deps --require-hashes -r "$LOCK"
 
 # Keep a Detectron2 the user already has (e.g. built from source).
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
@@ -30,11 +41,19 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   "$VENV/bin/python" scripts/build_detectron2.py
 fi
 
-"${PIP[@]}" -e ".[test,tracking,search,cityscapes]" "${TORCH_PINS[@]}"
-# dataset=cityscapes: Cityscapes' labels and instance AP; --no-deps because its metadata pulls
-# the `typing` backport (its real dependencies are in the `cityscapes` extra above)
-"${PIP[@]}" --no-deps "cityscapesscripts>=2.2"
-# the Hydra Optuna sweeper of older setups pins optuna<3; peftseg search replaced it
-"$VENV/bin/python" -m pip uninstall -y -q hydra-optuna-sweeper 2>/dev/null || true
+# the build backend (setuptools) is the locked one in the venv: no unpinned build download
+"${PIP[@]}" --no-deps --no-build-isolation -e .
+
+# An existing venv may still hold packages the lock no longer names (an earlier setup, the
+# Hydra Optuna sweeper of older setups): pip has no "sync", so remove them here.
+"$VENV/bin/python" - "$LOCK" <<'PY'
+import subprocess, sys
+from peftseg.environment import installed_not_in_lock
+
+extra = installed_not_in_lock(sys.argv[1])
+if extra:
+    print(f"setup: removing {len(extra)} package(s) the lock does not name: {', '.join(extra)}")
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *extra], check=True)
+PY
 stamp_inputs > "$STAMP"
-echo "setup: done ($VENV)"
+echo "setup: done ($VENV matches $LOCK)"

@@ -1,4 +1,5 @@
 import json
+import re
 import math
 import os
 
@@ -45,8 +46,10 @@ def test_version_1_records_still_read_and_foreign_json_is_refused(tmp_path):
 
 def test_versions_name_the_whole_stack():
     assert set(versions()) == {"python", "torch", "torchvision", "detectron2", "peft", "transformers",
-                               "timm", "hydra", "peftseg"}
+                               "timm", "hydra", "peftseg", "lock"}
     assert all(v and v != "not installed" for v in versions().values())
+    # set up by scripts/setup.sh: the environment is exactly the committed lock, named by its hash
+    assert re.fullmatch(r"[0-9a-f]{16}", versions()["lock"]), versions()["lock"]
 
 
 def test_failed_write_keeps_previous_content_and_leaves_no_temp(tmp_path, monkeypatch):

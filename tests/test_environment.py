@@ -1,0 +1,85 @@
+"""The locked environment: scripts/setup.sh installs exactly requirements/setup.lock, the lock
+covers what pyproject.toml asks for, and a run records which lock it ran on."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from peftseg.environment import (LOCK_FILE, NOT_LOCKED, canonical, installed_not_in_lock, lock_differences,
+                                 lock_state, locked_versions, version_drift, versions)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pip_list_after_setup_is_the_lock():
+    listed = json.loads(subprocess.run([sys.executable, "-m", "pip", "list", "--format=json",
+                                        "--disable-pip-version-check"],
+                                       capture_output=True, text=True, check=True).stdout)
+    installed = {canonical(d["name"]): d["version"] for d in listed}
+    locked = locked_versions()
+    assert {n: v for n, v in installed.items() if n not in NOT_LOCKED} == locked
+    assert {"torch", "peft", "transformers", "optuna", "mlflow-skinny", "onnxruntime"} <= locked.keys()
+
+
+def test_every_lock_entry_is_pinned_with_hashes_and_no_index_is_named():
+    text = LOCK_FILE.read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", text[re.search(r"^[A-Za-z0-9]", text, re.M).start():])
+    assert len(entries) > 100
+    for entry in entries:
+        first = entry.splitlines()[0]
+        assert re.match(r"[A-Za-z0-9._-]+==\S+", first), first
+        assert "--hash=sha256:" in entry, first
+    assert not re.search(r"^\s*(-i|--index-url|--extra-index-url|-f|--find-links)\b", text, re.M)
+
+
+def test_the_lock_satisfies_every_requirement_setup_installs_from_it():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in ("test", "tracking", "search", "cityscapes"):
+        wanted += project["optional-dependencies"][extra]
+    for source in ("setup.in", "detectron2.in"):
+        lines = (line.split("#", 1)[0].strip() for line in (ROOT / "requirements" / source).read_text().splitlines())
+        wanted += [line for line in lines if line]
+    locked = locked_versions()
+    unmet = []
+    for line in wanted:
+        req = Requirement(line)
+        if req.marker and not req.marker.evaluate():
+            continue
+        have = locked.get(canonical(req.name))
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            unmet.append(f"{line} (lock: {have})")
+    assert unmet == [], "run bash scripts/update_lock.sh: " + "; ".join(unmet)
+
+
+def test_dependencies_whose_internals_the_code_uses_are_capped():
+    deps = {canonical(Requirement(d).name): Requirement(d)
+            for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    deps |= {canonical(Requirement(d).name): Requirement(d) for d in extras["search"]}
+    caps = {"peft": "0.23", "transformers": "6", "hydra-core": "1.4", "omegaconf": "2.4", "optuna": "6",
+            "torch": "2.15"}
+    for name, cap in caps.items():
+        assert any(s.operator == "<" and s.version == cap for s in deps[name].specifier), (name, deps[name])
+
+
+def test_a_run_records_the_lock_it_ran_on_and_loading_names_what_moved(tmp_path):
+    assert re.fullmatch(r"[0-9a-f]{16}", lock_state())  # setup installed exactly the lock
+    assert lock_differences() == [] and installed_not_in_lock() == []
+    assert versions()["lock"] == lock_state()
+    # another lock than the environment's: its hash, marked as not matching
+    other = tmp_path / "setup.lock"
+    other.write_text(LOCK_FILE.read_text().replace(f"peft=={locked_versions()['peft']}", "peft==0.21.2"))
+    assert lock_state(other).endswith("+modified")
+    assert lock_differences(other) == [f"peft: locked 0.21.2, installed {locked_versions()['peft']}"]
+    assert lock_state(tmp_path / "absent.lock") == "none"
+    now = versions()
+    assert version_drift(now) is None and version_drift(None) is None
+    assert version_drift({**now, "peft": "0.21.2", "timm": "0.1"}) == f"peft 0.21.2 -> {now['peft']}"
