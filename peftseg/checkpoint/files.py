@@ -26,6 +26,7 @@ from peftseg.data._resume_state import resume_state
 from peftseg.errors import UserError
 from peftseg.io.atomic import write_atomic_with
 from peftseg.checkpoint.formats import checkpoint_metadata, safetensors_bytes, write_peft_export
+from peftseg.checkpoint.provenance import adapt_to_installed_peft
 from peftseg.io.safe_load import load_any, load_safetensors
 
 FORMAT = 1
@@ -224,10 +225,12 @@ class PeftCheckpointer(DetectionCheckpointer):
         self.logger.info("Saved checkpoint %s", os.path.join(self.save_dir, basename))
         self.tag_last_checkpoint(basename)
 
-    def load_peft(self, path: str | os.PathLike, config: dict, data: dict | None = None) -> dict:
+    def load_peft(self, path: str | os.PathLike, config: dict, data: dict | None = None, *,
+                  resuming: bool = False) -> dict:
         """Load a peftseg checkpoint into the (rebuilt) model, plus optimizer/scheduler if
         present; returns what is left (e.g. `iteration`). `data`: the file as already read
-        by read_checkpoint_file, so that no caller reads a checkpoint twice."""
+        by read_checkpoint_file, so that no caller reads a checkpoint twice. `resuming`:
+        training goes on from it (a checkpoint of older peft semantics is refused, not converted)."""
         if data is None:
             source, data = read_checkpoint(path)
         else:
@@ -249,6 +252,7 @@ class PeftCheckpointer(DetectionCheckpointer):
                 f"checkpoint {source} does not fit this model: missing {sorted(missing)[:3]}, unknown "
                 f"{sorted(unknown)[:3]}; it was written by a different peftseg version or edited."
             )
+        state = adapt_to_installed_peft(state, meta, source, resuming=resuming)
         self.model.load_state_dict(state, strict=False)
         for key, obj in self.checkpointables.items():
             if key in data:

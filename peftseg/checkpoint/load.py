@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from peftseg.checkpoint.files import MERGED_KEY, PeftCheckpointer, checkpoint_file, read_checkpoint_file
+from peftseg.checkpoint.provenance import warn_if_libraries_moved
 from peftseg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
         merged = MERGED_KEY in data
         meta = data[MERGED_KEY] if merged else data["peftseg"]
         _check_metadata(meta, source, merged)
+        warn_if_libraries_moved(meta, source)
         if classes is not None and list(classes) != list(meta["class_names"]):
             raise UserError(
                 f"classes={list(classes)} was given, but {source} is a {'merged' if merged else 'PEFT'} checkpoint that "

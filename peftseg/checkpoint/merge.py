@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peftseg.checkpoint.files import MERGED_KEY
+from peftseg.environment import versions
 from peftseg.checkpoint.formats import safetensors_bytes
 from peftseg.io.atomic import write_atomic_with
 from peftseg.io.output_guard import output_file, write_errors
@@ -69,8 +70,9 @@ def fold_tuner_layers(model: nn.Module) -> nn.Module:
 
 def merged_metadata(cfg: DictConfig, class_names: list[str], source: Path) -> dict:
     """What `peftseg merge` stores beside the state dict, so eval/predict need no overrides."""
+    # versions: those of the merge (peft's merge is what baked the update into the weights)
     return {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(class_names),
-            "merged_from": str(source)}
+            "merged_from": str(source), "versions": versions()}
 
 
 def merge_checkpoint(checkpoint: str, overrides: list[str], output: str | None):

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peftseg.checkpoint.files import MERGED_KEY, checkpoint_file, read_checkpoint_file
+from peftseg.checkpoint.provenance import adapt_to_installed_peft, warn_if_libraries_moved
 from peftseg.checkpoint.load import compose_for_checkpoint
 from peftseg.errors import UserError
 
@@ -406,7 +407,8 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
         if _fingerprint(model, to_own, trainable, owned - mine_peft) != meta["base_fingerprint"]:
             mismatched.append((source, cfg))
         # the variant's trained tensors: peft's under its adapter name, the rest as they are
-        tensors = read[i][1]["model"]
+        warn_if_libraries_moved(meta, source)
+        tensors = adapt_to_installed_peft(read[i][1]["model"], meta, source)
         unknown = []
         for key, value in tensors.items():
             # peft's keys carry the adapter name ("lora_A.default.weight"): here it is the variant's

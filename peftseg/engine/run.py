@@ -17,6 +17,7 @@ from peftseg.checkpoint.files import FINAL
 from peftseg.data import register_dataset
 from peftseg.data.subset import training_data
 from peftseg.engine.failure import explain
+from peftseg.environment import versions
 from peftseg.engine.interrupt import RunInterrupted, StopRequest
 from peftseg.engine.pruning import RunPruned
 from peftseg.engine.rundir import clear_earlier_run
@@ -109,7 +110,10 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             record.params = counts.to_dict()
             log.info("parameters: %d total, %d trainable (%.3f%%)", counts.total, counts.trainable, 100 * counts.ratio)
             model.to(device)
-            meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(splits.class_names)}
+            # versions: what the checkpoints were made with (loading warns when they moved, and
+            # converts what a library changed the meaning of: peftseg.checkpoint.provenance)
+            meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(splits.class_names),
+                    "versions": versions()}
             outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop)
             record.metrics = evaluator_metrics(outcome.eval_results)
             # COCOEvaluator returns the numbers on rank 0 only (the others get {})

@@ -98,7 +98,7 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
         source, data = read_checkpoint(tcfg.resume)
         # first another model, method or base (load_peft names those), then a finished run, a
         # setting that differs from what the checkpoint ran with, other classes: all refused
-        saved = checkpointer.load_peft(source, meta["config"], data)  # works on a copy of data
+        saved = checkpointer.load_peft(source, meta["config"], data, resuming=True)  # works on a copy of data
         check_resumable(source, data, meta["config"], meta["class_names"])
         start_iter = saved.get("iteration", -1) + 1
     resume = saved.get("resume") or {}
