@@ -148,3 +148,20 @@ def make_run(run_dir: Path, *overrides: str, noise_seed: int) -> Path:
     run_dir.mkdir(parents=True)
     PeftCheckpointer(model, save_dir=str(run_dir), meta=meta).save(FINAL)
     return run_dir
+
+
+def ulps(magnitude, n: float, dtype=None) -> float:
+    """A float tolerance: `n` machine epsilons of `dtype` (default float32) at `magnitude`.
+
+    `magnitude` is the size of what is compared (a number, or a tensor/array of reference values,
+    whose max abs is taken): rounding error is relative, so the bound scales with it. `n` is the
+    number of roundings the two computations may differ by; each use says why that many."""
+    import numpy as np
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    if isinstance(magnitude, torch.Tensor):
+        magnitude = magnitude.detach().abs().max().item() if magnitude.numel() else 0.0
+    elif isinstance(magnitude, np.ndarray):
+        magnitude = float(np.abs(magnitude).max()) if magnitude.size else 0.0
+    return float(n) * torch.finfo(dtype).eps * abs(float(magnitude))

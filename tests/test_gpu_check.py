@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import ROOT
+from helpers import ulps
 
 
 @pytest.fixture
@@ -33,7 +34,9 @@ def test_gpu_check_quick_on_cpu(gpu_check, tmp_path, capsys):
     assert all(r["mask_AP"] >= 0 and r["step_time_s"] > 0 for r in rows.values())
     vit = result["vitdet_b"]
     assert list(vit["methods"]) == ["stock", "full", "peer"] and vit["baseline"] == "stock"
-    assert result["msda"]["max_abs_diff"]["output"] < 1e-4 and result["msda"]["correct"]  # the interpreter
+    # the interpreter: each output sums 4 corners x 3 levels x 2 points of N(0,1) values with convex
+    # weights in another order (<= 24 roundings; 32), so |output| < 5 for the script's few hundred draws
+    assert result["msda"]["max_abs_diff"]["output"] <= ulps(5.0, 32) and result["msda"]["correct"]
     assert result["nccl"]["backend"] == "gloo"
     assert "deformable attention" in printed and "all sections ok" in printed
 

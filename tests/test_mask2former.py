@@ -9,7 +9,7 @@ import torch
 
 import helpers
 import torch.nn as nn
-from helpers import run_in_process, shapes_batch
+from helpers import run_in_process, shapes_batch, ulps
 from conftest import records_under
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import BitMasks, Instances, PolygonMasks
@@ -86,7 +86,8 @@ def test_train_losses_are_transformers_weighted_loss_dict(tiny, batch):
     torch.manual_seed(1)
     hf = tiny.m2f(pixel_values=images.tensor, mask_labels=mask_labels, class_labels=class_labels)
     total = sum(losses.values())
-    assert torch.allclose(total, hf.loss, rtol=1e-5), (total, hf.loss)
+    # the same weighted terms summed in another order: one rounding per product and per addition
+    assert torch.allclose(total, hf.loss, rtol=0, atol=ulps(hf.loss, 2 * len(losses))), (total, hf.loss)
 
 
 def test_targets_from_bitmasks_match_polygons(tiny, batch):
@@ -190,7 +191,10 @@ def test_lora_on_the_decoders_cross_attention_trains_and_merges(batch):
     assert all(type(merged.get_submodule(n).out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
                for n in outer)
     for a, b in zip(before, after):
-        torch.testing.assert_close(a["instances"].scores, b["instances"].scores, rtol=0, atol=1e-5)
+        # merging rounds each folded weight once and replaces x@W + x@BA by one matmul: a few ulps per
+        # layer, which the softmax turns into relative error of the score; 64 ulps of it
+        torch.testing.assert_close(a["instances"].scores, b["instances"].scores, rtol=0,
+                                   atol=ulps(a["instances"].scores, 64))
 
 
 def test_every_lora_group_selects_linears_of_its_part(tiny):
@@ -232,7 +236,9 @@ def test_adapters_sit_on_attention_and_ffn_outputs(tiny, batch):
         after = model(batch)  # identity at init, through the tuple outputs of the attentions
     for a, b in zip(before, after):
         assert torch.equal(a["instances"].pred_masks, b["instances"].pred_masks)
-        assert torch.allclose(a["instances"].scores, b["instances"].scores)
+        # the adapters add exact zeros; the tuple-output path may reorder a reduction (measured <= 3 ulps)
+        assert torch.allclose(a["instances"].scores, b["instances"].scores, rtol=0,
+                              atol=ulps(a["instances"].scores, 64))
     with pytest.raises(UserError, match="mlp_parallel"):
         apply_method(tiny_model(), AdapterConfig(sites=["mlp_parallel"], bottleneck=8))
 

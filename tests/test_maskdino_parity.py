@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers import ulps
 from peftseg.models import build_model
 from peftseg.models.maskdino import MaskDinoConfig
 from peftseg.models._weights import load_weights
@@ -90,7 +91,9 @@ def test_raw_last_layer_outputs_equal_official(oracle, key):
     _, _, ref, raw, _, _ = oracle
     assert raw[key][0].shape == ref[key].shape
     diff = (raw[key][0] - ref[key]).abs().max().item()
-    assert diff <= 1e-4, f"{key}: max abs diff {diff:.3g}"
+    # another implementation, run on another CPU: every layer's reductions may be ordered otherwise
+    # (the official deformable attention among them); measured <= 26 ulps of the output's max
+    assert diff <= ulps(ref[key], 256), f"{key}: max abs diff {diff:.3g}"
 
 
 def test_final_instances_match_official_as_sets(oracle):
@@ -98,6 +101,11 @@ def test_final_instances_match_official_as_sets(oracle):
     assert len(inst) == len(ref["scores"]) == 30
     assert inst.image_size == (200, 264)
     # top-k is unordered: pair each official instance with ours by class and nearest score
+    # a score is class prob x the mean mask prob over the mask's pixels, and a pixel within rounding of
+    # the threshold flips in or out: measured 94 ulps of the top score; 1024
+    score_tol = ulps(ref["scores"], 1024)
+    # boxes are pixels of the 264-px image: the raw boxes' error (above, 256 ulps of 1) times the side
+    box_tol = ulps(max(inst.image_size), 256)
     free = set(range(len(inst)))
     for i in range(len(ref["scores"])):
         cls, score = int(ref["pred_classes"][i]), float(ref["scores"][i])
@@ -105,8 +113,8 @@ def test_final_instances_match_official_as_sets(oracle):
         assert cands, f"no instance of class {cls} left for official instance {i}"
         j = min(cands, key=lambda j: abs(float(inst.scores[j]) - score))
         free.remove(j)
-        assert abs(float(inst.scores[j]) - score) <= 1e-4
-        assert (inst.pred_boxes.tensor[j] - ref["pred_boxes_xyxy"][i]).abs().max().item() <= 1e-2
+        assert abs(float(inst.scores[j]) - score) <= score_tol
+        assert (inst.pred_boxes.tensor[j] - ref["pred_boxes_xyxy"][i]).abs().max().item() <= box_tol
         ours, theirs = inst.pred_masks[j] > 0.5, ref["pred_masks_bool"][i]
         union = (ours | theirs).sum().item()
         iou = (ours & theirs).sum().item() / union if union else 1.0

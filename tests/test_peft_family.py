@@ -14,7 +14,7 @@ from peftseg.methods.loha import LohaConfig
 from peftseg.methods.lokr import LokrConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.params import count_parameters
-from helpers import preset
+from helpers import preset, ulps
 
 SCHEMAS = {"lora": LoraConfig, "loha": LohaConfig, "lokr": LokrConfig, "ia3": Ia3Config, "bitfit": BitfitConfig}
 
@@ -65,7 +65,9 @@ def test_dora_at_init_matches_the_base_model_to_rounding(base, model):
     batch = images()
     fb, fm = features(base, batch), features(model, batch)
     for k in fb:
-        torch.testing.assert_close(fm[k], fb[k], rtol=1e-5, atol=1e-5)
+        # m/||W|| is 1 up to two norms' rounding (reductions of ~100-400 terms) and a product, per
+        # adapted layer; over the 4 blocks 32 ulps of the feature's max
+        torch.testing.assert_close(fm[k], fb[k], rtol=0, atol=ulps(fb[k], 32))
 
 
 def qkv_and_proj(model):
@@ -177,4 +179,6 @@ def test_merge_refuses_adapters_and_folds_loha_and_dora(base):
         after = features(merged, batch)
         assert not all(torch.equal(before[k], v) for k, v in features(base, batch).items())
         for k in before:
-            torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-5)
+            # folding rounds each weight once and makes two matmuls one: a few ulps per adapted layer
+            # (measured <= 4 over the 4 blocks); 32 ulps of the feature's max, as in test_checkpoints
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=ulps(before[k], 32))

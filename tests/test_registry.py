@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from helpers import CONF, preset
+from helpers import CONF, preset, ulps
 from peftseg.config import TrainConfig, schemas, validate
 from peftseg.engine.optim import build_optimizer
 from peftseg.errors import UserError
@@ -160,7 +160,9 @@ def test_clip_grad_norm_bounds_the_gradient_the_optimizer_sees(model):
         optimizer.step()
     finally:
         type(optimizer).__mro__[1].step = restore
-    assert seen and seen[0] <= 1e-3 * (1 + 1e-4)
+    # the clipped norm is recomputed here in float32 over ~1e6 entries: each norm's blocked sum
+    # rounds ~log2(1e6) = 20 times, plus the scaling: 64 ulps of max_norm (measured: below it)
+    assert seen and seen[0] <= 1e-3 + ulps(1e-3, 64)
 
 
 def test_clip_grad_norm_null_takes_the_model_recipe():
@@ -254,5 +256,8 @@ def test_vera_exports_in_peft_layout_and_peft_loads_it(base, tmp_path):
         got = loaded.base_model.model.backbone(x)
         moved = base.backbone(x)
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
-    assert not any(torch.allclose(want[k], moved[k]) for k in want)  # the update is not zero
+        # the same layers and projections redrawn from the same key: identical kernels (measured: equal);
+        # 32 ulps of the feature's max allows other blocking over the 4 blocks, as merged LoRA does
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=ulps(want[k], 32))
+    # the update is not zero: it moves features by more than the bound above
+    assert not any(torch.allclose(want[k], moved[k], rtol=0, atol=ulps(want[k], 32)) for k in want)

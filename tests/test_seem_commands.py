@@ -62,6 +62,8 @@ def test_merge_folds_the_multihead_attention_lora_into_a_plain_seem(seem_run, sh
     again = json.loads((seem_run.parent / "merged_eval" / "eval.json").read_text())
     record = _record(seem_run)
     assert again["checkpoint_kind"] == "merged"
+    # AP may move in the last digits: a score within rounding of another flips their rank, a mask pixel
+    # within rounding of the threshold flips; abs=0.5 AP points is such a flip here, not a float tolerance
     assert again["metrics"]["segm"]["AP"] == pytest.approx(record["metrics"]["segm"]["AP"], abs=0.5)
     assert again["params"]["total"] == record["params"]["total"] - record["params"]["by_group"]["peft"]["total"]
 

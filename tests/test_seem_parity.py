@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers import ulps
 from peftseg.models import build_model
 from peftseg.models._weights import load_weights
 from peftseg.models._seem.decoder import UNUSED_PREFIXES
@@ -117,7 +118,9 @@ def test_text_embeddings_equal_official(oracle):
     emb = model.sem_seg_head.predictor.lang_encoder.class_embeddings
     assert emb.shape == ref["text_embeddings"].shape == (4, 64)
     diff = (emb - ref["text_embeddings"]).abs().max().item()
-    assert diff <= 1e-6, f"text embeddings: max abs diff {diff:.3g}"
+    # another implementation of the same layers, one thread each: reductions may be ordered otherwise,
+    # a few ulps per layer (measured: 2 ulps here, ~10 in mask logits with 2 threads); 64 ulps
+    assert diff <= ulps(ref["text_embeddings"], 64), f"text embeddings: max abs diff {diff:.3g}"
 
 
 @pytest.mark.parametrize("key", ["pred_logits", "pred_masks"])
@@ -125,9 +128,10 @@ def test_raw_last_layer_outputs_equal_official(oracle, key):
     _, ref, raw, _, _, _ = oracle
     assert raw[key][0].shape == ref[key].shape
     diff = (raw[key][0] - ref[key]).abs().max().item()
-    assert diff <= 1e-5, f"{key}: max abs diff {diff:.3g}"
+    # as for the text embeddings: 64 ulps of the output's max (measured <= 9)
+    assert diff <= ulps(ref[key], 64), f"{key}: max abs diff {diff:.3g}"
     aux = torch.stack([a["pred_logits"][0] for a in raw["aux_outputs"]])
-    assert (aux - ref["aux_pred_logits"]).abs().max().item() <= 1e-5
+    assert (aux - ref["aux_pred_logits"]).abs().max().item() <= ulps(ref["aux_pred_logits"], 64)
 
 
 def test_final_instances_match_official_as_sets(oracle):
@@ -136,6 +140,9 @@ def test_final_instances_match_official_as_sets(oracle):
     assert inst.image_size == (200, 264)
     # top-k is unordered and one query can appear with two classes: pair each official
     # instance with ours by class and nearest score (the closest official scores are 4e-5 apart)
+    # the scores' error is the logits' relative to the score: 64 ulps of the top one (measured 4;
+    # it stays far below half that 4e-5 gap, so the pairing is unambiguous)
+    score_tol = ulps(ref["scores"], 64)
     free = set(range(len(inst)))
     for i in range(len(ref["scores"])):
         cls, score = int(ref["pred_classes"][i]), float(ref["scores"][i])
@@ -143,7 +150,7 @@ def test_final_instances_match_official_as_sets(oracle):
         assert cands, f"no instance of class {cls} left for official instance {i}"
         j = min(cands, key=lambda j: abs(float(inst.scores[j]) - score))
         free.remove(j)
-        assert abs(float(inst.scores[j]) - score) <= 1e-5
+        assert abs(float(inst.scores[j]) - score) <= score_tol
         assert torch.equal(inst.pred_masks[j] > 0.5, ref["pred_masks_bool"][i]), f"mask of official instance {i}"
 
 
@@ -158,5 +165,7 @@ def test_other_class_count_reports_only_the_no_object_weight(oracle):
     lang = model.sem_seg_head.predictor.lang_encoder
     # recomputed from the loaded text encoder when the weights came in: "red square" is the
     # oracle's first class, embedded exactly as there
-    torch.testing.assert_close(lang.class_embeddings[2], oracle[0].sem_seg_head.predictor.lang_encoder.class_embeddings[0],
-                               atol=1e-6, rtol=0)
+    # the same text through the same encoder in a batch of another size: only the matmuls' blocking
+    # can differ (measured: equal); 16 ulps
+    want = oracle[0].sem_seg_head.predictor.lang_encoder.class_embeddings[0]
+    torch.testing.assert_close(lang.class_embeddings[2], want, atol=ulps(want, 16), rtol=0)

@@ -12,15 +12,17 @@ from peftseg.methods import apply_method
 from peftseg.methods.adapter_lora import AdapterLoraConfig
 from peftseg.models import build_model
 from peftseg.models._vit_attention import EfficientAttention, rel_pos_attention
-from helpers import preset
+from helpers import preset, ulps
 
 
-def _close(a, b, rel=1e-5):
-    """max |a-b| within `rel` of max |a| (and never both all-zero by accident)."""
+def _close(a, b, n=64):
+    """max |a-b| within `n` float32 ulps of max |a| (and never both all-zero by accident). 64: the
+    chunked path sums the same softmax (42 keys here) and products (16 channels) in another order,
+    one rounding per term at most; measured <= 5 ulps for one layer, <= 8 through vitdet_tiny."""
     scale = a.abs().max().item()
     assert scale > 0, "reference tensor is all zero: the comparison would prove nothing"
     err = (a - b).abs().max().item()
-    assert err <= rel * scale, f"max diff {err:.3g} > {rel} x {scale:.3g}"
+    assert err <= ulps(scale, n), f"max diff {err:.3g} > {n} ulps of {scale:.3g}"
 
 
 def _pair(rel_pos: bool, size=(6, 7), dim=48, heads=3):
@@ -64,7 +66,8 @@ def test_rel_pos_attention_matches_dense_bias_in_float64():
     dense = (q * 0.3) @ k.transpose(-2, -1) + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(bh, n, n)
     ref = dense.softmax(-1) @ v
     out = rel_pos_attention(q, k, v, rel_h, rel_w, 0.3, chunk=5)
-    assert torch.allclose(out, ref, atol=1e-12)
+    # 12 keys x 5 channels reordered by the chunks, as in _close, but in float64 (measured 1.4 ulps)
+    assert torch.allclose(out, ref, rtol=0, atol=ulps(ref, 64, torch.float64))
     assert torch.autograd.gradcheck(lambda *t: rel_pos_attention(*t, 0.3, 5), (q, k, v, rel_h, rel_w))
 
 
@@ -74,7 +77,9 @@ def test_bf16_autocast_stays_close_and_finite():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, y2 = stock(x), eff(x.clone().requires_grad_())
     assert y2.dtype == y.dtype
-    assert (y.float() - y2.float()).abs().max().item() < 2e-2 * y.float().abs().max().item()
+    # genuinely lossy: each path rounds q/k/v, the probabilities and the output to bf16 (eps 2^-7) at
+    # other points, errors that need not cancel (measured 0.8 eps of the output's max): 4 bf16 eps
+    assert (y.float() - y2.float()).abs().max().item() <= ulps(y.float(), 4, torch.bfloat16)
     y2.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in eff.parameters())
 

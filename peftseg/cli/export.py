@@ -16,7 +16,8 @@ paths are exported as part of the graph. Default output: <checkpoint name>.onnx 
 
 The written file is then run by its runtime (onnxruntime / torch.jit.load) on {n} images next
 to PyTorch; the max abs differences of scores, boxes and mask probabilities are printed and
-saved in <file>.parity.json. Exit status 1 when they exceed the tolerance ({tol}).
+saved in <file>.parity.json. Exit status 1 when they exceed the tolerance, counted in float32
+roundings of the size compared ({tol}).
 """
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
     from peftseg.checkpoint import export as ex
 
     if wants_help(argv):
-        print_text(EXPORT_HELP.format(n=ex.PARITY_IMAGES, tol=", ".join(f"{k} {v:g}" for k, v in ex.TOLERANCE.items())))
+        print_text(EXPORT_HELP.format(n=ex.PARITY_IMAGES, tol=", ".join(f"{k} {n} ulps" + (" of the image side" if k == "boxes" else "") for k, n in ex.ULPS.items())))
         return 0
     from peftseg.report.tables import fmt_bytes
 
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> int:
     diffs = p["max_abs_diff"]
     if p["same_detection_count"]:
         console.print(f"parity on {len(p['images'])} images, max abs diff vs PyTorch: "
-                      + ", ".join(f"{k} {diffs[k]:.2e}" for k in ex.TOLERANCE)
+                      + ", ".join(f"{k} {diffs[k]:.2e}" for k in ex.ULPS)
                       + f"; classes {'equal' if p['classes_equal'] else 'DIFFER'}", highlight=False)
     else:
         counts = ", ".join(f"{i['detections_pytorch']} vs {i['detections_exported']}" for i in p["images"])
