@@ -128,9 +128,10 @@ def cli_in_process(*args: str, cwd, cache):
 CLASSES = ["circle", "square", "triangle"]
 
 
-def make_run(run_dir: Path, *overrides: str, noise_seed: int) -> Path:
+def make_run(run_dir: Path, *overrides: str, noise_seed: int, classes: list[str] = CLASSES) -> Path:
     """A run's final checkpoint of vitdet_tiny (or model=…) + a method, its trained tensors set to random
-    values (as training would leave them, but in a second): a checkpoint as `peftseg train` writes it."""
+    values (as training would leave them, but in a second): a checkpoint as `peftseg train` writes it,
+    for `classes` (a run on other data)."""
     import torch
 
     from peftseg.checkpoint.files import FINAL, PeftCheckpointer
@@ -138,13 +139,13 @@ def make_run(run_dir: Path, *overrides: str, noise_seed: int) -> Path:
     from peftseg.engine.run import build_for_run
 
     cfg = compose_config(["model=vitdet_tiny", "train=smoke", *overrides])
-    model = build_for_run(cfg, len(CLASSES))
+    model = build_for_run(cfg, len(classes), list(classes))
     g = torch.Generator().manual_seed(noise_seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:  # zero-initialised LoRA B / adapter up become non-zero
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": CLASSES}
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(classes)}
     run_dir.mkdir(parents=True)
     PeftCheckpointer(model, save_dir=str(run_dir), meta=meta).save(FINAL)
     return run_dir

@@ -1,8 +1,11 @@
-"""Task variants on one frozen base (checkpoint=[a,b,c]): outputs equal to loading each alone."""
+"""Task variants on one frozen base (checkpoint=[a,b,c]): each variant is its checkpoint loaded
+alone, run through the same checks, class handling, outputs and records as one checkpoint."""
 
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +14,15 @@ from PIL import Image
 from rich.console import Console
 
 from peftseg.checkpoint.load import load_model
-from peftseg.checkpoint.variants import load_variants
+from peftseg.checkpoint.variants import load_variants, variant_names
 from peftseg.errors import UserError
+from peftseg.params import count_parameters
 
-from helpers import make_run
+from helpers import CLASSES, cli_in_process, make_run
+
+# every family task variants serve, at its CPU size
+FAMILY_PRESETS = ("vitdet_tiny", "swin_tiny", "m2f_tiny", "maskdino_tiny", "seem_tiny")
+OTHER_CLASSES = ["apple", "banana", "cherry"]  # a run on other data: seem classifies by these names
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +67,7 @@ def test_each_variant_computes_exactly_what_it_computes_alone(vset):
                 assert torch.equal(getattr(ref, field), getattr(got, field)), (v.name, field)
                 assert torch.equal(getattr(ref, field), getattr(got_again, field)), (v.name, field)
             assert torch.equal(ref.pred_boxes.tensor, got.pred_boxes.tensor), v.name
+        assert vset.param_counts(v) == count_parameters(load_model(str(v.source), []).model), v.name
     # the variants do differ: the switch is what makes each one's outputs
     scores = [shared[v.name][0].scores for v in vset]
     assert all(not torch.equal(x, y) for i, x in enumerate(scores) for y in scores[i + 1:])
@@ -112,3 +121,169 @@ def test_predict_writes_each_variant_to_its_folder(runs, tmp_path):
         assert (out / name / "a.png").is_file() and (out / name / "predictions.json").is_file()
     text = console.file.getvalue()
     assert "base (once)" in text and "+ lora_a (lora)" in text and "+ adapter (adapter)" in text
+
+
+@pytest.fixture(scope="module")
+def family_sets(tmp_path_factory):
+    """Per model preset (built on first use, shared by the tests): three runs on one base, a LoRA
+    run, a bottleneck-adapter run and a LoRA run on other classes, and their VariantSet."""
+    built = {}
+
+    def get(preset: str):
+        if preset not in built:
+            root = tmp_path_factory.mktemp(preset)
+            model = f"model={preset}"
+            runs = [make_run(root / "lora", model, "method=lora", noise_seed=1),
+                    make_run(root / "adapter", model, "method=adapter", noise_seed=2),
+                    make_run(root / "other_classes", model, "method=lora", "method.rank=2", noise_seed=3,
+                             classes=OTHER_CLASSES)]
+            built[preset] = runs, load_variants([str(r) for r in runs], [])
+        return built[preset]
+
+    return get
+
+
+def _image(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(images / "a.png")
+    return images
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+def test_every_family_variant_is_its_checkpoint_loaded_alone(family_sets, preset):
+    """Outputs bit for bit, parameter accounting and classes: seem's variant on other classes
+    classifies with its own class names' text embeddings, not the first variant's."""
+    runs, vset = family_sets(preset)
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"image": (torch.rand(3, 96, 96, generator=g) * 255).to(torch.uint8), "height": 96, "width": 96}]
+    shared = {v.name: _outputs(vset.activate(v), inputs)[0] for v in vset}
+    for v in reversed(vset.variants):  # another order than loading: each switch sets everything it owns
+        alone = load_model(str(v.source), [])
+        ref, got = _outputs(alone.model, inputs)[0], _outputs(vset.activate(v), inputs)[0]
+        assert len(ref) > 0, (preset, v.name)
+        for field in ("scores", "pred_classes", "pred_masks"):
+            assert torch.equal(getattr(ref, field), getattr(got, field)), (preset, v.name, field)
+            assert torch.equal(getattr(ref, field), getattr(shared[v.name], field)), (preset, v.name, field)
+        assert torch.equal(ref.pred_boxes.tensor, got.pred_boxes.tensor), (preset, v.name)
+        assert vset.param_counts(v) == count_parameters(alone.model), (preset, v.name)
+        loaded = vset.loaded(v)
+        assert (loaded.class_names, loaded.source, loaded.kind) == (alone.class_names, alone.source, alone.kind)
+    assert vset.get("other_classes").class_names == OTHER_CLASSES
+    scores = [shared[v.name].scores for v in vset]  # the variants do differ
+    assert all(not torch.equal(x, y) for i, x in enumerate(scores) for y in scores[i + 1:]), preset
+
+
+def test_predict_variants_of_other_classes_write_what_each_checkpoint_writes_alone(family_sets, tmp_path):
+    """seem, variants of other class names: each variant's predictions.json equals a single
+    predict's of its checkpoint, labels and scores (its own class names' text embeddings)."""
+    from peftseg.cli.predict import main
+
+    runs, _ = family_sets("seem_tiny")
+    images = _image(tmp_path)
+    console = Console(file=io.StringIO(), width=200)
+    # a threshold that keeps a few of the 50 detections: the Visualizer draws each one, slowly
+    assert main([f"checkpoint=[{runs[2]},{runs[0]}]", f"input={images}", f"output={tmp_path / 'shared'}",
+                 "score_thresh=0.2"], console) == 0
+    for run, classes in ((runs[2], OTHER_CLASSES), (runs[0], CLASSES)):
+        alone = tmp_path / f"alone_{run.name}"
+        assert main([f"checkpoint={run}", f"input={images}", f"output={alone}", "score_thresh=0.2"], console) == 0
+        got = json.loads((tmp_path / "shared" / run.name / "predictions.json").read_text())
+        want = json.loads((alone / "predictions.json").read_text())
+        assert got == want and len(want) > 0, run.name
+        assert {d["category_name"] for d in got} <= set(classes)
+
+
+def _blind_run(run: Path, run_dir: Path) -> Path:
+    """`run` with its background logit raised by 100: it detects nothing, so COCOeval has no AP."""
+    from peftseg.checkpoint.files import FINAL, PeftCheckpointer, read_checkpoint_file
+
+    _, data = read_checkpoint_file(run)
+    loaded = load_model(str(run), [])
+    with torch.no_grad():
+        loaded.model.roi_heads.box_predictor.cls_score.bias[-1] += 100.0
+    meta = {k: data["peftseg"][k] for k in ("config", "class_names")}
+    run_dir.mkdir()
+    PeftCheckpointer(loaded.model, save_dir=str(run_dir), meta=meta).save(FINAL)
+    return run_dir
+
+
+def test_eval_variants_record_as_eval_of_each_and_refuse_a_variant_without_result(runs, tmp_path, shapes_cache):
+    """Each variant's eval.json is the record `peftseg eval` writes for its checkpoint alone; a
+    variant that detects nothing (NaN AP) is recorded as failed, shown as no result, and exits 2."""
+    blind = _blind_run(runs[0], tmp_path / "blind")
+    out = tmp_path / "ev"
+    proc = cli_in_process("eval", f"checkpoint=[{runs[0]},{blind}]", f"output={out}", cwd=tmp_path,
+                          cache=shapes_cache)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("error: 1 of 2 variants gave no result (blind): recorded as failed in their eval.json; the other "
+            "variants' records are ok. [blind] evaluating ") in proc.stderr
+    assert "segm.AP = NaN" in proc.stderr and f"The reason is in {out / 'blind' / 'eval.json'}." in proc.stderr
+    assert "nan" not in proc.stdout.lower()  # no table of NaNs shown as a result
+    failed = json.loads((out / "blind" / "eval.json").read_text())
+    assert failed["status"] == "failed" and "segm.AP = NaN" in failed["error"]
+    assert failed["metrics"]["segm"]["AP"] is None
+    alone = cli_in_process("eval", f"checkpoint={runs[0]}", f"output={tmp_path / 'alone'}", cwd=tmp_path,
+                           cache=shapes_cache)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    ok = json.loads((out / "lora_a" / "eval.json").read_text())
+    assert ok == json.loads((tmp_path / "alone" / "eval.json").read_text())  # same fields, numbers, status
+    assert ok["status"] == "ok" and ok["metrics"]["segm"]["AP"] is not None
+    single_blind = cli_in_process("eval", f"checkpoint={blind}", f"output={tmp_path / 'blind_alone'}", cwd=tmp_path,
+                                  cache=shapes_cache)
+    assert single_blind.returncode == 2 and "segm.AP = NaN" in single_blind.stderr
+    assert json.loads((tmp_path / "blind_alone" / "eval.json").read_text()) == failed
+    assert json.loads((out / "memory.json").read_text())["variants"].keys() == {"lora_a", "blind"}
+
+
+def test_variant_outputs_are_refused_where_one_checkpoint_s_are(runs, tmp_path, shapes_cache):
+    images = _image(tmp_path)
+    before = sorted(images.rglob("*"))
+    proc = cli_in_process("predict", f"checkpoint=[{runs[0]},{runs[1]}]", f"input={images}", f"output={images}",
+                          cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2
+    assert f"error: output={images} is the input itself; writing there would overwrite it." in proc.stderr
+    assert sorted(images.rglob("*")) == before  # nothing written among the inputs
+    inside = images / "pred"
+    proc = cli_in_process("predict", f"checkpoint=[{runs[0]},{runs[1]}]", f"input={images}", f"output={inside}",
+                          cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2 and f"is inside the input folder {images}" in proc.stderr
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    for command in (("eval",), ("predict", f"input={images}")):
+        proc = cli_in_process(*command, f"checkpoint=[{runs[0]},{runs[1]}]", f"output={a_file}", cwd=tmp_path,
+                              cache=shapes_cache)
+        assert proc.returncode == 2, proc.stderr
+        assert f"error: output={a_file} is a file; this command writes several files, so give a folder" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert a_file.read_text() == "mine"
+
+
+def test_variant_folders_are_distinct_whatever_the_run_dirs_are_called():
+    same_time = [Path(f"/r/{p}/outputs/2026-01-01/12-00-00/model_final.safetensors") for p in ("A", "B")]
+    assert variant_names(same_time) == ["A_outputs_2026-01-01_12-00-00", "B_outputs_2026-01-01_12-00-00"]
+    assert variant_names([Path("/r/p/x/m.safetensors"), Path("/r/q/x/m.safetensors"),
+                          Path("/r/r/x-1/m.safetensors")]) == ["p_x", "q_x", "r_x-1"]
+    one_run = [Path("/r/run/model_final.safetensors"), Path("/r/run/model_0000099.pth")]
+    assert variant_names(one_run) == ["run_model_final", "run_model_0000099"]
+    # joined names that meet, and a name taken by a file written beside the folders, are numbered
+    assert variant_names([Path("/p/q/d/m.pth"), Path("/z/q/d/m.pth"), Path("/p_q/d/m.pth")]) == \
+        ["p_q_d", "z_q_d", "p_q_d-2"]
+    assert variant_names([Path("/r/memory.json/m.pth"), Path("/r/x/m.pth")], ("memory.json",)) == \
+        ["memory.json-2", "x"]
+
+
+def test_predict_with_runs_of_one_name_writes_each_to_its_own_folder(tmp_path):
+    from peftseg.cli.predict import main
+
+    stamp = Path("outputs/2026-01-01/12-00-00")
+    runs = [make_run(tmp_path / parent / stamp, "method=lora", noise_seed=seed) for parent, seed in (("A", 1), ("B", 2))]
+    images = _image(tmp_path)
+    out = tmp_path / "pred"
+    assert main([f"checkpoint=[{runs[0]},{runs[1]}]", f"input={images}", f"output={out}", "score_thresh=0"],
+                Console(file=io.StringIO(), width=200)) == 0
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == ["A_outputs_2026-01-01_12-00-00", "B_outputs_2026-01-01_12-00-00"]
+    a, b = (json.loads((out / f / "predictions.json").read_text()) for f in folders)
+    assert a and b and a != b  # each variant's own predictions, neither overwritten

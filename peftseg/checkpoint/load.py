@@ -118,6 +118,52 @@ def _class_names(cfg: DictConfig, classes: list[str] | None, splits, where: str)
     )
 
 
+@dataclass
+class Described:
+    """A peftseg run or merged checkpoint, read and checked: what its model is rebuilt from."""
+    source: Path
+    data: dict  # the file as read_checkpoint_file returned it
+    meta: dict  # its "peftseg" (run) or MERGED_KEY (merged) metadata
+    merged: bool
+    cfg: DictConfig  # the checkpoint's config with the overrides applied, validated
+    class_names: list[str]
+    splits: object = None  # peftseg.data.DatasetSplits when the caller asked for the dataset
+
+
+def describe(source: Path, data: dict, overrides: list[str], *, classes: list[str] | None = None,
+             need_dataset: bool = False) -> Described:
+    """The checks every command applies to a checkpoint that records its model (a run's or a
+    merged one) before a model is built from it: its metadata, the library versions it was made
+    with, `classes=` against the classes it records, the overrides, and (`need_dataset`) the
+    dataset's classes against the model's. One place, so that one checkpoint and each entry of
+    checkpoint=[…] are checked alike."""
+    from peftseg.data import register_dataset
+
+    merged = MERGED_KEY in data
+    meta = data[MERGED_KEY] if merged else data["peftseg"]
+    _check_metadata(meta, source, merged)
+    warn_if_libraries_moved(meta, source)
+    if classes is not None and list(classes) != list(meta["class_names"]):
+        raise UserError(
+            f"classes={list(classes)} was given, but {source} is a {'merged' if merged else 'PEFT'} checkpoint that "
+            f"predicts {list(meta['class_names'])} (in that order), which it records itself. Leave classes= out: "
+            "it is only for plain checkpoints, which do not record their classes."
+        )
+    # the checkpoint's config, typed and validated; only dataset/device overrides pass
+    cfg = compose_for_checkpoint(meta["config"], overrides)
+    names = list(meta["class_names"])
+    splits = None
+    if need_dataset:
+        splits = register_dataset(cfg.dataset)
+        found = list(splits.class_names)
+        if found != names:
+            raise UserError(
+                f"checkpoint {source} predicts classes {names} but dataset {cfg.dataset.name!r} has "
+                f"{found}; evaluate on a dataset with the same categories in the same order."
+            )
+    return Described(source=source, data=data, meta=meta, merged=merged, cfg=cfg, class_names=names, splits=splits)
+
+
 def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[str] | None = None,
                need_dataset: bool = False) -> Loaded:
     """Build the model a checkpoint (or `model.weights=` override) describes, weights loaded,
@@ -137,35 +183,16 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
         except UserError as e:  # perhaps a pickled detectron2 model-zoo .pkl: load_weights reads those
             unreadable = e
     if "peftseg" in data or MERGED_KEY in data:
-        merged = MERGED_KEY in data
-        meta = data[MERGED_KEY] if merged else data["peftseg"]
-        _check_metadata(meta, source, merged)
-        warn_if_libraries_moved(meta, source)
-        if classes is not None and list(classes) != list(meta["class_names"]):
-            raise UserError(
-                f"classes={list(classes)} was given, but {source} is a {'merged' if merged else 'PEFT'} checkpoint that "
-                f"predicts {list(meta['class_names'])} (in that order), which it records itself. Leave classes= out: "
-                "it is only for plain checkpoints, which do not record their classes."
-            )
-        # the checkpoint's config, typed and validated; only dataset/device overrides pass
-        cfg = compose_for_checkpoint(meta["config"], overrides)
-        names = list(meta["class_names"])
-        if need_dataset:
-            splits = register_dataset(cfg.dataset)
-            found = list(splits.class_names)
-            if found != names:
-                raise UserError(
-                    f"checkpoint {source} predicts classes {names} but dataset {cfg.dataset.name!r} has "
-                    f"{found}; evaluate on a dataset with the same categories in the same order."
-                )
-        if merged:
+        d = describe(source, data, overrides, classes=classes, need_dataset=need_dataset)
+        cfg, names, splits = d.cfg, d.class_names, d.splits
+        if d.merged:
             cfg.model.weights = ""  # every tensor comes from the merged file
             model = build_model(cfg.model, len(names), names)
             _load_whole(model, data["model"], source)
             kind = "merged"
         else:
             model = build_for_run(cfg, len(names), names)
-            PeftCheckpointer(model, meta={}).load_peft(source, meta["config"], data)
+            PeftCheckpointer(model, meta={}).load_peft(source, d.meta["config"], data)
             kind = "peft"
     else:
         model_given = any(o.split("=", 1)[0].lstrip("+") == "model" for o in overrides)

@@ -17,14 +17,22 @@ What a variant owns, and how it is switched:
   variant keeps its own tensor, and activation points the base parameter's `.data` at it
   (no copy; the base's own tensor is kept for variants that do not train it).
 
+- a model that classifies by class name (seem's text-space classifier): each variant's own
+  class names' text embeddings, computed once at load and swapped in with the variant.
+
 Every checkpoint must be a run checkpoint of the same model (config and class count) and
 must have been trained on the very base built here: its base fingerprint is recomputed
 through the variant's own parameter names, and a mismatch is refused, naming the file.
+Each checkpoint is read and checked as `peftseg.checkpoint.load` checks one (`describe`:
+metadata, library versions, classes=, overrides, the dataset's classes), and `loaded(v)`
+hands the commands the same `Loaded` a single checkpoint gives them, so that
+`predict`/`eval checkpoint=[…]` run their one-checkpoint code once per variant.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +43,10 @@ from omegaconf import DictConfig, OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peftseg.checkpoint.files import MERGED_KEY, checkpoint_file, read_checkpoint_file
-from peftseg.checkpoint.provenance import adapt_to_installed_peft, warn_if_libraries_moved
-from peftseg.checkpoint.load import compose_for_checkpoint
+from peftseg.checkpoint.provenance import adapt_to_installed_peft
+from peftseg.checkpoint.load import Described, Loaded, describe
 from peftseg.errors import UserError
+from peftseg.params import GROUPS, ParamCounts, group_of
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,9 @@ class Variant:
     source: Path
     cfg: DictConfig
     class_names: list[str]
+    splits: object = None  # its dataset's splits (peftseg.data.DatasetSplits) when evaluating
+    # (names, text embeddings) of a model that classifies by class name (seem); None otherwise
+    class_state: tuple | None = None
     # (module, child name) -> the child while this variant is active
     children: dict[tuple[int, str], nn.Module] = field(default_factory=dict)
     # module -> {hook dict name: {hook id: value}} added by this variant's method
@@ -63,7 +75,8 @@ class Variant:
     trainable: set[int] = field(default_factory=set)  # ids of the parameters it trains
     peft_layers: set[int] = field(default_factory=set)  # ids of the tuner layers holding its adapter
     added_bytes: int = 0  # its own modules' tensors (peft adapter, attached modules)
-    added_params: int = 0
+    # its model's parameters as loaded alone: (name there, parameter, added by its method)
+    params: list[tuple[str, nn.Parameter, bool]] = field(default_factory=list)
 
     @property
     def swapped_bytes(self) -> int:
@@ -86,18 +99,42 @@ def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def variant_names(sources: list[Path]) -> list[str]:
-    """Run directory names (a file's parent directory), made unique by their index."""
-    names = [(s.parent.name or s.stem) for s in sources]
-    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+def variant_names(sources: list[Path], reserved: tuple[str, ...] = ()) -> list[str]:
+    """One output folder name per checkpoint file, distinct whatever the run dirs are called: the
+    run dir's name, with as many of its parent folders as it takes to tell the runs apart
+    (`A_outputs_2026-01-01_12-00-00` and `B_outputs_2026-01-01_12-00-00` for runs of one date and
+    time under A/ and B/), and the file's stem for two checkpoints of one run dir
+    (`run_model_final`, `run_model_0000999`). Names that still meet once joined, or that are in
+    `reserved` (the files written beside the folders), are numbered: `-2`, `-3`, …"""
+    files = [Path(os.path.abspath(s)) for s in sources]  # as given (links not followed), ".." folded
+    dirs = [f.parent for f in files]
+    keys = []
+    for f, d in zip(files, dirs):
+        parts = d.parts[1:]  # without the root
+        if not parts:
+            parts = (f.stem,)
+        elif dirs.count(d) > 1:
+            parts = (*parts[:-1], f"{parts[-1]}_{f.stem}")
+        keys.append(parts)
+    depth = 1
+    while len({k[-depth:] for k in keys}) < len(keys) and depth < max(len(k) for k in keys):
+        depth += 1
+    taken, names = set(reserved), []
+    for key in keys:
+        base = "_".join(key[-depth:])
+        name, n = base, 2
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 class VariantSet:
     """One base model and several variants of it; `activate` switches."""
 
     def __init__(self, model: nn.Module, variants: list[Variant], modules: dict[int, nn.Module],
-                 base_children: dict[tuple[int, str], object], base_tensors: dict[str, torch.Tensor], base_bytes: int,
-                 base_params: int, splits=None):
+                 base_children: dict[tuple[int, str], object], base_tensors: dict[str, torch.Tensor], base_bytes: int):
         self.model = model
         self.variants = variants
         self._modules = modules  # id -> module, for the ones the switches touch
@@ -105,8 +142,6 @@ class VariantSet:
         self._base_tensors = base_tensors  # the base's own tensor of every swapped name
         self.base_bytes = base_bytes  # resident bytes of the shared base
         self.full_base_bytes = base_bytes  # the base model as built, every tensor
-        self.base_params = base_params
-        self.splits = splits
         self.active: Variant | None = None
 
     def __iter__(self):
@@ -129,10 +164,16 @@ class VariantSet:
             module = self._modules[mid]
             p = module._parameters.get(leaf)
             self._base_tensors[(mid, leaf)] = p.data if p is not None else module._buffers[leaf]
+        moved: dict[int, torch.Tensor] = {}  # variants of the same classes share one embedding tensor
         for v in self.variants:
             for child in v.children.values():
                 child.to(device)
             v.swapped = {k: t.to(device) for k, t in v.swapped.items()}
+            if v.class_state is not None:
+                names, emb = v.class_state
+                if id(emb) not in moved:
+                    moved[id(emb)] = emb.to(device)
+                v.class_state = (names, moved[id(emb)])
         return self
 
     def _detach_all(self) -> None:
@@ -165,6 +206,8 @@ class VariantSet:
                     getattr(module, dict_name).update(entries)
             for (mid, leaf), tensor in variant.swapped.items():
                 _set_tensor(self._modules[mid], leaf, tensor)
+            if variant.class_state is not None:  # its own classes' text embeddings (seem)
+                self.model.load_class_state(variant.class_state)
             if variant.peft_layers:
                 from peft.functional import set_adapter
 
@@ -190,11 +233,31 @@ class VariantSet:
         self.base_bytes -= released
         return released
 
-    def param_counts(self, variant: Variant) -> dict:
-        """Total and trainable parameters of the variant's model as it runs (loaded alone it has the same)."""
-        trainable = sum(p.numel() for p in self.model.parameters() if id(p) in variant.trainable)
-        total = self.base_params + variant.added_params
-        return {"total": total, "trainable": trainable, "ratio": trainable / total if total else 0.0}
+    def loaded(self, variant: Variant | str) -> Loaded:
+        """The shared model computing as `variant`, handed over as the one loader hands over one
+        checkpoint: the commands then run their one-checkpoint code on it."""
+        if isinstance(variant, str):
+            variant = self.get(variant)
+        return Loaded(model=self.activate(variant), cfg=variant.cfg, class_names=list(variant.class_names),
+                      source=variant.source, kind="peft", splits=variant.splits)
+
+    def param_counts(self, variant: Variant | str) -> ParamCounts:
+        """peftseg.params.count_parameters of the variant's model loaded alone: its parameters
+        under the names they have there (the other variants' adapters left out), grouped alike."""
+        if isinstance(variant, str):
+            variant = self.get(variant)
+        family = getattr(self.model, "peftseg_family", None)
+        added = {name: "method" for name, _, is_added in variant.params if is_added}
+        by_group = {g: {"total": 0, "trainable": 0} for g in GROUPS}
+        for name, p, _ in variant.params:
+            counts = by_group[group_of(name, family, added)]
+            counts["total"] += p.numel()
+            if id(p) in variant.trainable:
+                counts["trainable"] += p.numel()
+        total = sum(c["total"] for c in by_group.values())
+        trainable = sum(c["trainable"] for c in by_group.values())
+        return ParamCounts(total=total, trainable=trainable, ratio=trainable / total if total else 0.0,
+                           by_group=by_group)
 
     def memory(self) -> dict:
         """Bytes of tensors: the base once + each variant's delta, vs N separate models.
@@ -250,7 +313,9 @@ def _fingerprint(model: nn.Module, to_own_name, trainable: set[str], skip: set[s
     return h.hexdigest()
 
 
-def _read(checkpoints: list[str]) -> list[tuple[Path, dict]]:
+def _read(checkpoints: list[str], overrides: list[str], classes: list[str] | None,
+          need_dataset: bool) -> list[Described]:
+    """Each entry read once and checked as one checkpoint is (peftseg.checkpoint.load.describe)."""
     out = []
     given: dict[Path, str] = {}
     for c in checkpoints:
@@ -268,84 +333,89 @@ def _read(checkpoints: list[str]) -> list[tuple[Path, dict]]:
                 f"{source} is {kind}; checkpoint=[…] with several entries takes run directories (or their "
                 "model_* files) of `peftseg train` runs on one base model. Give it alone: checkpoint=" f"{c}."
             )
-        out.append((source, data))
+        out.append(describe(source, data, overrides, classes=classes, need_dataset=need_dataset))
     return out
 
 
-def _check_same_model(items: list[tuple[Path, dict, DictConfig]]) -> None:
-    first_source, first_meta, first_cfg = items[0]
-    want = OmegaConf.to_container(first_cfg.model, resolve=True)
-    for source, meta, cfg in items[1:]:
-        got = OmegaConf.to_container(cfg.model, resolve=True)
+def _check_same_model(items: list[Described]) -> None:
+    first = items[0]
+    want = OmegaConf.to_container(first.cfg.model, resolve=True)
+    for d in items[1:]:
+        got = OmegaConf.to_container(d.cfg.model, resolve=True)
         if got != want:
             diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
             shown = ", ".join(f"model.{k}: {got.get(k)!r} vs {want.get(k)!r}" for k in diff[:4])
             raise UserError(
-                f"checkpoint {source} was trained on another model than {first_source} ({shown}); variants share "
+                f"checkpoint {d.source} was trained on another model than {first.source} ({shown}); variants share "
                 "one base, so give only checkpoints of runs on the same model preset and weights."
             )
-        if len(meta["class_names"]) != len(first_meta["class_names"]):
+        if len(d.class_names) != len(first.class_names):
             raise UserError(
-                f"checkpoint {source} predicts {len(meta['class_names'])} classes but {first_source} predicts "
-                f"{len(first_meta['class_names'])}; variants on one base must have task layers of the same shape. "
+                f"checkpoint {d.source} predicts {len(d.class_names)} classes but {first.source} predicts "
+                f"{len(first.class_names)}; variants on one base must have task layers of the same shape. "
                 "Predict with these checkpoints in separate commands."
             )
-    for source, meta, cfg in items:
-        base_dtype = getattr(cfg.method, "base_dtype", "fp32")
+    for d in items:
+        base_dtype = getattr(d.cfg.method, "base_dtype", "fp32")
         if base_dtype != "fp32":
             raise UserError(
-                f"checkpoint {source} was trained with method.base_dtype={base_dtype}: its frozen weights are "
+                f"checkpoint {d.source} was trained with method.base_dtype={base_dtype}: its frozen weights are "
                 "rounded to bfloat16, so it cannot share the float32 base of the other variants; predict with it "
                 "alone (checkpoint=<its run dir>)."
             )
 
 
-def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset: bool = False) -> VariantSet:
-    """Build the base once and put every checkpoint's variant on it (see the module docstring)."""
+def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset: bool = False,
+                  classes: list[str] | None = None, reserved_names: tuple[str, ...] = ()) -> VariantSet:
+    """Build the base once and put every checkpoint's variant on it (see the module docstring).
+    `need_dataset` and `classes` as for peftseg.checkpoint.load.load_model, for each checkpoint;
+    `reserved_names`: names no variant's output folder may take (files written beside them)."""
     from detectron2.utils.env import seed_all_rng
 
     from peftseg.checkpoint.formats import peft_owned
-    from peftseg.data import register_dataset
     from peftseg.methods import apply_method
     from peftseg.methods._peft import adapter_name
     from peftseg.models import build_model
 
     if len(checkpoints) < 2:
         raise UserError("checkpoint=[…] lists one checkpoint; give it as checkpoint=<run dir>, or list several.")
-    read = _read(checkpoints)
-    items = [(source, data["peftseg"], compose_for_checkpoint(data["peftseg"]["config"], overrides))
-             for source, data in read]
+    items = _read(checkpoints, overrides, classes, need_dataset)
     _check_same_model(items)
-    names = variant_names([s for s, _, _ in items])
-    first_cfg = items[0][2]
-    splits = None
-    if need_dataset:
-        splits = register_dataset(first_cfg.dataset)
-        for source, meta, _ in items:
-            if list(meta["class_names"]) != list(splits.class_names):
-                raise UserError(
-                    f"checkpoint {source} predicts classes {meta['class_names']} but dataset "
-                    f"{first_cfg.dataset.name!r} has {list(splits.class_names)}; evaluate on a dataset with the same "
-                    "categories in the same order."
-                )
+    names = variant_names([d.source for d in items], reserved_names)
+    first_cfg = items[0].cfg
 
-    # the base exactly as build_for_run makes it for each of them
+    # the base exactly as build_for_run makes it for each of them (its classes: the first's; a
+    # model that classifies by class name gets each variant's own below)
     seed_all_rng(first_cfg.train.seed)
-    model = build_model(first_cfg.model, num_classes=len(items[0][1]["class_names"]),
-                        class_names=list(items[0][1]["class_names"])).eval()
+    model = build_model(first_cfg.model, num_classes=len(items[0].class_names),
+                        class_names=list(items[0].class_names)).eval()
     base_state = model.state_dict(keep_vars=True)
     base_ids = {id(t): n for n, t in base_state.items()}
     base_bytes, _ = _tensor_bytes(base_state.values())
-    base_params = sum(p.numel() for p in model.parameters())
+    by_name = hasattr(model, "set_class_names")
+    class_states: dict[tuple[str, ...], tuple] = {}
+    if by_name:
+        class_states[tuple(items[0].class_names)] = model.class_state()
 
     modules: dict[int, nn.Module] = {}
     base_children: dict[tuple[int, str], object] = {}
     base_tensors: dict[tuple[int, str], torch.Tensor] = {}
     variants: list[Variant] = []
     mismatched: list[tuple[Path, DictConfig]] = []
-    vset = VariantSet(model, variants, modules, base_children, base_tensors, base_bytes, base_params, splits)
-    for i, ((source, meta, cfg), name) in enumerate(zip(items, names)):
+    vset = VariantSet(model, variants, modules, base_children, base_tensors, base_bytes)
+    for i, (d, name) in enumerate(zip(items, names)):
+        source, meta, cfg = d.source, d.meta, d.cfg
         vset.activate(None)  # the bare base: this variant's method finds no other's modules
+        v = Variant(name=name, adapter=f"variant{i}", source=source, cfg=cfg, class_names=list(d.class_names),
+                    splits=d.splits)
+        if by_name:
+            # its own classes' text embeddings, computed as build_model computes them for it alone:
+            # on the base's (frozen in every method) text encoder, once per list of names
+            key = tuple(d.class_names)
+            if key not in class_states:
+                model.set_class_names(list(key))
+                class_states[key] = model.class_state()
+            v.class_state = class_states[key]
         before = _structure(model)
         peft_before = _inside_tuner(model)
         with adapter_name(f"variant{i}"), warnings.catch_warnings():
@@ -354,7 +424,6 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
             applied = apply_method(model, cfg.method)
         if applied is not model:
             raise RuntimeError(f"method {cfg.method.name} replaced the model object; variants need in-place methods")
-        v = Variant(name=name, adapter=f"variant{i}", source=source, cfg=cfg, class_names=list(meta["class_names"]))
         inside_tuner = _inside_tuner(model)
         for mid, (module, children, hooks) in before.items():
             if mid in peft_before or mid in inside_tuner:
@@ -407,8 +476,7 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
         if _fingerprint(model, to_own, trainable, owned - mine_peft) != meta["base_fingerprint"]:
             mismatched.append((source, cfg))
         # the variant's trained tensors: peft's under its adapter name, the rest as they are
-        warn_if_libraries_moved(meta, source)
-        tensors = adapt_to_installed_peft(read[i][1]["model"], meta, source)
+        tensors = adapt_to_installed_peft(d.data["model"], meta, source)
         unknown = []
         for key, value in tensors.items():
             # peft's keys carry the adapter name ("lora_A.default.weight"): here it is the variant's
@@ -434,14 +502,16 @@ def load_variants(checkpoints: list[str], overrides: list[str], *, need_dataset:
             )
         own_tensors = [t for k, t in state.items() if id(t) not in base_ids and (k not in owned or k in mine_peft)]
         v.added_bytes, _ = _tensor_bytes([t.detach() for t in own_tensors])
-        v.added_params = sum(p.numel() for k, p in model.named_parameters()
-                             if id(p) not in base_ids and (k not in owned or k in mine_peft))
+        # its parameters as its model alone names them (peft's adapter name there: "default")
+        v.params = [(".".join("default" if s == v.adapter else s for s in to_own(k).split(".")), p,
+                     id(p) not in base_ids)
+                    for k, p in model.named_parameters() if k not in owned or k in mine_peft]
         variants.append(v)
     if mismatched:
         odd = "; ".join(f"{s} (model.weights={c.model.weights!r}, train.seed={c.train.seed})" for s, c in mismatched)
         raise UserError(
             f"checkpoint(s) {odd} were trained on other frozen base weights than the base built here for "
-            f"{items[0][0]} (model.weights={first_cfg.model.weights!r}, train.seed={first_cfg.train.seed}); variants "
+            f"{items[0].source} (model.weights={first_cfg.model.weights!r}, train.seed={first_cfg.train.seed}); variants "
             "share one base, so give only checkpoints of runs on the same base weights (a random base: the same "
             "train.seed) and predict with the others separately."
         )

@@ -19,10 +19,17 @@ syntax, as for `peftseg train`:
 Writes <output>/eval.json (default: eval_<checkpoint name>/ beside the checkpoint).
 
 checkpoint=[runA,runB,…]: run checkpoints of one base model (task variants) evaluated on one
-shared copy of the base, each variant switched in turn; <output>/<run dir name>/eval.json each
-(default output: eval_variants/ in the working directory), and the tensor memory of base +
-variants next to separate models.
+shared copy of the base, each variant switched in turn and evaluated, checked and recorded as
+`peftseg eval` does it alone; <output>/<run dir name>/eval.json each (the name takes as many
+parent folders as it needs to be unique; default output: eval_variants/ in the working
+directory), and the tensor memory of base + variants next to separate models. A variant
+without a result (e.g. NaN AP) is recorded as failed, the others still run, and the command
+exits with status 2.
 """
+
+
+RECORD = "eval.json"
+MEMORY = "memory.json"  # checkpoint=[…]: beside the variants' folders
 
 
 def main(argv: list[str]) -> int:
@@ -32,17 +39,10 @@ def main(argv: list[str]) -> int:
 
         print_text(EVAL_HELP.format(datasets="|".join(DATASETS.names())))
         return 0
-    from peftseg.engine.evaluate import evaluate
     from peftseg.checkpoint.load import load_model
     from peftseg.cli.many import checkpoint_list
     from peftseg.engine.run import resolve_device
     from peftseg.params import count_parameters
-    from peftseg.io.atomic import write_json
-    from peftseg.results import evaluator_metrics
-    from peftseg.report.tables import eval_table
-    from peftseg.errors import UserError
-    from peftseg.finite import check_result
-    from peftseg.io.output_guard import check_targets, output_dir, write_errors
 
     options, overrides, _ = split_args(argv, "eval", ("checkpoint", "output"), required=("checkpoint",),
                                        example="checkpoint=outputs/<date>/<time>")
@@ -50,56 +50,96 @@ def main(argv: list[str]) -> int:
     if many is not None:
         return _eval_variants(many, overrides, options.get("output"))
     r = load_model(options["checkpoint"], overrides, need_dataset=True)
-    device = resolve_device(r.cfg.train.device)
-    r.model.to(device)
+    r.model.to(resolve_device(r.cfg.train.device))
     out_dir = Path(options.get("output") or r.source.parent / f"eval_{r.source.stem}")
-    # invariant 2 (peftseg.io.output_guard): not the checkpoint, not the run's eval/ (visualize reads it)
-    output_dir(out_dir, inputs=[r.source], what="output=")
-    check_targets([out_dir / "eval.json", out_dir / "coco_instances_results.json"], [r.source], what="output=")
-    with write_errors(out_dir):
-        results = evaluate(r.model, r.splits.val, r.cfg.model.image_size, out_dir, r.cfg.train.num_workers)
-    record = {
-        "checkpoint": str(r.source), "checkpoint_kind": r.kind, "dataset": r.cfg.dataset.name,
-        "params": count_parameters(r.model).to_dict(), "metrics": evaluator_metrics(results), "status": "ok",
-    }
-    try:  # invariant 1: NaN/inf is never written as a result (peftseg.finite decides, as for runs)
-        check_result(record["metrics"], f"evaluating {r.source} on {r.splits.val!r}", "this evaluation has",
-                     params=record["params"])
-    except UserError as exc:
-        with write_errors(out_dir):
-            write_json(out_dir / "eval.json", {**record, "status": "failed", "error": str(exc)})
-        raise UserError(f"{exc} The reason is in {out_dir / 'eval.json'}.") from None
-    with write_errors(out_dir):
-        write_json(out_dir / "eval.json", record)
-    console.print(eval_table(record))
-    console.print(f"record: {out_dir / 'eval.json'}")
+    record = evaluate_checkpoint(r, out_dir, count_parameters(r.model).to_dict())
+    _show(record, out_dir)
     return 0
 
 
-def _eval_variants(checkpoints: list[str], overrides: list[str], output: str | None) -> int:
-    from peftseg.checkpoint.variants import load_variants
-    from peftseg.cli.many import print_memory
+def check_output(out_dir: Path, sources: list[Path]) -> None:
+    """Where one checkpoint's evaluation may write (invariant 2, peftseg.io.output_guard): a folder
+    that is not a checkpoint, not inside a run's own folders (visualize reads the run's eval/)."""
+    from peftseg.io.output_guard import check_targets, output_dir
+
+    output_dir(out_dir, inputs=sources, what="output=")
+    check_targets([out_dir / RECORD, out_dir / "coco_instances_results.json"], sources, what="output=")
+
+
+def evaluate_checkpoint(loaded, out_dir: Path, params: dict) -> dict:
+    """One loaded checkpoint (peftseg.checkpoint.load.Loaded, its dataset registered) evaluated and
+    recorded in out_dir/eval.json: the record when its numbers are a result ("ok"); otherwise
+    the record is written as "failed" with the reason, and a UserError says so. One checkpoint
+    and each variant of checkpoint=[…] go through here alike."""
     from peftseg.engine.evaluate import evaluate
-    from peftseg.engine.run import resolve_device
+    from peftseg.errors import UserError
+    from peftseg.finite import check_result
     from peftseg.io.atomic import write_json
-    from peftseg.report.tables import eval_table
+    from peftseg.io.output_guard import write_errors
     from peftseg.results import evaluator_metrics
 
-    vset = load_variants(checkpoints, overrides, need_dataset=True)
-    vset.to(resolve_device(vset.variants[0].cfg.train.device))
+    check_output(out_dir, [loaded.source])
+    with write_errors(out_dir):
+        results = evaluate(loaded.model, loaded.splits.val, loaded.cfg.model.image_size, out_dir,
+                           loaded.cfg.train.num_workers)
+    record = {
+        "checkpoint": str(loaded.source), "checkpoint_kind": loaded.kind, "dataset": loaded.cfg.dataset.name,
+        "params": params, "metrics": evaluator_metrics(results), "status": "ok",
+    }
+    try:  # invariant 1: NaN/inf is never written as a result (peftseg.finite decides, as for runs)
+        check_result(record["metrics"], f"evaluating {loaded.source} on {loaded.splits.val!r}", "this evaluation has",
+                     params=record["params"])
+    except UserError as exc:
+        with write_errors(out_dir):
+            write_json(out_dir / RECORD, {**record, "status": "failed", "error": str(exc)})
+        raise UserError(f"{exc} The reason is in {out_dir / RECORD}.") from None
+    with write_errors(out_dir):
+        write_json(out_dir / RECORD, record)
+    return record
+
+
+def _show(record: dict, out_dir: Path) -> None:
+    from peftseg.report.tables import eval_table
+
+    console.print(eval_table(record))
+    console.print(f"record: {out_dir / RECORD}")
+
+
+def _eval_variants(checkpoints: list[str], overrides: list[str], output: str | None) -> int:
+    """checkpoint=[a,b,…]: `peftseg eval` of each checkpoint, on one shared base (each variant
+    switched in); <output>/<variant>/eval.json each, and the memory of base + variants."""
+    from peftseg.checkpoint.variants import load_variants
+    from peftseg.cli.many import print_memory
+    from peftseg.engine.run import resolve_device
+    from peftseg.errors import UserError
+    from peftseg.io.atomic import write_json
+    from peftseg.io.output_guard import check_targets, output_dir, write_errors
+
     root = Path(output or "eval_variants")
+    vset = load_variants(checkpoints, overrides, need_dataset=True, reserved_names=(MEMORY,))
+    sources = [v.source for v in vset]
+    # every folder checked before any variant is evaluated: a bad output= stops the command whole
+    output_dir(root, inputs=sources, what="output=")
+    check_targets([root / MEMORY], sources, what="output=")
     for v in vset:
-        model = vset.activate(v)
-        out_dir = root / v.name
-        results = evaluate(model, vset.splits.val, v.cfg.model.image_size, out_dir, v.cfg.train.num_workers)
-        record = {
-            "checkpoint": str(v.source), "checkpoint_kind": "peft", "dataset": v.cfg.dataset.name,
-            "variant_of_shared_base": True, "params": vset.param_counts(v), "metrics": evaluator_metrics(results),
-        }
-        write_json(out_dir / "eval.json", record)
+        check_output(root / v.name, sources)
+    vset.to(resolve_device(vset.variants[0].cfg.train.device))
+    failed: list[tuple[str, UserError]] = []
+    for v in vset:
         console.print(f"[bold]{v.name}[/] ({v.cfg.method.name})", highlight=False)
-        console.print(eval_table(record))
-        console.print(f"record: {out_dir / 'eval.json'}")
+        try:
+            record = evaluate_checkpoint(vset.loaded(v), root / v.name, vset.param_counts(v).to_dict())
+        except UserError as exc:  # the other variants are still evaluated; the command fails at the end
+            console.print(f"no result: the reason is in {root / v.name / RECORD}", highlight=False)
+            failed.append((v.name, exc))
+            continue
+        _show(record, root / v.name)
     mem = print_memory(console, vset)
-    write_json(root / "memory.json", mem)
+    with write_errors(root):
+        write_json(root / MEMORY, mem)
+    if failed:
+        reasons = " ".join(f"[{name}] {exc}" for name, exc in failed)
+        raise UserError(f"{len(failed)} of {len(vset.variants)} variants gave no result "
+                        f"({', '.join(name for name, _ in failed)}): recorded as failed in their eval.json; the other "
+                        f"variants' records are ok. {reasons}")
     return 0

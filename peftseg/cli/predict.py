@@ -5,9 +5,11 @@
     peftseg predict checkpoint=[runA,runB,…] input=… output=<dir>
 
 Several run checkpoints of one base model (task variants) share one copy of the base: it is
-built once and each variant's method switched in (peft's set_adapter for the LoRA family);
-each variant's outputs go to <output>/<run dir name>/, and the tensor memory of the shared
-base + each variant is printed next to what separate models would take.
+built once and each variant's method switched in (peft's set_adapter for the LoRA family),
+and predicts as its checkpoint alone does (its own class names, the same output checks);
+each variant's outputs go to <output>/<run dir name>/ (with as many parent folders in the
+name as it takes to be unique), and the tensor memory of the shared base + each variant is
+printed next to what separate models would take.
 
 Each readable image gets `<output>/<stem>.png`, drawn by detectron2's Visualizer (class,
 score, mask, box), and every detection goes into `<output>/predictions.json` in the COCO
@@ -92,6 +94,19 @@ def find_images(spec: str) -> list[Path]:
     return found
 
 
+def check_output(output: Path, images: list[Path], sources: list[Path], input_folder: Path | None) -> dict[Path, str]:
+    """Where one checkpoint's predictions may go (invariant 2, peftseg.io.output_guard): never over
+    an input image or folder, a checkpoint, a run's own files or a link; one distinct overlay name
+    per image (returned)."""
+    from peftseg.io.output_guard import check_targets, distinct_names, output_dir
+
+    names = distinct_names(images, ".png")
+    output_dir(output, inputs=[folder for folder in (input_folder,) if folder], what="output=")
+    check_targets([output / name for name in names.values()] + [output / PREDICTIONS], [*images, *sources],
+                  what="output=")
+    return names
+
+
 def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0.5, max_size: int | None = None,
             console: Console | None = None, input_folder: Path | None = None) -> PredictOutcome:
     """Run `loaded.model` on `images` (from `input_folder`, when a folder was given); write
@@ -108,7 +123,6 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
     from peftseg.data.images import read_image_checked
     from peftseg.engine.run import resolve_device
     from peftseg.io.atomic import write_atomic_with, write_json
-    from peftseg.io.output_guard import check_targets, distinct_names, output_dir
 
     console = console or default_console
     model, cfg = loaded.model, loaded.cfg
@@ -125,11 +139,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
         MetadataCatalog.remove(meta_name)
     metadata = MetadataCatalog.get(meta_name).set(thing_classes=list(loaded.class_names))
 
-    # invariant 2 (peftseg.io.output_guard): never over an input, a run's files, a link; distinct names
-    names = distinct_names(images, ".png")
-    sources = [*images, *([loaded.source] if loaded.source else [])]
-    output_dir(output, inputs=[folder for folder in (input_folder,) if folder], what="output=")
-    check_targets([output / name for name in names.values()] + [output / PREDICTIONS], sources, what="output=")
+    names = check_output(output, images, [loaded.source] if loaded.source else [], input_folder)
     outcome = PredictOutcome()
     results: list[dict] = []
     warned_size = False
@@ -188,53 +198,66 @@ def main(argv: list[str], console: Console | None = None) -> int:
         return 0
     from peftseg.checkpoint.load import load_model
     from peftseg.cli.many import checkpoint_list
-    from peftseg.io.output_guard import write_errors
 
     console = console or default_console
     options, overrides = parse_args(argv)
     score_thresh = _number(options, "score_thresh", 0.5, float, 0.0, 1.0)
     max_size = _number(options, "max_size", None, int, 32, 16384)
     images = find_images(options["input"])
+    spec = Path(options["input"]).expanduser()
+    input_folder = spec if spec.is_dir() else None
+    output = Path(options["output"])
+    classes = _classes(options.get("classes"))
     many = checkpoint_list(options.get("checkpoint"))
     if many is not None:
-        return _predict_variants(many, overrides, images, Path(options["output"]), score_thresh, max_size, console)
-    loaded = load_model(options.get("checkpoint"), overrides, classes=_classes(options.get("classes")))
-    spec = Path(options["input"]).expanduser()
-    with write_errors(Path(options["output"])):
-        outcome = predict(loaded, images, Path(options["output"]), score_thresh=score_thresh, max_size=max_size,
-                          console=console, input_folder=spec if spec.is_dir() else None)
+        return _predict_variants(many, overrides, classes, images, input_folder, output, score_thresh, max_size,
+                                 console)
+    loaded = load_model(options.get("checkpoint"), overrides, classes=classes)
+    _predict_one(loaded, images, output, input_folder, score_thresh, max_size, console)
+    return 0
+
+
+def _predict_one(loaded, images: list[Path], output: Path, input_folder: Path | None, score_thresh: float,
+                 max_size: int | None, console: Console) -> PredictOutcome:
+    """One loaded checkpoint's predictions into `output`, and what was done: the single
+    checkpoint and each variant of checkpoint=[…] go through here alike."""
+    from peftseg.io.output_guard import write_errors
+
+    with write_errors(output):
+        outcome = predict(loaded, images, output, score_thresh=score_thresh, max_size=max_size, console=console,
+                          input_folder=input_folder)
     what = loaded.cfg.model.name + ("" if loaded.kind == "plain" else f" + {loaded.cfg.method.name}")
     console.print(
-        f"predicted {len(outcome.written)} of {len(images)} images with {what} ({loaded.kind} checkpoint): {outcome.detections} detections with score >= "
-        f"{score_thresh}; overlays and {PREDICTIONS} in {options['output']}",
+        f"predicted {len(outcome.written)} of {len(images)} images with {what} ({loaded.kind} checkpoint): "
+        f"{outcome.detections} detections with score >= {score_thresh}; overlays and {PREDICTIONS} in {output}",
         highlight=False,
     )
     if outcome.unreadable:
         console.print(f"[yellow]skipped {len(outcome.unreadable)} unreadable image(s):[/]", highlight=False)
         for path, why in outcome.unreadable:
             console.print(f"  {path}: {why}", highlight=False, soft_wrap=True)
-    return 0
+    return outcome
 
 
-def _predict_variants(checkpoints: list[str], overrides: list[str], images: list[Path], output: Path,
-                      score_thresh: float, max_size: int | None, console: Console) -> int:
-    """checkpoint=[a,b,…]: the base built once, each variant switched in; outputs in output/<variant>/."""
-    from peftseg.checkpoint.load import Loaded
+def _predict_variants(checkpoints: list[str], overrides: list[str], classes: list[str] | None, images: list[Path],
+                      input_folder: Path | None, output: Path, score_thresh: float, max_size: int | None,
+                      console: Console) -> int:
+    """checkpoint=[a,b,…]: `peftseg predict` of each checkpoint, on one shared base (each variant
+    switched in); outputs in output/<variant>/."""
     from peftseg.checkpoint.variants import load_variants
     from peftseg.cli.many import print_memory
     from peftseg.engine.run import resolve_device
+    from peftseg.io.output_guard import output_dir
 
-    vset = load_variants(checkpoints, overrides)
+    vset = load_variants(checkpoints, overrides, classes=classes)
+    sources = [v.source for v in vset]
+    # every folder checked before any variant predicts: a bad output= stops the command whole
+    output_dir(output, inputs=[folder for folder in (input_folder,) if folder], what="output=")
+    for v in vset:
+        check_output(output / v.name, images, sources, input_folder)
     vset.to(resolve_device(vset.variants[0].cfg.train.device))
     for v in vset:
-        model = vset.activate(v)
-        loaded = Loaded(model=model, cfg=v.cfg, class_names=v.class_names, source=v.source, kind="peft")
-        outcome = predict(loaded, images, output / v.name, score_thresh=score_thresh, max_size=max_size,
-                          console=console)
-        console.print(f"{v.name} ({v.cfg.method.name}): {len(outcome.written)} of {len(images)} images, "
-                      f"{outcome.detections} detections with score >= {score_thresh} in {output / v.name}",
-                      highlight=False)
-        for path, why in outcome.unreadable:
-            console.print(f"  skipped {path}: {why}", highlight=False, soft_wrap=True)
+        console.print(f"[bold]{v.name}[/] ({v.cfg.method.name})", highlight=False)
+        _predict_one(vset.loaded(v), images, output / v.name, input_folder, score_thresh, max_size, console)
     print_memory(console, vset)
     return 0

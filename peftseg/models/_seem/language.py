@@ -158,6 +158,17 @@ class LanguageEncoder(nn.Module):
         self.class_names = names
         log.debug("seem: text embeddings for %d classes + background computed once and cached", len(names) - 1)
 
+    def class_state(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The cached class names (+ background) and their embeddings, as `load_class_state`
+        takes them back: task variants of other classes on one base switch these instead of
+        running the text encoder at every switch (peftseg.checkpoint.variants)."""
+        return self.class_names, self.class_embeddings
+
+    def load_class_state(self, state: tuple[tuple[str, ...], torch.Tensor]) -> None:
+        names, embeddings = state
+        self.class_embeddings = embeddings
+        self.class_names = tuple(names)
+
     def compute_similarity(self, v_emb: torch.Tensor) -> torch.Tensor:
         """exp(logit_scale) * cos(query, class) for every class and background (B x Q x C+1)."""
         v_emb = v_emb / (v_emb.norm(dim=-1, keepdim=True) + 1e-7)

@@ -68,6 +68,14 @@ class GeneralizedSEEM(nn.Module):
             raise ValueError(f"{len(class_names)} class names for a model built for {self.sem_seg_head.num_classes} classes")
         self.lang_encoder.set_class_names(list(class_names))
 
+    def class_state(self) -> tuple:
+        """What `set_class_names` computed (the names and their text embeddings), to restore
+        later with `load_class_state` without another text forward."""
+        return self.lang_encoder.class_state()
+
+    def load_class_state(self, state: tuple) -> None:
+        self.lang_encoder.load_class_state(state)
+
     def _check_class_names(self) -> None:
         if len(self.lang_encoder.class_names) != self.sem_seg_head.num_classes + 1:
             raise RuntimeError(
