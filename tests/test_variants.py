@@ -258,6 +258,13 @@ def test_variant_outputs_are_refused_where_one_checkpoint_s_are(runs, tmp_path, 
         assert f"error: output={a_file} is a file; this command writes several files, so give a folder" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert a_file.read_text() == "mine"
+    # classes= is checked against each checkpoint's own classes, as for one checkpoint
+    proc = cli_in_process("predict", f"checkpoint=[{runs[0]},{runs[1]}]", f"input={images}",
+                          f"output={tmp_path / 'pred'}", "classes=[cat,dog,cow]", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2
+    assert (f"error: classes=['cat', 'dog', 'cow'] was given, but {runs[0] / 'model_final.safetensors'} is a PEFT "
+            "checkpoint that predicts ['circle', 'square', 'triangle']") in proc.stderr
+    assert not (tmp_path / "pred").exists()
 
 
 def test_variant_folders_are_distinct_whatever_the_run_dirs_are_called():
