@@ -296,6 +296,13 @@ def _check_annotations(coco: dict, split: str, problems: list, notes: Counter) -
     return "bitmask" if kinds["rle"] else "polygon"
 
 
+def problem_list(problems: list[str]) -> str:
+    """"N problem(s):" and the first ones, one per line (the rest counted)."""
+    shown = "\n  - ".join(problems[:_SHOW_PROBLEMS])
+    more = f"\n  (and {len(problems) - _SHOW_PROBLEMS} more)" if len(problems) > _SHOW_PROBLEMS else ""
+    return f"{len(problems)} problem(s):\n  - {shown}{more}"
+
+
 def check_split(
     json_path: str, image_root: str, split: str, fix_json: str, fix_images: str
 ) -> SplitCheck:
@@ -317,9 +324,6 @@ def check_split(
     mask_format = _check_annotations(coco, split, problems, notes)
     _check_image_headers(coco, image_root, problems, notes, split)
     if problems:
-        shown = "\n  - ".join(problems[:_SHOW_PROBLEMS])
-        more = f"\n  (and {len(problems) - _SHOW_PROBLEMS} more)" if len(problems) > _SHOW_PROBLEMS else ""
-        raise UserError(f"The {split} data ({json_path}, images in {image_root}) has {len(problems)} "
-                        f"problem(s):\n  - {shown}{more}")
+        raise UserError(f"The {split} data ({json_path}, images in {image_root}) has {problem_list(problems)}")
     needs_defaults = any(kind.startswith("annotations without") for kind in notes)
     return SplitCheck(tuple(categories), mask_format, dict(notes), needs_defaults)
