@@ -175,6 +175,16 @@ def undefined_notes(keys: list[str]) -> dict[str, int]:
     return {f"{reason} ({', '.join(keys)})": len(keys) for reason, keys in why.items()}
 
 
+def as_stored(metrics: dict | None) -> dict | None:
+    """`metrics` as a record stores them: COCOeval's -1 ("undefined") as null, like NaN, in any
+    entry (a failed or pruned record keeps the evaluator's numbers too); never as -1, which a
+    reader would average or plot as a number."""
+    if not isinstance(metrics, dict):
+        return metrics
+    return {task: {k: (None if _number(v) and v == COCO_UNDEFINED else v) for k, v in values.items()}
+            if isinstance(values, dict) else values for task, values in metrics.items()}
+
+
 def as_shown(section: str, values: dict | None) -> dict | None:
     """A section of a record (metrics, params or efficiency) with every entry that is not a
     result, or undefined, blank (None): what a table may show of a record marked invalid."""

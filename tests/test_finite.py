@@ -82,6 +82,10 @@ def test_the_writer_never_writes_ok_with_numbers_out_of_range(tmp_path):
     stored = read_record(tmp_path)
     assert stored.status == "failed" and stored.error["type"] == "UserError"
     assert "(segm.AP = 130.0, outside [0, 100])" in stored.error["message"]
+    record.status, record.metrics = "pruned", {"segm": {"AP": -1, "AP50": 3.0, "APs": -1.0}}
+    write_record(tmp_path, record)  # -1 is never stored, whatever the status
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"] == {
+        "segm": {"AP": None, "AP50": 3.0, "APs": None}}
 
 
 class _Evaluator(DatasetEvaluator):
