@@ -67,17 +67,24 @@ def _text(value: float) -> str:
         return "NaN"
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    return repr(float(value)) if isinstance(value, float) else repr(value)  # all digits: 1.0000001, not 1
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    return repr(float(value))  # every digit: 1.0000001, not 1
 
 
 def _name(key: str) -> str:
     return key.rpartition(".")[2]
 
 
+def _metric_name(key: str) -> str:
+    """`AP-st. bernard` of `segm.AP-st. bernard`: a task has no dot, a class name may."""
+    return key.partition(".")[2]
+
+
 def metric_problem(key: str, value: Any) -> str | None:
     """Why one metric entry (`segm.AP`, `bbox.AP-circle`) is not a result; None when it is one
     or is undefined where COCOeval may leave it undefined (not a headline number)."""
-    headline = _name(key) in HEADLINE
+    headline = _metric_name(key) in HEADLINE
     if value is None:
         return f"{key} is missing" if headline else None
     if not _number(value):
@@ -157,14 +164,14 @@ def result_problems(metrics: dict | None, params: dict | None = None, efficiency
 def undefined_metrics(metrics: dict | None) -> list[str]:
     """The entries COCOeval left undefined (-1, NaN; null once stored) where it may: no ground
     truth in that area range or class on the split evaluated."""
-    return [key for key, value in _walk("", metrics or {}) if _name(key) not in HEADLINE and is_undefined(value)]
+    return [key for key, value in _walk("", metrics or {}) if _metric_name(key) not in HEADLINE and is_undefined(value)]
 
 
 def undefined_notes(keys: list[str]) -> dict[str, int]:
     """The reasons for undefined entries, as `data_notes` kinds of the val split: kind -> count."""
     why: dict[str, list[str]] = {}
     for key in keys:
-        name = _name(key)
+        name = _metric_name(key)
         if name in SIZE_RANGES:
             reason = "APs/APm/APl recorded as null: the val split has no instance of that size"
         elif name.startswith("AP-"):

@@ -68,6 +68,9 @@ def test_undefined_entries_are_stored_null_with_the_reason_and_a_range_error_fai
     assert notes == {
         "APs/APm/APl recorded as null: the val split has no instance of that size (segm.APs, segm.APl, bbox.APs)": 3,
         "per-class AP recorded as null: the val split has no instance of that class (segm.AP-circle)": 1}
+    dotted = {"segm": {"AP": 3.0, "AP-st. bernard": NAN}}  # a class name with a dot is still a class
+    assert check_result(dotted, "evaluation", "this run has") == {
+        "per-class AP recorded as null: the val split has no instance of that class (segm.AP-st. bernard)": 1}
     with pytest.raises(UserError) as e:
         check_result({"segm": {"AP": -1.0, "AP50": 250.0}}, "evaluation on 'val'", "this run has")
     assert str(e.value).startswith(

@@ -173,7 +173,8 @@ def check_contents(image_dir: str, gt_dir: str, split: str, folder: str) -> None
 
     files = []
     for image in sorted(glob.glob(os.path.join(image_dir, "*", "*" + IMAGE_SUFFIX))):
-        gt = os.path.join(gt_dir, os.path.basename(os.path.dirname(image)), os.path.basename(image)[: -len(IMAGE_SUFFIX)])
+        city, stem = os.path.basename(os.path.dirname(image)), os.path.basename(image)[: -len(IMAGE_SUFFIX)]
+        gt = os.path.join(gt_dir, city, stem)
         files.append((image, gt + "_gtFine_polygons.json", gt + "_gtFine_instanceIds.png", gt + "_gtFine_labelIds.png"))
     classes = set(instance_classes())
     with ThreadPoolExecutor(min(16, len(files) // 64 + 1)) as pool:  # file reads overlap their waits
