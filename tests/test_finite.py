@@ -195,6 +195,7 @@ def test_report_shows_a_record_with_numbers_out_of_range_as_invalid(tmp_path):
     _record(tmp_path, "ratio_above_one", ap=38.0, ratio=1.5)
     _record(tmp_path, "zero_step", ap=33.0, ratio=0.03, step=0.0)
     _record(tmp_path, "negative_memory", ap=33.0, ratio=0.03, mem=-600)
+    _record(tmp_path, "pruned", ap=-1.0, ratio=0.03, status="pruned")  # another tool's -1: shown as null
     out = io.StringIO()
     build_report(tmp_path, "full", Console(file=out, width=250))
     text = out.getvalue()
@@ -215,6 +216,7 @@ def test_report_shows_a_record_with_numbers_out_of_range_as_invalid(tmp_path):
     assert rows["big_ap"]["metrics.segm.AP"] == "" and rows["zero_ratio"]["params.ratio"] == ""
     assert rows["good"]["status"] == "ok" and rows["good"]["metrics.segm.APs"] == ""  # not -1
     assert rows["full"]["metrics.segm.APs"] == "10.0"
+    assert rows["pruned"]["status"] == "pruned" and rows["pruned"]["metrics.segm.AP"] == ""
     assert float(rows["good"]["baseline.delta_mask_AP"]) == pytest.approx(-5.0)
     (group,) = group_records(load_records(tmp_path))
     assert {r.run.id for r in group.records if id(r) in front_ids(group)} == {"good", "full"}

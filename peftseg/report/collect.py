@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from peftseg.errors import UserError
-from peftseg.finite import as_shown, finite_or_none, result_problems
+from peftseg.finite import as_shown, as_stored, finite_or_none, result_problems
 from peftseg.registry import METHODS
 from peftseg.results import FILENAME, Record, read_record
 
@@ -93,6 +93,8 @@ def load_records(root: Path, console: Console | None = None, paths: list[Path] |
         record.run.dir = record.run.dir or str(path.parent)
         if record.ok:
             _refuse_invalid(record, path, console)
+        else:  # a failed or pruned record's numbers are shown too: COCOeval's -1 as the null it means
+            record.metrics = as_stored(record.metrics)
         records.append(record)
     if not records:
         raise UserError(f"None of the {len(paths)} {FILENAME} files under {root} could be read; "
