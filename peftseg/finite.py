@@ -220,9 +220,10 @@ def not_a_result(what: str, subject: str, problems: list[str]) -> str:
     """The one paragraph that says which numbers are not a result, and what each kind means."""
     return (
         f"{what} gave numbers that are not a result ({'; '.join(problems)}), so {subject} no result "
-        "to record. A missing, NaN or -1 AP means the evaluation matched nothing it could score: check that "
-        "the val split has instance annotations with segmentations and valid `area` values (>= 0, or "
-        "leave `area` out and peftseg fills it); an AP outside [0, 100] means an evaluator that does not "
+        "to record. A missing, NaN or -1 AP means the evaluation had nothing it could score: the model "
+        "predicted nothing above model.score_thresh_test (as one trained for a few steps does), or the val split "
+        "lacks instance annotations with segmentations and valid `area` values (>= 0, or leave `area` out and "
+        "peftseg fills it); an AP outside [0, 100] means an evaluator that does not "
         "report percentages; inf means a diverged model or a broken timer; a ratio outside (0, 1] or a "
         "time or size <= 0 means broken accounting or timing."
     )
