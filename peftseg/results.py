@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peftseg.environment import versions
+from peftseg.finite import as_stored, not_a_result, result_problems
 from peftseg.io.atomic import write_json
 
 FILENAME = "results.json"
@@ -180,7 +181,17 @@ def failed_record(cfg, run_dir: Path, run_id: str, exc: BaseException) -> Record
 
 
 def write_record(run_dir: Path, record: Record) -> Path:
-    return write_json(Path(run_dir) / FILENAME, record.to_dict())
+    """Write `record` atomically. An "ok" record whose numbers are not a result (peftseg.finite:
+    finite and inside their ranges; runs check them before calling it ok) is written "failed"
+    with the reason, whichever code path got it here: "ok" never goes to disk with them.
+    COCOeval's -1 ("undefined") is written as null, in records of any status."""
+    if record.ok:
+        problems = result_problems(record.metrics, record.params, record.efficiency)
+        if problems:
+            record.status = "failed"
+            record.error = {"type": "UserError", "traceback": None,
+                            "message": not_a_result("this run's record", "this run has", problems)}
+    return write_json(Path(run_dir) / FILENAME, {**record.to_dict(), "metrics": as_stored(record.metrics)})
 
 
 def read_record(path: Path) -> Record:

@@ -95,6 +95,85 @@ def test_refusals_name_the_layout(root, tmp_path):
         splits_of(broken)
 
 
+def _first(root: Path, split: str, suffix: str) -> Path:
+    return sorted((root / "gtFine" / split).rglob(f"*{suffix}"))[0]
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _truncate(root):
+    path = _first(root, "train", "_gtFine_polygons.json")
+    path.write_text(path.read_text()[:50])
+    return [f"{path} is not valid JSON (Unterminated string starting at: line 1, column 50, char 49), a truncated "
+            "or damaged file; unpack it again from gtFine_trainvaltest.zip"]
+
+
+def _height(root):
+    path = _first(root, "train", "_gtFine_polygons.json")
+    _edit_json(path, lambda d: d.update(imgHeight=100))
+    image = str(path).replace("/gtFine/", "/leftImg8bit/").replace("_gtFine_polygons.json", "_leftImg8bit.png")
+    return [f"{path} says imgWidth x imgHeight = 256x100, but its image {image} is 256x128"]
+
+
+def _instance_png(root):
+    path = _first(root, "val", "_gtFine_instanceIds.png")
+    Image.new("I;16", (128, 64)).save(path)
+    return [f"{path} is 128x64, but its image", "is 256x128; restore the image and its gtFine files as released"]
+
+
+def _label(root):
+    path = _first(root, "val", "_gtFine_polygons.json")
+    _edit_json(path, lambda d: d["objects"][1].update(label="automobile"))
+    return [f"{path}: object 1 has label 'automobile', which is not a Cityscapes label", "The Cityscapes val split"]
+
+
+def _points(root):
+    path = _first(root, "train", "_gtFine_polygons.json")
+    _edit_json(path, lambda d: d["objects"][1].update(polygon=[[1, 2], [3, 4]]))
+    return [f"{path}: object 1 ('", "') has no polygon of at least 3 [x, y] points"]
+
+
+def _no_val_instances(root):
+    for path in (root / "gtFine" / "val").rglob("*_gtFine_polygons.json"):
+        _edit_json(path, lambda d: d.update(objects=[o for o in d["objects"] if o["label"] == "road"]))
+    return [f"The Cityscapes val split (dataset.val_split=val, {root / 'gtFine' / 'val'}) has no instance of the 8 "
+            "instance classes (person, rider, car, truck, bus, train, motorcycle, bicycle) in its 1 polygons json "
+            "file(s), so every AP would be undefined; point dataset.val_split at a split with annotations "
+            "(Cityscapes' test split has none: its labels are withheld; evaluate on val)."]
+
+
+def _only_crowds_in_train(root):
+    for path in (root / "gtFine" / "train").rglob("*_gtFine_polygons.json"):
+        _edit_json(path, lambda d: [o.update(label=o["label"] + "group") for o in d["objects"] if o["label"] != "road"])
+    return ["The Cityscapes train split (dataset.train_split=train", "so there is nothing to train on"]
+
+
+def _hidden_val_instances(root):
+    # the loader resolves overlaps as Cityscapes draws them: a later polygon covers the earlier ones
+    whole = [[0, 0], [255, 0], [255, 127], [0, 127]]
+    for path in (root / "gtFine" / "val").rglob("*_gtFine_polygons.json"):
+        _edit_json(path, lambda d: d["objects"].append({"label": "building", "polygon": whole}))
+    return ["The Cityscapes val split (dataset.val_split=val", "in its 1 polygons json file(s) that shows (each one "
+            "lies under a polygon listed after it, which Cityscapes draws on top), so every AP would be undefined"]
+
+
+@pytest.mark.parametrize("damage", [_truncate, _height, _instance_png, _label, _points, _no_val_instances,
+                                    _only_crowds_in_train, _hidden_val_instances])
+def test_damaged_files_are_named_before_a_model_is_built(tmp_path, damage):
+    """What the loader's process pool (a traceback naming no file) or training (a size mismatch
+    mid-run, NaN AP at the end) met before is refused by register_dataset, naming the file."""
+    root = write_cityscapes(tmp_path / "cs", {"train": 1, "val": 1})
+    needles = damage(root)
+    with pytest.raises(UserError) as e:
+        splits_of(root)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
 def test_a_run_records_coco_and_cityscapes_ap(root, tmp_path, shapes_cache):
     record = run_in_process(tmp_path, shapes_cache, "dataset=cityscapes", f"dataset.root={root}",
                             "method=heads", "train.max_iter=4", "train.warmup_iters=0", "model.score_thresh_test=0.0", "dataset.train_subset=3")

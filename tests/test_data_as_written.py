@@ -1,6 +1,8 @@
 """Invariant 7: data as the ecosystem writes it. A COCO json without iscrowd/area trains and
 evaluates (defaults counted in data_notes); duplicate categories, mixed image id types, a text
-"iscrowd", a negative area are named before training; val json == train json is a note."""
+"iscrowd", a negative area are named before training; val json == train json is a note;
+categories no annotation uses are named in data_notes, and a Roboflow-style supercategory at
+id 0 that no annotation uses is not a class."""
 
 import copy
 import json
@@ -98,3 +100,52 @@ def test_a_json_without_iscrowd_or_area_trains_and_evaluates(tmp_path, shapes_ca
     assert record.data_notes["val"]["annotations without 'iscrowd' (0 assumed, as detectron2 does)"] == n
     assert record.data_notes["train"]["annotations without 'area' (computed from the mask for evaluation)"] == n
     assert any(k.startswith("val json identical to the train json") for k in record.data_notes["val"])
+
+
+def _roboflow(coco):
+    """As Roboflow exports COCO: the dataset itself as category 0, parent of the real classes."""
+    coco["categories"] = [{"id": 0, "name": "shapes-abc", "supercategory": "none"}] + [
+        dict(c, supercategory="shapes-abc") for c in coco["categories"]]
+
+
+def test_unused_categories_are_named_and_an_unused_parent_is_reported(split, tmp_path):
+    def extra(coco):
+        _roboflow(coco)
+        coco["categories"].append({"id": 9, "name": "hexagon", "supercategory": "shapes-abc"})
+
+    checked = _check(split, tmp_path, extra)
+    assert [n for _, n in checked.categories] == ["shapes-abc", "circle", "square", "triangle", "hexagon"]
+    assert checked.notes == {"categories no annotation uses: 'shapes-abc' (id 0), 'hexagon' (id 9)": 2}
+    assert checked.unused_parents == ((0, "shapes-abc", ("circle", "square", "triangle", "hexagon")),)
+
+
+def test_a_roboflow_export_trains_without_a_phantom_class(tmp_path, shapes_cache):
+    """Category 0 = the export's supercategory, used by no annotation: not a class (3 classes, not 4),
+    said in data_notes; a real run on it trains and evaluates, per-class AP of the 3 real classes only."""
+    root = tmp_path / "data"
+    paths = {}
+    for name, seed in (("train", 2), ("val", 3)):
+        path = Path(generate_split(root, name, 4, 64, 3, seed=seed))
+        coco = json.loads(path.read_text())
+        _roboflow(coco)
+        path.write_text(json.dumps(coco))
+        paths[name] = path
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = run_in_process(run_dir, shapes_cache, "dataset=coco_format", f"dataset.train_json={paths['train']}",
+                            f"dataset.val_json={paths['val']}", f"dataset.train_images={root / 'train'}",
+                            f"dataset.val_images={root / 'val'}", "model.image_size=64", "train.max_iter=2",
+                            "train.warmup_iters=0", "model.score_thresh_test=0.0", "train.num_workers=0")
+    assert record.status == "ok", record.error
+    dropped = ("supercategories no annotation uses, left out of the classes: 'shapes-abc' (id 0, parent of "
+               "circle, square, triangle)")
+    for name in ("train", "val"):
+        assert record.data_notes[name]["categories no annotation uses: 'shapes-abc' (id 0)"] == 1
+        assert record.data_notes[name][dropped] == 1
+    per_class = sorted(k for k in record.metrics["segm"] if k.startswith("AP-"))
+    assert per_class == ["AP-circle", "AP-square", "AP-triangle"]
+    assert 0 <= record.mask_ap <= 100
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "model_final.safetensors"), "pt") as f:  # the classes the checkpoint was trained on
+        assert json.loads(f.metadata()["peftseg"])["class_names"] == ["circle", "square", "triangle"]

@@ -6,7 +6,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import OmegaConf
 
 from helpers import run_in_process
-from peftseg.config import compose_config
+from peftseg.config import compose_config, validate
 from peftseg.data import register_dataset
 from peftseg.data.subset import select, subset_size
 from peftseg.errors import UserError
@@ -100,6 +100,20 @@ def test_every_dataset_kind_has_the_knob():
     for spec in DATASETS:
         fields = spec.config.__dataclass_fields__
         assert "train_subset" in fields and "subset_seed" in fields, spec.name
+
+
+def test_one_point_zero_is_refused_as_ambiguous_at_compose_time():
+    # 0.999 is a fraction (nearly every image), 1 a count (one image): 1.0 could be either
+    assert subset_size(0.999, 94) == 94 and subset_size(1, 94) == 1 and subset_size(2.0, 94) == 2
+    for override in ("dataset.train_subset=1.0", "dataset.train_subset=1e0"):
+        with pytest.raises(UserError) as e:
+            validate(compose_config([override]))  # what `peftseg train` does before anything runs
+        assert str(e.value) == (
+            "dataset.train_subset=1.0 is ambiguous: as a fraction it means the whole train split, as a count "
+            "one image; give a count (an integer >= 1) or a fraction < 1: dataset.train_subset=1 trains on one "
+            "image, 0.5 on half of the split, and 0 (the default) on all of it.")
+    with pytest.raises(UserError, match="is ambiguous"):
+        subset_size(1.0, 94)
 
 
 def test_bad_values_fail_before_training_with_the_fix(cache):

@@ -61,3 +61,19 @@ def test_refusals(tmp_path):
         register_dataset(compose_config(["dataset=zerowaste", f"dataset.root={other}"]).dataset)
     with pytest.raises(UserError, match=r"nowhere does not hold the ZeroWaste-f release layout: .*/nowhere/train/labels.json is missing \(4 of the 4"):
         register_dataset(compose_config(["dataset=zerowaste", f"dataset.root={tmp_path}/nowhere"]).dataset)
+
+
+def test_a_roboflow_export_with_its_supercategory_at_id_0_keeps_the_four_classes(tmp_path):
+    root = write_zerowaste(tmp_path / "zw")
+    for split in ("train", "val", "test"):
+        path = root / split / "labels.json"
+        coco = json.loads(path.read_text())
+        coco["categories"].insert(0, {"id": 0, "name": "waste", "supercategory": "none"})
+        path.write_text(json.dumps(coco))
+    splits = register_dataset(compose_config(["dataset=zerowaste", f"dataset.root={root}"]).dataset)
+    assert splits.class_names == tuple(CLASSES)  # not ("waste", *CLASSES): the ZeroWaste check passes
+    dropped = ("supercategories no annotation uses, left out of the classes: 'waste' (id 0, parent of "
+               "rigid_plastic, cardboard, metal, soft_plastic)")
+    assert splits.notes["train"][dropped] == splits.notes["val"][dropped] == 1
+    ids = {a["category_id"] for d in DatasetCatalog.get(splits.train) for a in d["annotations"]}
+    assert ids == {0, 1, 2, 3}  # contiguous ids of the four classes

@@ -33,7 +33,8 @@ class TrainSubsetOptions:
     """Mixed into every dataset kind's config dataclass."""
 
     # 0: the whole train split; N >= 1 (an integer): N training images; 0 < f < 1: that
-    # fraction of them (rounded, at least 1). Every class of the train split stays present.
+    # fraction of them (rounded, at least 1); 1.0 is refused (a count of one or the whole
+    # split?). Every class of the train split stays present.
     train_subset: Any = 0
     # seed of the selection; defaults to train.seed
     subset_seed: Any = SUBSET_SEED_DEFAULT
@@ -60,6 +61,13 @@ def check_train_subset(value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise UserError(f"dataset.train_subset={value!r} is not a subset size; {_FIX}.")
+    if isinstance(value, float) and value == 1:
+        # read as a count, 1.0 is one image, while 0.999 is nearly the whole split: refuse, not guess
+        raise UserError(
+            f"dataset.train_subset={value!r} is ambiguous: as a fraction it means the whole train split, as a "
+            "count one image; give a count (an integer >= 1) or a fraction < 1: dataset.train_subset=1 trains "
+            "on one image, 0.5 on half of the split, and 0 (the default) on all of it."
+        )
     if value >= 1 and not float(value).is_integer():
         raise UserError(
             f"dataset.train_subset={value!r} is above 1 but not a whole number of images; {_FIX}."

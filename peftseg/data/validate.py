@@ -11,7 +11,9 @@ consistency (unique ids, references to existing images and categories, segmentat
 and well-formed, boxes finite) and non-empty val annotations. Problems that would break or
 falsify training are errors, listed one per line with file, id and fix; problems detectron2
 handles harmlessly (crowd regions, empty train images, degenerate extra polygons, boxes past
-the edge that it clips) are counted and returned as notes for the log and the record.
+the edge that it clips, categories no annotation uses) are counted and returned as notes for
+the log and the record; an unused category that is the supercategory of others (Roboflow
+exports list the dataset as category 0) is reported so that it does not become a class.
 Only headers are read (PIL opens lazily), in a thread pool: fast on large datasets.
 """
 
@@ -40,6 +42,9 @@ class SplitCheck:
     # the json lacks iscrowd/area, which pycocotools' COCOeval reads: evaluate from detectron2's
     # own conversion of the loaded dicts (convert_to_coco_json fills both) instead of the file
     needs_defaults: bool = False
+    # categories no annotation of the split uses that are the `supercategory` of other categories
+    # (Roboflow-style exports list the dataset itself as category 0): (id, name, subcategory names)
+    unused_parents: tuple[tuple[int, str, tuple[str, ...]], ...] = ()
 
 
 def _load(json_path: str, split: str, fix_json: str) -> dict:
@@ -296,6 +301,13 @@ def _check_annotations(coco: dict, split: str, problems: list, notes: Counter) -
     return "bitmask" if kinds["rle"] else "polygon"
 
 
+def problem_list(problems: list[str]) -> str:
+    """"N problem(s):" and the first ones, one per line (the rest counted)."""
+    shown = "\n  - ".join(problems[:_SHOW_PROBLEMS])
+    more = f"\n  (and {len(problems) - _SHOW_PROBLEMS} more)" if len(problems) > _SHOW_PROBLEMS else ""
+    return f"{len(problems)} problem(s):\n  - {shown}{more}"
+
+
 def check_split(
     json_path: str, image_root: str, split: str, fix_json: str, fix_images: str
 ) -> SplitCheck:
@@ -317,9 +329,25 @@ def check_split(
     mask_format = _check_annotations(coco, split, problems, notes)
     _check_image_headers(coco, image_root, problems, notes, split)
     if problems:
-        shown = "\n  - ".join(problems[:_SHOW_PROBLEMS])
-        more = f"\n  (and {len(problems) - _SHOW_PROBLEMS} more)" if len(problems) > _SHOW_PROBLEMS else ""
-        raise UserError(f"The {split} data ({json_path}, images in {image_root}) has {len(problems)} "
-                        f"problem(s):\n  - {shown}{more}")
+        raise UserError(f"The {split} data ({json_path}, images in {image_root}) has {problem_list(problems)}")
     needs_defaults = any(kind.startswith("annotations without") for kind in notes)
-    return SplitCheck(tuple(categories), mask_format, dict(notes), needs_defaults)
+    unused_parents = _unused_categories(coco, categories, notes)
+    return SplitCheck(tuple(categories), mask_format, dict(notes), needs_defaults, unused_parents)
+
+
+def _unused_categories(coco: dict, categories: list[tuple[int, str]], notes: Counter) -> tuple:
+    """Names the categories no annotation uses in `notes`; returns those of them that are the
+    supercategory of other categories (unused_parents)."""
+    used = {a.get("category_id") for a in coco["annotations"] if isinstance(a, dict)}
+    unused = [(cid, name) for cid, name in categories if cid not in used]
+    if not unused:
+        return ()
+    shown = ", ".join(f"{name!r} (id {cid})" for cid, name in unused[:_SHOW_MISSING])
+    shown += f" and {len(unused) - _SHOW_MISSING} more" if len(unused) > _SHOW_MISSING else ""
+    notes[f"categories no annotation uses: {shown}"] += len(unused)
+    children: dict[str, list[str]] = {}
+    for c in coco["categories"]:
+        parent = c.get("supercategory")
+        if isinstance(parent, str) and parent != str(c["name"]):
+            children.setdefault(parent, []).append(str(c["name"]))
+    return tuple((cid, name, tuple(children[name])) for cid, name in unused if children.get(name))

@@ -117,8 +117,10 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop)
             record.metrics = evaluator_metrics(outcome.eval_results)
             # COCOEvaluator returns the numbers on rank 0 only (the others get {})
-            if comm.is_main_process():
-                check_result(record.metrics, f"evaluation on {splits.val!r}", "this run has")
+            if comm.is_main_process():  # entries COCOeval leaves undefined are stored null, with the reason
+                undefined = check_result(record.metrics, f"evaluation on {splits.val!r}", "this run has")
+                if undefined:
+                    record.data_notes = {**record.data_notes, "val": {**record.data_notes.get("val", {}), **undefined}}
             record.efficiency = {
                 "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
                 # memory options as they ran: blocks recomputed in backward, frozen-weight storage

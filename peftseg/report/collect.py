@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from peftseg.errors import UserError
-from peftseg.finite import finite_or_none, is_nonfinite, result_problems
+from peftseg.finite import as_shown, as_stored, finite_or_none, result_problems
 from peftseg.registry import METHODS
 from peftseg.results import FILENAME, Record, read_record
 
@@ -92,7 +92,9 @@ def load_records(root: Path, console: Console | None = None, paths: list[Path] |
             continue
         record.run.dir = record.run.dir or str(path.parent)
         if record.ok:
-            _refuse_nonfinite(record, path, console)
+            _refuse_invalid(record, path, console)
+        else:  # a failed or pruned record's numbers are shown too: COCOeval's -1 as the null it means
+            record.metrics = as_stored(record.metrics)
         records.append(record)
     if not records:
         raise UserError(f"None of the {len(paths)} {FILENAME} files under {root} could be read; "
@@ -100,25 +102,22 @@ def load_records(root: Path, console: Console | None = None, paths: list[Path] |
     return records
 
 
-def _blank_nonfinite(value):
-    if isinstance(value, dict):
-        return {k: _blank_nonfinite(v) for k, v in value.items()}
-    return None if is_nonfinite(value) else value
-
-
-def _refuse_nonfinite(record: Record, path: Path, console: Console | None) -> None:
-    """Invariant 1 on records written elsewhere (an older peftseg, a hand edit, another tool):
-    one recorded "ok" whose numbers are not a result (peftseg.finite decides, as for runs)
-    becomes an "invalid" row with the reason, its non-finite numbers blank, so it is never
-    an ok row, a baseline or a point of the Pareto front."""
+def _refuse_invalid(record: Record, path: Path, console: Console | None) -> None:
+    """peftseg.finite's rule (finite numbers inside their ranges) on records written elsewhere
+    (an older peftseg, a hand edit, another tool): one recorded "ok" whose numbers are not a
+    result becomes an "invalid" row with the reason, its offending numbers blank, so it is
+    never an ok row, a baseline or a point of the Pareto front. COCOeval's -1 in an entry it
+    may leave undefined (APs, AP-<class>) is shown as the null it stands for."""
     problems = result_problems(record.metrics, record.params, record.efficiency)
     if not problems:
+        record.metrics = as_shown("metrics", record.metrics)
         return
     record.status = "invalid"
-    record.error = {"type": "NonFiniteResult", "traceback": None,
+    record.error = {"type": "InvalidResult", "traceback": None,
                     "message": f"recorded ok, but its numbers are not a result: {'; '.join(problems)}"}
     record.metrics, record.params, record.efficiency = (
-        _blank_nonfinite(record.metrics), _blank_nonfinite(record.params), _blank_nonfinite(record.efficiency))
+        as_shown("metrics", record.metrics), as_shown("params", record.params),
+        as_shown("efficiency", record.efficiency))
     if console:
         from rich.markup import escape
 
