@@ -305,6 +305,55 @@ def test_a_killed_search_resumes_to_its_total_with_the_same_command(tmp_path, sh
     assert "study 'peft_search': 4 complete, 0 pruned, 0 failed" in out
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_search_stopped_in_its_last_trial_reaches_its_total_with_the_same_command(tmp_path, shapes_cache, sig):
+    """The stopped trial is enqueued to run again (SIGTERM: by its worker; kill -9: by the next
+    one); the same command runs it, though the budget looks used, and the stopped one counts once."""
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    # 8 steps: the trial is still in its run when its "running" record is seen
+    args = (*TINY, "train.max_iter=8", "objective=trainable_pct", "search.methods=[heads]", "search.n_trials=1",
+            f"search.storage={storage}")
+    proc = _cli(tmp_path, shapes_cache, *args)
+    try:
+        while proc.poll() is None:
+            time.sleep(0.1)
+            found = list(tmp_path.glob("search/peft_search/0-*/results.json"))
+            if found and json.loads(found[0].read_text() or "{}").get("status") == "running":
+                break
+        assert proc.poll() is None, "the search ended before it could be stopped: " + proc.stdout.read()[-3000:]
+        proc.send_signal(sig)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (143 if sig == signal.SIGTERM else -9), out[-3000:]
+    if sig == signal.SIGTERM:  # its worker marked it lost and enqueued it, which used to fill the budget
+        assert "the trial in progress was enqueued to run again: the same command continues the study" in out
+        assert [(t.number, t.state.name) for t in _study_trials(storage)] == [(0, "FAIL"), (1, "WAITING")]
+    else:  # left running: the next worker finds its pid dead
+        assert [(t.number, t.state.name) for t in _study_trials(storage)] == [(0, "RUNNING")]
+    again = cli_in_process("search", *args, cwd=tmp_path, cache=shapes_cache)
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = _study_trials(storage)
+    assert [(t.number, t.state.name, t.user_attrs[search.STATUS_ATTR]) for t in trials] == \
+        [(0, "FAIL", "lost"), (1, "COMPLETE", "ok")]
+    assert trials[1].user_attrs[search.RETRY_ATTR] == 0
+    if sig == signal.SIGKILL:
+        assert "trial 0: its worker is gone; enqueued to run again" in again.stdout
+    assert "study 'peft_search': 1 complete, 0 pruned, 0 failed (1 run by this worker)" in again.stdout
+    assert "trials finished" not in again.stdout  # the total was reached
+    folder = tmp_path / "search/peft_search"
+    first = json.loads((folder / "0-vitdet_tiny-heads/results.json").read_text())
+    assert first["status"] == ("interrupted" if sig == signal.SIGTERM else "failed")
+    record = json.loads((folder / "1-vitdet_tiny-heads/results.json").read_text())
+    assert record["status"] == "ok" and trials[1].values[0] == pytest.approx(100 * record["params"]["ratio"])
+    summary = json.loads((folder / "search.json").read_text())
+    assert summary["best_trials"] == [1] and [t["status"] for t in summary["trials"]] == ["lost", "ok"]
+    # and once more: the study is full, nothing runs, nothing is enqueued
+    full = cli_in_process("search", *args, cwd=tmp_path, cache=shapes_cache)
+    assert full.returncode == 0 and "(0 run by this worker)" in full.stdout and len(_study_trials(storage)) == 2
+
+
 def test_two_concurrent_workers_fill_one_study_without_duplicates(tmp_path, shapes_cache):
     storage = str(tmp_path / "journal.log")  # Optuna's journal file: the other kind of storage
     args = (*STORAGE_TEST, f"search.storage={storage}")

@@ -58,6 +58,7 @@ def main(argv: list[str], console=None) -> int:
                       "command continues the study", highlight=False, markup=False, soft_wrap=True)
         return 128 + getattr(stop, "signum", 2)
     summary = summarize(study, plan, objective)
+    finished = sum(t["state"] in ("complete", "pruned", "fail") and t["status"] != "lost" for t in summary["trials"])
     if tracker is not None and not any(t["state"] in ("running", "waiting") for t in summary["trials"]):
         _finish_tracking(tracker, study, summary)
     search_dir.mkdir(parents=True, exist_ok=True)
@@ -67,12 +68,19 @@ def main(argv: list[str], console=None) -> int:
     console.print(f"study {opts.study!r}: {states.count('complete')} complete, {states.count('pruned')} pruned, "
                   f"{states.count('fail')} failed" + (f", {running} still running in other workers" if running else "")
                   + f" ({ran} run by this worker); {search_dir / SUMMARY}", highlight=False, markup=False, soft_wrap=True)
+    if finished < opts.n_trials:  # a search reaches its total, or says why not
+        waiting = states.count("waiting")
+        why = ([f"{running} still running in other workers"] if running else []) + \
+            ([f"{waiting} enqueued to run again (their worker stopped) after this worker finished: run the same "
+              "command again"] if waiting else [])
+        console.print(f"{finished} of search.n_trials={opts.n_trials} trials finished; {', '.join(why)}",
+                      highlight=False, markup=False, soft_wrap=True)
     for number in summary["best_trials"]:
         t = summary["trials"][number]
         console.print(f"  best: trial {number} {t['values']} {t['params']} ({t['run_dir']})", highlight=False,
                       markup=False, soft_wrap=True)
     console.print(f"browse: optuna-dashboard {opts.storage}", highlight=False, markup=False)
-    if states.count("complete") or states.count("pruned") or running:
+    if states.count("complete") or states.count("pruned") or running or states.count("waiting"):
         return 0
     report_error(UserError(no_result_note(summary, opts)))
     return 1

@@ -24,7 +24,10 @@ Why a worker loop of our own around Optuna's ask/tell instead of `study.optimize
   does this only for RDB storages, and only after its grace period; here each running trial
   carries its worker's host, pid and a heartbeat in its user attributes, so a worker on the
   same host sees a dead pid at once and any worker sees a stale heartbeat, for every storage.
-  The lost trial is marked FAIL ("lost") and its parameters are enqueued to run again.
+  The lost trial is marked FAIL ("lost") and its parameters are enqueued to run again; the
+  enqueued trial (WAITING) stands for it in the budget, and is run by the next worker that
+  asks, even when the budget looks used: otherwise a study whose last trial was stopped
+  would never reach n_trials.
 """
 
 from __future__ import annotations
@@ -599,10 +602,15 @@ def _seeded(study, opts: SearchOptions, number: int):
 def _next_trial(study, plan: Plan, grace_s: float):
     """Under the workers' lock: give lost trials back, and ask for a trial if the budget has room.
     (the study object that asked, the trial or None, numbers of trials found lost)"""
+    from optuna.trial import TrialState
+
     with workers_lock(plan.options.storage):
         lost = reclaim_lost(study, grace_s)
         trials = study.get_trials(deepcopy=False)
-        if sum(counts_toward_budget(t) for t in trials) >= plan.options.n_trials:
+        # a WAITING trial is a lost one enqueued again: it already counts toward the budget (in
+        # place of the lost one), and ask() takes it before sampling anything new
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and sum(counts_toward_budget(t) for t in trials) >= plan.options.n_trials:
             return study, None, lost
         asker = study if plan.options.seed is None else _seeded(study, plan.options, len(trials))
         trial = asker.ask()
