@@ -4,6 +4,7 @@ after a kill and is shared by concurrent workers, pruning recorded as `pruned`."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -178,6 +179,23 @@ def test_resuming_a_study_with_other_fixed_overrides_or_objective_is_refused(tmp
         search.open_study(other, "segm_ap", TrainConfig())
     with pytest.raises(UserError, match="optimises \\['maximize'\\], not \\['minimize'\\]"):
         search.open_study(first, "trainable_pct", TrainConfig())
+
+
+def test_an_mlflow_store_failing_mid_search_is_a_warning_not_a_crash(tmp_path, caplog):
+    class Failing:  # as MlflowTracker when its sqlite store is locked after the first trial
+        def start_parent(self, *args, **kwargs):
+            raise RuntimeError("database is locked")
+
+        def log_run(self, *args, **kwargs):
+            raise AssertionError("a trial is not logged without its parent run")
+
+    study = optuna.create_study()
+    plan = search.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}"])
+    with caplog.at_level(logging.WARNING, logger="peftseg.engine.search"):
+        search._track_trial(Failing(), study, plan, 0, tmp_path / "0-vitdet_tiny-heads")
+    assert [r.getMessage() for r in caplog.records if r.name == "peftseg.engine.search"] == [
+        "MLflow: trial 0 not tracked, the study's parent run could not be made: RuntimeError: database is locked"]
+    assert search.MLFLOW_PARENT_ATTR not in study.user_attrs  # the next trial tries again
 
 
 # --- pruning, in process ------------------------------------------------------------------

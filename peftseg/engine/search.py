@@ -557,9 +557,14 @@ def _track_trial(tracker, study, plan: Plan, number: int, run_dir: Path) -> None
     with workers_lock(plan.options.storage):  # one parent run per study, whichever worker is first
         parent = study.user_attrs.get(MLFLOW_PARENT_ATTR)
         if parent is None:
-            parent = tracker.start_parent(
-                f"search {plan.options.study}", {"peftseg.kind": "search", "peftseg.study": plan.options.study},
-                {"search.storage": plan.options.storage, "search.fixed": " ".join(plan.fixed)})
+            try:
+                parent = tracker.start_parent(
+                    f"search {plan.options.study}", {"peftseg.kind": "search", "peftseg.study": plan.options.study},
+                    {"search.storage": plan.options.storage, "search.fixed": " ".join(plan.fixed)})
+            except Exception as exc:  # tracking never takes the search down; the next trial tries again
+                log.warning("MLflow: trial %d not tracked, the study's parent run could not be made: %s: %s",
+                            number, type(exc).__name__, exc)
+                return
             study.set_user_attr(MLFLOW_PARENT_ATTR, parent)
     try:
         record = read_record(run_dir).to_dict()
