@@ -38,6 +38,12 @@ def _study_trials(storage: str, study: str = "peft_search"):
     return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
 
 
+def _study_folder(cwd: Path, study: str = "peft_search") -> Path:
+    """The one folder of study `study` under cwd/search (search/<study>-<key>)."""
+    (folder,) = (cwd / "search").glob(f"{study}-*")
+    return folder
+
+
 def _ask(methods, enqueue: dict | None = None):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     if enqueue:
@@ -175,10 +181,93 @@ def test_resuming_a_study_with_other_fixed_overrides_or_objective_is_refused(tmp
     assert study.user_attrs[search.FIXED_ATTR] == ["train.max_iter=10"]
     assert search.open_study(first, "segm_ap", TrainConfig()).study_name == "peft_search"  # the same: resumes
     other = search.parse_args(["train.max_iter=20", f"search.storage={storage}"])
-    with pytest.raises(UserError, match=r"was started with fixed \['train.max_iter=10'\], this command has"):
+    with pytest.raises(UserError, match=r"was created with fixed overrides \['train.max_iter=10'\], this command has"):
         search.open_study(other, "segm_ap", TrainConfig())
     with pytest.raises(UserError, match="optimises \\['maximize'\\], not \\['minimize'\\]"):
         search.open_study(first, "trainable_pct", TrainConfig())
+
+
+def test_resuming_a_study_with_another_search_space_is_refused_by_name(tmp_path):
+    from peftseg.config import TrainConfig
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    first = search.parse_args([f"search.storage={storage}", "search.methods=[heads,lora]",
+                               "train.base_lr=tag(log,interval(1e-4,1e-2))"])
+    study = search.open_study(first, "segm_ap", TrainConfig())
+    space = study.user_attrs[search.SPACE_ATTR]
+    assert study.user_attrs[search.METHODS_ATTR] == ["heads", "lora"]
+    assert space["method"] == "choice(heads,lora)" and space["train.base_lr"] == "float(0.0001,0.01,log)"
+    assert set(space) == {"method", "train.base_lr"} | {f"lora.{k.key}" for k in METHODS.get("lora").search_space}
+    # the same command, and objective=[segm_ap] (the same one objective): it resumes
+    assert search.open_study(first, ["segm_ap"], TrainConfig()).study_name == "peft_search"
+    other_methods = search.parse_args([f"search.storage={storage}", "search.methods=[heads,bitfit]",
+                                       "train.base_lr=tag(log,interval(1e-4,1e-2))"])
+    with pytest.raises(UserError) as refused:
+        search.open_study(other_methods, "segm_ap", TrainConfig())
+    assert str(refused.value) == (
+        f"study 'peft_search' in {storage} was created with search.methods=[heads,lora], this command has "
+        "[heads,bitfit]: Optuna would mix the two search spaces. Resume it with the same methods, or start "
+        "another study with search.study=<name>.")
+    other_range = search.parse_args([f"search.storage={storage}", "search.methods=[heads,lora]",
+                                     "train.base_lr=tag(log,interval(1e-5,1e-2))"])
+    with pytest.raises(UserError, match=r"was created with another search space than this command's "
+                                        r"\(train.base_lr: float\(0.0001,0.01,log\) -> float\(1e-05,0.01,log\)\)"):
+        search.open_study(other_range, "segm_ap", TrainConfig())
+    with pytest.raises(UserError, match=r"was created with objective segm_ap, this command has bbox_ap\. "):
+        search.open_study(first, "bbox_ap", TrainConfig())  # the same direction, another objective
+    assert len(optuna.get_all_study_names(storage)) == 1 and not _study_trials(storage)  # nothing added
+
+
+def test_two_studies_never_share_a_folder_of_run_dirs(tmp_path):
+    from peftseg.config import TrainConfig
+
+    folders = []
+    with _in(tmp_path, tmp_path):
+        for name in ("a.db", "b.db"):  # the same study name (the default) in two storages
+            plan = search.parse_args([f"search.storage=sqlite:///{name}"])
+            study = search.open_study(plan, "segm_ap", TrainConfig())
+            folders.append(search.study_dir(plan, study))
+        assert folders[0] != folders[1] and all(f.parent == Path("search") for f in folders)
+        assert folders[0].name == f"peft_search-{search.study_key('sqlite:///a.db', 'peft_search')}"
+        marker = json.loads((folders[0] / search.MARKER).read_text())
+        assert marker["storage"] == f"sqlite:///{tmp_path / 'a.db'}" and marker["study"] == "peft_search"
+        # a.db deleted and made again: a new study of the same name, refused the first one's folder,
+        # before the new study is made
+        Path("a.db").unlink()
+        plan = search.parse_args(["search.storage=sqlite:///a.db"])
+        with pytest.raises(UserError) as refused:
+            search.open_study(plan, "segm_ap", TrainConfig())
+        assert str(refused.value) == (
+            f"{folders[0]} (the study's folder) holds the trials of another study: 'peft_search' in "
+            f"sqlite:///{tmp_path / 'a.db'} (a study of the same name that was deleted, or whose storage was made "
+            f"again), per its {search.MARKER}. This study's trials would clear their run dirs. Move that folder "
+            "away, or give this study its own: search.dir=<folder> or search.study=<name>.")
+        assert optuna.get_all_study_names("sqlite:///a.db") == []
+        # search.dir given: another study's folder, or one with runs of its own, is refused too
+        plan = search.parse_args(["search.storage=sqlite:///c.db", f"search.dir={folders[1]}"])
+        with pytest.raises(UserError, match=r"holds the trials of another study: 'peft_search' in sqlite:///.*b\.db, per"):
+            search.open_study(plan, "segm_ap", TrainConfig())
+        Path("runs/3-vitdet_tiny-lora").mkdir(parents=True)
+        Path("runs/3-vitdet_tiny-lora/results.json").write_text("{}")
+        plan = search.parse_args(["search.storage=sqlite:///c.db", "search.dir=runs"])
+        with pytest.raises(UserError, match=r"search.dir=runs holds runs that are not trials of study 'peft_search' "
+                                            r"in sqlite:///c.db \(runs/3-vitdet_tiny-lora\)"):
+            search.open_study(plan, "segm_ap", TrainConfig())
+
+
+@pytest.mark.parametrize("objective, message", [
+    ("[[segm_ap]]", "objective=[['segm_ap']]: ['segm_ap'] is not an objective name; give names"),
+    ("[segm_ap,segm_ap]", "objective=['segm_ap', 'segm_ap'] names segm_ap more than once; give each objective once"),
+    ("[]", "objective=[] is not a known objective"),
+    ("[segm_ap,map]", "objective=['segm_ap', 'map'] is not a known objective"),
+    ("5", "objective=5 is not an objective: give one name or a list of names"),
+])
+def test_objective_lists_of_any_length_are_checked_before_the_study_opens(tmp_path, shapes_cache, objective,
+                                                                          message):
+    proc = cli_in_process("search", f"objective={objective}", "search.n_trials=1", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {message}"), proc.stderr
+    assert not (tmp_path / "search.db").exists() and not (tmp_path / "search").exists()
 
 
 def test_an_mlflow_store_failing_mid_search_is_a_warning_not_a_crash(tmp_path, caplog):
@@ -206,7 +295,9 @@ def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     console = Console(file=open(os.devnull, "w"))
     # every AP is below 101: the threshold pruner stops the trial at its first evaluation
+    # objective=[segm_ap], a one-element list, is the one objective segm_ap: a pruner follows it
     args = [*TINY, "train.max_iter=3", "train.eval_period=1", "search.methods=[heads]", "search.n_trials=1",
+            "objective=[segm_ap]",
             "search.pruner=threshold", "search.prune_below=101", f"search.storage={storage}",
             "+tracking=mlflow", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     with _in(tmp_path, shapes_cache):
@@ -218,8 +309,8 @@ def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
     (trial,) = _study_trials(storage)
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
     assert trial.user_attrs[search.STATUS_ATTR] == "pruned"
-    summary = json.loads((tmp_path / "search/peft_search/search.json").read_text())
-    assert [t["state"] for t in summary["trials"]] == ["pruned"]
+    summary = json.loads((_study_folder(tmp_path) / "search.json").read_text())
+    assert [t["state"] for t in summary["trials"]] == ["pruned"] and summary["objective"] == "segm_ap"
     # peftseg report reads the trial as pruned: not a result, not counted ok
     report = cli_in_process("report", str(tmp_path / "search"), cwd=tmp_path, cache=shapes_cache)
     assert report.returncode == 0, report.stdout + report.stderr
@@ -245,7 +336,7 @@ def test_a_multi_objective_search_keeps_the_pareto_set(tmp_path, shapes_cache):
         assert search_cli.main(args, Console(file=open(os.devnull, "w"))) == 0
     study = optuna.load_study(study_name="peft_search", storage=storage)
     assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
-    summary = json.loads((tmp_path / "search/peft_search/search.json").read_text())
+    summary = json.loads((_study_folder(tmp_path) / "search.json").read_text())
     points = {}
     for t in summary["trials"]:
         record = json.loads((Path(t["run_dir"]) / "results.json").read_text())
@@ -293,7 +384,7 @@ def test_a_killed_search_resumes_to_its_total_with_the_same_command(tmp_path, sh
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
             # the study's tables exist once a trial trains (reading sooner would race their creation)
-            if list(tmp_path.glob("search/peft_search/*/results.json")):
+            if list(tmp_path.glob("search/peft_search-*/*/results.json")):
                 try:
                     trials = _study_trials(storage)
                 except Exception:  # the study is being created
@@ -335,7 +426,7 @@ def test_a_search_stopped_in_its_last_trial_reaches_its_total_with_the_same_comm
     try:
         while proc.poll() is None:
             time.sleep(0.1)
-            found = list(tmp_path.glob("search/peft_search/0-*/results.json"))
+            found = list(tmp_path.glob("search/peft_search-*/0-*/results.json"))
             if found and json.loads(found[0].read_text() or "{}").get("status") == "running":
                 break
         assert proc.poll() is None, "the search ended before it could be stopped: " + proc.stdout.read()[-3000:]
@@ -360,7 +451,7 @@ def test_a_search_stopped_in_its_last_trial_reaches_its_total_with_the_same_comm
         assert "trial 0: its worker is gone; enqueued to run again" in again.stdout
     assert "study 'peft_search': 1 complete, 0 pruned, 0 failed (1 run by this worker)" in again.stdout
     assert "trials finished" not in again.stdout  # the total was reached
-    folder = tmp_path / "search/peft_search"
+    folder = _study_folder(tmp_path)
     first = json.loads((folder / "0-vitdet_tiny-heads/results.json").read_text())
     assert first["status"] == ("interrupted" if sig == signal.SIGTERM else "failed")
     record = json.loads((folder / "1-vitdet_tiny-heads/results.json").read_text())

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from peftseg.cli.common import console as default_console, print_text, report_error, wants_help
 from peftseg.errors import UserError
-from peftseg.engine.search import (AP_OBJECTIVES, HELP, SUMMARY, _finish_tracking, _first_value, _tracker, _work, open_study, parse_args, summarize)
+from peftseg.engine.search import (AP_OBJECTIVES, HELP, SUMMARY, _finish_tracking, _first_value, _tracker, _work,
+                                   open_study, parse_args, study_dir, study_objective, summarize)
 
 
 def main(argv: list[str], console=None) -> int:
@@ -24,19 +25,18 @@ def main(argv: list[str], console=None) -> int:
     from omegaconf import OmegaConf
 
     from peftseg.config import compose_config, validate
-    from peftseg.engine.objectives import objective_names
     from peftseg.io.atomic import write_json
 
     base = compose_config(plan.fixed)  # the fixed part fails now, not in every trial
     validate(base)
     if plan.sampled:  # and so does a sampled key the config does not have
         compose_config([*plan.fixed, *(_first_value(knob) for knob in plan.sampled)])
-    objective = OmegaConf.to_container(base, resolve=True)["objective"]
-    objective_names(objective)
+    # a list of any length, checked before the study opens; [segm_ap] is the one objective segm_ap
+    plan.objective = objective = study_objective(OmegaConf.to_container(base, resolve=True)["objective"])
     opts = plan.options
     tracker = _tracker(base)  # an MLflow store it cannot write: refused before the study is opened
     study = open_study(plan, objective, base.train)
-    search_dir = Path(opts.dir or Path("search") / opts.study)
+    search_dir = study_dir(plan, study)
     import optuna
 
     pruner = None if isinstance(study.pruner, optuna.pruners.NopPruner) else study.pruner
