@@ -270,6 +270,81 @@ def test_objective_lists_of_any_length_are_checked_before_the_study_opens(tmp_pa
     assert not (tmp_path / "search.db").exists() and not (tmp_path / "search").exists()
 
 
+class _Held:
+    """A sqlite database another connection holds in an exclusive transaction, until release()."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        self.con = sqlite3.connect(path, isolation_level=None)
+        self.con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        self.con.execute("BEGIN EXCLUSIVE")
+
+    def release(self):
+        if self.con.in_transaction:
+            self.con.execute("ROLLBACK")
+
+
+def test_a_locked_sqlite_storage_is_one_line_at_once_then_a_bounded_wait(tmp_path, shapes_cache, monkeypatch):
+    from peftseg.config import TrainConfig
+    from peftseg.engine import tracking
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    held = _Held(tmp_path / "search.db")
+    said = []
+
+    def say(line):  # the line comes before the wait: the lock is released only once it is said
+        said.append(line)
+        held.release()
+
+    study = search.open_study(search.parse_args([f"search.storage={storage}"]), "segm_ap", TrainConfig(), say)
+    assert said == [f"search.storage={storage} is locked by another process (database is locked); waiting up to "
+                    f"{tracking.STORE_WAIT_S:g} s for it to be released"]
+    assert study.study_name == "peft_search"
+    # held past the wait: one paragraph, exit 2, no trial
+    monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
+    monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
+    held = _Held(tmp_path / "search.db")
+    try:
+        proc = cli_in_process("search", f"search.storage={storage}", "search.n_trials=1", "method=heads",
+                              cwd=tmp_path, cache=shapes_cache)
+    finally:
+        held.release()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0] == (f"search.storage={storage} is locked by another process (database is "
+                                           "locked); waiting up to 0.2 s for it to be released")
+    assert proc.stderr == (
+        f"error: search.storage={storage} is still locked by another process after 0.2 s (database is locked). "
+        "Nothing was run. Close what holds it (an open transaction in a sqlite3 shell or a database browser, a "
+        "process that is stuck writing), or use another storage: search.storage=<file>.db or a journal file, "
+        "search.storage=studies/search.log.\n")
+    assert not _study_trials(storage)
+
+
+def test_a_journal_whose_lock_file_is_there_says_how_long_optuna_waits(tmp_path):
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from peftseg.config import TrainConfig
+
+    journal = tmp_path / "search.log"
+    journal.touch()
+    # the lock file named in the line is the one Optuna's journal lock makes
+    lock = JournalFileSymlinkLock(str(journal))
+    lock.acquire()
+    assert os.path.islink(f"{journal}.lock")
+    said = []
+
+    def say(line):
+        said.append(line)
+        lock.release()  # as the worker that held it would, once it wrote
+
+    search.open_study(search.parse_args([f"search.storage={journal}"]), "segm_ap", TrainConfig(), say)
+    assert said == [f"search.storage={journal} is locked: its lock file {journal}.lock is there (another worker is "
+                    f"writing, or one was killed while writing); waiting up to {search.JOURNAL_GRACE_S} s for it, "
+                    "after which Optuna takes over a lock that has not changed"]
+    assert not os.path.lexists(f"{journal}.lock")
+
+
 def test_an_mlflow_store_failing_mid_search_is_a_warning_not_a_crash(tmp_path, caplog):
     class Failing:  # as MlflowTracker when its sqlite store is locked after the first trial
         def start_parent(self, *args, **kwargs):

@@ -34,8 +34,12 @@ def main(argv: list[str], console=None) -> int:
     # a list of any length, checked before the study opens; [segm_ap] is the one objective segm_ap
     plan.objective = objective = study_objective(OmegaConf.to_container(base, resolve=True)["objective"])
     opts = plan.options
-    tracker = _tracker(base)  # an MLflow store it cannot write: refused before the study is opened
-    study = open_study(plan, objective, base.train)
+
+    def say(line: str) -> None:  # a store another process holds: said at once, with the wait
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    tracker = _tracker(base, say)  # an MLflow store it cannot write: refused before the study is opened
+    study = open_study(plan, objective, base.train, say)
     search_dir = study_dir(plan, study)
     import optuna
 

@@ -68,6 +68,9 @@ SPACE_ATTR = "peftseg.space"  # every sampled Optuna parameter and its range
 KEY_ATTR = "peftseg.key"  # names the study's folder: search/<study>-<key>
 UID_ATTR = "peftseg.uid"  # set when the study is created: tells a study from an earlier one of the same name
 MARKER = ".peftseg-study.json"  # in the study's folder: which study it belongs to
+# Optuna's journal file lock (JournalFileSymlinkLock) is a symlink beside the journal; one left by a
+# worker killed while it wrote is taken over after this long without a change
+JOURNAL_GRACE_S = 30
 AP_OBJECTIVES = {"segm_ap": "segm", "bbox_ap": "bbox"}  # objectives a pruner can follow
 PRUNERS = ("auto", "none", "median", "hyperband", "threshold")
 SAMPLERS = ("auto", "tpe", "nsgaii", "random")
@@ -274,24 +277,63 @@ def search_space(plan: Plan) -> dict[str, str]:
 def _storage_file(storage: str) -> Path | None:
     """The file behind a storage (sqlite database or journal), for the workers' lock."""
     if storage.startswith("sqlite:///"):
-        path = storage[len("sqlite:///"):]
+        path = storage[len("sqlite:///"):].split("?", 1)[0]  # sqlite:///s.db?timeout=9: the file s.db
         return None if not path or path == ":memory:" else Path(path)
     return None if "://" in storage else Path(storage)
+
+
+def _still_locked(storage: str, why: str) -> UserError:
+    from peftseg.engine.tracking import STORE_WAIT_S
+
+    return UserError(f"search.storage={storage} is still locked by another process after {STORE_WAIT_S:g} s ({why}). "
+                     "Nothing was run. Close what holds it (an open transaction in a sqlite3 shell or a database "
+                     "browser, a process that is stuck writing), or use another storage: search.storage=<file>.db "
+                     "or a journal file, search.storage=studies/search.log.")
+
+
+def wait_for_storage(storage: str, say) -> None:
+    """Before the study opens: a sqlite storage another process holds is one line through `say`
+    at once and a wait of STORE_WAIT_S at most (then UserError); a journal whose lock file is
+    there is one line saying how long Optuna waits before it takes the lock over."""
+    from peftseg.engine import tracking
+
+    if "://" in storage:
+        path = tracking.sqlite_file(storage)
+        held = tracking.wait_for_sqlite(path, f"search.storage={storage}", say) if path else None
+        if held:
+            raise _still_locked(storage, held)
+        return
+    lock = Path(storage + ".lock")  # the symlink JournalFileSymlinkLock makes beside the journal
+    deadline = time.monotonic() + tracking.BUSY_PROBE_S  # another worker's moment of writing is no news
+    while os.path.lexists(lock) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.lexists(lock):
+        say(f"search.storage={storage} is locked: its lock file {lock} is there (another worker is writing, or "
+            f"one was killed while writing); waiting up to {JOURNAL_GRACE_S} s for it, after which Optuna takes "
+            "over a lock that has not changed")
 
 
 def open_storage(storage: str):
     import optuna
 
     if "://" in storage:
+        from peftseg.engine.tracking import STORE_WAIT_S, sqlite_file
+
+        # sqlite: a moment's lock of another worker is waited for as long as a held store is
+        # at the start (pysqlite's default is 5 s, then the statement fails)
+        kwargs = {"engine_kwargs": {"connect_args": {"timeout": STORE_WAIT_S}}} if sqlite_file(storage) else {}
         try:
-            return optuna.storages.RDBStorage(storage)
+            return optuna.storages.RDBStorage(storage, **kwargs)
         except Exception as e:  # a bad URL, a missing driver, a server that does not answer
+            if "database is locked" in str(e):
+                raise _still_locked(storage, "database is locked") from None
             raise UserError(f"search.storage={storage!r} could not be opened ({type(e).__name__}: {e}); use "
                             "sqlite:///search.db, another SQLAlchemy URL, or a file path for a journal.") from None
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(storage))
+    lock = JournalFileSymlinkLock(storage, grace_period=JOURNAL_GRACE_S)  # Optuna's default lock, its grace ours
+    return optuna.storages.JournalStorage(JournalFileBackend(storage, lock_obj=lock))
 
 
 @contextlib.contextmanager
@@ -364,7 +406,7 @@ def build_pruner(opts: SearchOptions, objective, tcfg):
     return optuna.pruners.ThresholdPruner(lower=float(opts.prune_below))
 
 
-def open_study(plan: Plan, objective, tcfg):
+def open_study(plan: Plan, objective, tcfg, say=log.warning):
     """The study (created, or loaded to resume), checked to be the one this command started:
     the same objective and directions, fixed overrides and search space, else UserError."""
     import optuna
@@ -372,6 +414,7 @@ def open_study(plan: Plan, objective, tcfg):
     objective = study_objective(objective)
     directions = _directions(objective)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our console says what each trial did
+    wait_for_storage(plan.options.storage, say)  # before the workers' lock: others need not wait on it
     # under the lock: workers starting together on a new sqlite file would each create its tables
     with workers_lock(plan.options.storage):
         storage = open_storage(plan.options.storage)
@@ -712,15 +755,16 @@ def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, cons
 MLFLOW_PARENT_ATTR = "peftseg.mlflow_parent"
 
 
-def _tracker(cfg):
+def _tracker(cfg, say=log.warning):
     """The MLflow tracker `+tracking=mlflow` asks for (Hydra callbacks do not run here), its
-    start checks done: a store it cannot write is refused before the first trial."""
+    start checks done: a store it cannot write, or one another process holds past the wait
+    (said at once through `say`), is refused before the first trial."""
     if cfg.get("tracking") is None:
         return None
     from peftseg.engine.tracking import MlflowTracker
 
     tracker = MlflowTracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
-    tracker.start()
+    tracker.start(say)
     return tracker
 
 
