@@ -321,6 +321,61 @@ def test_a_locked_sqlite_storage_is_one_line_at_once_then_a_bounded_wait(tmp_pat
     assert not _study_trials(storage)
 
 
+def test_a_storage_locked_between_trials_is_said_at_once_and_waited_for(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from peftseg.config import TrainConfig
+    from peftseg.engine import tracking
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    plan = search.parse_args([f"search.storage={storage}", "method=heads", "search.n_trials=1"])
+    plan.objective = "trainable_pct"
+    study = search.open_study(plan, plan.objective, TrainConfig())
+    held = []
+
+    def run_trial(trial, plan, search_dir, pruner_task, console):  # a trial, and then the storage is locked
+        held.append(_Held(tmp_path / "search.db"))
+        return "ok", 1.5, search_dir / "0-vitdet_tiny-heads"
+
+    class Out(io.StringIO):
+        def write(self, text):  # the line is out before the wait: only then does the lock go
+            if "is locked by another process" in text:
+                held[-1].release()
+            return super().write(text)
+
+    monkeypatch.setattr(search, "run_trial", run_trial)
+    out = Out()
+    assert search._work(study, plan, tmp_path / "search", None, 180.0, None, Console(file=out, width=300)) == 1
+    assert out.getvalue().splitlines() == [f"search.storage={storage} is locked by another process (database is "
+                                           f"locked); waiting up to {tracking.STORE_WAIT_S:g} s for it to be released"]
+    (trial,) = _study_trials(storage)
+    assert trial.state.name == "COMPLETE" and trial.values == [1.5]
+
+
+def test_an_mlflow_store_locked_mid_search_leaves_the_trial_untracked_with_one_warning(tmp_path, monkeypatch,
+                                                                                       caplog):
+    from peftseg.engine import tracking
+
+    monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
+    monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    said = []
+    held = _Held(tmp_path / "mlflow.db")
+    try:
+        with caplog.at_level(logging.WARNING, logger="peftseg.engine.search"):
+            search._track_trial(tracking.MlflowTracker(uri=uri), optuna.create_study(),
+                                search.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}"]), 3,
+                                tmp_path / "3-vitdet_tiny-heads", said.append)
+    finally:
+        held.release()
+    assert said == [f"mlflow: the store {uri} is locked by another process (database is locked); waiting up to "
+                    "0.2 s for it to be released"]
+    assert [r.getMessage() for r in caplog.records if r.name == "peftseg.engine.search"] == [
+        "MLflow: trial 3 not tracked: its store is still locked by another process after 0.2 s (database is locked)"]
+
+
 def test_a_journal_whose_lock_file_is_there_says_how_long_optuna_waits(tmp_path):
     from optuna.storages.journal import JournalFileSymlinkLock
 
@@ -346,7 +401,10 @@ def test_a_journal_whose_lock_file_is_there_says_how_long_optuna_waits(tmp_path)
 
 
 def test_an_mlflow_store_failing_mid_search_is_a_warning_not_a_crash(tmp_path, caplog):
-    class Failing:  # as MlflowTracker when its sqlite store is locked after the first trial
+    class Failing:  # as MlflowTracker when its store fails after the first trial
+        def wait_for_store(self, say):
+            return None  # free when looked at, failing a moment later
+
         def start_parent(self, *args, **kwargs):
             raise RuntimeError("database is locked")
 

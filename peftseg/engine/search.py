@@ -282,26 +282,27 @@ def _storage_file(storage: str) -> Path | None:
     return None if "://" in storage else Path(storage)
 
 
-def _still_locked(storage: str, why: str) -> UserError:
+def _still_locked(storage: str, why: str, done: str = "Nothing was run.") -> UserError:
     from peftseg.engine.tracking import STORE_WAIT_S
 
     return UserError(f"search.storage={storage} is still locked by another process after {STORE_WAIT_S:g} s ({why}). "
-                     "Nothing was run. Close what holds it (an open transaction in a sqlite3 shell or a database "
+                     f"{done} Close what holds it (an open transaction in a sqlite3 shell or a database "
                      "browser, a process that is stuck writing), or use another storage: search.storage=<file>.db "
                      "or a journal file, search.storage=studies/search.log.")
 
 
-def wait_for_storage(storage: str, say) -> None:
-    """Before the study opens: a sqlite storage another process holds is one line through `say`
-    at once and a wait of STORE_WAIT_S at most (then UserError); a journal whose lock file is
-    there is one line saying how long Optuna waits before it takes the lock over."""
+def wait_for_storage(storage: str, say, done: str = "Nothing was run.") -> None:
+    """Before the study opens, and before each trial is asked for or told: a sqlite storage
+    another process holds is one line through `say` at once and a wait of STORE_WAIT_S at most
+    (then UserError, ending with `done`); a journal whose lock file is there is one line saying
+    how long Optuna waits before it takes the lock over."""
     from peftseg.engine import tracking
 
     if "://" in storage:
         path = tracking.sqlite_file(storage)
         held = tracking.wait_for_sqlite(path, f"search.storage={storage}", say) if path else None
         if held:
-            raise _still_locked(storage, held)
+            raise _still_locked(storage, held, done)
         return
     lock = Path(storage + ".lock")  # the symlink JournalFileSymlinkLock makes beside the journal
     deadline = time.monotonic() + tracking.BUSY_PROBE_S  # another worker's moment of writing is no news
@@ -768,9 +769,15 @@ def _tracker(cfg, say=log.warning):
     return tracker
 
 
-def _track_trial(tracker, study, plan: Plan, number: int, run_dir: Path) -> None:
+def _track_trial(tracker, study, plan: Plan, number: int, run_dir: Path, say=log.warning) -> None:
+    from peftseg.engine.tracking import STORE_WAIT_S
     from peftseg.results import read_record
 
+    held = tracker.wait_for_store(say)  # a store held since the start: said at once, not 20 s per statement
+    if held:
+        log.warning("MLflow: trial %d not tracked: its store is still locked by another process after %g s (%s)",
+                    number, STORE_WAIT_S, held)
+        return
     with workers_lock(plan.options.storage):  # one parent run per study, whichever worker is first
         parent = study.user_attrs.get(MLFLOW_PARENT_ATTR)
         if parent is None:
@@ -863,7 +870,13 @@ def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, trac
     from optuna.trial import TrialState
 
     opts, ran = plan.options, 0
+
+    def say(line: str) -> None:  # a store another process holds: said at once, with the wait
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
     while True:
+        wait_for_storage(opts.storage, say, "No new trial was started; the same command continues the study once "
+                         "the storage is free.")  # before the workers' lock: others need not queue behind it
         asker, trial, lost = _next_trial(study, plan, grace_s)
         for number in lost:
             console.print(f"trial {number}: its worker is gone; enqueued to run again", highlight=False, markup=False)
@@ -880,6 +893,9 @@ def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, trac
                     study.tell(trial, state=TrialState.FAIL)
                     study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
                 raise
+        # the trial ran; still unrecorded past the wait, it stays RUNNING and is run again
+        wait_for_storage(opts.storage, say, f"Trial {trial.number} ran ({run_dir}) but is not recorded in the "
+                         "study: the same command runs it again once the storage is free.")
         trial.set_user_attr(STATUS_ATTR, status)
         if status == "ok":
             asker.tell(trial, values)
@@ -887,7 +903,7 @@ def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, trac
             asker.tell(trial, state=TrialState.PRUNED if status == "pruned" else TrialState.FAIL)
         ran += 1
         if tracker is not None:
-            _track_trial(tracker, study, plan, trial.number, run_dir)
+            _track_trial(tracker, study, plan, trial.number, run_dir, say)
     return ran
 
 

@@ -243,13 +243,17 @@ class MlflowTracker(Callback):
             self.check_lock(say or log.warning)
             self.available()
 
-    def check_lock(self, say) -> None:
+    def wait_for_store(self, say) -> str | None:
+        """A sqlite store another process holds: one line through `say`, then STORE_WAIT_S at
+        most; None when it is free, otherwise why it is still held."""
         uri = tracking_uri(self.uri)
         path = sqlite_file(uri)
-        if path is None:
-            return
-        held = wait_for_sqlite(path, f"mlflow: the store {uri}", say)
+        return None if path is None else wait_for_sqlite(path, f"mlflow: the store {uri}", say)
+
+    def check_lock(self, say) -> None:
+        held = self.wait_for_store(say)
         if held:
+            uri = tracking_uri(self.uri)
             given = f"tracking.uri={self.uri}" if self.uri else f"+tracking=mlflow (MLflow's default store {uri})"
             raise UserError(
                 f"{given}: the MLflow store is still locked by another process after {STORE_WAIT_S:g} s ({held}). "
