@@ -199,3 +199,27 @@ def test_a_mlflow_db_held_past_the_wait_is_refused_before_the_run_or_search(tmp_
     assert proc.stdout.splitlines() == [line]  # said at once, on the search's console
     assert proc.stderr.startswith(f"error: tracking.uri={uri}: the MLflow store is still locked by another process")
     assert not (tmp_path / "study.db").exists()  # before the study was opened
+
+
+def test_a_mlflow_db_locked_when_a_run_ends_is_said_at_once_and_the_run_left_untracked(tmp_path, monkeypatch,
+                                                                                       caplog):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
+    monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.MlflowTracker(uri=uri)
+    tracker.start()  # free at the start
+    held = _Held(tmp_path / "mlflow.db")  # and held when the run ends
+    ret = JobReturn()
+    ret.status = JobStatus.COMPLETED
+    try:
+        with caplog.at_level(logging.WARNING, logger="peftseg.engine.tracking"):
+            tracker.on_job_end(job_config(tmp_path), ret)
+    finally:
+        held.release()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"mlflow: the store {uri} is locked by another process (database is locked); waiting up to 0.2 s for it "
+        "to be released",
+        f"MLflow: {tmp_path} not tracked: its store is still locked by another process after 0.2 s (database is "
+        "locked)"]

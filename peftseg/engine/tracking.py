@@ -366,6 +366,11 @@ class MlflowTracker(Callback):
         if not self.available():
             return
         run_dir = Path(str(config.hydra.runtime.output_dir))
+        held = self.wait_for_store(log.warning)  # held since the start: said at once, not 20 s per statement
+        if held:
+            log.warning("MLflow: %s not tracked: its store is still locked by another process after %g s (%s)",
+                        run_dir, STORE_WAIT_S, held)
+            return
         record_path = run_dir / FILENAME
         record = read_record(record_path).to_dict() if record_path.is_file() else {}
         parent = self._parent_id(config) if config.hydra.mode == RunMode.MULTIRUN else None
