@@ -4,6 +4,7 @@ after a kill and is shared by concurrent workers, pruning recorded as `pruned`."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -35,6 +36,12 @@ STORAGE_TEST = (*TINY, "objective=trainable_pct", "search.methods=[heads,bitfit,
 
 def _study_trials(storage: str, study: str = "peft_search"):
     return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def _study_folder(cwd: Path, study: str = "peft_search") -> Path:
+    """The one folder of study `study` under cwd/search (search/<study>-<key>)."""
+    (folder,) = (cwd / "search").glob(f"{study}-*")
+    return folder
 
 
 def _ask(methods, enqueue: dict | None = None):
@@ -174,10 +181,243 @@ def test_resuming_a_study_with_other_fixed_overrides_or_objective_is_refused(tmp
     assert study.user_attrs[search.FIXED_ATTR] == ["train.max_iter=10"]
     assert search.open_study(first, "segm_ap", TrainConfig()).study_name == "peft_search"  # the same: resumes
     other = search.parse_args(["train.max_iter=20", f"search.storage={storage}"])
-    with pytest.raises(UserError, match=r"was started with fixed \['train.max_iter=10'\], this command has"):
+    with pytest.raises(UserError, match=r"was created with fixed overrides \['train.max_iter=10'\], this command has"):
         search.open_study(other, "segm_ap", TrainConfig())
     with pytest.raises(UserError, match="optimises \\['maximize'\\], not \\['minimize'\\]"):
         search.open_study(first, "trainable_pct", TrainConfig())
+
+
+def test_resuming_a_study_with_another_search_space_is_refused_by_name(tmp_path):
+    from peftseg.config import TrainConfig
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    first = search.parse_args([f"search.storage={storage}", "search.methods=[heads,lora]",
+                               "train.base_lr=tag(log,interval(1e-4,1e-2))"])
+    study = search.open_study(first, "segm_ap", TrainConfig())
+    space = study.user_attrs[search.SPACE_ATTR]
+    assert study.user_attrs[search.METHODS_ATTR] == ["heads", "lora"]
+    assert space["method"] == "choice(heads,lora)" and space["train.base_lr"] == "float(0.0001,0.01,log)"
+    assert set(space) == {"method", "train.base_lr"} | {f"lora.{k.key}" for k in METHODS.get("lora").search_space}
+    # the same command, and objective=[segm_ap] (the same one objective): it resumes
+    assert search.open_study(first, ["segm_ap"], TrainConfig()).study_name == "peft_search"
+    other_methods = search.parse_args([f"search.storage={storage}", "search.methods=[heads,bitfit]",
+                                       "train.base_lr=tag(log,interval(1e-4,1e-2))"])
+    with pytest.raises(UserError) as refused:
+        search.open_study(other_methods, "segm_ap", TrainConfig())
+    assert str(refused.value) == (
+        f"study 'peft_search' in {storage} was created with search.methods=[heads,lora], this command has "
+        "[heads,bitfit]: Optuna would mix the two search spaces. Resume it with the same methods, or start "
+        "another study with search.study=<name>.")
+    other_range = search.parse_args([f"search.storage={storage}", "search.methods=[heads,lora]",
+                                     "train.base_lr=tag(log,interval(1e-5,1e-2))"])
+    with pytest.raises(UserError, match=r"was created with another search space than this command's "
+                                        r"\(train.base_lr: float\(0.0001,0.01,log\) -> float\(1e-05,0.01,log\)\)"):
+        search.open_study(other_range, "segm_ap", TrainConfig())
+    with pytest.raises(UserError, match=r"was created with objective segm_ap, this command has bbox_ap\. "):
+        search.open_study(first, "bbox_ap", TrainConfig())  # the same direction, another objective
+    assert len(optuna.get_all_study_names(storage)) == 1 and not _study_trials(storage)  # nothing added
+
+
+def test_two_studies_never_share_a_folder_of_run_dirs(tmp_path):
+    from peftseg.config import TrainConfig
+
+    folders = []
+    with _in(tmp_path, tmp_path):
+        for name in ("a.db", "b.db"):  # the same study name (the default) in two storages
+            plan = search.parse_args([f"search.storage=sqlite:///{name}"])
+            study = search.open_study(plan, "segm_ap", TrainConfig())
+            folders.append(search.study_dir(plan, study))
+        assert folders[0] != folders[1] and all(f.parent == Path("search") for f in folders)
+        assert folders[0].name == f"peft_search-{search.study_key('sqlite:///a.db', 'peft_search')}"
+        marker = json.loads((folders[0] / search.MARKER).read_text())
+        assert marker["storage"] == f"sqlite:///{tmp_path / 'a.db'}" and marker["study"] == "peft_search"
+        # a.db deleted and made again: a new study of the same name, refused the first one's folder,
+        # before the new study is made
+        Path("a.db").unlink()
+        plan = search.parse_args(["search.storage=sqlite:///a.db"])
+        with pytest.raises(UserError) as refused:
+            search.open_study(plan, "segm_ap", TrainConfig())
+        assert str(refused.value) == (
+            f"{folders[0]} (the study's folder) holds the trials of another study: 'peft_search' in "
+            f"sqlite:///{tmp_path / 'a.db'} (a study of the same name that was deleted, or whose storage was made "
+            f"again), per its {search.MARKER}. This study's trials would clear their run dirs. Move that folder "
+            "away, or give this study its own: search.dir=<folder> or search.study=<name>.")
+        assert optuna.get_all_study_names("sqlite:///a.db") == []
+        # search.dir given: another study's folder, or one with runs of its own, is refused too
+        plan = search.parse_args(["search.storage=sqlite:///c.db", f"search.dir={folders[1]}"])
+        with pytest.raises(UserError, match=r"holds the trials of another study: 'peft_search' in sqlite:///.*b\.db, per"):
+            search.open_study(plan, "segm_ap", TrainConfig())
+        Path("runs/3-vitdet_tiny-lora").mkdir(parents=True)
+        Path("runs/3-vitdet_tiny-lora/results.json").write_text("{}")
+        plan = search.parse_args(["search.storage=sqlite:///c.db", "search.dir=runs"])
+        with pytest.raises(UserError, match=r"search.dir=runs holds runs that are not trials of study 'peft_search' "
+                                            r"in sqlite:///c.db \(runs/3-vitdet_tiny-lora\)"):
+            search.open_study(plan, "segm_ap", TrainConfig())
+
+
+@pytest.mark.parametrize("objective, message", [
+    ("[[segm_ap]]", "objective=[['segm_ap']]: ['segm_ap'] is not an objective name; give names"),
+    ("[segm_ap,segm_ap]", "objective=['segm_ap', 'segm_ap'] names segm_ap more than once; give each objective once"),
+    ("[]", "objective=[] is not a known objective"),
+    ("[segm_ap,map]", "objective=['segm_ap', 'map'] is not a known objective"),
+    ("5", "objective=5 is not an objective: give one name or a list of names"),
+])
+def test_objective_lists_of_any_length_are_checked_before_the_study_opens(tmp_path, shapes_cache, objective,
+                                                                          message):
+    proc = cli_in_process("search", f"objective={objective}", "search.n_trials=1", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {message}"), proc.stderr
+    assert not (tmp_path / "search.db").exists() and not (tmp_path / "search").exists()
+
+
+class _Held:
+    """A sqlite database another connection holds in an exclusive transaction, until release()."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        self.con = sqlite3.connect(path, isolation_level=None)
+        self.con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        self.con.execute("BEGIN EXCLUSIVE")
+
+    def release(self):
+        if self.con.in_transaction:
+            self.con.execute("ROLLBACK")
+
+
+def test_a_locked_sqlite_storage_is_one_line_at_once_then_a_bounded_wait(tmp_path, shapes_cache, monkeypatch):
+    from peftseg.config import TrainConfig
+    from peftseg.engine import tracking
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    held = _Held(tmp_path / "search.db")
+    said = []
+
+    def say(line):  # the line comes before the wait: the lock is released only once it is said
+        said.append(line)
+        held.release()
+
+    study = search.open_study(search.parse_args([f"search.storage={storage}"]), "segm_ap", TrainConfig(), say)
+    assert said == [f"search.storage={storage} is locked by another process (database is locked); waiting up to "
+                    f"{tracking.STORE_WAIT_S:g} s for it to be released"]
+    assert study.study_name == "peft_search"
+    # held past the wait: one paragraph, exit 2, no trial
+    monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
+    monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
+    held = _Held(tmp_path / "search.db")
+    try:
+        proc = cli_in_process("search", f"search.storage={storage}", "search.n_trials=1", "method=heads",
+                              cwd=tmp_path, cache=shapes_cache)
+    finally:
+        held.release()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0] == (f"search.storage={storage} is locked by another process (database is "
+                                           "locked); waiting up to 0.2 s for it to be released")
+    assert proc.stderr == (
+        f"error: search.storage={storage} is still locked by another process after 0.2 s (database is locked). "
+        "Nothing was run. Close what holds it (an open transaction in a sqlite3 shell or a database browser, a "
+        "process that is stuck writing), or use another storage: search.storage=<file>.db or a journal file, "
+        "search.storage=studies/search.log.\n")
+    assert not _study_trials(storage)
+
+
+def test_a_storage_locked_between_trials_is_said_at_once_and_waited_for(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from peftseg.config import TrainConfig
+    from peftseg.engine import tracking
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    plan = search.parse_args([f"search.storage={storage}", "method=heads", "search.n_trials=1"])
+    plan.objective = "trainable_pct"
+    study = search.open_study(plan, plan.objective, TrainConfig())
+    held = []
+
+    def run_trial(trial, plan, search_dir, pruner_task, console):  # a trial, and then the storage is locked
+        held.append(_Held(tmp_path / "search.db"))
+        return "ok", 1.5, search_dir / "0-vitdet_tiny-heads"
+
+    class Out(io.StringIO):
+        def write(self, text):  # the line is out before the wait: only then does the lock go
+            if "is locked by another process" in text:
+                held[-1].release()
+            return super().write(text)
+
+    monkeypatch.setattr(search, "run_trial", run_trial)
+    out = Out()
+    assert search._work(study, plan, tmp_path / "search", None, 180.0, None, Console(file=out, width=300)) == 1
+    assert out.getvalue().splitlines() == [f"search.storage={storage} is locked by another process (database is "
+                                           f"locked); waiting up to {tracking.STORE_WAIT_S:g} s for it to be released"]
+    (trial,) = _study_trials(storage)
+    assert trial.state.name == "COMPLETE" and trial.values == [1.5]
+
+
+def test_an_mlflow_store_locked_mid_search_leaves_the_trial_untracked_with_one_warning(tmp_path, monkeypatch,
+                                                                                       caplog):
+    from peftseg.engine import tracking
+
+    monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
+    monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    said = []
+    held = _Held(tmp_path / "mlflow.db")
+    try:
+        with caplog.at_level(logging.WARNING, logger="peftseg.engine.search"):
+            search._track_trial(tracking.MlflowTracker(uri=uri), optuna.create_study(),
+                                search.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}"]), 3,
+                                tmp_path / "3-vitdet_tiny-heads", said.append)
+    finally:
+        held.release()
+    assert said == [f"mlflow: the store {uri} is locked by another process (database is locked); waiting up to "
+                    "0.2 s for it to be released"]
+    assert [r.getMessage() for r in caplog.records if r.name == "peftseg.engine.search"] == [
+        "MLflow: trial 3 not tracked: its store is still locked by another process after 0.2 s (database is locked)"]
+
+
+def test_a_journal_whose_lock_file_is_there_says_how_long_optuna_waits(tmp_path):
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from peftseg.config import TrainConfig
+
+    journal = tmp_path / "search.log"
+    journal.touch()
+    # the lock file named in the line is the one Optuna's journal lock makes
+    lock = JournalFileSymlinkLock(str(journal))
+    lock.acquire()
+    assert os.path.islink(f"{journal}.lock")
+    said = []
+
+    def say(line):
+        said.append(line)
+        lock.release()  # as the worker that held it would, once it wrote
+
+    search.open_study(search.parse_args([f"search.storage={journal}"]), "segm_ap", TrainConfig(), say)
+    assert said == [f"search.storage={journal} is locked: its lock file {journal}.lock is there (another worker is "
+                    f"writing, or one was killed while writing); waiting up to {search.JOURNAL_GRACE_S} s for it, "
+                    "after which Optuna takes over a lock that has not changed"]
+    assert not os.path.lexists(f"{journal}.lock")
+
+
+def test_an_mlflow_store_failing_mid_search_is_a_warning_not_a_crash(tmp_path, caplog):
+    class Failing:  # as MlflowTracker when its store fails after the first trial
+        def wait_for_store(self, say):
+            return None  # free when looked at, failing a moment later
+
+        def start_parent(self, *args, **kwargs):
+            raise RuntimeError("database is locked")
+
+        def log_run(self, *args, **kwargs):
+            raise AssertionError("a trial is not logged without its parent run")
+
+    study = optuna.create_study()
+    plan = search.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}"])
+    with caplog.at_level(logging.WARNING, logger="peftseg.engine.search"):
+        search._track_trial(Failing(), study, plan, 0, tmp_path / "0-vitdet_tiny-heads")
+    assert [r.getMessage() for r in caplog.records if r.name == "peftseg.engine.search"] == [
+        "MLflow: trial 0 not tracked, the study's parent run could not be made: RuntimeError: database is locked"]
+    assert search.MLFLOW_PARENT_ATTR not in study.user_attrs  # the next trial tries again
 
 
 # --- pruning, in process ------------------------------------------------------------------
@@ -188,7 +428,9 @@ def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     console = Console(file=open(os.devnull, "w"))
     # every AP is below 101: the threshold pruner stops the trial at its first evaluation
+    # objective=[segm_ap], a one-element list, is the one objective segm_ap: a pruner follows it
     args = [*TINY, "train.max_iter=3", "train.eval_period=1", "search.methods=[heads]", "search.n_trials=1",
+            "objective=[segm_ap]",
             "search.pruner=threshold", "search.prune_below=101", f"search.storage={storage}",
             "+tracking=mlflow", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     with _in(tmp_path, shapes_cache):
@@ -200,8 +442,8 @@ def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
     (trial,) = _study_trials(storage)
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
     assert trial.user_attrs[search.STATUS_ATTR] == "pruned"
-    summary = json.loads((tmp_path / "search/peft_search/search.json").read_text())
-    assert [t["state"] for t in summary["trials"]] == ["pruned"]
+    summary = json.loads((_study_folder(tmp_path) / "search.json").read_text())
+    assert [t["state"] for t in summary["trials"]] == ["pruned"] and summary["objective"] == "segm_ap"
     # peftseg report reads the trial as pruned: not a result, not counted ok
     report = cli_in_process("report", str(tmp_path / "search"), cwd=tmp_path, cache=shapes_cache)
     assert report.returncode == 0, report.stdout + report.stderr
@@ -227,7 +469,7 @@ def test_a_multi_objective_search_keeps_the_pareto_set(tmp_path, shapes_cache):
         assert search_cli.main(args, Console(file=open(os.devnull, "w"))) == 0
     study = optuna.load_study(study_name="peft_search", storage=storage)
     assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
-    summary = json.loads((tmp_path / "search/peft_search/search.json").read_text())
+    summary = json.loads((_study_folder(tmp_path) / "search.json").read_text())
     points = {}
     for t in summary["trials"]:
         record = json.loads((Path(t["run_dir"]) / "results.json").read_text())
@@ -275,7 +517,7 @@ def test_a_killed_search_resumes_to_its_total_with_the_same_command(tmp_path, sh
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
             # the study's tables exist once a trial trains (reading sooner would race their creation)
-            if list(tmp_path.glob("search/peft_search/*/results.json")):
+            if list(tmp_path.glob("search/peft_search-*/*/results.json")):
                 try:
                     trials = _study_trials(storage)
                 except Exception:  # the study is being created
@@ -303,6 +545,55 @@ def test_a_killed_search_resumes_to_its_total_with_the_same_command(tmp_path, sh
     assert record["status"] == "failed" and record["error"]["type"] == "WorkerLost"  # not "running" forever
     assert [t.number for t in trials if t.state.name == "COMPLETE"] == [0, 1, 3, 4]
     assert "study 'peft_search': 4 complete, 0 pruned, 0 failed" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_search_stopped_in_its_last_trial_reaches_its_total_with_the_same_command(tmp_path, shapes_cache, sig):
+    """The stopped trial is enqueued to run again (SIGTERM: by its worker; kill -9: by the next
+    one); the same command runs it, though the budget looks used, and the stopped one counts once."""
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    # 8 steps: the trial is still in its run when its "running" record is seen
+    args = (*TINY, "train.max_iter=8", "objective=trainable_pct", "search.methods=[heads]", "search.n_trials=1",
+            f"search.storage={storage}")
+    proc = _cli(tmp_path, shapes_cache, *args)
+    try:
+        while proc.poll() is None:
+            time.sleep(0.1)
+            found = list(tmp_path.glob("search/peft_search-*/0-*/results.json"))
+            if found and json.loads(found[0].read_text() or "{}").get("status") == "running":
+                break
+        assert proc.poll() is None, "the search ended before it could be stopped: " + proc.stdout.read()[-3000:]
+        proc.send_signal(sig)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (143 if sig == signal.SIGTERM else -9), out[-3000:]
+    if sig == signal.SIGTERM:  # its worker marked it lost and enqueued it, which used to fill the budget
+        assert "the trial in progress was enqueued to run again: the same command continues the study" in out
+        assert [(t.number, t.state.name) for t in _study_trials(storage)] == [(0, "FAIL"), (1, "WAITING")]
+    else:  # left running: the next worker finds its pid dead
+        assert [(t.number, t.state.name) for t in _study_trials(storage)] == [(0, "RUNNING")]
+    again = cli_in_process("search", *args, cwd=tmp_path, cache=shapes_cache)
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = _study_trials(storage)
+    assert [(t.number, t.state.name, t.user_attrs[search.STATUS_ATTR]) for t in trials] == \
+        [(0, "FAIL", "lost"), (1, "COMPLETE", "ok")]
+    assert trials[1].user_attrs[search.RETRY_ATTR] == 0
+    if sig == signal.SIGKILL:
+        assert "trial 0: its worker is gone; enqueued to run again" in again.stdout
+    assert "study 'peft_search': 1 complete, 0 pruned, 0 failed (1 run by this worker)" in again.stdout
+    assert "trials finished" not in again.stdout  # the total was reached
+    folder = _study_folder(tmp_path)
+    first = json.loads((folder / "0-vitdet_tiny-heads/results.json").read_text())
+    assert first["status"] == ("interrupted" if sig == signal.SIGTERM else "failed")
+    record = json.loads((folder / "1-vitdet_tiny-heads/results.json").read_text())
+    assert record["status"] == "ok" and trials[1].values[0] == pytest.approx(100 * record["params"]["ratio"])
+    summary = json.loads((folder / "search.json").read_text())
+    assert summary["best_trials"] == [1] and [t["status"] for t in summary["trials"]] == ["lost", "ok"]
+    # and once more: the study is full, nothing runs, nothing is enqueued
+    full = cli_in_process("search", *args, cwd=tmp_path, cache=shapes_cache)
+    assert full.returncode == 0 and "(0 run by this worker)" in full.stdout and len(_study_trials(storage)) == 2
 
 
 def test_two_concurrent_workers_fill_one_study_without_duplicates(tmp_path, shapes_cache):

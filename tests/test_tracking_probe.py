@@ -1,5 +1,6 @@
-"""External services fail fast (issue 18, invariant 6): a tracking server that refuses or never
-answers is found at the start in seconds, gives one warning, and the run's hooks do not stall."""
+"""External services fail fast: a tracking server that refuses or never answers is found at
+the start in seconds, gives one warning, and the run's hooks do not stall; a local store
+another process holds locked is one line at once and a bounded wait."""
 
 from __future__ import annotations
 
@@ -133,3 +134,92 @@ def test_train_and_search_refuse_an_unwritable_store_with_exit_2(peftseg, tmp_pa
                           f"search.storage=sqlite:///{tmp_path}/study.db", cwd=tmp_path, cache=shapes_cache)
     assert proc.returncode == 2 and "the MLflow store cannot be written" in proc.stderr, proc.stderr
     assert not (tmp_path / "study.db").exists()  # before the study was opened
+
+
+class _Held:
+    """A sqlite database another connection holds in an exclusive transaction, until release()."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        self.con = sqlite3.connect(path, isolation_level=None)
+        self.con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        self.con.execute("BEGIN EXCLUSIVE")
+
+    def release(self):
+        if self.con.in_transaction:
+            self.con.execute("ROLLBACK")
+
+
+def test_a_locked_mlflow_db_is_one_line_at_once_then_a_bounded_wait(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    held = _Held(tmp_path / "mlflow.db")
+    said = []
+
+    def say(line):  # said before the wait: the lock goes only once the line is out
+        said.append(line)
+        held.release()
+
+    tracker = tracking.MlflowTracker(uri=uri)
+    tracker.start(say)
+    assert said == [f"mlflow: the store {uri} is locked by another process (database is locked); waiting up to "
+                    f"{tracking.STORE_WAIT_S:g} s for it to be released"]
+    parent = tracker.start_parent("after the wait", {}, {"a": 1})  # the store is usable once released
+    assert tracker.client().get_run(parent).data.params == {"a": "1"}
+    assert tracking.sqlite_busy(tmp_path / "mlflow.db", 0.0) is None
+    assert tracking.sqlite_busy(tmp_path / "absent.db", 0.0) is None  # nothing to wait for
+
+
+def test_a_mlflow_db_held_past_the_wait_is_refused_before_the_run_or_search(tmp_path, monkeypatch, shapes_cache,
+                                                                            caplog):
+    from helpers import cli_in_process
+    from peftseg.errors import UserErrorExit
+
+    monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
+    monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    held = _Held(tmp_path / "mlflow.db")
+    try:
+        with caplog.at_level(logging.WARNING, logger="peftseg.engine.tracking"), pytest.raises(UserErrorExit) as refused:
+            tracking.MlflowTracker(uri=uri).on_run_start(job_config(tmp_path))  # train: before Hydra trains
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        line = (f"mlflow: the store {uri} is locked by another process (database is locked); waiting up to 0.2 s "
+                "for it to be released")
+        assert warnings == [line]
+        assert str(refused.value.error) == (
+            f"tracking.uri={uri}: the MLflow store is still locked by another process after 0.2 s (database is "
+            "locked). Nothing was run. Close what holds it (an open transaction in a sqlite3 shell or a database "
+            "browser, a process that is stuck writing), point tracking.uri at another store, or leave out "
+            "+tracking=mlflow.")
+        proc = cli_in_process("search", "+tracking=mlflow", f"tracking.uri={uri}", "search.n_trials=1",
+                              f"search.storage=sqlite:///{tmp_path}/study.db", cwd=tmp_path, cache=shapes_cache)
+    finally:
+        held.release()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [line]  # said at once, on the search's console
+    assert proc.stderr.startswith(f"error: tracking.uri={uri}: the MLflow store is still locked by another process")
+    assert not (tmp_path / "study.db").exists()  # before the study was opened
+
+
+def test_a_mlflow_db_locked_when_a_run_ends_is_said_at_once_and_the_run_left_untracked(tmp_path, monkeypatch,
+                                                                                       caplog):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
+    monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.MlflowTracker(uri=uri)
+    tracker.start()  # free at the start
+    held = _Held(tmp_path / "mlflow.db")  # and held when the run ends
+    ret = JobReturn()
+    ret.status = JobStatus.COMPLETED
+    try:
+        with caplog.at_level(logging.WARNING, logger="peftseg.engine.tracking"):
+            tracker.on_job_end(job_config(tmp_path), ret)
+    finally:
+        held.release()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"mlflow: the store {uri} is locked by another process (database is locked); waiting up to 0.2 s for it "
+        "to be released",
+        f"MLflow: {tmp_path} not tracked: its store is still locked by another process after 0.2 s (database is "
+        "locked)"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from peftseg.cli.common import console as default_console, print_text, report_error, wants_help
 from peftseg.errors import UserError
-from peftseg.engine.search import (AP_OBJECTIVES, HELP, SUMMARY, _finish_tracking, _first_value, _tracker, _work, open_study, parse_args, summarize)
+from peftseg.engine.search import (AP_OBJECTIVES, HELP, SUMMARY, _finish_tracking, _first_value, _tracker, _work,
+                                   open_study, parse_args, study_dir, study_objective, summarize)
 
 
 def main(argv: list[str], console=None) -> int:
@@ -24,19 +25,22 @@ def main(argv: list[str], console=None) -> int:
     from omegaconf import OmegaConf
 
     from peftseg.config import compose_config, validate
-    from peftseg.engine.objectives import objective_names
     from peftseg.io.atomic import write_json
 
     base = compose_config(plan.fixed)  # the fixed part fails now, not in every trial
     validate(base)
     if plan.sampled:  # and so does a sampled key the config does not have
         compose_config([*plan.fixed, *(_first_value(knob) for knob in plan.sampled)])
-    objective = OmegaConf.to_container(base, resolve=True)["objective"]
-    objective_names(objective)
+    # a list of any length, checked before the study opens; [segm_ap] is the one objective segm_ap
+    plan.objective = objective = study_objective(OmegaConf.to_container(base, resolve=True)["objective"])
     opts = plan.options
-    tracker = _tracker(base)  # an MLflow store it cannot write: refused before the study is opened
-    study = open_study(plan, objective, base.train)
-    search_dir = Path(opts.dir or Path("search") / opts.study)
+
+    def say(line: str) -> None:  # a store another process holds: said at once, with the wait
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    tracker = _tracker(base, say)  # an MLflow store it cannot write: refused before the study is opened
+    study = open_study(plan, objective, base.train, say)
+    search_dir = study_dir(plan, study)
     import optuna
 
     pruner = None if isinstance(study.pruner, optuna.pruners.NopPruner) else study.pruner
@@ -58,6 +62,7 @@ def main(argv: list[str], console=None) -> int:
                       "command continues the study", highlight=False, markup=False, soft_wrap=True)
         return 128 + getattr(stop, "signum", 2)
     summary = summarize(study, plan, objective)
+    finished = sum(t["state"] in ("complete", "pruned", "fail") and t["status"] != "lost" for t in summary["trials"])
     if tracker is not None and not any(t["state"] in ("running", "waiting") for t in summary["trials"]):
         _finish_tracking(tracker, study, summary)
     search_dir.mkdir(parents=True, exist_ok=True)
@@ -67,12 +72,19 @@ def main(argv: list[str], console=None) -> int:
     console.print(f"study {opts.study!r}: {states.count('complete')} complete, {states.count('pruned')} pruned, "
                   f"{states.count('fail')} failed" + (f", {running} still running in other workers" if running else "")
                   + f" ({ran} run by this worker); {search_dir / SUMMARY}", highlight=False, markup=False, soft_wrap=True)
+    if finished < opts.n_trials:  # a search reaches its total, or says why not
+        waiting = states.count("waiting")
+        why = ([f"{running} still running in other workers"] if running else []) + \
+            ([f"{waiting} enqueued to run again (their worker stopped) after this worker finished: run the same "
+              "command again"] if waiting else [])
+        console.print(f"{finished} of search.n_trials={opts.n_trials} trials finished; {', '.join(why)}",
+                      highlight=False, markup=False, soft_wrap=True)
     for number in summary["best_trials"]:
         t = summary["trials"][number]
         console.print(f"  best: trial {number} {t['values']} {t['params']} ({t['run_dir']})", highlight=False,
                       markup=False, soft_wrap=True)
     console.print(f"browse: optuna-dashboard {opts.storage}", highlight=False, markup=False)
-    if states.count("complete") or states.count("pruned") or running:
+    if states.count("complete") or states.count("pruned") or running or states.count("waiting"):
         return 0
     report_error(UserError(no_result_note(summary, opts)))
     return 1

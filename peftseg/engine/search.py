@@ -14,7 +14,14 @@ The study lives in `search.storage` (an RDB URL such as sqlite:///search.db, or 
 Optuna journal file), so the same command resumes it after a crash, and any number of
 workers (processes, machines, SLURM jobs) running the same command fill one study:
 `search.n_trials` is the study's total, not each worker's. Each trial is one run, recorded
-under `search.dir` like any other (`peftseg report <search.dir>` reads them).
+under `search.dir` like any other (`peftseg report <search.dir>` reads them). That folder
+is the study's own: by default `search/<study>-<key>`, the key a hash of the storage and the
+study's name, and a marker file in it names the study, so two studies (another storage with
+the same study name, a storage deleted and created again) never write into one run dir.
+
+What a study was created with (fixed overrides, objective, methods, every sampled range) is
+kept in its user attributes; resuming it with another is refused by name, since Optuna
+would otherwise mix two search spaces in one study.
 
 Why a worker loop of our own around Optuna's ask/tell instead of `study.optimize`:
 - the budget must hold across workers: "is a trial left?" and `ask()` happen under one
@@ -24,18 +31,23 @@ Why a worker loop of our own around Optuna's ask/tell instead of `study.optimize
   does this only for RDB storages, and only after its grace period; here each running trial
   carries its worker's host, pid and a heartbeat in its user attributes, so a worker on the
   same host sees a dead pid at once and any worker sees a stale heartbeat, for every storage.
-  The lost trial is marked FAIL ("lost") and its parameters are enqueued to run again.
+  The lost trial is marked FAIL ("lost") and its parameters are enqueued to run again; the
+  enqueued trial (WAITING) stands for it in the budget, and is run by the next worker that
+  asks, even when the budget looks used: otherwise a study whose last trial was stopped
+  would never reach n_trials.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +63,14 @@ RUN_DIR_ATTR = "peftseg.run_dir"
 RETRY_ATTR = "peftseg.retry_of"  # the number of the lost trial this one runs again
 FIXED_ATTR = "peftseg.fixed"  # the study's fixed overrides, compared on every resume
 OBJECTIVE_ATTR = "peftseg.objective"
+METHODS_ATTR = "peftseg.methods"  # the methods sampled among, in order
+SPACE_ATTR = "peftseg.space"  # every sampled Optuna parameter and its range
+KEY_ATTR = "peftseg.key"  # names the study's folder: search/<study>-<key>
+UID_ATTR = "peftseg.uid"  # set when the study is created: tells a study from an earlier one of the same name
+MARKER = ".peftseg-study.json"  # in the study's folder: which study it belongs to
+# Optuna's journal file lock (JournalFileSymlinkLock) is a symlink beside the journal; one left by a
+# worker killed while it wrote is taken over after this long without a change
+JOURNAL_GRACE_S = 30
 AP_OBJECTIVES = {"segm_ap": "segm", "bbox_ap": "bbox"}  # objectives a pruner can follow
 PRUNERS = ("auto", "none", "median", "hyperband", "threshold")
 SAMPLERS = ("auto", "tpe", "nsgaii", "random")
@@ -73,7 +93,8 @@ Options (defaults in brackets):
   search.prune_below=X  threshold: prune a trial whose AP at an evaluation is below X
   search.sampler=…      auto | tpe | nsgaii | random [auto: TPE, NSGA-II for several objectives]
   search.seed=N         sampler seed; trial k samples with seed N+k, however many workers [none]
-  search.dir=…          where the trials' run dirs go [search/<study>]
+  search.dir=…          where the trials' run dirs go, the study's own folder [search/<study>-<key>,
+                        the key a hash of the storage and the study name]
   search.heartbeat_s=N  how often a worker says its trial is alive; a trial silent for 3x
                         this is taken as lost and run again [60]
 objective=segm_ap (default) or a list, e.g. 'objective=[segm_ap,trainable_pct,peak_memory]'
@@ -135,6 +156,7 @@ class Plan:
     fixed: list[str]  # Hydra overrides every trial gets
     sampled: list[Any]  # peftseg.search_space knobs over full config keys (Hydra sweep syntax)
     methods: list[str]
+    objective: Any = "segm_ap"  # study_objective(): one name, or a list of two or more
 
 
 def _sweep_knob(override):
@@ -203,29 +225,116 @@ def parse_args(argv: list[str]) -> Plan:
     return Plan(opts, fixed, sampled, methods)
 
 
+def study_objective(objective):
+    """The objective config value as the study takes it: one name (a string) or a list of two or
+    more distinct names; a one-element list is that one name (a single-objective study, which a
+    pruner can follow). UserError, before any study is opened, for anything else."""
+    from peftseg.engine.objectives import OBJECTIVES, objective_names
+
+    example = "e.g. objective=segm_ap or 'objective=[segm_ap,trainable_pct]'"
+    if isinstance(objective, (list, tuple)):
+        odd = [n for n in objective if not isinstance(n, str)]
+        if odd:
+            raise UserError(f"objective={list(objective)!r}: {odd[0]!r} is not an objective name; give names, "
+                            f"{example}; the names are: {', '.join(OBJECTIVES)}.")
+        repeated = sorted({n for n in objective if list(objective).count(n) > 1})
+        if repeated:
+            raise UserError(f"objective={list(objective)!r} names {', '.join(repeated)} more than once; give each "
+                            f"objective once, {example}.")
+    elif not isinstance(objective, str):
+        raise UserError(f"objective={objective!r} is not an objective: give one name or a list of names, {example}; "
+                        f"the names are: {', '.join(OBJECTIVES)}.")
+    names = objective_names(objective)  # unknown names or an empty list: a UserError naming them
+    return names[0] if len(names) == 1 else names
+
+
+def _describe(knob) -> str:
+    from peftseg.search_space import Choice, Int
+
+    if isinstance(knob, Choice):
+        return "choice(" + ",".join(str(knob._label(c)) for c in knob.choices) + ")"
+    kind = "int" if isinstance(knob, Int) else "float"
+    return f"{kind}({knob.low!r},{knob.high!r}{',log' if knob.log else ''})"
+
+
+def search_space(plan: Plan) -> dict[str, str]:
+    """Every Optuna parameter the study samples (as trial_overrides samples them) and its range:
+    what a resumed study must still sample from."""
+    from peftseg.registry import METHODS
+
+    fixed_keys = {o.split("=", 1)[0].lstrip("+~") for o in plan.fixed} | {k.key for k in plan.sampled}
+    space = {knob.key: _describe(knob) for knob in plan.sampled}
+    space["method"] = "choice(" + ",".join(plan.methods) + ")" if len(plan.methods) > 1 else plan.methods[0]
+    for method in plan.methods:
+        for knob in METHODS.get(method).search_space:
+            if f"method.{knob.key}" not in fixed_keys:
+                space[f"{method}.{knob.key}"] = _describe(knob)
+    return space
+
+
 # --- storage, study, lock -----------------------------------------------------------------
 
 def _storage_file(storage: str) -> Path | None:
     """The file behind a storage (sqlite database or journal), for the workers' lock."""
     if storage.startswith("sqlite:///"):
-        path = storage[len("sqlite:///"):]
+        path = storage[len("sqlite:///"):].split("?", 1)[0]  # sqlite:///s.db?timeout=9: the file s.db
         return None if not path or path == ":memory:" else Path(path)
     return None if "://" in storage else Path(storage)
+
+
+def _still_locked(storage: str, why: str, done: str = "Nothing was run.") -> UserError:
+    from peftseg.engine.tracking import STORE_WAIT_S
+
+    return UserError(f"search.storage={storage} is still locked by another process after {STORE_WAIT_S:g} s ({why}). "
+                     f"{done} Close what holds it (an open transaction in a sqlite3 shell or a database "
+                     "browser, a process that is stuck writing), or use another storage: search.storage=<file>.db "
+                     "or a journal file, search.storage=studies/search.log.")
+
+
+def wait_for_storage(storage: str, say, done: str = "Nothing was run.") -> None:
+    """Before the study opens, and before each trial is asked for or told: a sqlite storage
+    another process holds is one line through `say` at once and a wait of STORE_WAIT_S at most
+    (then UserError, ending with `done`); a journal whose lock file is there is one line saying
+    how long Optuna waits before it takes the lock over."""
+    from peftseg.engine import tracking
+
+    if "://" in storage:
+        path = tracking.sqlite_file(storage)
+        held = tracking.wait_for_sqlite(path, f"search.storage={storage}", say) if path else None
+        if held:
+            raise _still_locked(storage, held, done)
+        return
+    lock = Path(storage + ".lock")  # the symlink JournalFileSymlinkLock makes beside the journal
+    deadline = time.monotonic() + tracking.BUSY_PROBE_S  # another worker's moment of writing is no news
+    while os.path.lexists(lock) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.lexists(lock):
+        say(f"search.storage={storage} is locked: its lock file {lock} is there (another worker is writing, or "
+            f"one was killed while writing); waiting up to {JOURNAL_GRACE_S} s for it, after which Optuna takes "
+            "over a lock that has not changed")
 
 
 def open_storage(storage: str):
     import optuna
 
     if "://" in storage:
+        from peftseg.engine.tracking import STORE_WAIT_S, sqlite_file
+
+        # sqlite: a moment's lock of another worker is waited for as long as a held store is
+        # at the start (pysqlite's default is 5 s, then the statement fails)
+        kwargs = {"engine_kwargs": {"connect_args": {"timeout": STORE_WAIT_S}}} if sqlite_file(storage) else {}
         try:
-            return optuna.storages.RDBStorage(storage)
+            return optuna.storages.RDBStorage(storage, **kwargs)
         except Exception as e:  # a bad URL, a missing driver, a server that does not answer
+            if "database is locked" in str(e):
+                raise _still_locked(storage, "database is locked") from None
             raise UserError(f"search.storage={storage!r} could not be opened ({type(e).__name__}: {e}); use "
                             "sqlite:///search.db, another SQLAlchemy URL, or a file path for a journal.") from None
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(storage))
+    lock = JournalFileSymlinkLock(storage, grace_period=JOURNAL_GRACE_S)  # Optuna's default lock, its grace ours
+    return optuna.storages.JournalStorage(JournalFileBackend(storage, lock_obj=lock))
 
 
 @contextlib.contextmanager
@@ -298,35 +407,148 @@ def build_pruner(opts: SearchOptions, objective, tcfg):
     return optuna.pruners.ThresholdPruner(lower=float(opts.prune_below))
 
 
-def open_study(plan: Plan, objective, tcfg):
-    """The study (created, or loaded to resume), checked to be the one this command started."""
+def open_study(plan: Plan, objective, tcfg, say=log.warning):
+    """The study (created, or loaded to resume), checked to be the one this command started:
+    the same objective and directions, fixed overrides and search space, else UserError."""
     import optuna
 
+    objective = study_objective(objective)
     directions = _directions(objective)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our console says what each trial did
+    wait_for_storage(plan.options.storage, say)  # before the workers' lock: others need not wait on it
     # under the lock: workers starting together on a new sqlite file would each create its tables
     with workers_lock(plan.options.storage):
         storage = open_storage(plan.options.storage)
+        if plan.options.study not in optuna.get_all_study_names(storage):
+            # a new study takes a folder no other study holds: checked before the study is made,
+            # so a refusal leaves no empty study behind in the storage
+            key = study_key(plan.options.storage, plan.options.study)
+            _check_folder(plan, *_folder(plan, key), uid=None, ours=set())
         study = optuna.create_study(
             storage=storage, study_name=plan.options.study, directions=directions, load_if_exists=True,
             sampler=build_sampler(plan.options, len(directions)), pruner=build_pruner(plan.options, objective, tcfg),
         )
+        where = f"study {plan.options.study!r} in {plan.options.storage}"
         if [d.name.lower() for d in study.directions] != directions:
-            raise UserError(f"study {plan.options.study!r} in {plan.options.storage} optimises "
-                            f"{[d.name.lower() for d in study.directions]}, not {directions} of "
+            raise UserError(f"{where} optimises {[d.name.lower() for d in study.directions]}, not {directions} of "
                             f"objective={objective}; keep its objective or start another study with "
                             "search.study=<name>.")
         attrs = study.user_attrs
-        identity = {FIXED_ATTR: sorted(plan.fixed), OBJECTIVE_ATTR: objective}
+        identity = {FIXED_ATTR: sorted(plan.fixed), OBJECTIVE_ATTR: objective, METHODS_ATTR: plan.methods,
+                    SPACE_ATTR: search_space(plan)}
         for key, value in identity.items():
-            if key in attrs and attrs[key] != value:
-                raise UserError(
-                    f"study {plan.options.study!r} in {plan.options.storage} was started with {key.split('.')[1]} "
-                    f"{attrs[key]}, this command has {value}; resume it with the same overrides, or start "
-                    "another study with search.study=<name>.")
-            if key not in attrs:
+            if key in attrs and _as_created(key, attrs[key]) != value:
+                raise UserError(_changed(where, key, attrs[key], value))
+        # the folder's key and the uid are the first worker's: the study keeps its folder whatever
+        # path its storage has on another machine. (Workers of a server database have no file
+        # lock and could race here; the folder's marker then refuses the one that lost.)
+        created = {**identity, KEY_ATTR: study_key(plan.options.storage, plan.options.study),
+                   UID_ATTR: uuid.uuid4().hex}
+        for key, value in created.items():
+            if key not in attrs:  # a study made before this attribute existed gets it now
                 study.set_user_attr(key, value)
     return study
+
+
+def _as_created(key: str, value):
+    """A stored attribute as this version compares it (a study created with objective=[segm_ap]
+    has that one name)."""
+    if key == OBJECTIVE_ATTR:
+        try:
+            return study_objective(value)
+        except UserError:
+            return value
+    return value
+
+
+def _changed(where: str, key: str, was, now) -> str:
+    fix = "Resume it with the same {}, or start another study with search.study=<name>."
+    if key == SPACE_ATTR:
+        changes = [f"{name}: {was.get(name, 'not sampled')} -> {now.get(name, 'not sampled')}"
+                   for name in sorted(set(was) | set(now), key=str) if was.get(name) != now.get(name)]
+        return (f"{where} was created with another search space than this command's ({'; '.join(changes)}): its "
+                "trials were sampled from the first one, and Optuna would mix the two. " +
+                fix.format("search.methods, method=… knobs and sampled ranges (a method's ranges come with "
+                           "its registration, so a new peftseg version can change them too)"))
+    if key == METHODS_ATTR:
+        return (f"{where} was created with search.methods=[{','.join(map(str, was))}], this command has "
+                f"[{','.join(now)}]: Optuna would mix the two search spaces. " + fix.format("methods"))
+    name = {FIXED_ATTR: "fixed overrides", OBJECTIVE_ATTR: "objective"}[key]
+    return f"{where} was created with {name} {was}, this command has {now}. " + fix.format(name)
+
+
+def study_key(storage: str, study: str) -> str:
+    """8 hex digits of the study's identity: the storage (an absolute path for a file, the URL
+    without its password for a server) and the study's name."""
+    return hashlib.sha256(f"{_canonical_storage(storage)}\n{study}".encode()).hexdigest()[:8]
+
+
+def _canonical_storage(storage: str) -> str:
+    path = _storage_file(storage)
+    if path is not None:
+        return ("sqlite:///" if "://" in storage else "") + str(path.expanduser().resolve())
+    if "://" in storage:
+        try:
+            from sqlalchemy.engine import make_url
+
+            return make_url(storage).render_as_string(hide_password=True)
+        except Exception:  # not a URL SQLAlchemy reads: open_storage says so
+            return storage
+    return storage
+
+
+def _folder(plan: Plan, key: str) -> tuple[Path, str]:
+    """The study's folder (search.dir, or search/<study>-<key>) and how to name it to the user."""
+    opts = plan.options
+    if opts.dir:
+        return Path(opts.dir), f"search.dir={opts.dir}"
+    folder = Path("search") / f"{opts.study}-{key}"
+    return folder, f"{folder} (the study's folder)"
+
+
+def _check_folder(plan: Plan, folder: Path, given: str, uid: str | None, ours: set[str]) -> bool:
+    """UserError if `folder` belongs to another study than the one of `uid` (None: a study not
+    created yet, which owns no folder): its marker names another, or it holds runs that are
+    not among `ours` (the study's trials' run dirs). Whether the folder has its marker."""
+    opts = plan.options
+    marker = folder / MARKER
+    try:
+        theirs = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        theirs = {}
+    if theirs is not None and (not isinstance(theirs, dict) or uid is None or theirs.get("uid") != uid):
+        other = theirs if isinstance(theirs, dict) else {}
+        same = other.get("study") == opts.study and other.get("storage") == _canonical_storage(opts.storage)
+        raise UserError(
+            f"{given} holds the trials of another study: {other.get('study')!r} in {other.get('storage')}"
+            + (" (a study of the same name that was deleted, or whose storage was made again)" if same else "")
+            + f", per its {MARKER}. This study's trials would clear their run dirs. Move that folder away, or "
+            "give this study its own: search.dir=<folder> or search.study=<name>.")
+    if theirs is None:
+        foreign = sorted(str(r.parent) for r in folder.glob("*/results.json") if str(r.parent.resolve()) not in ours)
+        if foreign:
+            raise UserError(
+                f"{given} holds runs that are not trials of study {opts.study!r} in {opts.storage} "
+                f"({foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): this study's "
+                "trials would clear their run dirs. Give the study a folder of its own with "
+                "search.dir=<folder>, or leave search.dir out.")
+    return theirs is not None
+
+
+def study_dir(plan: Plan, study) -> Path:
+    """The folder of the study's run dirs, claimed for this study by a marker file; a folder that
+    belongs to another study is refused by name (a trial's run dir would clear that run)."""
+    from peftseg.io.atomic import write_json
+
+    opts, attrs = plan.options, study.user_attrs
+    folder, given = _folder(plan, attrs[KEY_ATTR])
+    with workers_lock(opts.storage):
+        ours = {str(Path(t.user_attrs[RUN_DIR_ATTR]).resolve()) for t in study.get_trials(deepcopy=False)
+                if RUN_DIR_ATTR in t.user_attrs}
+        if not _check_folder(plan, folder, given, attrs[UID_ATTR], ours):
+            write_json(folder / MARKER, {"study": opts.study, "storage": _canonical_storage(opts.storage),
+                                         "uid": attrs[UID_ATTR]})
+    return folder
 
 
 # --- which trials count, and the ones whose worker is gone --------------------------------
@@ -479,8 +701,6 @@ def _log_to(path: Path):
 
 def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, console) -> tuple[str, Any, Path]:
     """Run one trial; (status, objective values or None, its run dir)."""
-    from omegaconf import OmegaConf
-
     from peftseg.config import compose_config, validate
     from peftseg.engine.distributed import launch_run
     from peftseg.engine.interrupt import RunInterrupted
@@ -519,7 +739,7 @@ def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, cons
     except Exception as exc:  # the run wrote its failed record; the search goes on
         console.print(f"  failed: {type(exc).__name__}: {exc}", highlight=False, markup=False, soft_wrap=True)
         return "failed", None, run_dir
-    objective = OmegaConf.to_container(cfg, resolve=True)["objective"]
+    objective = plan.objective  # as the study takes it (objective=[segm_ap] is segm_ap)
     values = objective_values(record, objective)
     if values is None:
         console.print(f"  failed: the run ended {record.status} without finite numbers for objective {objective}",
@@ -536,27 +756,39 @@ def run_trial(trial, plan: Plan, search_dir: Path, pruner_task: str | None, cons
 MLFLOW_PARENT_ATTR = "peftseg.mlflow_parent"
 
 
-def _tracker(cfg):
+def _tracker(cfg, say=log.warning):
     """The MLflow tracker `+tracking=mlflow` asks for (Hydra callbacks do not run here), its
-    start checks done: a store it cannot write is refused before the first trial."""
+    start checks done: a store it cannot write, or one another process holds past the wait
+    (said at once through `say`), is refused before the first trial."""
     if cfg.get("tracking") is None:
         return None
     from peftseg.engine.tracking import MlflowTracker
 
     tracker = MlflowTracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
-    tracker.start()
+    tracker.start(say)
     return tracker
 
 
-def _track_trial(tracker, study, plan: Plan, number: int, run_dir: Path) -> None:
+def _track_trial(tracker, study, plan: Plan, number: int, run_dir: Path, say=log.warning) -> None:
+    from peftseg.engine.tracking import STORE_WAIT_S
     from peftseg.results import read_record
 
+    held = tracker.wait_for_store(say)  # a store held since the start: said at once, not 20 s per statement
+    if held:
+        log.warning("MLflow: trial %d not tracked: its store is still locked by another process after %g s (%s)",
+                    number, STORE_WAIT_S, held)
+        return
     with workers_lock(plan.options.storage):  # one parent run per study, whichever worker is first
         parent = study.user_attrs.get(MLFLOW_PARENT_ATTR)
         if parent is None:
-            parent = tracker.start_parent(
-                f"search {plan.options.study}", {"peftseg.kind": "search", "peftseg.study": plan.options.study},
-                {"search.storage": plan.options.storage, "search.fixed": " ".join(plan.fixed)})
+            try:
+                parent = tracker.start_parent(
+                    f"search {plan.options.study}", {"peftseg.kind": "search", "peftseg.study": plan.options.study},
+                    {"search.storage": plan.options.storage, "search.fixed": " ".join(plan.fixed)})
+            except Exception as exc:  # tracking never takes the search down; the next trial tries again
+                log.warning("MLflow: trial %d not tracked, the study's parent run could not be made: %s: %s",
+                            number, type(exc).__name__, exc)
+                return
             study.set_user_attr(MLFLOW_PARENT_ATTR, parent)
     try:
         record = read_record(run_dir).to_dict()
@@ -599,10 +831,15 @@ def _seeded(study, opts: SearchOptions, number: int):
 def _next_trial(study, plan: Plan, grace_s: float):
     """Under the workers' lock: give lost trials back, and ask for a trial if the budget has room.
     (the study object that asked, the trial or None, numbers of trials found lost)"""
+    from optuna.trial import TrialState
+
     with workers_lock(plan.options.storage):
         lost = reclaim_lost(study, grace_s)
         trials = study.get_trials(deepcopy=False)
-        if sum(counts_toward_budget(t) for t in trials) >= plan.options.n_trials:
+        # a WAITING trial is a lost one enqueued again: it already counts toward the budget (in
+        # place of the lost one), and ask() takes it before sampling anything new
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and sum(counts_toward_budget(t) for t in trials) >= plan.options.n_trials:
             return study, None, lost
         asker = study if plan.options.seed is None else _seeded(study, plan.options, len(trials))
         trial = asker.ask()
@@ -633,7 +870,13 @@ def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, trac
     from optuna.trial import TrialState
 
     opts, ran = plan.options, 0
+
+    def say(line: str) -> None:  # a store another process holds: said at once, with the wait
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
     while True:
+        wait_for_storage(opts.storage, say, "No new trial was started; the same command continues the study once "
+                         "the storage is free.")  # before the workers' lock: others need not queue behind it
         asker, trial, lost = _next_trial(study, plan, grace_s)
         for number in lost:
             console.print(f"trial {number}: its worker is gone; enqueued to run again", highlight=False, markup=False)
@@ -650,6 +893,9 @@ def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, trac
                     study.tell(trial, state=TrialState.FAIL)
                     study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
                 raise
+        # the trial ran; still unrecorded past the wait, it stays RUNNING and is run again
+        wait_for_storage(opts.storage, say, f"Trial {trial.number} ran ({run_dir}) but is not recorded in the "
+                         "study: the same command runs it again once the storage is free.")
         trial.set_user_attr(STATUS_ATTR, status)
         if status == "ok":
             asker.tell(trial, values)
@@ -657,7 +903,7 @@ def _work(study, plan: Plan, search_dir: Path, pruner_task, grace_s: float, trac
             asker.tell(trial, state=TrialState.PRUNED if status == "pruned" else TrialState.FAIL)
         ran += 1
         if tracker is not None:
-            _track_trial(tracker, study, plan, trial.number, run_dir)
+            _track_trial(tracker, study, plan, trial.number, run_dir, say)
     return ran
 
 

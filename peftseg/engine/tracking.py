@@ -104,6 +104,57 @@ def store_problem(uri: str) -> str | None:
 DEFAULT_DB = "mlflow.db"  # MLflow's default local backend (sqlite:///mlflow.db) since 3.7
 
 
+# --- a local sqlite store another process holds -----------------------------------------------
+# MLflow's sessions wait up to 20 s per statement for a locked sqlite file (PRAGMA busy_timeout),
+# and a run makes several: a store held by another process (a sqlite3 shell in a transaction, a
+# stuck writer) left a run silent for over a minute before it failed. Optuna's sqlite storage
+# fails after pysqlite's 5 s. So a run looks first, says at once that it waits and how long,
+# and waits that long at most; the search's own sqlite storage gets the same.
+STORE_WAIT_S = 60.0  # how long a run waits for a sqlite store that another process holds
+BUSY_PROBE_S = 1.0  # a write lock held this long is not another worker's moment of writing
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The local sqlite file behind an SQLAlchemy URL, or None (another kind of store)."""
+    local = _local_store(uri) if uri.startswith("sqlite:///") else None
+    return local[0] if local else None
+
+
+def sqlite_busy(path: Path, timeout: float) -> str | None:
+    """Why a write to the sqlite database `path` cannot start within `timeout` s (another
+    connection holds a lock on it: a writer, or a reader a writer would wait for), or None.
+    SQLite's own busy handler does the waiting (the timeout of sqlite3.connect); nothing is
+    written: the exclusive transaction is rolled back at once."""
+    import sqlite3
+
+    if not path.is_file():
+        return None
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
+    except sqlite3.Error:  # not openable for writing: the store's own checks say why
+        return None
+    try:
+        con.execute("BEGIN EXCLUSIVE")
+        con.execute("ROLLBACK")
+        return None
+    except sqlite3.OperationalError as e:
+        return str(e) if "locked" in str(e) or "busy" in str(e) else None
+    finally:
+        con.close()
+
+
+def wait_for_sqlite(path: Path, what: str, say, wait_s: float | None = None) -> str | None:
+    """Wait for a sqlite store that another process holds: one line through `say` as soon as
+    it is found held (what, and how long this run waits), then up to `wait_s` s. None when it
+    is free (at once, or within the wait); otherwise why it is still held."""
+    wait_s = STORE_WAIT_S if wait_s is None else wait_s
+    busy = sqlite_busy(path, BUSY_PROBE_S)
+    if busy is None:
+        return None
+    say(f"{what} is locked by another process ({busy}); waiting up to {wait_s:g} s for it to be released")
+    return sqlite_busy(path, wait_s)
+
+
 def tracking_uri(uri: str) -> str:
     """The store to log to. The default database is named by its absolute path: sweep members
     (other processes, SLURM jobs) must reach the same file whatever their working directory."""
@@ -181,13 +232,34 @@ class MlflowTracker(Callback):
                 f"tracking.uri at a writable place (e.g. tracking.uri=sqlite:///$PWD/mlflow.db, or a server: "
                 f"tracking.uri=http://host:5000), make that folder writable, or leave out +tracking=mlflow.")
 
-    def start(self) -> None:
+    def start(self, say=None) -> None:
         """The start of a run, a sweep or a search: refuse a store that cannot be written (one
-        paragraph, exit 2) and probe a server (a dead one: one warning), once per process."""
+        paragraph, exit 2), wait for a sqlite store another process holds (one line through
+        `say` at once, then STORE_WAIT_S at most; still held: one paragraph, exit 2), and probe
+        a server (a dead one: one warning), once per process."""
         if not self._started:
             self._started = True
             self.check_store()
+            self.check_lock(say or log.warning)
             self.available()
+
+    def wait_for_store(self, say) -> str | None:
+        """A sqlite store another process holds: one line through `say`, then STORE_WAIT_S at
+        most; None when it is free, otherwise why it is still held."""
+        uri = tracking_uri(self.uri)
+        path = sqlite_file(uri)
+        return None if path is None else wait_for_sqlite(path, f"mlflow: the store {uri}", say)
+
+    def check_lock(self, say) -> None:
+        held = self.wait_for_store(say)
+        if held:
+            uri = tracking_uri(self.uri)
+            given = f"tracking.uri={self.uri}" if self.uri else f"+tracking=mlflow (MLflow's default store {uri})"
+            raise UserError(
+                f"{given}: the MLflow store is still locked by another process after {STORE_WAIT_S:g} s ({held}). "
+                "Nothing was run. Close what holds it (an open transaction in a sqlite3 shell or a database "
+                "browser, a process that is stuck writing), point tracking.uri at another store, or leave out "
+                "+tracking=mlflow.")
 
     def available(self) -> bool:
         """Probe the tracking server once (seconds): a dead one is one warning, and this
@@ -294,6 +366,11 @@ class MlflowTracker(Callback):
         if not self.available():
             return
         run_dir = Path(str(config.hydra.runtime.output_dir))
+        held = self.wait_for_store(log.warning)  # held since the start: said at once, not 20 s per statement
+        if held:
+            log.warning("MLflow: %s not tracked: its store is still locked by another process after %g s (%s)",
+                        run_dir, STORE_WAIT_S, held)
+            return
         record_path = run_dir / FILENAME
         record = read_record(record_path).to_dict() if record_path.is_file() else {}
         parent = self._parent_id(config) if config.hydra.mode == RunMode.MULTIRUN else None
