@@ -166,3 +166,18 @@ def ulps(magnitude, n: float, dtype=None) -> float:
     elif isinstance(magnitude, np.ndarray):
         magnitude = float(np.abs(magnitude).max()) if magnitude.size else 0.0
     return float(n) * torch.finfo(dtype).eps * abs(float(magnitude))
+
+
+class HeldSqlite:
+    """A sqlite database another connection holds in an exclusive transaction, until release()."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        self.con = sqlite3.connect(path, isolation_level=None)
+        self.con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        self.con.execute("BEGIN EXCLUSIVE")
+
+    def release(self):
+        if self.con.in_transaction:
+            self.con.execute("ROLLBACK")

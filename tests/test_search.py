@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import records_under
-from helpers import _in, cli_env, cli_in_process
+from helpers import HeldSqlite, _in, cli_env, cli_in_process
 from peftseg.cli import search as search_cli
 from peftseg.engine import search
 from peftseg.errors import UserError
@@ -270,27 +270,12 @@ def test_objective_lists_of_any_length_are_checked_before_the_study_opens(tmp_pa
     assert not (tmp_path / "search.db").exists() and not (tmp_path / "search").exists()
 
 
-class _Held:
-    """A sqlite database another connection holds in an exclusive transaction, until release()."""
-
-    def __init__(self, path: Path):
-        import sqlite3
-
-        self.con = sqlite3.connect(path, isolation_level=None)
-        self.con.execute("CREATE TABLE IF NOT EXISTS t (x)")
-        self.con.execute("BEGIN EXCLUSIVE")
-
-    def release(self):
-        if self.con.in_transaction:
-            self.con.execute("ROLLBACK")
-
-
 def test_a_locked_sqlite_storage_is_one_line_at_once_then_a_bounded_wait(tmp_path, shapes_cache, monkeypatch):
     from peftseg.config import TrainConfig
     from peftseg.engine import tracking
 
     storage = f"sqlite:///{tmp_path / 'search.db'}"
-    held = _Held(tmp_path / "search.db")
+    held = HeldSqlite(tmp_path / "search.db")
     said = []
 
     def say(line):  # the line comes before the wait: the lock is released only once it is said
@@ -304,7 +289,7 @@ def test_a_locked_sqlite_storage_is_one_line_at_once_then_a_bounded_wait(tmp_pat
     # held past the wait: one paragraph, exit 2, no trial
     monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
     monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
-    held = _Held(tmp_path / "search.db")
+    held = HeldSqlite(tmp_path / "search.db")
     try:
         proc = cli_in_process("search", f"search.storage={storage}", "search.n_trials=1", "method=heads",
                               cwd=tmp_path, cache=shapes_cache)
@@ -336,7 +321,7 @@ def test_a_storage_locked_between_trials_is_said_at_once_and_waited_for(tmp_path
     held = []
 
     def run_trial(trial, plan, search_dir, pruner_task, console):  # a trial, and then the storage is locked
-        held.append(_Held(tmp_path / "search.db"))
+        held.append(HeldSqlite(tmp_path / "search.db"))
         return "ok", 1.5, search_dir / "0-vitdet_tiny-heads"
 
     class Out(io.StringIO):
@@ -362,7 +347,7 @@ def test_an_mlflow_store_locked_mid_search_leaves_the_trial_untracked_with_one_w
     monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     said = []
-    held = _Held(tmp_path / "mlflow.db")
+    held = HeldSqlite(tmp_path / "mlflow.db")
     try:
         with caplog.at_level(logging.WARNING, logger="peftseg.engine.search"):
             search._track_trial(tracking.MlflowTracker(uri=uri), optuna.create_study(),

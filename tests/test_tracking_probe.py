@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from helpers import HeldSqlite
 from peftseg.engine import tracking
 
 
@@ -136,24 +137,9 @@ def test_train_and_search_refuse_an_unwritable_store_with_exit_2(peftseg, tmp_pa
     assert not (tmp_path / "study.db").exists()  # before the study was opened
 
 
-class _Held:
-    """A sqlite database another connection holds in an exclusive transaction, until release()."""
-
-    def __init__(self, path: Path):
-        import sqlite3
-
-        self.con = sqlite3.connect(path, isolation_level=None)
-        self.con.execute("CREATE TABLE IF NOT EXISTS t (x)")
-        self.con.execute("BEGIN EXCLUSIVE")
-
-    def release(self):
-        if self.con.in_transaction:
-            self.con.execute("ROLLBACK")
-
-
 def test_a_locked_mlflow_db_is_one_line_at_once_then_a_bounded_wait(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    held = _Held(tmp_path / "mlflow.db")
+    held = HeldSqlite(tmp_path / "mlflow.db")
     said = []
 
     def say(line):  # said before the wait: the lock goes only once the line is out
@@ -178,7 +164,7 @@ def test_a_mlflow_db_held_past_the_wait_is_refused_before_the_run_or_search(tmp_
     monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
     monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    held = _Held(tmp_path / "mlflow.db")
+    held = HeldSqlite(tmp_path / "mlflow.db")
     try:
         with caplog.at_level(logging.WARNING, logger="peftseg.engine.tracking"), pytest.raises(UserErrorExit) as refused:
             tracking.MlflowTracker(uri=uri).on_run_start(job_config(tmp_path))  # train: before Hydra trains
@@ -210,7 +196,7 @@ def test_a_mlflow_db_locked_when_a_run_ends_is_said_at_once_and_the_run_left_unt
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = tracking.MlflowTracker(uri=uri)
     tracker.start()  # free at the start
-    held = _Held(tmp_path / "mlflow.db")  # and held when the run ends
+    held = HeldSqlite(tmp_path / "mlflow.db")  # and held when the run ends
     ret = JobReturn()
     ret.status = JobStatus.COMPLETED
     try:
