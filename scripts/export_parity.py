@@ -1,4 +1,4 @@
-"""Export time and parity of `peftseg export` for a few model + method pairs (issue 22).
+"""Export time and parity of `peftseg export` for a few model + method pairs.
 
     .venv/bin/python scripts/export_parity.py --out export_parity
     .venv/bin/python scripts/export_parity.py --pairs vitdet_b:lora --formats onnx

@@ -1,4 +1,4 @@
-"""Memory of N task variants on one base vs N separate models (issue 22).
+"""Memory of N task variants on one base vs N separate models.
 
     .venv/bin/python scripts/variants_memory.py --model vitdet_b --variants 4 --out variants_memory
 

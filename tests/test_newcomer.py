@@ -1,4 +1,4 @@
-"""What a newcomer hit (issue 13, item 7): progress without a terminal, checkpoints, messages, plots."""
+"""What a newcomer hit: progress without a terminal, checkpoints, messages, plots."""
 
 import io
 import logging

@@ -1,4 +1,4 @@
-"""A resumed run is the interrupted run (issue 18, invariant 3): its config comes from the
+"""A resumed run is the interrupted run: its config comes from the
 checkpoint, a setting given anew is applied (harmless ones) or refused naming it, a finished
 run or a checkpoint at the end of its schedule is refused, other classes are refused.
 

@@ -1,5 +1,5 @@
 """A run dir's leftovers that used to mislead: a garbage lock file, and a `last_checkpoint`
-naming a checkpoint that was deleted (issue 18)."""
+naming a checkpoint that was deleted."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Signals everywhere (issue 18, invariant 5).
+"""Signals everywhere.
 
 The must-show case: SIGTERM to the whole process group (what `timeout`, `scancel` and a SLURM
 time limit send: data-loader workers get it too) of a run with train.num_workers=2 ends

@@ -1,4 +1,4 @@
-"""Issue 18 item 8: each weak case is one clear paragraph naming the fix, exit 2, no traceback."""
+"""Weak cases: each one is one clear paragraph naming the fix, exit 2, no traceback."""
 
 import csv
 import io
