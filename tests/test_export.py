@@ -226,7 +226,30 @@ def test_a_model_that_detects_too_little_to_compare_is_refused(checkpoints, tmp_
         ex.export_checkpoint(str(plain), "onnx", None, overrides, classes=["circle", "square", "triangle"])
     assert "finds 0 detections (0 + 0 + 0) on the 3 parity images (seeded coloured discs over noise, 128 px), " \
            f"fewer than the {ex.MIN_COMPARED} that the parity check needs" in str(e.value)
+    assert "give images=<folder> with a few images of what it was trained on" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pth"]
+
+
+def test_parity_on_the_users_images(checkpoints, tmp_path, shapes_cache):
+    from PIL import Image
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, image in enumerate(ex.example_images(96, 2, seed=7)):  # 96 px: resized to the input's 128
+        Image.fromarray(image.permute(1, 2, 0).round().byte().numpy()).save(folder / f"{i}.png")
+    source = checkpoints("vitdet", "lora")
+    proc = cli_in_process("export", f"checkpoint={source}", "format=torchscript", f"output={tmp_path / 'v.pt'}",
+                          f"images={folder}", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 0, proc.stderr
+    assert "parity on 2 images (100 detections compared)" in proc.stdout
+    record = json.loads((tmp_path / "v.pt.parity.json").read_text())
+    assert record["parity_images"] == [str(folder / "0.png"), str(folder / "1.png")] and record["status"] == "ok"
+    (folder / "2.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"images= .*2.png cannot be used: not a readable image"):
+        ex.export_checkpoint(str(source), "onnx", str(tmp_path / "w.onnx"), [], images=sorted(folder.iterdir()))
+    proc = cli_in_process("export", f"checkpoint={source}", "format=onnx", f"images={tmp_path / 'none'}",
+                          cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2 and f"images={tmp_path / 'none'} names no image" in proc.stderr
 
 
 def test_the_verdict_needs_compared_detections_equal_classes_and_finite_values():
@@ -290,7 +313,8 @@ def test_a_failed_parity_leaves_no_file_that_looks_deployable(checkpoints, tmp_p
     assert ("the exported file does not match PyTorch: max abs differences over the tolerance: boxes 3 > 0.000977 "
             "(tolerance scores 0.000122, boxes 0.000977, masks 0.000122). It was written as "
             f"{failed}, not as {tmp_path / 'v1.onnx'}, so that it is not deployed by mistake") in " ".join(proc.stderr.split())
-    assert f"removed this checkpoint's earlier onnx export {tmp_path / 'v1.onnx'}" in proc.stdout
+    assert (f"removed this checkpoint's earlier onnx export {tmp_path / 'v1.onnx'} and its record: the same export "
+            "fails parity now") in proc.stdout
     # the verified file of before is gone too: the only file is the one named as failed, with its record
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "v1.FAILED-parity.onnx", "v1.FAILED-parity.onnx.parity.json", "v1.safetensors"]
@@ -299,8 +323,9 @@ def test_a_failed_parity_leaves_no_file_that_looks_deployable(checkpoints, tmp_p
     assert abs(record["max_abs_diff"]["boxes"] - 3) <= ulps(128, BOX_ULPS)  # the shift, plus the runtime's rounding
     # a passing export again: the verified file comes back and the failed one goes
     monkeypatch.setattr(ex, "_runner", real_runner)
-    again = ex.export_checkpoint(str(source), "onnx", None, [])
-    assert again.ok and again.removed == [failed]
+    proc = cli_in_process("export", f"checkpoint={source}", "format=onnx", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 0
+    assert f"removed this checkpoint's earlier failed onnx export {failed} and its record: superseded" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.onnx", "v1.onnx.parity.json", "v1.safetensors"]
 
 

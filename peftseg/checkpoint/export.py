@@ -76,6 +76,7 @@ MIN_COMPARED = 10
 # regions (a mask shifted by one pixel flips its whole outline).
 BINARY_MASK_PIXELS = 1e-5
 FAILED_TAG = ".FAILED-parity"
+MAX_GIVEN_IMAGES = 10  # of images=: each one is a run of the exported file and of PyTorch
 _FIELDS = {"pred_boxes": "boxes", "pred_classes": "classes", "pred_masks": "masks", "scores": "scores"}
 
 
@@ -224,9 +225,30 @@ def refuse_nonfinite_weights(model: nn.Module, source: Path | None) -> None:
         )
 
 
-def reference_outputs(adapter, names: list[str], images: list[torch.Tensor], what: str) -> list[dict]:
+def given_images(paths: list[Path], size: int, image_format: str) -> list[torch.Tensor]:
+    """Parity images of the user's (`images=`): read as training reads them (data/images.py),
+    resized to the graph's S x S input (bilinear), at most MAX_GIVEN_IMAGES of them."""
+    import torch.nn.functional as F
+
+    from peftseg.data.images import read_image_checked
+
+    out = []
+    for path in paths[:MAX_GIVEN_IMAGES]:
+        try:
+            pixels = read_image_checked(str(path), image_format)
+        except ValueError as e:
+            raise UserError(f"images= {path} cannot be used: {e}. Give image files the model was trained on "
+                            "(PNG, JPEG, …), e.g. images=data/val/.") from None
+        image = torch.as_tensor(np.array(pixels, dtype=np.float32)).permute(2, 0, 1)[None]  # HWC uint8 -> 1CHW
+        out.append(F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)[0].clamp(0, 255))
+    return out
+
+
+def reference_outputs(adapter, names: list[str], images: list[torch.Tensor], what: str,
+                      described: str = "") -> list[dict]:
     """PyTorch's outputs on the parity images, refused when they cannot be compared (invariant 1):
-    non-finite values, or fewer than MIN_COMPARED detections in all."""
+    non-finite values, or fewer than MIN_COMPARED detections in all. `described`: what the images are."""
+    described = described or f"the {len(images)} parity images (seeded coloured discs over noise, {images[0].shape[-1]} px)"
     refs = []
     for image in images:
         with torch.no_grad():
@@ -235,18 +257,19 @@ def reference_outputs(adapter, names: list[str], images: list[torch.Tensor], wha
            if ref[k].dtype.kind == "f" and not np.isfinite(ref[k]).all()]
     if bad:
         raise UserError(
-            f"{what} gives NaN or infinite outputs in PyTorch itself ({', '.join(bad)}) on the {len(images)} parity "
-            "images, so there is nothing correct to export; nothing was written. Its weights are finite, so the "
-            "values overflow inside the network: export the checkpoint of a run that trained stably."
+            f"{what} gives NaN or infinite outputs in PyTorch itself ({', '.join(bad)}) on {described}, so there is "
+            "nothing correct to export; nothing was written. Its weights are finite, so the values overflow inside "
+            "the network: export the checkpoint of a run that trained stably."
         )
     found = [len(ref["scores"]) for ref in refs]
     if sum(found) < MIN_COMPARED:
         raise UserError(
-            f"{what} finds {sum(found)} detections ({' + '.join(map(str, found))}) on the {len(images)} parity images "
-            f"(seeded coloured discs over noise, {images[0].shape[-1]} px), fewer than the {MIN_COMPARED} that the "
-            "parity check needs to compare the exported file with PyTorch, so the file could not be verified and "
-            "nothing was written. A model finds that little when its scores stay under its score threshold on such "
-            "images or it predicts nothing: check it with `peftseg predict` on your own images first."
+            f"{what} finds {sum(found)} detections ({' + '.join(map(str, found))}) on {described}, fewer than the "
+            f"{MIN_COMPARED} that the parity check needs to compare the exported file with PyTorch, so the file could "
+            "not be verified and nothing was written. A model finds that little when its scores stay under its score "
+            "threshold on such images or it predicts nothing: give images=<folder> with a few images of what it was "
+            f"trained on (the first {MAX_GIVEN_IMAGES} are resized to the input size and compared), and check it with "
+            "`peftseg predict` if it finds nothing there either."
         )
     return refs
 
@@ -356,9 +379,10 @@ def _sha256(path: Path) -> str:
 
 
 def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: list[str],
-                      classes: list[str] | None = None) -> Exported:
+                      classes: list[str] | None = None, images: list[Path] | None = None) -> Exported:
     """Load (checkpoint.load), check, fold peft layers, trace, check parity, write atomically: the file at
-    `output` when parity passes, at failed_path(output) when it does not (Exported.ok says which)."""
+    `output` when parity passes, at failed_path(output) when it does not (Exported.ok says which).
+    `images`: image files to check parity on instead of the synthetic ones."""
     from peftseg.checkpoint.load import load_model
     from peftseg.checkpoint.merge import fold_tuner_layers
 
@@ -371,8 +395,9 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
     failed = failed_path(out, fmt)
     # invariant 2 (peftseg.io.output_guard): the format's suffix, never the checkpoint, a run's own
     # file, a link or a device (as root, an atomic write over /dev/null replaced the device) ...
-    output_file(out, ("." + FORMATS[fmt].rsplit(".", 1)[-1],), inputs=[source], what="output=")
-    check_targets([parity_path(out), failed, parity_path(failed)], [source], what="output=")
+    inputs = [source, *(images or [])]
+    output_file(out, ("." + FORMATS[fmt].rsplit(".", 1)[-1],), inputs=inputs, what="output=")
+    check_targets([parity_path(out), failed, parity_path(failed)], inputs, what="output=")
     # ... and never another output: what is there already is replaced only when it is this command's
     # own earlier export of the same checkpoint (same file, same bytes) to the same format
     owner = {"format": fmt, "checkpoint": str(source), "checkpoint_sha256": _sha256(source)}
@@ -382,17 +407,22 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
     size = int(loaded.cfg.model.image_size)
     (trace_image,) = example_images(size, 1, seed=1234)
     adapter = tracing_adapter(model, trace_image)
-    images = example_images(size, PARITY_IMAGES, seed=0)
+    if images:
+        parity_images = given_images(images, size, model.input_format)
+        described = f"the {len(parity_images)} images of images= (resized to {size} x {size} px)"
+    else:
+        parity_images, described = example_images(size, PARITY_IMAGES, seed=0), ""
     with torch.no_grad():
         names = _output_names(adapter, adapter(trace_image))
-    refs = reference_outputs(adapter, names, images, f"{loaded.cfg.model.name} + {loaded.cfg.method.name} from {loaded.source}")
+    refs = reference_outputs(adapter, names, parity_images,
+                             f"{loaded.cfg.model.name} + {loaded.cfg.method.name} from {loaded.source}", described)
     start = time.perf_counter()
     payload = _serialise(adapter, trace_image, fmt, family, names)
     seconds = time.perf_counter() - start
     if fmt == "onnx" and not payload:
         raise UserError(f"the ONNX exporter produced an empty graph for family {family!r}; nothing was written.")
     run = _runner(payload, fmt)  # loads before anything is written: a file its runtime rejects is never left
-    parity = check_parity(refs, run, images)
+    parity = check_parity(refs, run, parity_images)
     ok = parity["within_tolerance"]
     path = out if ok else failed
     record = {
@@ -401,7 +431,9 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
         "class_names": loaded.class_names, "export_seconds": round(seconds, 3), "opset": OPSET if fmt == "onnx" else None,
         "input": {"name": "image", "shape": [3, size, size], "dtype": "float32",
                   "values": f"0..255, {model.input_format} channel order"},
-        "outputs": names, **parity,
+        "outputs": names,
+        "parity_images": [str(p) for p in images[:MAX_GIVEN_IMAGES]] if images else "synthetic: seeded coloured discs over noise",
+        **parity,
     }
     with write_errors(path):
         write_atomic_with(path, lambda f: f.write(payload))

@@ -6,6 +6,7 @@ from peftseg.cli.common import console, err_console, print_text, split_args, wan
 
 EXPORT_HELP = """\
 usage: peftseg export checkpoint=<run dir, model_* file or merged file> format=onnx|torchscript [output=<file>]
+                      [images=<image, folder or glob>]
        (a plain detectron2 checkpoint also needs model=<preset> classes=[a,b])
 
 Writes the model as one file whose graph maps an image tensor (float32, 3 x S x S with S the
@@ -17,8 +18,9 @@ in .onnx (format=onnx) or .pt (format=torchscript). An existing file is replaced
 this command's own earlier export of the same checkpoint to the same format.
 
 A model with NaN or infinite weights is refused (exit 2), and so is one that finds fewer than
-{min} detections on the {n} parity images: there would be nothing to compare. The file is run by
-its runtime (onnxruntime / torch.jit.load) on those images next to PyTorch; the max abs
+{min} detections on the parity images: there would be nothing to compare. Those are {n} seeded
+synthetic images (coloured discs over noise), or the first {max_given} of images=, resized to S x S.
+The file is run by its runtime (onnxruntime / torch.jit.load) on them next to PyTorch; the max abs
 differences of scores, boxes and mask probabilities are printed and saved in <file>.parity.json.
 When the detections differ in number or class, or a difference exceeds the tolerance, the file
 is kept only as <name>.FAILED-parity<suffix> and the exit status is 1. The tolerance is counted
@@ -35,25 +37,28 @@ def main(argv: list[str]) -> int:
     from peftseg.checkpoint import export as ex
 
     if wants_help(argv):
-        print_text(EXPORT_HELP.format(n=ex.PARITY_IMAGES, min=ex.MIN_COMPARED, flip=ex.BINARY_MASK_PIXELS, tol=", ".join(f"{k} {n} ulps" + (" of the image side" if k == "boxes" else "") for k, n in ex.ULPS.items())))
+        print_text(EXPORT_HELP.format(n=ex.PARITY_IMAGES, min=ex.MIN_COMPARED, max_given=ex.MAX_GIVEN_IMAGES, flip=ex.BINARY_MASK_PIXELS, tol=", ".join(f"{k} {n} ulps" + (" of the image side" if k == "boxes" else "") for k, n in ex.ULPS.items())))
         return 0
     from rich.markup import escape
 
     from peftseg.report.tables import fmt_bytes
 
-    from peftseg.cli.predict import _classes
+    from peftseg.cli.predict import _classes, find_images
 
-    options, overrides, _ = split_args(argv, "export", ("checkpoint", "format", "output", "classes"),
+    options, overrides, _ = split_args(argv, "export", ("checkpoint", "format", "output", "classes", "images"),
                                        required=("checkpoint", "format"),
                                        example="checkpoint=outputs/<date>/<time> format=onnx")
     result = ex.export_checkpoint(options["checkpoint"], options["format"], options.get("output"), overrides,
-                                  classes=_classes(options.get("classes")))
+                                  classes=_classes(options.get("classes")),
+                                  images=find_images(options["images"], "images") if options.get("images") else None)
     p = result.parity
     if result.replaced:
         say(f"replacing this command's own earlier {p['format']} export of {p['checkpoint']}: {result.path}")
     for stale in result.removed:
-        say(f"removed this checkpoint's earlier {p['format']} export {stale} (and its record): "
-            f"{'superseded by a verified one' if result.ok else 'it is not what this export verified'}")
+        say(f"removed this checkpoint's earlier failed {p['format']} export {stale} and its record: superseded by a "
+            "verified one" if result.ok else
+            f"removed this checkpoint's earlier {p['format']} export {stale} and its record: the same export fails "
+            "parity now, so that file's verification does not hold here either")
     say(f"exported {p['model']} + {p['method']} ({p['family']}) to {result.path} "
         f"({fmt_bytes(result.path.stat().st_size)}) in {p['export_seconds']:.1f} s")
     diffs = p["max_abs_diff"]
