@@ -20,8 +20,9 @@ Checks, in order (nothing is written until the last):
 - the output is the format's suffix, not an input or a run's own file, and not another output:
   a file already there is replaced only when it is this command's own earlier export of the
   same checkpoint (path and sha256) to the same format (output_guard.replaceable);
-- the model's weights are finite, and so are its PyTorch outputs on the PARITY_IMAGES images,
-  which hold at least MIN_COMPARED detections: otherwise there is nothing to compare;
+- the model's weights are finite, and so are its PyTorch outputs on the parity images
+  (PARITY_IMAGES synthetic ones, or the first MAX_GIVEN_IMAGES of `images=`), which hold at
+  least MIN_COMPARED detections: otherwise there is nothing to compare;
 - the written bytes, loaded by their runtime (onnxruntime / torch.jit.load), give the same
   detections within the tolerance (parity_problems). A pass writes `<output>` and
   `<output>.parity.json`; a failure writes the file as `<name>.FAILED-parity<suffix>` (with its
