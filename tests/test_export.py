@@ -216,6 +216,23 @@ def test_a_model_with_nan_weights_is_refused_by_tensor_name_and_nothing_is_writt
         ex.export_checkpoint(str(one), "onnx", None, [])
 
 
+def test_finite_weights_whose_outputs_overflow_are_refused(tmp_path):
+    def huge(state):  # finite, but the class logits overflow to inf and the softmax gives NaN
+        state["sem_seg_head.predictor.class_embed"] *= 3e38
+
+    run = make_run(tmp_path / "seem", "model=seem_tiny", "method=lora", noise_seed=1)
+    merged = merge_checkpoint(str(run), [], str(tmp_path / "merged.safetensors"))[1]
+    source = _copy_with(merged, tmp_path / "huge.safetensors", huge)
+    with pytest.raises(UserError) as e:
+        ex.export_checkpoint(str(source), "onnx", None, [])
+    assert str(e.value) == (
+        f"seem_tiny + lora from {source} gives NaN or infinite outputs in PyTorch itself (scores on image 0, scores on "
+        "image 1, scores on image 2) on the 3 parity images (seeded coloured discs over noise, 128 px), so there is "
+        "nothing correct to export; nothing was written. Its weights are finite, so the values overflow inside the "
+        "network: export the checkpoint of a run that trained stably.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.safetensors", "merged.safetensors", "seem"]
+
+
 def test_a_model_that_detects_too_little_to_compare_is_refused(checkpoints, tmp_path):
     # a plain checkpoint (the merged tensors without peftseg's metadata) run with a score threshold
     # no detection reaches: 0 vs 0 detections would compare nothing
