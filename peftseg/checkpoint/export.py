@@ -10,21 +10,34 @@ pixels), classes, masks and scores:
   `inference(do_postprocess=False)`: masks are the mask head's per-box probabilities
   (N, 1, M, M), before pasting into the image (which detectron2 scripts with control flow
   that ONNX runtimes reject);
-- query-based families (mask2former, maskdino) are traced through their forward, whose
-  multi-scale deformable attention is the grid_sample implementation: no custom op.
-  Their masks are what the model returns (maskdino: binary masks at input size).
+- query-based families (mask2former, maskdino, seem) are traced through their forward, whose
+  multi-scale deformable attention is the grid_sample implementation: no custom op, and whose
+  boxes around masks are tensor ops (peftseg.models._mask_boxes), not Python loops a tracer
+  would freeze into the traced image's boxes. Their masks are what the model returns (binary
+  masks at input size).
 
-After writing, the file is loaded by its runtime (onnxruntime / torch.jit.load) and run on
-3 images next to the PyTorch model; the max abs differences go to `<file>.parity.json`.
-Files are written atomically: an export that fails leaves nothing behind.
+Checks, in order (nothing is written until the last):
+- the output is the format's suffix, not an input or a run's own file, and not another output:
+  a file already there is replaced only when it is this command's own earlier export of the
+  same checkpoint (path and sha256) to the same format (output_guard.replaceable);
+- the model's weights are finite, and so are its PyTorch outputs on the parity images
+  (PARITY_IMAGES synthetic ones, or the first MAX_GIVEN_IMAGES of `images=`), which hold at
+  least MIN_COMPARED detections: otherwise there is nothing to compare;
+- the written bytes, loaded by their runtime (onnxruntime / torch.jit.load), give the same
+  detections within the tolerance (parity_problems). A pass writes `<output>` and
+  `<output>.parity.json`; a failure writes the file as `<name>.FAILED-parity<suffix>` (with its
+  record) and removes this checkpoint's earlier export at `<output>`, so that no file that failed
+  looks deployable. Files are written atomically.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +46,7 @@ import torch.nn as nn
 
 from peftseg.errors import UserError
 from peftseg.io.atomic import write_atomic_with, write_json
-from peftseg.io.output_guard import check_targets, output_file, write_errors
+from peftseg.io.output_guard import check_targets, output_file, replaceable, write_errors
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 OPSET = 17  # GridSample (deformable attention) needs >= 16
@@ -49,15 +62,37 @@ _EPS32 = float(np.finfo(np.float32).eps)
 def tolerance_for(image_side: int) -> dict[str, float]:
     return {"scores": ULPS["scores"] * _EPS32, "boxes": ULPS["boxes"] * _EPS32 * image_side,
             "masks": ULPS["masks"] * _EPS32}
+
+
 PARITY_IMAGES = 3
+# A comparison is a pass only if it compared something: at least this many detections, matched
+# image by image, over the parity images. The class check is what catches a graph that computes
+# something else entirely; were its classes random among K >= 2, all 10 would agree with chance
+# <= 2^-10 (1/1024), while every model that detects anything returns far more than 10 (query
+# families their top-k, 50 in the tiny presets; R-CNN up to detections_per_image).
+MIN_COMPARED = 10
+# Binary masks (logits > 0) cannot differ by a rounding: a pixel whose logit is within rounding of
+# 0 flips to the other value. At most this fraction of the compared pixels may (2 of 2457600 seen:
+# mask2former + side to ONNX), 25 pixels on 3 x 50 masks of 128 px; a wrong graph differs in whole
+# regions (a mask shifted by one pixel flips its whole outline).
+BINARY_MASK_PIXELS = 1e-5
+FAILED_TAG = ".FAILED-parity"
+MAX_GIVEN_IMAGES = 10  # of images=: each one is a run of the exported file and of PyTorch
 _FIELDS = {"pred_boxes": "boxes", "pred_classes": "classes", "pred_masks": "masks", "scores": "scores"}
 
 
 @dataclass
 class Exported:
-    path: Path
+    path: Path  # the file written: `intended` when parity passed, its FAILED-parity name when not
     parity: dict  # what <file>.parity.json holds
     family: str
+    intended: Path  # the output asked for (or the default one)
+    replaced: bool = False  # `path` was this command's own earlier export of the same checkpoint + format
+    removed: list = field(default_factory=list)  # its earlier files that this result made stale
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.parity["within_tolerance"])
 
     @property
     def parity_path(self) -> Path:
@@ -113,22 +148,22 @@ def example_images(size: int, n: int, seed: int) -> list[torch.Tensor]:
 
 
 def _unsupported(e: Exception, family: str, fmt: str) -> UserError:
+    """The exporter's error as one paragraph: the operator it has no form of, by name, or else what
+    failed inside it (never an exception's class passed off as an operator)."""
     text = str(e)
+    first = text.splitlines()[0][:300] if text else type(e).__name__
     m = re.search(r"operator '?([\w:.]+)'?", text) or re.search(r"(aten::\w+|prim::\w+)", text)
-    op = m.group(1) if m else type(e).__name__
+    what = (f"operator {m.group(1)} has no {fmt} form ({first})" if m
+            else f"the {fmt} exporter failed inside torch ({type(e).__name__}: {first})")
     return UserError(
-        f"model family {family!r} cannot be exported to {fmt}: operator {op} has no {fmt} form "
-        f"({text.splitlines()[0][:300] if text else type(e).__name__}). Nothing was written; export another "
+        f"model family {family!r} cannot be exported to {fmt}: {what}. Nothing was written; export another "
         "format, or serve this model with PyTorch (`peftseg predict`)."
     )
 
 
-def _serialise(adapter, image: torch.Tensor, fmt: str, family: str) -> tuple[bytes, list[str]]:
+def _serialise(adapter, image: torch.Tensor, fmt: str, family: str, names: list[str]) -> bytes:
     import warnings
 
-    with torch.no_grad():
-        reference = adapter(image)
-    names = _output_names(adapter, reference)
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -145,7 +180,7 @@ def _serialise(adapter, image: torch.Tensor, fmt: str, family: str) -> tuple[byt
         raise _unsupported(e, family, fmt) from None
     finally:
         adapter.eval()  # torch.onnx.export restores the mode it found; keep eval either way
-    return buf.getvalue(), names
+    return buf.getvalue()
 
 
 def _runner(payload: bytes, fmt: str):
@@ -163,44 +198,192 @@ def _runner(payload: bytes, fmt: str):
     return run
 
 
-def check_parity(adapter, run, names: list[str], images: list[torch.Tensor]) -> dict:
-    """Max abs differences (exported vs PyTorch) over `images`, per output; classes must match."""
-    diffs = {k: 0.0 for k in ULPS}
-    per_image, same_classes, same_count = [], True, True
+def _nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Every parameter and buffer holding NaN or ±inf, with how many of its values are."""
+    found = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not t.is_floating_point():
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if nan or inf:
+            counts = " and ".join(f"{n} {w}" for n, w in ((nan, "NaN"), (inf, "inf")) if n)
+            found.append(f"{name} ({counts} of {t.numel()} values)")
+    return found
+
+
+def refuse_nonfinite_weights(model: nn.Module, source: Path | None) -> None:
+    """Invariant 1, before anything is traced: a model with NaN/inf weights is not exported (its
+    outputs mean nothing, and a parity check of NaN against NaN would compare nothing)."""
+    bad = _nonfinite_tensors(model)
+    if bad:
+        total = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UserError(
+            f"{source or 'the model'} holds NaN or infinite values in {len(bad)} of its {total} tensors: {shown}. "
+            "A model with non-finite weights computes nothing meaningful, so it was not exported and nothing was "
+            "written. Export the checkpoint of a run that did not diverge (its model_final file, or an earlier "
+            "model_* checkpoint of it), or merge again from one."
+        )
+
+
+def given_images(paths: list[Path], size: int, image_format: str) -> list[torch.Tensor]:
+    """Parity images of the user's (`images=`): read as training reads them (data/images.py),
+    resized to the graph's S x S input (bilinear), at most MAX_GIVEN_IMAGES of them."""
+    import torch.nn.functional as F
+
+    from peftseg.data.images import read_image_checked
+
+    out = []
+    for path in paths[:MAX_GIVEN_IMAGES]:
+        try:
+            pixels = read_image_checked(str(path), image_format)
+        except ValueError as e:
+            raise UserError(f"images= {path} cannot be used: {e}. Give image files the model was trained on "
+                            "(PNG, JPEG, …), e.g. images=data/val/.") from None
+        image = torch.as_tensor(np.array(pixels, dtype=np.float32)).permute(2, 0, 1)[None]  # HWC uint8 -> 1CHW
+        out.append(F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)[0].clamp(0, 255))
+    return out
+
+
+def reference_outputs(adapter, names: list[str], images: list[torch.Tensor], what: str,
+                      described: str = "") -> list[dict]:
+    """PyTorch's outputs on the parity images, refused when they cannot be compared (invariant 1):
+    non-finite values, or fewer than MIN_COMPARED detections in all. `described`: what the images are."""
+    described = described or f"the {len(images)} parity images (seeded coloured discs over noise, {images[0].shape[-1]} px)"
+    refs = []
     for image in images:
         with torch.no_grad():
-            ref = {n: t.numpy() for n, t in zip(names, adapter(image))}
-        got = dict(zip(names, run(image)))
-        n_ref, n_got = len(ref["scores"]), len(got["scores"])
+            refs.append({n: t.numpy() for n, t in zip(names, adapter(image))})
+    bad = [f"{k} on image {i}" for i, ref in enumerate(refs) for k in ULPS
+           if ref[k].dtype.kind == "f" and not np.isfinite(ref[k]).all()]
+    if bad:
+        raise UserError(
+            f"{what} gives NaN or infinite outputs in PyTorch itself ({', '.join(bad)}) on {described}, so there is "
+            "nothing correct to export; nothing was written. Its weights are finite, so the values overflow inside "
+            "the network: export the checkpoint of a run that trained stably."
+        )
+    found = [len(ref["scores"]) for ref in refs]
+    if sum(found) < MIN_COMPARED:
+        raise UserError(
+            f"{what} finds {sum(found)} detections ({' + '.join(map(str, found))}) on {described}, fewer than the "
+            f"{MIN_COMPARED} that the parity check needs to compare the exported file with PyTorch, so the file could "
+            "not be verified and nothing was written. A model finds that little when its scores stay under its score "
+            "threshold on such images or it predicts nothing: give images=<folder> with a few images of what it was "
+            f"trained on (the first {MAX_GIVEN_IMAGES} are resized to the input size and compared), and check it with "
+            "`peftseg predict` if it finds nothing there either."
+        )
+    return refs
+
+
+def _binary(masks: np.ndarray) -> bool:
+    """Masks of 0/1 values (the query families threshold their mask logits), not probabilities."""
+    return masks.dtype == bool or bool(np.isin(masks, (0, 1)).all())
+
+
+def check_parity(refs: list[dict], run, images: list[torch.Tensor]) -> dict:
+    """The exported file (`run`) against PyTorch's outputs `refs` on `images`: max abs differences
+    per output (for binary masks: how many pixels differ), whether classes and numbers of
+    detections agree, and the verdict (parity_problems)."""
+    diffs = {k: 0.0 for k in ULPS}
+    nonfinite: set[str] = set()
+    per_image, same_classes, same_count, compared = [], True, True, 0
+    binary, pixels_differing, pixels = False, 0, 0
+    for ref_, image in zip(refs, images):
+        got = dict(zip(ref_, run(image)))
+        n_ref, n_got = len(ref_["scores"]), len(got["scores"])
         per_image.append({"detections_pytorch": n_ref, "detections_exported": n_got})
         if n_ref != n_got:
             same_count = False
             continue
-        same_classes &= bool(np.array_equal(ref["classes"], got["classes"]))
+        compared += n_ref
+        same_classes &= bool(np.array_equal(ref_["classes"], got["classes"]))
+        if not n_ref:
+            continue
         for key in ULPS:
-            if n_ref:
-                d = np.abs(ref[key].astype(np.float64) - got[key].astype(np.float64)).max()
-                diffs[key] = max(diffs[key], float(d))
-    finite = all(np.isfinite(v) for v in diffs.values())
-    tolerance = tolerance_for(max(images[0].shape[-2:]))
-    ok = same_count and same_classes and finite and all(diffs[k] <= tolerance[k] for k in ULPS)
-    return {
-        "max_abs_diff": diffs if same_count else {k: None for k in ULPS},
+            d = np.abs(ref_[key].astype(np.float64) - got[key].astype(np.float64))
+            if not np.isfinite(d).all():  # max() would drop a NaN: count it by name instead
+                nonfinite.add(key)
+                continue
+            diffs[key] = max(diffs[key], float(d.max()))
+            if key == "masks" and _binary(ref_["masks"]):
+                binary = True
+                pixels_differing += int(np.count_nonzero(d))
+                pixels += d.size
+    parity = {
+        "max_abs_diff": {k: (None if k in nonfinite else diffs[k]) for k in ULPS} if same_count else {k: None for k in ULPS},
+        "nonfinite_exported": sorted(nonfinite),
         "classes_equal": same_classes if same_count else None,
         "same_detection_count": same_count,
+        "compared_detections": compared,
+        "min_compared_detections": MIN_COMPARED,
         "images": per_image,
-        "tolerance": tolerance,
-        "within_tolerance": bool(ok),
+        "tolerance": tolerance_for(max(images[0].shape[-2:])),
+        "binary_masks": binary,
     }
+    if binary:
+        parity["mask_pixels"] = {"differing": pixels_differing, "compared": pixels,
+                                 "allowed": int(BINARY_MASK_PIXELS * pixels)}
+    parity["problems"] = parity_problems(parity)
+    parity["within_tolerance"] = not parity["problems"]
+    return parity
+
+
+def parity_problems(parity: dict) -> list[str]:
+    """Invariant 1, the one verdict: why the comparison is not a pass ([] when it is). A pass needs
+    the same number of detections on every image, at least MIN_COMPARED of them compared, equal
+    classes, finite exported values, and every max abs difference within the tolerance (binary
+    masks: at most BINARY_MASK_PIXELS of their pixels differing)."""
+    if not parity["same_detection_count"]:
+        counts = ", ".join(f"{i['detections_pytorch']} vs {i['detections_exported']}" for i in parity["images"])
+        return [f"the exported file finds other numbers of detections than PyTorch ({counts})"]
+    problems = []
+    if parity["compared_detections"] < parity["min_compared_detections"]:
+        problems.append(f"only {parity['compared_detections']} detections were compared (at least "
+                        f"{parity['min_compared_detections']} are needed)")
+    if not parity["classes_equal"]:
+        problems.append("the classes differ")
+    if parity["nonfinite_exported"]:
+        problems.append(f"the exported file gives NaN or inf {', '.join(parity['nonfinite_exported'])} where PyTorch's "
+                        "are finite")
+    diffs, tol = parity["max_abs_diff"], parity["tolerance"]
+    binary = parity.get("binary_masks", False)
+    over = [f"{k} {diffs[k]:.3g} > {tol[k]:.3g}" for k in ULPS
+            if diffs[k] is not None and diffs[k] > tol[k] and not (k == "masks" and binary)]
+    if over:
+        problems.append(f"max abs differences over the tolerance: {', '.join(over)}")
+    if binary and parity["mask_pixels"]["differing"] > parity["mask_pixels"]["allowed"]:
+        m = parity["mask_pixels"]
+        problems.append(f"{m['differing']} of the {m['compared']} binary mask pixels differ (at most {m['allowed']} "
+                        "may: those whose logit is within rounding of the threshold)")
+    return problems
 
 
 def default_output(source: Path, fmt: str) -> Path:
-    return source.with_name(source.name.split(".")[0] + FORMATS[fmt])
+    """`<checkpoint name without its last suffix><format suffix>` beside it: the whole stem, so that
+    v1.2.safetensors and v1.3.safetensors export to v1.2.onnx and v1.3.onnx."""
+    return source.with_name(source.name[: len(source.name) - len(source.suffix)] + FORMATS[fmt])
+
+
+def failed_path(out: Path, fmt: str) -> Path:
+    """Where an export that failed parity goes: `<name>.FAILED-parity<suffix>`, a name nobody deploys
+    by mistake (model.onnx -> model.FAILED-parity.onnx)."""
+    suffix = FORMATS[fmt] if out.name.endswith(FORMATS[fmt]) else out.suffix
+    return out.with_name(out.name[: len(out.name) - len(suffix)] + FAILED_TAG + suffix)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: list[str],
-                      classes: list[str] | None = None) -> Exported:
-    """Load (checkpoint.load), fold peft layers, trace, write atomically, check parity."""
+                      classes: list[str] | None = None, images: list[Path] | None = None) -> Exported:
+    """Load (checkpoint.load), check, fold peft layers, trace, check parity, write atomically: the file at
+    `output` when parity passes, at failed_path(output) when it does not (Exported.ok says which).
+    `images`: image files to check parity on instead of the synthetic ones."""
     from peftseg.checkpoint.load import load_model
     from peftseg.checkpoint.merge import fold_tuner_layers
 
@@ -208,31 +391,59 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
         raise UserError(f"format={fmt!r} is not an export format; choose format=onnx or format=torchscript.")
     loaded = load_model(checkpoint, overrides, classes=classes)  # classes: a plain checkpoint's
     family = str(loaded.cfg.model.family)
+    source = Path(os.path.realpath(loaded.source))
     out = Path(output) if output else default_output(loaded.source, fmt)
+    failed = failed_path(out, fmt)
     # invariant 2 (peftseg.io.output_guard): the format's suffix, never the checkpoint, a run's own
-    # file, a link or a device (as root, an atomic write over /dev/null replaced the device)
-    output_file(out, ("." + FORMATS[fmt].rsplit(".", 1)[-1],), inputs=[loaded.source] if loaded.source else [], what="output=")
-    check_targets([parity_path(out)], [], what="output=")
+    # file, a link or a device (as root, an atomic write over /dev/null replaced the device) ...
+    inputs = [source, *(images or [])]
+    output_file(out, ("." + FORMATS[fmt].rsplit(".", 1)[-1],), inputs=inputs, what="output=")
+    check_targets([parity_path(out), failed, parity_path(failed)], inputs, what="output=")
+    # ... and never another output: what is there already is replaced only when it is this command's
+    # own earlier export of the same checkpoint (same file, same bytes) to the same format
+    owner = {"format": fmt, "checkpoint": str(source), "checkpoint_sha256": _sha256(source)}
+    earlier = [p for p in (out, failed) if replaceable(p, parity_path(p), owner, what="output=")]
+    refuse_nonfinite_weights(loaded.model, loaded.source)  # invariant 1: before peft's merge sees NaN
     model = fold_tuner_layers(loaded.model.to("cpu").eval())
     size = int(loaded.cfg.model.image_size)
     (trace_image,) = example_images(size, 1, seed=1234)
     adapter = tracing_adapter(model, trace_image)
+    if images:
+        parity_images = given_images(images, size, model.input_format)
+        described = f"the {len(parity_images)} images of images= (resized to {size} x {size} px)"
+    else:
+        parity_images, described = example_images(size, PARITY_IMAGES, seed=0), ""
+    with torch.no_grad():
+        names = _output_names(adapter, adapter(trace_image))
+    refs = reference_outputs(adapter, names, parity_images,
+                             f"{loaded.cfg.model.name} + {loaded.cfg.method.name} from {loaded.source}", described)
     start = time.perf_counter()
-    payload, names = _serialise(adapter, trace_image, fmt, family)
+    payload = _serialise(adapter, trace_image, fmt, family, names)
     seconds = time.perf_counter() - start
     if fmt == "onnx" and not payload:
         raise UserError(f"the ONNX exporter produced an empty graph for family {family!r}; nothing was written.")
     run = _runner(payload, fmt)  # loads before anything is written: a file its runtime rejects is never left
-    parity = check_parity(adapter, run, names, example_images(size, PARITY_IMAGES, seed=0))
+    parity = check_parity(refs, run, parity_images)
+    ok = parity["within_tolerance"]
+    path = out if ok else failed
     record = {
-        "format": fmt, "file": str(out), "checkpoint": str(loaded.source), "checkpoint_kind": loaded.kind,
+        "status": "ok" if ok else "failed", **owner, "file": str(path), "checkpoint_kind": loaded.kind,
         "model": loaded.cfg.model.name, "family": family, "method": loaded.cfg.method.name,
         "class_names": loaded.class_names, "export_seconds": round(seconds, 3), "opset": OPSET if fmt == "onnx" else None,
         "input": {"name": "image", "shape": [3, size, size], "dtype": "float32",
                   "values": f"0..255, {model.input_format} channel order"},
-        "outputs": names, **parity,
+        "outputs": names,
+        "parity_images": [str(p) for p in images[:MAX_GIVEN_IMAGES]] if images else "synthetic: seeded coloured discs over noise",
+        **parity,
     }
-    with write_errors(out):
-        write_atomic_with(out, lambda f: f.write(payload))
-        write_json(parity_path(out), record)
-    return Exported(path=out, parity=record, family=family)
+    with write_errors(path):
+        write_atomic_with(path, lambda f: f.write(payload))
+        write_json(parity_path(path), record)
+        # invariant 1: a failed export never leaves a file that looks deployable, not even this
+        # checkpoint's earlier one at `out`; a pass clears an earlier failure of the same export
+        stale = [p for p in earlier if p != path]
+        for p in stale:
+            p.unlink(missing_ok=True)
+            parity_path(p).unlink(missing_ok=True)
+    return Exported(path=path, parity=record, family=family, intended=out, replaced=path in earlier,
+                    removed=stale)

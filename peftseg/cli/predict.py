@@ -77,8 +77,9 @@ def _classes(raw: str | None) -> list[str] | None:
     return names
 
 
-def find_images(spec: str) -> list[Path]:
-    """An image file, every image file of a folder, or the matches of a glob pattern."""
+def find_images(spec: str, key: str = "input") -> list[Path]:
+    """An image file, every image file of a folder, or the matches of a glob pattern (`key`: the
+    option that gave it, for the message)."""
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
@@ -88,8 +89,8 @@ def find_images(spec: str) -> list[Path]:
         found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not found:
         raise UserError(
-            f"input={spec} names no image: give an image file, a folder holding "
-            f"{'/'.join(sorted(IMAGE_SUFFIXES))} files, or a quoted glob such as input='photos/*.jpg'."
+            f"{key}={spec} names no image: give an image file, a folder holding "
+            f"{'/'.join(sorted(IMAGE_SUFFIXES))} files, or a quoted glob such as {key}='photos/*.jpg'."
         )
     return found
 

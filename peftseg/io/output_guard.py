@@ -11,6 +11,8 @@ where it may write, before it writes anything:
   the suffix; any other suffix is refused, never silently written in another format);
 - `distinct_names(...)`: one output name per input, distinct even when two inputs share a stem;
 - `write_errors(...)`: an OSError while writing becomes a one-line UserError naming the path;
+- `replaceable(...)`: an existing file is replaced only when it is the command's own earlier
+  output for the same inputs (its record says so), never another output;
 - `unwritable(...)`: why a file or folder another library will create cannot be (MLflow's and
   Optuna's stores), before anything runs.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import stat
 from collections import Counter
@@ -228,3 +231,29 @@ def write_errors(path: Path) -> Iterator[None]:
         fix = _FIXES.get(e.errno, "give another output path")
         where = e.filename or path  # peftseg.io.atomic names the file asked for, never its temporary sibling
         raise UserError(f"could not write {where}: {e.strerror or e}; {fix}.") from None
+
+
+def replaceable(path: Path, record: Path, owner: dict, what: str = "output=") -> bool:
+    """Whether a command may write `path` and `record` (the JSON record it writes beside it) when
+    something is already there. False: neither exists. True: they are the command's own earlier
+    output for the same inputs, i.e. the record holds every key of `owner` with the same value (the
+    caller says so when it replaces them). A UserError naming the difference otherwise: an output
+    never replaces a file the command did not write, nor its own output for other inputs."""
+    path, record = Path(path), Path(record)
+    if not (os.path.lexists(path) or os.path.lexists(record)):
+        return False
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{_label(what, path)} already exists and is not this command's own earlier output (there is no "
+                        f"readable record {record.name} beside it); writing there would replace it. Give another "
+                        "output=, or remove the file yourself if it may go.")
+    differ = [k for k in owner if saved.get(k) != owner[k]]
+    if differ:
+        detail = "; ".join(f"{k} {saved.get(k)!r} there, {owner[k]!r} now" for k in differ)
+        raise UserError(f"{_label(what, path)} already exists as this command's output for other inputs (its record "
+                        f"{record.name} says {detail}); writing there would replace it. Give another output=, or remove "
+                        "the file and its record yourself if they may go.")
+    return True

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from transformers import Mask2FormerConfig as HFMask2FormerConfig
 from transformers import Mask2FormerForUniversalSegmentation, SwinConfig
 from transformers.utils import logging as hf_logging
 
+from peftseg.models._mask_boxes import mask_boxes
 from peftseg.models._targets import padded_gt_masks
 from peftseg.errors import UserError
 from peftseg.models._weights import LoadReport
@@ -143,7 +144,8 @@ class HFMask2Former(nn.Module):
         mask_scores = (logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
         result = Instances(tuple(mask_logits.shape[-2:]))
         result.pred_masks = masks
-        result.pred_boxes = BitMasks(masks).get_bounding_boxes()
+        # BitMasks.get_bounding_boxes' boxes, by tensor ops that an exported graph keeps
+        result.pred_boxes = Boxes(mask_boxes(masks))
         result.scores = scores * mask_scores
         result.pred_classes = flat % num_classes
         return result

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torchvision.ops import box_convert, generalized_box_iou, masks_to_boxes
+from torchvision.ops import box_convert, generalized_box_iou
 
-__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "masks_to_boxes"]
+__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou"]
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

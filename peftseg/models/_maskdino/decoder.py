@@ -15,10 +15,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from detectron2.structures import BitMasks
 
 from peftseg.models._maskdino import box_ops
 from peftseg.models._maskdino.deform_attn import MSDeformAttn
+from peftseg.models._mask_boxes import mask_boxes
 
 
 class MLP(nn.Module):
@@ -203,10 +203,10 @@ class MaskDINODecoder(nn.Module):
         """Mask-enhanced anchors: the boxes around the initial masks (logit space)."""
         b, q, h, w = mask_logits.shape
         flat = mask_logits.detach().flatten(0, 1) > 0
-        if self.initialize_box_type == "bitmask":
-            boxes = BitMasks(flat).get_bounding_boxes().tensor.to(mask_logits.device)
-        else:  # mask2box
-            boxes = box_ops.masks_to_boxes(flat)
+        # the official code calls BitMasks.get_bounding_boxes (bitmask) or torchvision's masks_to_boxes
+        # (mask2box, no +1 at the end); the same boxes by tensor ops, which an exported graph keeps
+        # (those loops would be frozen into the anchors of the image the export traced)
+        boxes = mask_boxes(flat, exclusive_end=self.initialize_box_type == "bitmask")
         scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=mask_logits.device)
         boxes = box_ops.box_xyxy_to_cxcywh(boxes) / scale
         return inverse_sigmoid(boxes.reshape(b, q, 4))

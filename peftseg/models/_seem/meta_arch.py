@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 
+from peftseg.models._mask_boxes import mask_boxes
 from peftseg.models._targets import padded_gt_masks
 from peftseg.models._seem.criterion import HungarianMatcher, SetCriterion
 from peftseg.models._seem.decoder import SEEMDecoder
@@ -124,7 +125,8 @@ class GeneralizedSEEM(nn.Module):
         result.pred_masks = binary
         # detection is off in the released models: the official code fills zero boxes; boxes
         # around the masks serve detectron2's bbox evaluation better and change no mask result
-        result.pred_boxes = BitMasks(binary > 0).get_bounding_boxes()
+        # (BitMasks.get_bounding_boxes' boxes, by tensor ops that an exported graph keeps)
+        result.pred_boxes = Boxes(mask_boxes(binary))
         mask_scores = (mask_logits.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
         result.scores = top * mask_scores
         result.pred_classes = flat % num_classes
