@@ -3,6 +3,7 @@ through every command that writes: predict, visualize, merge, eval output=, repo
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -140,3 +141,47 @@ def test_output_file_names_the_fix(tmp_path):
         output_file(tmp_path / "m.onnx", (".safetensors", ".pth"))
     with pytest.raises(UserError, match="is a folder"):
         output_file(tmp_path / "d.pth", (".pth",)) if (tmp_path / "d.pth").mkdir() is None else None
+
+
+def test_a_rerun_replaces_only_its_own_output_never_that_of_other_inputs(run_dir, shapes_cache, photos, tmp_path,
+                                                                        caplog):
+    """merge, eval and predict write over an existing output only when it is their own earlier
+    output for the same checkpoint (and images); another checkpoint's output, or a file they did not
+    write, is refused by name and left as it was."""
+    from helpers import make_run
+
+    other = make_run(tmp_path / "other_run", "method=lora", noise_seed=3)
+    ck, ck2 = f"checkpoint={run_dir}", f"checkpoint={other}"
+
+    merged = tmp_path / "merged.safetensors"
+    assert _cli(run_dir, shapes_cache, "merge", ck, f"output={merged}")[0] == 0
+    with caplog.at_level(logging.WARNING):  # the same command again: replaced, and said
+        assert _cli(run_dir, shapes_cache, "merge", ck, f"output={merged}")[0] == 0
+    assert "replacing this command's own earlier merge" in caplog.text
+    first = merged.read_bytes()  # (safetensors orders header keys anew each write: compare from here)
+    _refused(_cli(run_dir, shapes_cache, "merge", ck2, f"output={merged}"),
+             "already exists as this command's output for other inputs", "merged_from")
+    assert merged.read_bytes() == first
+    mine = tmp_path / "pretrained.safetensors"  # a user's file of the same format
+    mine.write_bytes(b"not a merge output")
+    _refused(_cli(run_dir, shapes_cache, "merge", ck, f"output={mine}"), "it is not a `peftseg merge` output")
+    assert mine.read_bytes() == b"not a merge output"
+
+    evaluated = tmp_path / "eval_here"
+    assert _cli(run_dir, shapes_cache, "eval", ck, f"output={evaluated}")[0] == 0
+    record = (evaluated / "eval.json").read_text()
+    assert _cli(run_dir, shapes_cache, "eval", ck, f"output={evaluated}")[0] == 0
+    _refused(_cli(run_dir, shapes_cache, "eval", ck2, f"output={evaluated}"),
+             "already exists as this command's output for other inputs", "checkpoint_path")
+    assert (evaluated / "eval.json").read_text() == record
+
+    out = tmp_path / "predicted"
+    assert _cli(run_dir, shapes_cache, "predict", ck, f"input={photos}", f"output={out}")[0] == 0
+    written = _digest(out)
+    assert {"predictions.json", "predict.json"} <= written.keys()
+    assert _cli(run_dir, shapes_cache, "predict", ck, f"input={photos}", f"output={out}")[0] == 0
+    _refused(_cli(run_dir, shapes_cache, "predict", ck2, f"input={photos}", f"output={out}"),
+             "already exists as this command's output for other inputs", "checkpoint_path")
+    _refused(_cli(run_dir, shapes_cache, "predict", ck, f"input={photos / 'b.png'}", f"output={out}"),
+             "already exists as this command's output for other inputs", "images_sha256")
+    assert _digest(out) == written

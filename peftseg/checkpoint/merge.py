@@ -10,6 +10,8 @@ methods applied to a model are known from its ownership record (params.mark_adde
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -21,12 +23,14 @@ from peftseg.checkpoint.files import MERGED_KEY
 from peftseg.environment import versions
 from peftseg.checkpoint.formats import safetensors_bytes
 from peftseg.io.atomic import write_atomic_with
-from peftseg.io.output_guard import output_file, write_errors
+from peftseg.io.output_guard import output_file, own_earlier_output, write_errors
 
 from peftseg.errors import UserError
 from peftseg.methods._memory import widen_frozen
 from peftseg.params import added_params
 from peftseg.registry import METHODS
+
+log = logging.getLogger(__name__)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -72,7 +76,24 @@ def merged_metadata(cfg: DictConfig, class_names: list[str], source: Path) -> di
     """What `peftseg merge` stores beside the state dict, so eval/predict need no overrides."""
     # versions: those of the merge (peft's merge is what baked the update into the weights)
     return {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(class_names),
-            "merged_from": str(source), "versions": versions()}
+            "merged_from": str(Path(source).resolve()), "versions": versions()}
+
+
+def _merged_from(path: Path) -> dict | None:
+    """The metadata an existing file at `path` holds as a `peftseg merge` output, or None: a
+    safetensors file's header alone is read; a .pth is read as data (weights_only)."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get(MERGED_KEY, "null"))
+        else:
+            meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(MERGED_KEY)
+    # whatever the file is (damaged, another format, not a dict): not a merge output of ours
+    except Exception:  # noqa: BLE001
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def merge_checkpoint(checkpoint: str, overrides: list[str], output: str | None):
@@ -89,6 +110,10 @@ def merge_checkpoint(checkpoint: str, overrides: list[str], output: str | None):
     out = Path(output or loaded.source.parent / "model_merged.safetensors")
     # invariant 2 (peftseg.io.output_guard): a known format, never the run's own checkpoint or record
     output_file(out, (".safetensors", ".pth"), inputs=[loaded.source], what="output=")
+    if os.path.lexists(out):  # only this command's own earlier merge of the same checkpoint is replaced
+        own_earlier_output(out, _merged_from(out), {"merged_from": str(loaded.source.resolve())},
+                           f"{MERGED_KEY} metadata", "it is not a `peftseg merge` output", "output=")
+        log.warning("replacing this command's own earlier merge of %s: %s", loaded.source, out)
     model = merge_and_unload(loaded.model.eval())
     # plain tensors under the model's names: loadable with model.weights=<out>; the metadata
     # (config, class names) lets `peftseg eval`/`predict` rebuild the model without overrides.

@@ -57,13 +57,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def check_output(out_dir: Path, sources: list[Path]) -> None:
-    """Where one checkpoint's evaluation may write (invariant 2, peftseg.io.output_guard): a folder
-    that is not a checkpoint, not inside a run's own folders (visualize reads the run's eval/)."""
-    from peftseg.io.output_guard import check_targets, output_dir
+def owner(checkpoint: Path) -> dict:
+    """What an eval.json records of its making, so that a rerun replaces only its own evaluation."""
+    return {"checkpoint_path": str(Path(checkpoint).resolve())}
+
+
+def check_output(out_dir: Path, sources: list[Path], checkpoint: Path) -> None:
+    """Where the evaluation of `checkpoint` may write (invariant 2, peftseg.io.output_guard): a folder
+    that is not a checkpoint, not inside a run's own folders (visualize reads the run's eval/), and
+    not holding the evaluation of another checkpoint."""
+    from peftseg.io.output_guard import check_targets, output_dir, replaceable
 
     output_dir(out_dir, inputs=sources, what="output=")
     check_targets([out_dir / RECORD, out_dir / "coco_instances_results.json"], sources, what="output=")
+    replaceable(out_dir / RECORD, out_dir / RECORD, owner(checkpoint))
 
 
 def evaluate_checkpoint(loaded, out_dir: Path, params: dict) -> dict:
@@ -78,12 +85,12 @@ def evaluate_checkpoint(loaded, out_dir: Path, params: dict) -> dict:
     from peftseg.io.output_guard import write_errors
     from peftseg.results import evaluator_metrics
 
-    check_output(out_dir, [loaded.source])
+    check_output(out_dir, [loaded.source], loaded.source)
     with write_errors(out_dir):
         results = evaluate(loaded.model, loaded.splits.val, loaded.cfg.model.image_size, out_dir,
                            loaded.cfg.train.num_workers)
     record = {
-        "checkpoint": str(loaded.source), "checkpoint_kind": loaded.kind, "dataset": loaded.cfg.dataset.name,
+        "checkpoint": str(loaded.source), **owner(loaded.source), "checkpoint_kind": loaded.kind, "dataset": loaded.cfg.dataset.name,
         "params": params, "metrics": evaluator_metrics(results), "status": "ok",
     }
     try:  # invariant 1: NaN/inf is never written as a result (peftseg.finite decides, as for runs)
@@ -122,7 +129,7 @@ def _eval_variants(checkpoints: list[str], overrides: list[str], output: str | N
     output_dir(root, inputs=sources, what="output=")
     check_targets([root / MEMORY], sources, what="output=")
     for v in vset:
-        check_output(root / v.name, sources)
+        check_output(root / v.name, sources, v.source)
     vset.to(resolve_device(vset.variants[0].cfg.train.device))
     failed: list[tuple[str, UserError]] = []
     for v in vset:

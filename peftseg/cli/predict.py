@@ -20,6 +20,7 @@ cannot be decoded is listed and skipped; the others still run.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 PREDICTIONS = "predictions.json"
+RECORD = "predict.json"  # beside predictions.json: which checkpoint and images made them
 OPTIONS = ("checkpoint", "input", "output", "score_thresh", "max_size", "classes")
 # An image this many times larger than the size the model was trained at loses small
 # objects when shrunk to it (mask AP 12.8 -> 1.7 on shapes at 4x): worth a warning.
@@ -95,16 +97,26 @@ def find_images(spec: str, key: str = "input") -> list[Path]:
     return found
 
 
-def check_output(output: Path, images: list[Path], sources: list[Path], input_folder: Path | None) -> dict[Path, str]:
+def owner(checkpoint: Path | None, weights: str, images: list[Path]) -> dict:
+    """What a predict output records of its making (RECORD), so that a rerun replaces only its own
+    predictions: the checkpoint (or weights) and the images, by their resolved paths."""
+    listed = "\n".join(sorted(str(Path(p).resolve()) for p in images))
+    return {"checkpoint_path": str(Path(checkpoint).resolve()) if checkpoint else weights,
+            "images_sha256": hashlib.sha256(listed.encode()).hexdigest(), "images": len(images)}
+
+
+def check_output(output: Path, images: list[Path], sources: list[Path], input_folder: Path | None,
+                 made_by: dict) -> dict[Path, str]:
     """Where one checkpoint's predictions may go (invariant 2, peftseg.io.output_guard): never over
-    an input image or folder, a checkpoint, a run's own files or a link; one distinct overlay name
-    per image (returned)."""
-    from peftseg.io.output_guard import check_targets, distinct_names, output_dir
+    an input image or folder, a checkpoint, a run's own files, a link or the predictions of other
+    inputs (`made_by`: owner()); one distinct overlay name per image (returned)."""
+    from peftseg.io.output_guard import check_targets, distinct_names, output_dir, replaceable
 
     names = distinct_names(images, ".png")
     output_dir(output, inputs=[folder for folder in (input_folder,) if folder], what="output=")
-    check_targets([output / name for name in names.values()] + [output / PREDICTIONS], [*images, *sources],
-                  what="output=")
+    check_targets([output / name for name in names.values()] + [output / PREDICTIONS, output / RECORD],
+                  [*images, *sources], what="output=")
+    replaceable(output / PREDICTIONS, output / RECORD, made_by)
     return names
 
 
@@ -140,7 +152,8 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
         MetadataCatalog.remove(meta_name)
     metadata = MetadataCatalog.get(meta_name).set(thing_classes=list(loaded.class_names))
 
-    names = check_output(output, images, [loaded.source] if loaded.source else [], input_folder)
+    made_by = owner(loaded.source, str(cfg.model.weights), images)
+    names = check_output(output, images, [loaded.source] if loaded.source else [], input_folder, made_by)
     outcome = PredictOutcome()
     results: list[dict] = []
     warned_size = False
@@ -190,6 +203,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
                         "Give 8-bit RGB/greyscale images of normal proportions (the checks training applies).")
     outcome.detections = len(results)
     outcome.predictions = write_json(output / PREDICTIONS, results)
+    write_json(output / RECORD, made_by)  # a rerun of this same command may replace both
     return outcome
 
 
@@ -255,7 +269,7 @@ def _predict_variants(checkpoints: list[str], overrides: list[str], classes: lis
     # every folder checked before any variant predicts: a bad output= stops the command whole
     output_dir(output, inputs=[folder for folder in (input_folder,) if folder], what="output=")
     for v in vset:
-        check_output(output / v.name, images, sources, input_folder)
+        check_output(output / v.name, images, sources, input_folder, owner(v.source, "", images))
     vset.to(resolve_device(vset.variants[0].cfg.train.device))
     for v in vset:
         console.print(f"[bold]{v.name}[/] ({v.cfg.method.name})", highlight=False)

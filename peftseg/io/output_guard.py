@@ -246,14 +246,23 @@ def replaceable(path: Path, record: Path, owner: dict, what: str = "output=") ->
         saved = json.loads(record.read_text())
     except (OSError, ValueError):
         saved = None
-    if not isinstance(saved, dict):
-        raise UserError(f"{_label(what, path)} already exists and is not this command's own earlier output (there is no "
-                        f"readable record {record.name} beside it); writing there would replace it. Give another "
-                        "output=, or remove the file yourself if it may go.")
+    missing = f"there is no readable record {record.name} beside it" if record != path else \
+        "it records no inputs it was made from"
+    return own_earlier_output(path, saved, owner, f"record {record.name}", missing, what)
+
+
+def own_earlier_output(path: Path, saved: dict | None, owner: dict, record: str, missing: str,
+                       what: str = "output=") -> bool:
+    """True when `saved` (what an existing output at `path` records of its making: its record
+    file, or a checkpoint's metadata) names the same inputs as `owner`; a UserError otherwise,
+    `missing` saying why when it names none, `record` naming where it was read from."""
+    if not isinstance(saved, dict) or not set(owner) <= set(saved):
+        raise UserError(f"{_label(what, path)} already exists and is not this command's own earlier output ({missing}); "
+                        "writing there would replace it. Give another output=, or remove the file yourself if it may go.")
     differ = [k for k in owner if saved.get(k) != owner[k]]
     if differ:
         detail = "; ".join(f"{k} {saved.get(k)!r} there, {owner[k]!r} now" for k in differ)
-        raise UserError(f"{_label(what, path)} already exists as this command's output for other inputs (its record "
-                        f"{record.name} says {detail}); writing there would replace it. Give another output=, or remove "
+        raise UserError(f"{_label(what, path)} already exists as this command's output for other inputs (its "
+                        f"{record} says {detail}); writing there would replace it. Give another output=, or remove "
                         "the file and its record yourself if they may go.")
     return True
