@@ -47,9 +47,12 @@ def installed_versions() -> dict[str, str]:
     return {canonical(d.metadata["Name"]): d.version for d in distributions() if d.metadata["Name"]}
 
 
+def _not_locked(locked: dict[str, str], installed: dict[str, str]) -> list[str]:
+    return sorted(n for n in installed if n not in locked and n not in NOT_LOCKED)
+
+
 def installed_not_in_lock(lock: str | Path = LOCK_FILE) -> list[str]:
-    locked = locked_versions(lock)
-    return sorted(n for n in installed_versions() if n not in locked and n not in NOT_LOCKED)
+    return _not_locked(locked_versions(lock), installed_versions())
 
 
 def lock_differences(lock: str | Path = LOCK_FILE) -> list[str]:
@@ -57,7 +60,7 @@ def lock_differences(lock: str | Path = LOCK_FILE) -> list[str]:
     locked, installed = locked_versions(lock), installed_versions()
     out = [f"{n}: locked {v}, installed {installed.get(n, 'nothing')}"
            for n, v in sorted(locked.items()) if installed.get(n) != v]
-    out += [f"{n}: not locked, installed {installed[n]}" for n in installed_not_in_lock(lock)]
+    out += [f"{n}: not locked, installed {installed[n]}" for n in _not_locked(locked, installed)]
     return out
 
 

@@ -23,6 +23,7 @@ from peftseg.checkpoint.files import MERGED_KEY
 from peftseg.environment import versions
 from peftseg.checkpoint.formats import safetensors_bytes
 from peftseg.io.atomic import write_atomic_with
+from peftseg.io.safe_load import load_torch
 from peftseg.io.output_guard import output_file, own_earlier_output, write_errors
 
 from peftseg.errors import UserError
@@ -81,7 +82,7 @@ def merged_metadata(cfg: DictConfig, class_names: list[str], source: Path) -> di
 
 def _merged_from(path: Path) -> dict | None:
     """The metadata an existing file at `path` holds as a `peftseg merge` output, or None: a
-    safetensors file's header alone is read; a .pth is read as data (weights_only)."""
+    safetensors file's header alone is read; a .pth is read as data (io.safe_load)."""
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
@@ -89,7 +90,8 @@ def _merged_from(path: Path) -> dict | None:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get(MERGED_KEY, "null"))
         else:
-            meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(MERGED_KEY)
+            data = load_torch(path, "output")
+            meta = data.get(MERGED_KEY) if isinstance(data, dict) else None
     # whatever the file is (damaged, another format, not a dict): not a merge output of ours
     except Exception:  # noqa: BLE001
         return None

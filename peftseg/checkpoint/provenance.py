@@ -14,7 +14,6 @@ the lock, in its checkpoints' metadata too. Loading a checkpoint:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ from packaging.version import Version
 
 from peftseg.environment import version_drift
 from peftseg.errors import UserError
+from peftseg.results import read_record
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,11 @@ def recorded_versions(meta: dict, source: Path) -> dict | None:
     record (results.json) beside it; None when neither says."""
     if isinstance(meta.get("versions"), dict):
         return meta["versions"]
-    record = Path(source).parent / "results.json"
     try:
-        versions = json.loads(record.read_text()).get("versions")
-    except (OSError, ValueError, AttributeError):
+        versions = read_record(Path(source).parent).versions
+    except (OSError, ValueError):  # no record there, or not a run record
         return None
-    return versions if isinstance(versions, dict) else None
+    return versions if isinstance(versions, dict) and versions else None
 
 
 def warn_if_libraries_moved(meta: dict, source: Path) -> None:
