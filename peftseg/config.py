@@ -134,7 +134,7 @@ class Config:
     dataset: Any = MISSING
     train: TrainConfig = MISSING
     # what `peftseg search` optimises (and the train task returns): one name of
-    # peftseg.engine.objectives.OBJECTIVES or a list of them (multi-objective)
+    # peftseg.experiments.objectives.OBJECTIVES or a list of them (multi-objective)
     objective: Any = "segm_ap"
     tracking: Optional[TrackingConfig] = None  # set by +tracking=mlflow
 

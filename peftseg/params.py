@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from peftseg.models.family import ACCOUNTING_GROUPS, FamilyMap
+from peftseg.models.family import ACCOUNTING_GROUPS, FamilyMap, facts_of
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -55,7 +55,8 @@ def group_of(name: str, family: FamilyMap | None, added: dict[str, str] | None =
 
 
 def count_parameters(model: nn.Module) -> ParamCounts:
-    family = getattr(model, "peftseg_family", None)
+    facts = facts_of(model)
+    family = facts.family if facts is not None else None
     added = added_params(model)
     by_group = {g: {"total": 0, "trainable": 0} for g in GROUPS}
     # named_parameters() yields a shared (tied) parameter once

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from peftseg.checkpoint.files import FINAL, PeftCheckpointer, read_checkpoint
 from peftseg.checkpoint.resume import check_resumable, resumed_config
 from peftseg.config import compose_config
-from peftseg.engine.run import build_for_run
+from peftseg.build import build_for_run
 from peftseg.errors import UserError
 
 FIRST = ["train=smoke", "train.max_iter=6", "train.warmup_iters=0", "train.base_lr=1e-3"]

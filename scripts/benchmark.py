@@ -260,7 +260,7 @@ def build(entries, args, device, console):
 
     from peftseg.data import register_dataset
     from peftseg.data._loaders import train_loader
-    from peftseg.engine.checkpointing import enable_activation_checkpointing
+    from peftseg.build.activation_checkpointing import enable_activation_checkpointing
     from peftseg.engine.optim import build_optimizer
     from peftseg.engine.precision import make_trainer, run_precision
     from peftseg.methods import apply_method
@@ -295,7 +295,7 @@ def build(entries, args, device, console):
 def run(args, console: Console) -> dict:
     from detectron2.utils.events import EventStorage
 
-    from peftseg.engine.run import resolve_device
+    from peftseg.build import resolve_device
 
     device = resolve_device(args.device)
     entries = pick_methods(args.methods)

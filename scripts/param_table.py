@@ -20,7 +20,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from peftseg.config import CONF_DIR, compose_config  # noqa: E402
-from peftseg.engine.run import build_for_run  # noqa: E402
+from peftseg.build import build_for_run  # noqa: E402
 from peftseg.params import count_parameters  # noqa: E402
 from peftseg.report.tables import fmt_count  # noqa: E402
 

@@ -54,13 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = ap.parse_known_args(argv)
 
     from peftseg import cli
-    from peftseg.engine.sweep import last_sweep
+    from peftseg.cli.train import sweep_dir_of, with_sweep_dir
 
-    code = cli.main(["train", *overrides(args, extra)])
-    outcome = last_sweep()
-    if outcome is None:
-        return code or 1
-    sweep_dir = outcome[0]
+    argv = overrides(args, extra)
+    sweep_dir = sweep_dir_of(argv)  # the sweep's folder, named once: the report reads it after
+    code = cli.main(["train", *with_sweep_dir(argv, sweep_dir)])
     report_code = cli.main(["report", str(sweep_dir), "--baseline", "full"])
     return code or report_code
 

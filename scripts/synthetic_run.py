@@ -16,7 +16,7 @@ def synthetic_run(run_dir: Path, overrides: list[str], noise_seed: int, scale: f
 
     from peftseg.checkpoint.files import FINAL, PeftCheckpointer
     from peftseg.config import compose_config
-    from peftseg.engine.run import build_for_run
+    from peftseg.build import build_for_run
 
     cfg = compose_config(["train=smoke", *overrides])
     model = build_for_run(cfg, len(CLASSES))

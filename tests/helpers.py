@@ -136,7 +136,7 @@ def make_run(run_dir: Path, *overrides: str, noise_seed: int, classes: list[str]
 
     from peftseg.checkpoint.files import FINAL, PeftCheckpointer
     from peftseg.config import compose_config
-    from peftseg.engine.run import build_for_run
+    from peftseg.build import build_for_run
 
     cfg = compose_config(["model=vitdet_tiny", "train=smoke", *overrides])
     model = build_for_run(cfg, len(classes), list(classes))

@@ -228,8 +228,8 @@ def test_bad_config_is_refused_with_the_fix(model, overrides, fix):
 
 
 def test_site_the_family_lacks_lists_the_sites_it_has(model):
-    model.peftseg_family = dataclasses.replace(
-        model.peftseg_family, adapter_sites={"attn": model.peftseg_family.adapter_sites["attn"]}
+    model.peftseg_facts.family = dataclasses.replace(
+        model.peftseg_facts.family, adapter_sites={"attn": model.peftseg_facts.family.adapter_sites["attn"]}
     )
     with pytest.raises(UserError, match=r"defines no 'mlp' adapter site; the sites it has are: attn"):
         apply_method(model, adapter_cfg(sites=["attn", "mlp_parallel"]))
@@ -237,9 +237,9 @@ def test_site_the_family_lacks_lists_the_sites_it_has(model):
 
 
 def test_site_matching_nothing_is_refused(model):
-    model.peftseg_family = dataclasses.replace(
-        model.peftseg_family,
-        adapter_sites={**model.peftseg_family.adapter_sites, "mlp": r"backbone\.net\.layers\.\d+\.ffn"},
+    model.peftseg_facts.family = dataclasses.replace(
+        model.peftseg_facts.family,
+        adapter_sites={**model.peftseg_facts.family.adapter_sites, "mlp": r"backbone\.net\.layers\.\d+\.ffn"},
     )
     with pytest.raises(UserError, match=r"'mlp' .*matches no module.*sites of this family are: attn, mlp"):
         apply_method(model, adapter_cfg())
@@ -247,13 +247,13 @@ def test_site_matching_nothing_is_refused(model):
 
 
 def test_site_without_linear_or_width_mismatch_is_refused(model):
-    family = model.peftseg_family
-    model.peftseg_family = dataclasses.replace(
+    family = model.peftseg_facts.family
+    model.peftseg_facts.family = dataclasses.replace(
         family, adapter_sites={**family.adapter_sites, "attn": r"backbone\.net\.blocks\.\d+\.norm1"}
     )
     with pytest.raises(UserError, match=r"cannot infer the hidden width.*contains no nn\.Linear"):
         apply_method(model, adapter_cfg(sites=["attn"]))
-    model.peftseg_family = family
+    model.peftseg_facts.family = family
     # an AdaptFormer branch adds its delta to the MLP's output, so input and output widths must agree
     model.backbone.net.blocks[0].mlp.fc1 = torch.nn.Linear(48, 384)
     with pytest.raises(UserError, match=r"maps 48 to 96 features; use method\.sites=\[…,mlp\]"):

@@ -68,13 +68,13 @@ def _outputs(model, batch):
 def test_method_contract(family_base, batch, name):
     family, base = family_base
     spec = METHODS.get(name)
-    missing = [need for need in spec.requires if not getattr(base.peftseg_family, need)]
+    missing = [need for need in spec.requires if not getattr(base.peftseg_facts.family, need)]
     if missing:  # a family without what the method needs: a clear refusal, nothing half-applied
         with pytest.raises(UserError, match=name):
             apply_method(copy.deepcopy(base), preset("method", name, spec.config))
         return
     model = apply_method(copy.deepcopy(base), preset("method", name, spec.config))
-    fmap = model.peftseg_family
+    fmap = model.peftseg_facts.family
 
     # 1. ownership: what the method added is recorded, accounted as peft, nothing else is
     added = added_params(model)

@@ -17,13 +17,16 @@ LAYERS = (
     ("peftseg.registry", "peftseg.search_space", "peftseg.results"),
     ("peftseg.config",),
     ("peftseg.models", "peftseg.data", "peftseg.methods", "peftseg.params"),
-    ("peftseg.engine", "peftseg.checkpoint", "peftseg.report"),
+    ("peftseg.build",),
+    ("peftseg.checkpoint", "peftseg.report"),
+    ("peftseg.engine",),
+    ("peftseg.experiments",),
     ("peftseg.cli",),
 )
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -73,8 +76,8 @@ def test_no_module_imports_from_a_layer_above_its_own():
     assert not upward, "\n".join(upward)
 
 
-def test_no_import_cycles():
-    g = graph()
+def cycles_of(g: dict[str, set[str]]) -> list[str]:
+    """Every import cycle of graph `g` (node -> the nodes it imports), as `a -> b -> a`."""
     state: dict[str, int] = {}
     cycles = []
 
@@ -90,7 +93,52 @@ def test_no_import_cycles():
     for node in sorted(g):
         if node not in state:
             visit(node, [])
+    return cycles
+
+
+def package_of(module: str) -> str:
+    """The package a module belongs to: `peftseg.engine.run` -> `peftseg.engine`; a module
+    directly under peftseg (config, results, …) is its own."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def package_graph(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph between packages: engine -> checkpoint when any module of one imports any of the other."""
+    out: dict[str, set[str]] = {}
+    for module, deps in g.items():
+        out.setdefault(package_of(module), set()).update(
+            package_of(d) for d in deps if package_of(d) != package_of(module))
+    return out
+
+
+def test_no_import_cycles():
+    cycles = cycles_of(graph())
     assert not cycles, "\n".join(cycles)
+
+
+def test_no_import_cycles_between_packages():
+    # a loop through two packages can hide from the module graph: a.x -> b.y and b.z -> a.w
+    cycles = cycles_of(package_graph(graph()))
+    assert not cycles, "\n".join(cycles)
+
+
+def test_a_loop_between_packages_is_refused(tmp_path):
+    """The checker itself, on a package built to hold a loop: checkpoint.load imports
+    engine.run (to rebuild a model) while engine.trainer imports checkpoint.files. No module
+    cycle, one package cycle; and engine sits above checkpoint, so the upward import shows."""
+    root = tmp_path / "peftseg"
+    for name, body in {"__init__.py": "", "engine/__init__.py": "", "checkpoint/__init__.py": "",
+                       "engine/run.py": "", "engine/trainer.py": "from peftseg.checkpoint.files import FINAL\n",
+                       "checkpoint/files.py": "FINAL = 'model_final'\n",
+                       "checkpoint/load.py": "def load():\n    from peftseg.engine.run import run\n"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(body)
+    found = {module_name(p, root): p for p in root.rglob("*.py")}
+    g = {n: imports_of(n, p, set(found)) for n, p in found.items()}
+    assert not cycles_of(g)  # no module imports itself back
+    assert cycles_of(package_graph(g)) == ["peftseg.checkpoint -> peftseg.engine -> peftseg.checkpoint"]
+    assert layer_of("peftseg.checkpoint.load") < layer_of("peftseg.engine.run")  # and it imports upward
 
 
 def test_the_graph_sees_function_local_imports():
@@ -98,6 +146,8 @@ def test_the_graph_sees_function_local_imports():
     g = graph()
     assert "peftseg.checkpoint.load" in g["peftseg.cli.eval"]  # imported inside main()
     assert layer_of("peftseg.cli.train") > layer_of("peftseg.engine.run") > layer_of("peftseg.models.vitdet")
+    assert layer_of("peftseg.experiments.search") > layer_of("peftseg.engine.run") > layer_of("peftseg.checkpoint.load")
+    assert layer_of("peftseg.checkpoint.load") > layer_of("peftseg.build") > layer_of("peftseg.methods.lora")
 
 
 def test_families_leave_detectron2s_global_registry_to_the_official_packages():

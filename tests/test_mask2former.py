@@ -265,7 +265,7 @@ def test_transformers_checkpoint_dir_loads_with_values(tmp_path):
     source = Mask2FormerForUniversalSegmentation(hf_config(preset("m2f_tiny"), 3))
     source.save_pretrained(tmp_path / "ckpt")
     model = tiny_model(weights=str(tmp_path / "ckpt"))
-    report = model.weights_report
+    report = model.peftseg_facts.weights
     theirs = source.state_dict()
     ours = model.m2f.state_dict()
     assert ours.keys() <= theirs.keys()
@@ -278,7 +278,7 @@ def test_transformers_checkpoint_dir_loads_with_values(tmp_path):
 def test_transformers_checkpoint_with_other_num_labels_loads_all_but_class_head(tiny, tmp_path):
     tiny.m2f.save_pretrained(tmp_path / "ckpt")
     model = tiny_model(num_classes=5, weights=str(tmp_path / "ckpt"))
-    report = model.weights_report
+    report = model.peftseg_facts.weights
     assert set(report.shape_mismatch) == {
         "m2f.class_predictor.weight", "m2f.class_predictor.bias", "m2f.criterion.empty_weight"
     }

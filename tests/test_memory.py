@@ -9,7 +9,7 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from helpers import preset, run_in_process, shapes_batch, ulps
-from peftseg.engine.checkpointing import (
+from peftseg.build.activation_checkpointing import (
     checkpoint_block_names,
     disable_activation_checkpointing,
     enable_activation_checkpointing,
@@ -139,7 +139,7 @@ def test_merging_a_bf16_base_run_writes_float32_with_the_update_added_in_float32
     delta = qkv.get_delta_weight("default").detach().float()
     merged = merge_and_unload(model)
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    assert not hasattr(merged, "peftseg_base_dtype")
+    assert merged.peftseg_facts.base_dtype == "fp32"  # stored as float32 again
     w = merged.backbone.net.blocks[0].attn.qkv.weight
     # one float32 addition both ways, rounded to within an ulp of w; the update (~1e-6) is ~100x that
     # ulp, so one lost to bf16 rounding would fail: 2 ulps of w
@@ -270,7 +270,7 @@ def test_side_on_mask2former_feeds_the_backbone_output_maps(tmp_path):
         a, b = ref.get_submodule(enc)(x).feature_maps, model.get_submodule(enc)(x).feature_maps
     assert len(a) == len(b) == 4 and all(torch.equal(u, v) for u, v in zip(a, b))
     # a family that names no side path is refused with the fix
-    model.peftseg_family = dataclasses.replace(model.peftseg_family, side_body="", side_features={})
+    model.peftseg_facts.family = dataclasses.replace(model.peftseg_facts.family, side_body="", side_features={})
     with pytest.raises(UserError, match="side_body"):
         side_plan(model, cfg)
 
@@ -281,11 +281,12 @@ def test_precision_follows_amp_and_base_dtype():
     from omegaconf import OmegaConf
 
     from peftseg.engine.precision import CpuAMPTrainer, make_trainer, run_precision
+    from peftseg.models.family import ModelFacts
     from peftseg.errors import UserError
 
     cpu = torch.device("cpu")
     plain, bf16_base = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    bf16_base.peftseg_base_dtype = "bf16"
+    bf16_base.peftseg_facts = ModelFacts(family=None, base_dtype="bf16")
     t = lambda **kw: OmegaConf.create({"amp": False, "amp_dtype": "bf16", **kw})  # noqa: E731
     assert run_precision(t(), cpu, plain) == "fp32"
     assert run_precision(t(amp=True), cpu, plain) == "amp_bf16"

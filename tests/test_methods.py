@@ -116,10 +116,10 @@ def test_unknown_target_group_lists_the_family_groups(model):
 
 def test_target_group_matching_nothing_is_refused(model):
     family = dataclasses.replace(
-        model.peftseg_family,
-        lora_targets={**model.peftseg_family.lora_targets, "decoder": r"sem_seg_head\..*"},
+        model.peftseg_facts.family,
+        lora_targets={**model.peftseg_facts.family.lora_targets, "decoder": r"sem_seg_head\..*"},
     )
-    model.peftseg_family = family
+    model.peftseg_facts.family = family
     with pytest.raises(UserError, match="matches no module") as e:
         apply_method(model, lora_cfg(targets=["decoder"]))
     assert "attn_qkv" in str(e.value)
@@ -128,9 +128,9 @@ def test_target_group_matching_nothing_is_refused(model):
 def test_conv_with_norm_target_is_refused(model):
     # backbone.simfp_3.1: SimpleFeaturePyramid's 1x1 lateral conv, a detectron2 Conv2d with LN
     assert getattr(model.backbone.simfp_3[1], "norm", None) is not None
-    model.peftseg_family = dataclasses.replace(
-        model.peftseg_family,
-        lora_targets={**model.peftseg_family.lora_targets, "neck_conv": r"backbone\.simfp_3\.1"},
+    model.peftseg_facts.family = dataclasses.replace(
+        model.peftseg_facts.family,
+        lora_targets={**model.peftseg_facts.family.lora_targets, "neck_conv": r"backbone\.simfp_3\.1"},
     )
     with pytest.raises(UserError, match="norm") as e:
         apply_method(model, lora_cfg(targets=["neck_conv"]))

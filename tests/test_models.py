@@ -112,7 +112,7 @@ def test_vitdet_b_matches_model_zoo_shape():
 
 def test_family_map_attached(tiny):
     assert family_of(tiny) is FAMILY
-    assert tiny.peftseg_family.adapter_sites["attn"] == r"backbone\.net\.blocks\.\d+\.attn"
+    assert tiny.peftseg_facts.family.adapter_sites["attn"] == r"backbone\.net\.blocks\.\d+\.attn"
 
 
 def test_unknown_family_is_a_user_error():

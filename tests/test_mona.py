@@ -8,13 +8,13 @@ import torch
 import torch.nn as nn
 
 from helpers import preset, shapes_batch, ulps
-from peftseg.engine.checkpointing import enable_activation_checkpointing
+from peftseg.build.activation_checkpointing import enable_activation_checkpointing
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
 from peftseg.methods._mona_layers import MonaSites, remove_mona
 from peftseg.methods.mona import MonaConfig, mona_size
 from peftseg.models import build_model
-from peftseg.models.family import FamilyMap
+from peftseg.models.family import FamilyMap, ModelFacts
 from peftseg.params import count_parameters
 from peftseg.registry import FAMILIES
 
@@ -197,8 +197,8 @@ def test_refusals(base):
     from peftseg.methods._mona_layers import add_mona
 
     class Toy(nn.Module):  # a family whose backbone has no 2-D token grid (like a ResNet)
-        peftseg_family = FamilyMap(name="toy", groups={"backbone": ("body.",)}, adapter_sites={},
-                                   lora_targets={}, backbone_blocks=r"body\.\d+")
+        peftseg_facts = ModelFacts(FamilyMap(name="toy", groups={"backbone": ("body.",)}, adapter_sites={},
+                                             lora_targets={}, backbone_blocks=r"body\.\d+"))
 
         def __init__(self):
             super().__init__()

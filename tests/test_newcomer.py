@@ -11,7 +11,7 @@ from detectron2.utils.events import EventStorage
 from rich.console import Console
 
 from peftseg.engine.progress import RichProgress
-from peftseg.engine.run import resolve_device
+from peftseg.build import resolve_device
 from peftseg.engine.trainer import _FinalOnlyAtEnd
 from peftseg.errors import UserError
 

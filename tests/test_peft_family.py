@@ -121,7 +121,7 @@ def test_heads_target_group_wraps_the_roi_linears(model):
 
 def test_bitfit_trains_every_bias_plus_neck_and_heads(model):
     model = apply_method(model, method("bitfit"))
-    family = model.peftseg_family
+    family = model.peftseg_facts.family
     for name, p in model.named_parameters():
         expect = name.endswith(".bias") or family.group_of(name) in ("neck", "task_heads")
         assert p.requires_grad == expect, name

@@ -24,7 +24,7 @@ CLASSES = ["circle", "square", "triangle"]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run dir as an interrupted run leaves it: a periodic checkpoint after iteration 2."""
-    from peftseg.engine.run import build_for_run
+    from peftseg.build import build_for_run
 
     cfg = compose_config(FIRST)
     model = build_for_run(cfg, len(CLASSES))
@@ -88,7 +88,7 @@ def test_a_checkpoint_at_the_end_of_its_schedule_is_refused(run_dir):
 
 def test_a_finished_run_is_refused(tmp_path):
     from peftseg.checkpoint.files import FINAL
-    from peftseg.engine.run import build_for_run
+    from peftseg.build import build_for_run
 
     cfg = compose_config(FIRST)
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": CLASSES}
@@ -111,7 +111,7 @@ def test_the_cli_refuses_before_it_writes_anything(peftseg, run_dir, tmp_path):
     """Through `peftseg train`: a finished run resumed in its own dir is refused (exit 2, the
     paragraph, no traceback) before its record is touched."""
     from peftseg.checkpoint.files import FINAL
-    from peftseg.engine.run import build_for_run
+    from peftseg.build import build_for_run
 
     finished = tmp_path / "finished"
     cfg = compose_config(FIRST)

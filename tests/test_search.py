@@ -17,7 +17,12 @@ import pytest
 from conftest import records_under
 from helpers import HeldSqlite, _in, cli_env, cli_in_process
 from peftseg.cli import search as search_cli
-from peftseg.engine import search
+from peftseg.experiments import search
+from peftseg.experiments import search_tracking
+from peftseg.experiments import study_storage
+from peftseg.experiments import trial as trial_module
+from peftseg.experiments import trial_workers
+from peftseg.experiments.study_storage import open_storage
 from peftseg.errors import UserError
 from peftseg.registry import METHODS, MethodSpec
 from peftseg.search_space import Choice, Int
@@ -56,11 +61,11 @@ def _ask(methods, enqueue: dict | None = None):
 def test_every_registered_method_is_in_the_search_space_and_its_samples_validate():
     from peftseg.config import compose_config, validate
 
-    plan = search.parse_args([])
+    plan = search_cli.parse_args([])
     assert plan.methods == METHODS.names() and len(plan.methods) >= 11
     for name in plan.methods:
         study, trial = _ask(plan.methods, {"method": name})
-        overrides = search.trial_overrides(trial, plan)
+        overrides = trial_module.trial_overrides(trial, plan)
         spec = METHODS.get(name)
         assert overrides[0] == f"method={name}"
         assert [o.split("=")[0] for o in overrides[1:]] == [f"method.{k.key}" for k in spec.search_space]
@@ -78,27 +83,27 @@ def test_a_method_added_to_the_registry_becomes_searchable_without_a_list_edit()
                       search_space=(Int("width", 2, 4), Choice("where", (("a", "b"), ("c",)))))
     METHODS.add(spec)
     try:
-        plan = search.parse_args(["search.sampler=random"])
+        plan = search_cli.parse_args(["search.sampler=random"])
         assert "throwaway" in plan.methods
         study, trial = _ask(plan.methods, {"method": "throwaway", "throwaway.where": "a,b"})
-        overrides = search.trial_overrides(trial, plan)
+        overrides = trial_module.trial_overrides(trial, plan)
         assert overrides[0] == "method=throwaway" and overrides[2] == "method.where=[a,b]"
         assert overrides[1].startswith("method.width=") and 2 <= int(overrides[1].split("=")[1]) <= 4
         # a knob the user fixed on the command line is left as the user set it
-        plan = search.parse_args(["method=throwaway", "method.width=3"])
+        plan = search_cli.parse_args(["method=throwaway", "method.width=3"])
         assert plan.methods == ["throwaway"] and plan.fixed == ["method.width=3"]
         study, trial = _ask(plan.methods, {"throwaway.where": "c"})
-        assert search.trial_overrides(trial, plan) == ["method=throwaway", "method.where=[c]"]
+        assert trial_module.trial_overrides(trial, plan) == ["method=throwaway", "method.where=[c]"]
     finally:
         METHODS._specs.pop("throwaway")
 
 
 def test_hydra_sweep_syntax_samples_keys_of_ones_own():
-    plan = search.parse_args(["train.base_lr=tag(log,interval(1e-4,1e-2))", "train.ims_per_batch=choice(2,4)",
+    plan = search_cli.parse_args(["train.base_lr=tag(log,interval(1e-4,1e-2))", "train.ims_per_batch=choice(2,4)",
                               "method=lora,adapter", "train=smoke"])
     assert plan.methods == ["lora", "adapter"] and plan.fixed == ["train=smoke"]
     study, trial = _ask(plan.methods)
-    overrides = search.trial_overrides(trial, plan)
+    overrides = trial_module.trial_overrides(trial, plan)
     lr = float(next(o for o in overrides if o.startswith("train.base_lr=")).split("=")[1])
     assert 1e-4 <= lr <= 1e-2 and trial.distributions["train.base_lr"].log
     assert next(o for o in overrides if o.startswith("train.ims_per_batch=")) in ("train.ims_per_batch=2",
@@ -116,7 +121,7 @@ def test_hydra_sweep_syntax_samples_keys_of_ones_own():
 ])
 def test_bad_search_options_name_the_fix(args, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        search.parse_args(args)
+        search_cli.parse_args(args)
 
 
 def test_the_command_explains_itself_and_refuses_bad_input_without_a_traceback(tmp_path, shapes_cache):
@@ -156,31 +161,31 @@ def test_a_trial_whose_worker_died_is_failed_as_lost_and_enqueued_again(tmp_path
     dead.wait()
     trial = study.ask()
     trial.suggest_categorical("method", ["lora", "adapter"])
-    trial.set_user_attr(search.WORKER_ATTR, {"host": os.uname().nodename, "pid": dead.pid})
+    trial.set_user_attr(trial_workers.WORKER_ATTR, {"host": os.uname().nodename, "pid": dead.pid})
     alive = study.ask()  # this process's own trial: alive, and its heartbeat is fresh
-    alive.set_user_attr(search.WORKER_ATTR, {"host": os.uname().nodename, "pid": os.getpid()})
-    alive.set_user_attr(search.HEARTBEAT_ATTR, time.time())
-    assert search.reclaim_lost(study, grace_s=3600) == [trial.number]
+    alive.set_user_attr(trial_workers.WORKER_ATTR, {"host": os.uname().nodename, "pid": os.getpid()})
+    alive.set_user_attr(trial_workers.HEARTBEAT_ATTR, time.time())
+    assert trial_workers.reclaim_lost(study, open_storage(storage), grace_s=3600) == [trial.number]
     trials = study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
-    assert trials[0].user_attrs[search.STATUS_ATTR] == "lost" and not search.counts_toward_budget(trials[0])
+    assert trials[0].user_attrs[trial_workers.STATUS_ATTR] == "lost" and not trial_workers.counts_toward_budget(trials[0])
     assert trials[2].system_attrs["fixed_params"] == trials[0].params  # the same configuration again
-    assert trials[2].user_attrs[search.RETRY_ATTR] == trial.number
+    assert trials[2].user_attrs[trial_workers.RETRY_ATTR] == trial.number
     # a stale heartbeat is lost too, wherever its worker ran
-    alive.set_user_attr(search.WORKER_ATTR, {"host": "elsewhere", "pid": 1})
-    alive.set_user_attr(search.HEARTBEAT_ATTR, time.time() - 100)
-    assert search.reclaim_lost(study, grace_s=60) == [alive.number]
+    alive.set_user_attr(trial_workers.WORKER_ATTR, {"host": "elsewhere", "pid": 1})
+    alive.set_user_attr(trial_workers.HEARTBEAT_ATTR, time.time() - 100)
+    assert trial_workers.reclaim_lost(study, open_storage(storage), grace_s=60) == [alive.number]
 
 
 def test_resuming_a_study_with_other_fixed_overrides_or_objective_is_refused(tmp_path):
     from peftseg.config import TrainConfig
 
     storage = f"sqlite:///{tmp_path / 'search.db'}"
-    first = search.parse_args(["train.max_iter=10", f"search.storage={storage}"])
+    first = search_cli.parse_args(["train.max_iter=10", f"search.storage={storage}"])
     study = search.open_study(first, "segm_ap", TrainConfig())
     assert study.user_attrs[search.FIXED_ATTR] == ["train.max_iter=10"]
     assert search.open_study(first, "segm_ap", TrainConfig()).study_name == "peft_search"  # the same: resumes
-    other = search.parse_args(["train.max_iter=20", f"search.storage={storage}"])
+    other = search_cli.parse_args(["train.max_iter=20", f"search.storage={storage}"])
     with pytest.raises(UserError, match=r"was created with fixed overrides \['train.max_iter=10'\], this command has"):
         search.open_study(other, "segm_ap", TrainConfig())
     with pytest.raises(UserError, match="optimises \\['maximize'\\], not \\['minimize'\\]"):
@@ -191,7 +196,7 @@ def test_resuming_a_study_with_another_search_space_is_refused_by_name(tmp_path)
     from peftseg.config import TrainConfig
 
     storage = f"sqlite:///{tmp_path / 'search.db'}"
-    first = search.parse_args([f"search.storage={storage}", "search.methods=[heads,lora]",
+    first = search_cli.parse_args([f"search.storage={storage}", "search.methods=[heads,lora]",
                                "train.base_lr=tag(log,interval(1e-4,1e-2))"])
     study = search.open_study(first, "segm_ap", TrainConfig())
     space = study.user_attrs[search.SPACE_ATTR]
@@ -200,7 +205,7 @@ def test_resuming_a_study_with_another_search_space_is_refused_by_name(tmp_path)
     assert set(space) == {"method", "train.base_lr"} | {f"lora.{k.key}" for k in METHODS.get("lora").search_space}
     # the same command, and objective=[segm_ap] (the same one objective): it resumes
     assert search.open_study(first, ["segm_ap"], TrainConfig()).study_name == "peft_search"
-    other_methods = search.parse_args([f"search.storage={storage}", "search.methods=[heads,bitfit]",
+    other_methods = search_cli.parse_args([f"search.storage={storage}", "search.methods=[heads,bitfit]",
                                        "train.base_lr=tag(log,interval(1e-4,1e-2))"])
     with pytest.raises(UserError) as refused:
         search.open_study(other_methods, "segm_ap", TrainConfig())
@@ -208,7 +213,7 @@ def test_resuming_a_study_with_another_search_space_is_refused_by_name(tmp_path)
         f"study 'peft_search' in {storage} was created with search.methods=[heads,lora], this command has "
         "[heads,bitfit]: Optuna would mix the two search spaces. Resume it with the same methods, or start "
         "another study with search.study=<name>.")
-    other_range = search.parse_args([f"search.storage={storage}", "search.methods=[heads,lora]",
+    other_range = search_cli.parse_args([f"search.storage={storage}", "search.methods=[heads,lora]",
                                      "train.base_lr=tag(log,interval(1e-5,1e-2))"])
     with pytest.raises(UserError, match=r"was created with another search space than this command's "
                                         r"\(train.base_lr: float\(0.0001,0.01,log\) -> float\(1e-05,0.01,log\)\)"):
@@ -224,7 +229,7 @@ def test_two_studies_never_share_a_folder_of_run_dirs(tmp_path):
     folders = []
     with _in(tmp_path, tmp_path):
         for name in ("a.db", "b.db"):  # the same study name (the default) in two storages
-            plan = search.parse_args([f"search.storage=sqlite:///{name}"])
+            plan = search_cli.parse_args([f"search.storage=sqlite:///{name}"])
             study = search.open_study(plan, "segm_ap", TrainConfig())
             folders.append(search.study_dir(plan, study))
         assert folders[0] != folders[1] and all(f.parent == Path("search") for f in folders)
@@ -234,7 +239,7 @@ def test_two_studies_never_share_a_folder_of_run_dirs(tmp_path):
         # a.db deleted and made again: a new study of the same name, refused the first one's folder,
         # before the new study is made
         Path("a.db").unlink()
-        plan = search.parse_args(["search.storage=sqlite:///a.db"])
+        plan = search_cli.parse_args(["search.storage=sqlite:///a.db"])
         with pytest.raises(UserError) as refused:
             search.open_study(plan, "segm_ap", TrainConfig())
         assert str(refused.value) == (
@@ -244,12 +249,12 @@ def test_two_studies_never_share_a_folder_of_run_dirs(tmp_path):
             "away, or give this study its own: search.dir=<folder> or search.study=<name>.")
         assert optuna.get_all_study_names("sqlite:///a.db") == []
         # search.dir given: another study's folder, or one with runs of its own, is refused too
-        plan = search.parse_args(["search.storage=sqlite:///c.db", f"search.dir={folders[1]}"])
+        plan = search_cli.parse_args(["search.storage=sqlite:///c.db", f"search.dir={folders[1]}"])
         with pytest.raises(UserError, match=r"holds the trials of another study: 'peft_search' in sqlite:///.*b\.db, per"):
             search.open_study(plan, "segm_ap", TrainConfig())
         Path("runs/3-vitdet_tiny-lora").mkdir(parents=True)
         Path("runs/3-vitdet_tiny-lora/results.json").write_text("{}")
-        plan = search.parse_args(["search.storage=sqlite:///c.db", "search.dir=runs"])
+        plan = search_cli.parse_args(["search.storage=sqlite:///c.db", "search.dir=runs"])
         with pytest.raises(UserError, match=r"search.dir=runs holds runs that are not trials of study 'peft_search' "
                                             r"in sqlite:///c.db \(runs/3-vitdet_tiny-lora\)"):
             search.open_study(plan, "segm_ap", TrainConfig())
@@ -272,7 +277,7 @@ def test_objective_lists_of_any_length_are_checked_before_the_study_opens(tmp_pa
 
 def test_a_locked_sqlite_storage_is_one_line_at_once_then_a_bounded_wait(tmp_path, shapes_cache, monkeypatch):
     from peftseg.config import TrainConfig
-    from peftseg.engine import tracking
+    from peftseg.experiments import tracking
 
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     held = HeldSqlite(tmp_path / "search.db")
@@ -282,7 +287,7 @@ def test_a_locked_sqlite_storage_is_one_line_at_once_then_a_bounded_wait(tmp_pat
         said.append(line)
         held.release()
 
-    study = search.open_study(search.parse_args([f"search.storage={storage}"]), "segm_ap", TrainConfig(), say)
+    study = search.open_study(search_cli.parse_args([f"search.storage={storage}"]), "segm_ap", TrainConfig(), say)
     assert said == [f"search.storage={storage} is locked by another process (database is locked); waiting up to "
                     f"{tracking.STORE_WAIT_S:g} s for it to be released"]
     assert study.study_name == "peft_search"
@@ -312,10 +317,10 @@ def test_a_storage_locked_between_trials_is_said_at_once_and_waited_for(tmp_path
     from rich.console import Console
 
     from peftseg.config import TrainConfig
-    from peftseg.engine import tracking
+    from peftseg.experiments import tracking
 
     storage = f"sqlite:///{tmp_path / 'search.db'}"
-    plan = search.parse_args([f"search.storage={storage}", "method=heads", "search.n_trials=1"])
+    plan = search_cli.parse_args([f"search.storage={storage}", "method=heads", "search.n_trials=1"])
     plan.objective = "trainable_pct"
     study = search.open_study(plan, plan.objective, TrainConfig())
     held = []
@@ -332,7 +337,7 @@ def test_a_storage_locked_between_trials_is_said_at_once_and_waited_for(tmp_path
 
     monkeypatch.setattr(search, "run_trial", run_trial)
     out = Out()
-    assert search._work(study, plan, tmp_path / "search", None, 180.0, None, Console(file=out, width=300)) == 1
+    assert search.work(study, plan, tmp_path / "search", None, 180.0, None, Console(file=out, width=300)) == 1
     assert out.getvalue().splitlines() == [f"search.storage={storage} is locked by another process (database is "
                                            f"locked); waiting up to {tracking.STORE_WAIT_S:g} s for it to be released"]
     (trial,) = _study_trials(storage)
@@ -341,7 +346,7 @@ def test_a_storage_locked_between_trials_is_said_at_once_and_waited_for(tmp_path
 
 def test_an_mlflow_store_locked_mid_search_leaves_the_trial_untracked_with_one_warning(tmp_path, monkeypatch,
                                                                                        caplog):
-    from peftseg.engine import tracking
+    from peftseg.experiments import tracking
 
     monkeypatch.setattr(tracking, "STORE_WAIT_S", 0.2)
     monkeypatch.setattr(tracking, "BUSY_PROBE_S", 0.0)
@@ -349,15 +354,15 @@ def test_an_mlflow_store_locked_mid_search_leaves_the_trial_untracked_with_one_w
     said = []
     held = HeldSqlite(tmp_path / "mlflow.db")
     try:
-        with caplog.at_level(logging.WARNING, logger="peftseg.engine.search"):
-            search._track_trial(tracking.MlflowTracker(uri=uri), optuna.create_study(),
-                                search.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}"]), 3,
+        with caplog.at_level(logging.WARNING, logger="peftseg.experiments.search_tracking"):
+            search_tracking.track_trial(tracking.MlflowTracker(uri=uri), optuna.create_study(),
+                                search_cli.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}"]), 3,
                                 tmp_path / "3-vitdet_tiny-heads", said.append)
     finally:
         held.release()
     assert said == [f"mlflow: the store {uri} is locked by another process (database is locked); waiting up to "
                     "0.2 s for it to be released"]
-    assert [r.getMessage() for r in caplog.records if r.name == "peftseg.engine.search"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "peftseg.experiments.search_tracking"] == [
         "MLflow: trial 3 not tracked: its store is still locked by another process after 0.2 s (database is locked)"]
 
 
@@ -378,9 +383,9 @@ def test_a_journal_whose_lock_file_is_there_says_how_long_optuna_waits(tmp_path)
         said.append(line)
         lock.release()  # as the worker that held it would, once it wrote
 
-    search.open_study(search.parse_args([f"search.storage={journal}"]), "segm_ap", TrainConfig(), say)
+    search.open_study(search_cli.parse_args([f"search.storage={journal}"]), "segm_ap", TrainConfig(), say)
     assert said == [f"search.storage={journal} is locked: its lock file {journal}.lock is there (another worker is "
-                    f"writing, or one was killed while writing); waiting up to {search.JOURNAL_GRACE_S} s for it, "
+                    f"writing, or one was killed while writing); waiting up to {study_storage.JOURNAL_GRACE_S} s for it, "
                     "after which Optuna takes over a lock that has not changed"]
     assert not os.path.lexists(f"{journal}.lock")
 
@@ -397,12 +402,12 @@ def test_an_mlflow_store_failing_mid_search_is_a_warning_not_a_crash(tmp_path, c
             raise AssertionError("a trial is not logged without its parent run")
 
     study = optuna.create_study()
-    plan = search.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}"])
-    with caplog.at_level(logging.WARNING, logger="peftseg.engine.search"):
-        search._track_trial(Failing(), study, plan, 0, tmp_path / "0-vitdet_tiny-heads")
-    assert [r.getMessage() for r in caplog.records if r.name == "peftseg.engine.search"] == [
+    plan = search_cli.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}"])
+    with caplog.at_level(logging.WARNING, logger="peftseg.experiments.search_tracking"):
+        search_tracking.track_trial(Failing(), study, plan, 0, tmp_path / "0-vitdet_tiny-heads")
+    assert [r.getMessage() for r in caplog.records if r.name == "peftseg.experiments.search_tracking"] == [
         "MLflow: trial 0 not tracked, the study's parent run could not be made: RuntimeError: database is locked"]
-    assert search.MLFLOW_PARENT_ATTR not in study.user_attrs  # the next trial tries again
+    assert search_tracking.MLFLOW_PARENT_ATTR not in study.user_attrs  # the next trial tries again
 
 
 # --- pruning, in process ------------------------------------------------------------------
@@ -426,7 +431,7 @@ def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
     assert "segm" in record["metrics"]  # the evaluation it was pruned at, under status pruned
     (trial,) = _study_trials(storage)
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
-    assert trial.user_attrs[search.STATUS_ATTR] == "pruned"
+    assert trial.user_attrs[trial_workers.STATUS_ATTR] == "pruned"
     summary = json.loads((_study_folder(tmp_path) / "search.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["pruned"] and summary["objective"] == "segm_ap"
     # peftseg report reads the trial as pruned: not a result, not counted ok
@@ -480,11 +485,11 @@ def _check_complete_study(tmp_path: Path, storage: str, n: int):
     assert len(complete) == n
     # every other trial was lost with its worker and ran again as a later one
     lost = [t for t in trials if t.state.name != "COMPLETE"]
-    assert all(t.state.name == "FAIL" and t.user_attrs[search.STATUS_ATTR] == "lost" for t in lost)
-    assert sorted(t.user_attrs[search.RETRY_ATTR] for t in complete if search.RETRY_ATTR in t.user_attrs) == \
+    assert all(t.state.name == "FAIL" and t.user_attrs[trial_workers.STATUS_ATTR] == "lost" for t in lost)
+    assert sorted(t.user_attrs[trial_workers.RETRY_ATTR] for t in complete if trial_workers.RETRY_ATTR in t.user_attrs) == \
         sorted(t.number for t in lost)
     # one run dir per trial, each with its own ok record whose trainable % is the trial's value
-    dirs = [Path(t.user_attrs[search.RUN_DIR_ATTR]) for t in complete]
+    dirs = [Path(t.user_attrs[trial_workers.RUN_DIR_ATTR]) for t in complete]
     assert len(set(dirs)) == n
     for t, run_dir in zip(complete, dirs):
         record = json.loads((run_dir / "results.json").read_text())
@@ -508,8 +513,8 @@ def test_a_killed_search_resumes_to_its_total_with_the_same_command(tmp_path, sh
                 except Exception:  # the study is being created
                     continue
                 # two trials done, the third one training (its "running" record written)
-                training = [t for t in trials if t.state.name == "RUNNING" and search.RUN_DIR_ATTR in t.user_attrs
-                            and (Path(t.user_attrs[search.RUN_DIR_ATTR]) / "results.json").exists()]
+                training = [t for t in trials if t.state.name == "RUNNING" and trial_workers.RUN_DIR_ATTR in t.user_attrs
+                            and (Path(t.user_attrs[trial_workers.RUN_DIR_ATTR]) / "results.json").exists()]
                 if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and training:
                     break
         assert proc.poll() is None, "the search ended before it could be killed: " + proc.stdout.read()[-3000:]
@@ -526,7 +531,7 @@ def test_a_killed_search_resumes_to_its_total_with_the_same_command(tmp_path, sh
     trials = _check_complete_study(tmp_path, storage, 4)
     (lost,) = [t for t in trials if t.state.name == "FAIL"]  # trial 2, killed while it trained
     assert lost.number == 2 and "trial 2: its worker is gone; enqueued to run again" in out
-    record = json.loads((Path(lost.user_attrs[search.RUN_DIR_ATTR]) / "results.json").read_text())
+    record = json.loads((Path(lost.user_attrs[trial_workers.RUN_DIR_ATTR]) / "results.json").read_text())
     assert record["status"] == "failed" and record["error"]["type"] == "WorkerLost"  # not "running" forever
     assert [t.number for t in trials if t.state.name == "COMPLETE"] == [0, 1, 3, 4]
     assert "study 'peft_search': 4 complete, 0 pruned, 0 failed" in out
@@ -562,9 +567,9 @@ def test_a_search_stopped_in_its_last_trial_reaches_its_total_with_the_same_comm
     again = cli_in_process("search", *args, cwd=tmp_path, cache=shapes_cache)
     assert again.returncode == 0, again.stdout + again.stderr
     trials = _study_trials(storage)
-    assert [(t.number, t.state.name, t.user_attrs[search.STATUS_ATTR]) for t in trials] == \
+    assert [(t.number, t.state.name, t.user_attrs[trial_workers.STATUS_ATTR]) for t in trials] == \
         [(0, "FAIL", "lost"), (1, "COMPLETE", "ok")]
-    assert trials[1].user_attrs[search.RETRY_ATTR] == 0
+    assert trials[1].user_attrs[trial_workers.RETRY_ATTR] == 0
     if sig == signal.SIGKILL:
         assert "trial 0: its worker is gone; enqueued to run again" in again.stdout
     assert "study 'peft_search': 1 complete, 0 pruned, 0 failed (1 run by this worker)" in again.stdout

@@ -102,8 +102,8 @@ def test_report_order_and_colour_come_from_the_registration(registered):
 
 
 def test_search_samples_it_and_its_knobs(registered):
-    from peftseg.engine import search
+    from peftseg.cli import search as search_cli
 
-    plan = search.parse_args([])
+    plan = search_cli.parse_args([])
     assert NAME in plan.methods
     assert [k.key for k in METHODS.get(NAME).search_space] == ["init"]

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import HeldSqlite
-from peftseg.engine import tracking
+from peftseg.experiments import tracking
 
 
 def closed_port() -> int:
@@ -58,7 +58,7 @@ def test_a_dead_tracking_server_is_one_warning_and_no_stall(tmp_path, caplog, mo
         monkeypatch.delenv(key, raising=False)
     port = closed_port() if server == "closed" else request.getfixturevalue("silent_server")
     uri = f"http://127.0.0.1:{port}"
-    with caplog.at_level(logging.WARNING, logger="peftseg.engine.tracking"):
+    with caplog.at_level(logging.WARNING, logger="peftseg.experiments.tracking"):
         elapsed = run_callbacks(uri, tmp_path)
     assert elapsed < 5, f"the tracking hooks took {elapsed:.1f} s against a {server} server"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -166,7 +166,7 @@ def test_a_mlflow_db_held_past_the_wait_is_refused_before_the_run_or_search(tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     held = HeldSqlite(tmp_path / "mlflow.db")
     try:
-        with caplog.at_level(logging.WARNING, logger="peftseg.engine.tracking"), pytest.raises(UserErrorExit) as refused:
+        with caplog.at_level(logging.WARNING, logger="peftseg.experiments.tracking"), pytest.raises(UserErrorExit) as refused:
             tracking.MlflowTracker(uri=uri).on_run_start(job_config(tmp_path))  # train: before Hydra trains
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         line = (f"mlflow: the store {uri} is locked by another process (database is locked); waiting up to 0.2 s "
@@ -200,7 +200,7 @@ def test_a_mlflow_db_locked_when_a_run_ends_is_said_at_once_and_the_run_left_unt
     ret = JobReturn()
     ret.status = JobStatus.COMPLETED
     try:
-        with caplog.at_level(logging.WARNING, logger="peftseg.engine.tracking"):
+        with caplog.at_level(logging.WARNING, logger="peftseg.experiments.tracking"):
             tracker.on_job_end(job_config(tmp_path), ret)
     finally:
         held.release()

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from helpers import cli_env
 from conftest import ROOT
 from peftseg.errors import UserError
-from peftseg.engine.objectives import directions, objective_values
+from peftseg.experiments.objectives import directions, objective_values
 from peftseg.io.atomic import write_json
 
 mlflow = pytest.importorskip("mlflow")
@@ -23,7 +23,7 @@ TINY = ("train=smoke", "train.progress=false", "dataset.num_train=8", "dataset.n
 
 
 def _runs(store: Path):
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as peftseg.engine.tracking does for a named file store
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as peftseg.experiments.tracking does for a named file store
     mlflow.set_tracking_uri(store.as_uri())
     runs = mlflow.search_runs(experiment_names=["peftseg"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -116,7 +116,7 @@ def test_a_failed_member_is_logged_failed_with_its_error(tmp_path):
     from hydra.core.utils import JobReturn, JobStatus
     from hydra.types import RunMode
 
-    from peftseg.engine.tracking import MlflowTracker
+    from peftseg.experiments.tracking import MlflowTracker
 
     store, run_dir = tmp_path / "store", tmp_path / "sweep" / "0"
     write_json(run_dir / "results.json", {

@@ -153,16 +153,16 @@ def test_logs_written_to_a_file_are_not_wrapped_at_80_columns(capsys):
 
 
 def test_search_options_of_another_shape_are_read_as_meant_or_named(tmp_path):
-    from peftseg.engine import search
+    from peftseg.cli import search as search_cli
 
-    assert search.parse_args(["search.methods=lora"]).methods == ["lora"]  # not ['l', 'o', 'r', 'a']
-    assert search.parse_args(["search.methods=lora,adapter"]).methods == ["lora", "adapter"]
+    assert search_cli.parse_args(["search.methods=lora"]).methods == ["lora"]  # not ['l', 'o', 'r', 'a']
+    assert search_cli.parse_args(["search.methods=lora,adapter"]).methods == ["lora", "adapter"]
     with pytest.raises(UserError, match="search.pruner takes one value"):
-        search.parse_args(["search.pruner=median,none"])
+        search_cli.parse_args(["search.pruner=median,none"])
     (tmp_path / "afile").write_text("")
     for storage in (f"sqlite:///{tmp_path}/afile/study.db", f"{tmp_path}/afile/deeper/study.log"):
         with pytest.raises(UserError, match=r"the study's file cannot be written: .*afile is a file"):
-            search.parse_args([f"search.storage={storage}"])
+            search_cli.parse_args([f"search.storage={storage}"])
     proc = cli_in_process("search", f"search.storage=sqlite:///{tmp_path}/afile/study.db", cwd=tmp_path, cache=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "search.storage=sqlite" in proc.stderr
 

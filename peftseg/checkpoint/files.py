@@ -180,12 +180,14 @@ def check_compatible(meta: dict, config: dict, source: Path) -> None:
 class PeftCheckpointer(DetectionCheckpointer):
     """detectron2's checkpointer, saving the trainable part only, atomically."""
 
-    def __init__(self, model: nn.Module, save_dir: str = "", *, meta: dict, **checkpointables):
+    def __init__(self, model: nn.Module, save_dir: str = "", *, meta: dict, per_rank_batch: int | None = None,
+                 **checkpointables):
+        """`per_rank_batch`: images per step on each process, given by a training loop: its
+        periodic checkpoints then carry RNG states and the data position, to resume exactly."""
         super().__init__(model, save_dir, **checkpointables)
         self.meta = {"format": FORMAT, **meta}
         self._fingerprint: str | None = None
-        # set by the trainer: periodic checkpoints then carry RNG states and the data position
-        self.per_rank_batch: int | None = None
+        self.per_rank_batch = per_rank_batch
 
     @property
     def fingerprint(self) -> str:

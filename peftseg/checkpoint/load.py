@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from peftseg.checkpoint.files import MERGED_KEY, PeftCheckpointer, checkpoint_file, read_checkpoint_file
 from peftseg.checkpoint.provenance import warn_if_libraries_moved
 from peftseg.errors import UserError
+from peftseg.models import facts_of
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
     in eval mode on the CPU. `need_dataset`: the caller evaluates, so the dataset must exist
     and its classes must be the model's."""
     from peftseg.data import register_dataset
-    from peftseg.engine.run import build_for_run  # run.py imports the trainer: import when used
+    from peftseg.build import build_for_run  # run.py imports the trainer: import when used
     from peftseg.models import build_model
 
     splits = None
@@ -241,7 +242,8 @@ def _load_whole(model: nn.Module, state: dict, source: Path) -> None:
 def _require_whole_model(model: nn.Module, preset: str) -> None:
     """A plain checkpoint used for inference must fill the whole model: training may start from a
     backbone-only file (the heads then train), but predict/eval would run random heads."""
-    report = getattr(model, "weights_report", None)
+    facts = facts_of(model)
+    report = facts.weights if facts is not None else None
     missing = [k for k in getattr(report, "missing", ()) if not k.endswith("num_batches_tracked")]
     if missing:
         parts = sorted({k.split(".")[0] for k in missing})

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
         return 0
     from peftseg.checkpoint.load import load_model
     from peftseg.cli.many import checkpoint_list
-    from peftseg.engine.run import resolve_device
+    from peftseg.build import resolve_device
     from peftseg.params import count_parameters
 
     options, overrides, _ = split_args(argv, "eval", ("checkpoint", "output"), required=("checkpoint",),
@@ -117,7 +117,7 @@ def _eval_variants(checkpoints: list[str], overrides: list[str], output: str | N
     switched in); <output>/<variant>/eval.json each, and the memory of base + variants."""
     from peftseg.checkpoint.variants import load_variants
     from peftseg.cli.many import print_memory
-    from peftseg.engine.run import resolve_device
+    from peftseg.build import resolve_device
     from peftseg.errors import UserError
     from peftseg.io.atomic import write_json
     from peftseg.io.output_guard import check_targets, output_dir, write_errors

@@ -134,7 +134,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from peftseg.data.images import read_image_checked
-    from peftseg.engine.run import resolve_device
+    from peftseg.build import resolve_device
     from peftseg.io.atomic import write_atomic_with, write_json
 
     console = console or default_console
@@ -261,7 +261,7 @@ def _predict_variants(checkpoints: list[str], overrides: list[str], classes: lis
     switched in); outputs in output/<variant>/."""
     from peftseg.checkpoint.variants import load_variants
     from peftseg.cli.many import print_memory
-    from peftseg.engine.run import resolve_device
+    from peftseg.build import resolve_device
     from peftseg.io.output_guard import output_dir
 
     vset = load_variants(checkpoints, overrides, classes=classes)

@@ -1,14 +1,115 @@
 """`peftseg search`: an Optuna study over methods and their knobs, kept in a storage that the
-same command resumes and many workers share (the study itself: peftseg.engine.search)."""
+same command resumes and many workers share (the study itself: peftseg.experiments.search)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from peftseg.cli.common import console as default_console, print_text, report_error, wants_help
 from peftseg.errors import UserError
-from peftseg.engine.search import (AP_OBJECTIVES, HELP, SUMMARY, _finish_tracking, _first_value, _tracker, _work,
-                                   open_study, parse_args, study_dir, study_objective, summarize)
+from peftseg.experiments.search import (AP_OBJECTIVES, SUMMARY, Plan, SearchOptions, open_study, study_dir,
+                                        study_objective, summarize, work)
+from peftseg.experiments.search_tracking import finish_tracking, open_tracker
+
+HELP = """\
+usage: peftseg search [search.<option>=…] [Hydra overrides of the fixed config…]
+
+An Optuna study over methods and their knobs (each method declares its ranges), stored in
+search.storage so that the same command resumes it and several workers fill it together.
+Options (defaults in brackets):
+  search.storage=…      sqlite:///search.db, any SQLAlchemy URL, or a file path (Optuna journal)
+                        [sqlite:///search.db]
+  search.study=…        study name within the storage [peft_search]
+  search.n_trials=N     trials in the study in total, over all workers and restarts [20]
+  search.methods=[a,b]  methods to sample [every registered method]; or fix one: method=lora
+  search.pruner=…       auto | none | median | hyperband | threshold [auto: median when the
+                        objective is an AP and train.eval_period > 0]
+  search.prune_startup=N  median: trials that finish before any is pruned [5]
+  search.prune_below=X  threshold: prune a trial whose AP at an evaluation is below X
+  search.sampler=…      auto | tpe | nsgaii | random [auto: TPE, NSGA-II for several objectives]
+  search.seed=N         sampler seed; trial k samples with seed N+k, however many workers [none]
+  search.dir=…          where the trials' run dirs go, the study's own folder [search/<study>-<key>,
+                        the key a hash of the storage and the study name]
+  search.heartbeat_s=N  how often a worker says its trial is alive; a trial silent for 3x
+                        this is taken as lost and run again [60]
+objective=segm_ap (default) or a list, e.g. 'objective=[segm_ap,trainable_pct,peak_memory]'
+(multi-objective: NSGA-II, no pruning). Sample keys of your own with Hydra's sweep syntax:
+train.base_lr='tag(log,interval(1e-4,1e-2))', train.ims_per_batch='choice(2,4)'.
+Browse the study: optuna-dashboard <storage>, e.g. optuna-dashboard sqlite:///search.db
+"""
+
+
+def _sweep_knob(override):
+    """A Hydra sweep override as a search-space knob over its full key."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    from peftseg.search_space import Choice, Float, Int
+
+    key, value = override.get_key_element(), override.value()
+    if isinstance(value, IntervalSweep):
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return Int(key, value.start, value.end, log="log" in value.tags)
+        return Float(key, float(value.start), float(value.end), log="log" in value.tags)
+    if isinstance(value, (ChoiceSweep, RangeSweep)):
+        return Choice(key, tuple(tuple(v) if isinstance(v, list) else v for v in override.sweep_iterator()))
+    raise UserError(f"{override.input_line!r}: glob() is not a search space; use choice(a,b,…), "
+                    "range(start,stop,step) or interval(low,high).")
+
+
+def parse_args(argv: list[str]) -> Plan:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from peftseg.registry import METHODS
+
+    parser = OverridesParser.create()
+    options: dict[str, Any] = {}
+    fixed, sampled, methods = [], [], None
+    for arg in argv:
+        if arg in ("-m", "--multirun"):
+            raise UserError("peftseg search runs its trials itself: drop -m.")
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            raise UserError(f"cannot read the argument {arg!r}: {e}") from None
+        key = override.key_or_group
+        if key.startswith("search."):
+            name = key.split(".", 1)[1]
+            if name not in SearchOptions.__dataclass_fields__:
+                raise UserError(f"{key} is not a search option; the options are: "
+                                f"{', '.join('search.' + f for f in SearchOptions.__dataclass_fields__)}.")
+            if override.is_sweep_override() and name != "methods":
+                raise UserError(f"{arg!r}: {key} takes one value, not a list of choices.")
+            value = [str(v) for v in override.sweep_iterator()] if override.is_sweep_override() else override.value()
+            # search.methods=lora (or lora,adapter: Hydra's choice syntax) means those methods,
+            # not the letters of a string
+            options[name] = [value] if name == "methods" and isinstance(value, str) else value
+        elif key.startswith("hydra.") or key == "hydra" or key.startswith("hydra/"):
+            raise UserError(f"{arg!r}: Hydra's own settings do not apply to a search (its trials go to "
+                            "search.dir); drop it.")
+        elif key == "method" and override.is_sweep_override():
+            methods = [str(v) for v in override.sweep_iterator()]
+        elif key == "method":
+            methods = [str(override.value())]
+        elif override.is_sweep_override():
+            sampled.append(_sweep_knob(override))
+        else:
+            fixed.append(arg)
+    opts = SearchOptions(**options)
+    opts.check()
+    if methods is not None and opts.methods:
+        raise UserError("give the methods once: either method=… or search.methods=[…], not both.")
+    methods = [str(m) for m in (methods or opts.methods or METHODS.names())]
+    for name in methods:
+        METHODS.get(name)  # a UserError naming the methods there are
+    return Plan(opts, fixed, sampled, methods)
+
+
+def first_value(knob) -> str:
+    first = knob.choices[0] if hasattr(knob, "choices") else knob.low
+    return f"{knob.key}={knob.override(first)}"
+
 
 
 def main(argv: list[str], console=None) -> int:
@@ -30,7 +131,7 @@ def main(argv: list[str], console=None) -> int:
     base = compose_config(plan.fixed)  # the fixed part fails now, not in every trial
     validate(base)
     if plan.sampled:  # and so does a sampled key the config does not have
-        compose_config([*plan.fixed, *(_first_value(knob) for knob in plan.sampled)])
+        compose_config([*plan.fixed, *(first_value(knob) for knob in plan.sampled)])
     # a list of any length, checked before the study opens; [segm_ap] is the one objective segm_ap
     plan.objective = objective = study_objective(OmegaConf.to_container(base, resolve=True)["objective"])
     opts = plan.options
@@ -38,7 +139,7 @@ def main(argv: list[str], console=None) -> int:
     def say(line: str) -> None:  # a store another process holds: said at once, with the wait
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
-    tracker = _tracker(base, say)  # an MLflow store it cannot write: refused before the study is opened
+    tracker = open_tracker(base, say)  # an MLflow store it cannot write: refused before the study is opened
     study = open_study(plan, objective, base.train, say)
     search_dir = study_dir(plan, study)
     import optuna
@@ -56,7 +157,7 @@ def main(argv: list[str], console=None) -> int:
     from peftseg.engine.interrupt import RunInterrupted
 
     try:
-        ran = _work(study, plan, search_dir, pruner_task, grace_s, tracker, console)
+        ran = work(study, plan, search_dir, pruner_task, grace_s, tracker, console)
     except (RunInterrupted, KeyboardInterrupt) as stop:
         console.print(f"interrupted ({stop}); the trial in progress was enqueued to run again: the same "
                       "command continues the study", highlight=False, markup=False, soft_wrap=True)
@@ -64,7 +165,7 @@ def main(argv: list[str], console=None) -> int:
     summary = summarize(study, plan, objective)
     finished = sum(t["state"] in ("complete", "pruned", "fail") and t["status"] != "lost" for t in summary["trials"])
     if tracker is not None and not any(t["state"] in ("running", "waiting") for t in summary["trials"]):
-        _finish_tracking(tracker, study, summary)
+        finish_tracking(tracker, study, summary)
     search_dir.mkdir(parents=True, exist_ok=True)
     write_json(search_dir / SUMMARY, summary)
     states = [t["state"] for t in summary["trials"] if t["status"] != "lost"]

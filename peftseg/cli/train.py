@@ -20,7 +20,7 @@ def train_task(cfg):
     from omegaconf import OmegaConf
 
     from peftseg.config import validate
-    from peftseg.engine.objectives import objective_names, objective_values
+    from peftseg.experiments.objectives import objective_names, objective_values
     from peftseg.results import failed_record, write_record
 
     hc = HydraConfig.get()
@@ -106,6 +106,25 @@ def with_resumed_groups(argv: list[str]) -> list[str]:
     return [*(c for c in saved_group_choices(resume) if c.split("=", 1)[0] not in given), *argv]
 
 
+def sweep_dir_of(argv: list[str]) -> str:
+    """The folder a sweep of `argv` writes to (hydra.sweep.dir, named by the time it starts),
+    resolved once here so that this command and Hydra mean the same folder."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from peftseg.config import compose_config
+
+    parser = OverridesParser.create()
+    fixed = [a for a in argv if not a.startswith("-") and not parser.parse_overrides([a])[0].is_sweep_override()]
+    return str(OmegaConf.select(compose_config(fixed, return_hydra_config=True), "hydra.sweep.dir"))
+
+
+def with_sweep_dir(argv: list[str], sweep_dir: str) -> list[str]:
+    """`argv` with hydra.sweep.dir set to `sweep_dir` (quoted for Hydra's override grammar)."""
+    quoted = sweep_dir.replace("\\", "\\\\").replace("'", "\\'")
+    return [a for a in argv if not a.startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir='{quoted}'"]
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):  # ours, not Hydra's: knobs, no schema/* groups
         from peftseg.cli.list import train_help
@@ -119,20 +138,24 @@ def main(argv: list[str]) -> int:
     import hydra
 
     from peftseg.config import register_schemas
-    from peftseg.engine.sweep import last_sweep
+    from peftseg.experiments.sweep import sweep_outcome
+    from peftseg.results import now
 
     register_schemas()
+    sweep_dir = sweep_dir_of(argv) if any(a in ("-m", "--multirun") for a in argv) else None
+    if sweep_dir is not None:
+        argv = with_sweep_dir(argv, sweep_dir)
     # Under `python -m peftseg.cli.train` this module is __main__, whose functions cloudpickle
     # (submitit launchers) copies by value, consoles and all; by module name it pickles a reference.
     from peftseg.cli.train import train_task as task
 
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
     sys.argv = ["peftseg train", *argv]
+    started = now()
     app()
-    outcome = last_sweep()
-    if outcome is None:
+    if sweep_dir is None:
         return 0  # a single run: failures already exited from inside the task
-    sweep_dir, members, failed = outcome
+    members, failed = sweep_outcome(Path(sweep_dir), started)
     if members == 0:
         console.print(f"sweep: no run left a record under {sweep_dir}; see the launcher's logs there")
         return 1

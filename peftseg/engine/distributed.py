@@ -123,9 +123,12 @@ def _worker(cfg, run_dir: Path, run_id: str, log_config: dict | None) -> None:
     run(cfg, run_dir, run_id)
 
 
-def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None) -> Record | None:
+def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None,
+               on_evaluation=None) -> Record | None:
     """Run one experiment on `world_size` processes; the record (None on machines other than 0).
-    Machine 0 holds the run dir's claim (peftseg.engine.rundir) for the whole run."""
+    Machine 0 holds the run dir's claim (peftseg.engine.rundir) for the whole run.
+    `on_evaluation` (a search's pruner) sees the evaluations of a run in this process only:
+    the processes of a multi-process run are spawned, and it does not go with them."""
     from peftseg.engine.run import run
     from peftseg.engine.rundir import claim
 
@@ -133,7 +136,7 @@ def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None) 
     check(tcfg)
     if world_size(tcfg) == 1:
         with claim(run_dir):
-            return run(cfg, run_dir, run_id)
+            return run(cfg, run_dir, run_id, on_evaluation)
     dist_url, machine_rank = _rendezvous(tcfg)
     with claim(run_dir) if machine_rank == 0 else contextlib.nullcontext():
         return _launch(cfg, run_dir, run_id, log_config, dist_url, machine_rank)

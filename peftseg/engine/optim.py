@@ -13,6 +13,7 @@ from fvcore.common.param_scheduler import (
 from detectron2.solver.lr_scheduler import WarmupParamScheduler
 
 from peftseg.errors import UserError
+from peftseg.models import facts_of
 from peftseg.params import added_params, group_of
 
 
@@ -20,7 +21,8 @@ def _lr_factor(model: torch.nn.Module, cfg):
     """Per-parameter LR multiplier: PEFT modules, and everything after the backbone (neck,
     decoder, task heads), may get their own LR (the reference study trained PEFT parameters
     at 1e-3 but decoder-only runs at 1e-4)."""
-    family = getattr(model, "peftseg_family", None)
+    facts = facts_of(model)
+    family = facts.family if facts is not None else None
     added = added_params(model)
     group_lr = {"peft": cfg.peft_lr, **{g: cfg.non_backbone_lr for g in ("neck", "decoder", "task_heads")}}
 

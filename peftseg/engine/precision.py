@@ -19,16 +19,23 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from peftseg import checks
 from peftseg.config import AMP_DTYPES
 from peftseg.errors import UserError
+from peftseg.models import facts_of
 
 
 def _torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def base_dtype(model) -> str:
+    """How the model's frozen weights are stored: "fp32", or "bf16" (a method's base_dtype)."""
+    facts = facts_of(model)
+    return facts.base_dtype if facts is not None else "fp32"
+
+
 def run_precision(tcfg, device, model) -> str:
     """"fp32", "amp_bf16" or "amp_fp16": what the training steps compute in."""
     checks.choice("train.amp_dtype", tcfg.amp_dtype, AMP_DTYPES)
-    base_bf16 = getattr(model, "peftseg_base_dtype", "fp32") == "bf16"
+    base_bf16 = base_dtype(model) == "bf16"
     if not tcfg.amp and not base_bf16:
         return "fp32"
     dtype = tcfg.amp_dtype if tcfg.amp else "bf16"
@@ -43,7 +50,7 @@ def run_precision(tcfg, device, model) -> str:
 def autocast(model, device):
     """The autocast a model with a bf16 base needs outside training (evaluation,
     prediction); a no-op for every other model."""
-    if getattr(model, "peftseg_base_dtype", "fp32") != "bf16":
+    if base_dtype(model) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

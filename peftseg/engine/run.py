@@ -3,64 +3,29 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
 
-import torch
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
 from omegaconf import DictConfig, OmegaConf
 
 from peftseg.checkpoint.files import FINAL
+from peftseg.build import build_for_run, resolve_device
 from peftseg.data import register_dataset
 from peftseg.data.subset import training_data
 from peftseg.engine.failure import explain
 from peftseg.environment import versions
 from peftseg.engine.interrupt import RunInterrupted, StopRequest
-from peftseg.engine.pruning import RunPruned
+from peftseg.engine.pruning import EvaluationListener, RunPruned
 from peftseg.engine.rundir import clear_earlier_run
 from peftseg.engine.trainer import train_and_evaluate
-from peftseg.errors import UserError
 from peftseg.finite import check_result
-from peftseg.methods import apply_method
-from peftseg.models import build_model
+from peftseg.models import facts_of
 from peftseg.params import count_parameters
 from peftseg.results import Record, evaluator_metrics, new_record, now, traceback_text, write_record
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        if torch.version.cuda:  # a CUDA build that finds no GPU: reinstalling torch won't help
-            fix = (f"This torch is a CUDA {torch.version.cuda} build, but no GPU is visible to it: check "
-                   "`nvidia-smi`, the driver, and CUDA_VISIBLE_DEVICES (currently "
-                   f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}).")
-        else:
-            fix = "This torch is a CPU-only build; install a CUDA build of torch to train on a GPU."
-        raise UserError(
-            f"train.device={name} was asked for but torch sees no CUDA device on this machine. {fix} "
-            "Or run with train.device=cpu (or train.device=auto)."
-        )
-    return torch.device(name)  # the value was checked against its choices at compose time
-
-
-def build_for_run(cfg: DictConfig, num_classes: int, class_names=None) -> torch.nn.Module:
-    """The model as a run trains it. Seeded first: a randomly initialised base must come
-    out identical when `peftseg eval`/`merge`/resume rebuild it around a PEFT checkpoint.
-    `class_names`: the dataset's, for a family that classifies by name (seem)."""
-    seed_all_rng(cfg.train.seed)
-    model = build_model(cfg.model, num_classes=num_classes, class_names=class_names)
-    model = apply_method(model, cfg.method)
-    if cfg.train.activation_checkpointing:
-        from peftseg.engine.checkpointing import enable_activation_checkpointing
-
-        model.peftseg_checkpointed_blocks = len(enable_activation_checkpointing(model))
-    return model
 
 
 def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path) -> None:
@@ -83,11 +48,12 @@ def _write_record_safely(run_dir: Path, record: Record) -> None:
         log.error("could not write the run record %s (%s)", run_dir / "results.json", e)
 
 
-def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
+def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationListener | None = None) -> Record:
     """Run one experiment; leaves a results.json in run_dir: "running" from the start, then
     "ok", "failed" (with the cause) or "interrupted" (with the iteration to resume from).
 
     Under multi-process training every rank runs this; only rank 0 writes the record.
+    `on_evaluation`: called after every evaluation during training (a search's pruner).
     """
     record = new_record(cfg, run_dir, run_id)
     main = comm.is_main_process()
@@ -114,7 +80,8 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             # converts what a library changed the meaning of: peftseg.checkpoint.provenance)
             meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(splits.class_names),
                     "versions": versions()}
-            outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop)
+            outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop,
+                                         on_evaluation)
             record.metrics = evaluator_metrics(outcome.eval_results)
             # COCOEvaluator returns the numbers on rank 0 only (the others get {})
             if comm.is_main_process():  # entries COCOeval leaves undefined are stored null, with the reason
@@ -124,8 +91,8 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str) -> Record:
             record.efficiency = {
                 "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
                 # memory options as they ran: blocks recomputed in backward, frozen-weight storage
-                "checkpointed_blocks": getattr(model, "peftseg_checkpointed_blocks", 0),
-                "base_dtype": getattr(model, "peftseg_base_dtype", "fp32"),
+                "checkpointed_blocks": facts_of(model).checkpointed_blocks,
+                "base_dtype": facts_of(model).base_dtype,
                 "run_wall_time_s": time.perf_counter() - start,
             }
             if main:  # an inf step time or a NaN ratio is no more a result than a NaN AP

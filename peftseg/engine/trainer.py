@@ -24,7 +24,7 @@ from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_
 from peftseg.engine.precision import make_trainer, run_precision
 from peftseg.engine.progress import RichProgress
 from peftseg.data._resume_state import rng_untouched, set_rng_state
-from peftseg.engine.pruning import evaluated
+from peftseg.engine.pruning import EvaluationListener
 from peftseg.engine.rundir import trim_metrics
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,11 @@ def _stopped_in_evaluation(signum: int, iteration: int, max_iter: int, checkpoin
 
 
 def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, image_size: int,
-                       meta: dict, stop: StopRequest | None = None) -> TrainOutcome:
+                       meta: dict, stop: StopRequest | None = None,
+                       on_evaluation: EvaluationListener | None = None) -> TrainOutcome:
     """`meta` (resolved config, class names) goes into every checkpoint so it can be rebuilt.
-    `stop`: the run's signal handlers; with it, SIGTERM/SIGINT end training at a step boundary."""
+    `stop`: the run's signal handlers; with it, SIGTERM/SIGINT end training at a step boundary.
+    `on_evaluation`: called after every evaluation (a search's pruner); it may raise RunPruned."""
     tcfg = cfg.train
     # Per-rank seeds (detectron2's default_setup does the same): ranks draw different
     # augmentations; DDP broadcasts rank 0's weights, so initialisation stays shared.
@@ -87,9 +89,9 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
     outcome = TrainOutcome()
     optimizer = build_optimizer(model, tcfg, clip_norm_of(cfg))
     scheduler = build_lr_scheduler(optimizer, tcfg)
-    checkpointer = PeftCheckpointer(model, save_dir=str(run_dir), meta=meta, optimizer=optimizer, scheduler=scheduler)
     per_rank_batch = tcfg.ims_per_batch // comm.get_world_size()
-    checkpointer.per_rank_batch = per_rank_batch
+    checkpointer = PeftCheckpointer(model, save_dir=str(run_dir), meta=meta, per_rank_batch=per_rank_batch,
+                                    optimizer=optimizer, scheduler=scheduler)
     start_iter, saved = 0, {}
     if tcfg.resume:
         from peftseg.checkpoint.files import read_checkpoint
@@ -136,9 +138,9 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
                 outcome.eval_results = evaluate(model, splits.val, image_size, run_dir / "eval", tcfg.num_workers)
         except RunInterrupted as e:
             raise _stopped_in_evaluation(e.signum, trainer.iter, tcfg.max_iter, checkpointer) from None
-        # listeners (a search's pruner) see every evaluation; one may stop the run here
-        done = trainer.iter + 1
-        evaluated(done, outcome.eval_results, final=done >= tcfg.max_iter)
+        if on_evaluation is not None:  # a search's pruner may stop the run here
+            done = trainer.iter + 1
+            on_evaluation(done, outcome.eval_results, done >= tcfg.max_iter)
         return outcome.eval_results
 
     main = comm.is_main_process()  # the other ranks neither print nor write files

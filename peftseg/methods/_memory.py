@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftseg.errors import UserError
+from peftseg.models.family import facts_of
 from peftseg.registry import METHODS
 
 BASE_DTYPES = ("fp32", "bf16")
@@ -164,8 +165,8 @@ def store_frozen_in(model, base_dtype: str, method: str) -> int:
         if not p.requires_grad and p.dtype == torch.float32:
             saved += p.numel() * 2
             p.data = p.data.to(torch.bfloat16)
-    # a plain attribute (not in state_dict): the trainer and evaluation read it to autocast
-    model.peftseg_base_dtype = base_dtype
+    # the trainer and evaluation read it to autocast
+    facts_of(model).base_dtype = base_dtype
     return saved
 
 
@@ -174,9 +175,10 @@ def widen_frozen(model) -> None:
     so an update is folded in at float32 and a plain (float32) model comes out."""
     import torch
 
-    if getattr(model, "peftseg_base_dtype", "fp32") == "fp32":
+    facts = facts_of(model)
+    if facts is None or facts.base_dtype == "fp32":
         return
     for p in model.parameters():
         if p.dtype == torch.bfloat16:
             p.data = p.data.float()
-    del model.peftseg_base_dtype
+    facts.base_dtype = "fp32"

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from peftseg.errors import UserError
-from peftseg.models.family import FamilyMap
+from peftseg.models.family import FACTS_ATTR, FamilyMap, ModelFacts, facts_of
 from peftseg.registry import FAMILIES, check_config
 
-__all__ = ["FAMILIES", "FamilyMap", "build_model", "family_of"]
+__all__ = ["FAMILIES", "FamilyMap", "ModelFacts", "build_model", "facts_of", "family_of"]
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,15 @@ def build_model(cfg_model: Any, num_classes: int, class_names: Sequence[str] | N
             "foreground class, so check the dataset's category list."
         )
     model = spec.build(cfg_model, int(num_classes))
-    # a plain attribute, not a submodule: state_dict and .to() ignore it; set before
-    # loading weights so the loader can ask the model for its family
-    model.peftseg_family = spec.family_map
-    # a family that reads its own checkpoint format in build (mask2former: a transformers
-    # directory) leaves its report on the model; everything else goes through detectron2's
-    if cfg_model.weights and getattr(model, "weights_report", None) is None:
+    # set before loading weights so the loader can ask the model for its family; a family that
+    # reads its own checkpoint format in build (mask2former: a transformers directory) attached
+    # facts with the weights' report already: everything else loads through detectron2's
+    facts = facts_of(model) or ModelFacts(spec.family_map)
+    setattr(model, FACTS_ATTR, facts)
+    if cfg_model.weights and facts.weights is None:
         from peftseg.models._weights import load_weights
 
-        model.weights_report = load_weights(model, cfg_model.weights)  # what loaded: predict/eval check it
+        facts.weights = load_weights(model, cfg_model.weights)  # what loaded: predict/eval check it
     if hasattr(model, "set_class_names"):
         if class_names is None:
             log.warning("%s: no class names given; the text classifier uses placeholder names", spec.name)
@@ -55,10 +55,8 @@ def build_model(cfg_model: Any, num_classes: int, class_names: Sequence[str] | N
 
 
 def family_of(model) -> FamilyMap:
-    """The FamilyMap attached by build_model (looks through DDP-style `.module` wrappers)."""
-    found = getattr(model, "peftseg_family", None)
-    if found is None:
-        found = getattr(getattr(model, "module", None), "peftseg_family", None)
-    if found is None:
+    """The FamilyMap of a model build_model made (looks through DDP-style `.module` wrappers)."""
+    facts = facts_of(model)
+    if facts is None:
         raise TypeError(f"{type(model).__name__} was not built by peftseg.models.build_model")
-    return found
+    return facts.family

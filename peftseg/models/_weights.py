@@ -73,9 +73,11 @@ class LoadReport:
 def _family(model: nn.Module) -> FamilyMap | None:
     """The model's FamilyMap: attached by build_model, or (while build_model is still
     loading) the registered family whose backbone prefix the model's names carry."""
-    attached = getattr(model, "peftseg_family", None)
+    from peftseg.models.family import facts_of
+
+    attached = facts_of(model)
     if attached is not None:
-        return attached
+        return attached.family
     names = list(model.state_dict())
     for spec in FAMILIES:
         family = spec.family_map

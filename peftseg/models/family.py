@@ -95,3 +95,27 @@ class WeightLayout:
     detect: Callable[[dict], bool]  # on the unwrapped state dict's keys
     hint: str  # "e.g. model=vitdet_b for ViT-B/16 weights such as MAE's …"
     normalize: Callable[[dict], dict] = _same
+
+
+@dataclass
+class ModelFacts:
+    """What peftseg knows about a model it built, carried by the model as one plain attribute
+    (`model.peftseg_facts`: state_dict and .to() ignore it, copy.deepcopy copies it), so that
+    methods, accounting, the trainer and the loaders read it from the model they are given."""
+
+    family: FamilyMap
+    weights: object = None  # peftseg.models._weights.WeightsReport of model.weights; None: no file loaded
+    base_dtype: str = "fp32"  # how frozen weights are stored (a method's base_dtype): fp32 | bf16
+    checkpointed_blocks: int = 0  # blocks recomputed in backward (train.activation_checkpointing)
+
+
+FACTS_ATTR = "peftseg_facts"
+
+
+def facts_of(model) -> ModelFacts | None:
+    """The ModelFacts build_model attached, looking through DDP-style `.module` wrappers; None
+    for a model peftseg did not build."""
+    found = getattr(model, FACTS_ATTR, None)
+    if found is None:
+        found = getattr(getattr(model, "module", None), FACTS_ATTR, None)
+    return found

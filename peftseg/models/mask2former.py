@@ -187,6 +187,8 @@ def build(cfg: Mask2FormerConfig, num_classes: int):
     if cfg.weights and os.path.isdir(cfg.weights):
         # build_model sees this report and leaves the directory alone; a file goes through
         # the detectron2 loader there like any other family's checkpoint
-        model.weights_report = load_transformers_dir(model, cfg.weights, _HF)
+        from peftseg.models.family import FACTS_ATTR, ModelFacts
+
+        setattr(model, FACTS_ATTR, ModelFacts(FAMILY, weights=load_transformers_dir(model, cfg.weights, _HF)))
     set_deform_attn_impl(model, cfg.deform_attn_impl)
     return model

@@ -23,7 +23,11 @@ import types
 
 import torch.nn as nn
 
-_MARK = "peftseg_checkpointed"
+def _is_checkpointed(block: nn.Module) -> bool:
+    """Whether the block runs _checkpointed_forward: read from the block's own forward, so no
+    marker attribute is needed to tell (and none can disagree with it)."""
+    forward = block.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _checkpointed_forward
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
@@ -64,16 +68,13 @@ def enable_activation_checkpointing(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     for name in names:
         block = modules[name]
-        if getattr(block, _MARK, False):
-            continue
-        block.forward = types.MethodType(_checkpointed_forward, block)
-        setattr(block, _MARK, True)
+        if not _is_checkpointed(block):
+            block.forward = types.MethodType(_checkpointed_forward, block)
     return names
 
 
 def disable_activation_checkpointing(model: nn.Module) -> None:
     """Undo `enable_activation_checkpointing` (the class's forward runs again)."""
     for block in model.modules():
-        if getattr(block, _MARK, False):
+        if _is_checkpointed(block):
             del block.forward
-            delattr(block, _MARK)

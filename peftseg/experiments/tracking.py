@@ -17,7 +17,7 @@ The callback talks to MLflow through `MlflowClient` with explicit run ids, not t
 fluent `mlflow.start_run` stack: sweep members may run in other processes (submitit,
 SLURM), which find the parent's id in the sweep dir.
 
-Light module: mlflow is imported when a callback method runs, so `import peftseg.engine.tracking`
+Light module: mlflow is imported when a callback method runs, so `import peftseg.experiments.tracking`
 (Hydra resolving `_target_`) costs nothing when tracking is off.
 """
 
@@ -214,6 +214,7 @@ class MlflowTracker(Callback):
     def __init__(self, uri: str = "", experiment: str = "peftseg") -> None:
         self.uri, self.experiment = uri, experiment
         self._parent: str | None = None
+        self._sweep_start = ""  # when the sweep this callback runs in started (its records are newer)
         self._client = None
         self._unreachable: str | None = None
         self._probed = False
@@ -336,6 +337,9 @@ class MlflowTracker(Callback):
         self._start_in_hydra()  # at the start, not after the run
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        from peftseg.results import now
+
+        self._sweep_start = now()  # the sweep's own records started after this
         self._start_in_hydra()  # before the first member
         if not self.available():
             return
@@ -421,18 +425,16 @@ class MlflowTracker(Callback):
             return
         from rich.console import Console
 
+        from peftseg.experiments.sweep import sweep_outcome
         from peftseg.report import build_report
-        from peftseg.engine.sweep import last_sweep
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         status = "FINISHED"
         try:
-            outcome = last_sweep()
-            if outcome is not None:
-                _, members, failed = outcome
-                self.client().set_tag(self._parent, "peftseg.members", str(members))
-                self.client().set_tag(self._parent, "peftseg.failed", str(failed))
-                status = "FAILED" if failed or not members else "FINISHED"
+            members, failed = sweep_outcome(sweep_dir, self._sweep_start)
+            self.client().set_tag(self._parent, "peftseg.members", str(members))
+            self.client().set_tag(self._parent, "peftseg.failed", str(failed))
+            status = "FAILED" if failed or not members else "FINISHED"
             build_report(sweep_dir, None, Console(file=open(os.devnull, "w"), width=160))
             for path in sorted(sweep_dir.glob("report.*")) + sorted(sweep_dir.glob("*.png")):
                 self.client().log_artifact(self._parent, str(path), artifact_path="report")

@@ -1,0 +1,117 @@
+"""One trial of a study: the overrides it samples, its run (as `peftseg train` runs one, with
+its log in the run dir), and the pruner's judgement at each periodic evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from peftseg.errors import UserError
+from peftseg.experiments.trial_workers import RUN_DIR_ATTR
+
+
+def trial_overrides(trial, plan) -> list[str]:
+    """The overrides trial samples: method, its knobs, and the user's sampled keys."""
+    from peftseg.registry import METHODS
+    from peftseg.search_space import sample_method_knobs
+
+    fixed_keys = {o.split("=", 1)[0].lstrip("+~") for o in plan.fixed}
+    out = []
+    for knob in plan.sampled:
+        value = knob.suggest(trial, knob.key)
+        out.append(f"{knob.key}={knob.override(value)}")
+    fixed_keys |= {k.key for k in plan.sampled}
+    method = trial.suggest_categorical("method", plan.methods) if len(plan.methods) > 1 else plan.methods[0]
+    out.insert(0, f"method={method}")
+    out += sample_method_knobs(trial, method, METHODS.get(method).search_space, fixed_keys)
+    return out
+
+
+def pruning_listener(trial, metric_task: str):
+    from peftseg.engine.pruning import RunPruned
+
+    def listener(iteration: int, results: dict, final: bool) -> None:
+        import math
+
+        if final:  # the final evaluation is the trial's result, not a step to prune at
+            return
+        value = (results.get(metric_task) or {}).get("AP")
+        # NaN (the model predicted nothing) is reported as such: Optuna's pruners prune it
+        value = float(value) if isinstance(value, (int, float)) else math.nan
+        trial.report(value, step=iteration)
+        if trial.should_prune():
+            raise RunPruned(iteration, results, f"{metric_task} AP {value:.3f} at iteration {iteration}, "
+                                                "judged by the study's pruner")
+
+    return listener
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    """The trial's log in its run dir (train.log, as `peftseg train` leaves one)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+def run_trial(trial, plan, search_dir: Path, pruner_task: str | None, console) -> tuple[str, Any, Path]:
+    """Run one trial; (status, objective values or None, its run dir)."""
+    from peftseg.config import compose_config, validate
+    from peftseg.engine.distributed import launch_run
+    from peftseg.engine.interrupt import RunInterrupted
+    from peftseg.engine.pruning import RunPruned
+    from peftseg.experiments.objectives import objective_values
+    from peftseg.results import failed_record, write_record
+
+    sampled = trial_overrides(trial, plan)
+    overrides = [*plan.fixed, *sampled]
+    try:
+        cfg = compose_config(overrides)
+    except Exception as exc:  # Hydra refuses a sampled value (a type the key does not take)
+        console.print(f"trial {trial.number}: {' '.join(sampled)}\n  failed: {exc}", highlight=False, markup=False,
+                      soft_wrap=True)
+        return "failed", None, search_dir / str(trial.number)
+    run_dir = search_dir / f"{trial.number}-{cfg.model.name}-{cfg.method.name}"
+    run_id = str(run_dir)
+    trial.set_user_attr(RUN_DIR_ATTR, str(run_dir.resolve()))
+    console.print(f"trial {trial.number}: {' '.join(sampled)}", highlight=False, markup=False, soft_wrap=True)
+    try:
+        validate(cfg)  # a sampled value a method refuses: a failed trial, in its own record
+    except UserError as exc:
+        write_record(run_dir, failed_record(cfg, run_dir, run_id, exc))
+        console.print(f"  failed: {exc}", highlight=False, markup=False, soft_wrap=True)
+        return "failed", None, run_dir
+    listener = pruning_listener(trial, pruner_task) if pruner_task else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _log_to(run_dir / "train.log"):
+            record = launch_run(cfg, run_dir, run_id, on_evaluation=listener)
+    except RunPruned as pruned:
+        console.print(f"  pruned: {pruned.reason}", highlight=False, markup=False, soft_wrap=True)
+        return "pruned", None, run_dir
+    except RunInterrupted:
+        raise
+    except Exception as exc:  # the run wrote its failed record; the search goes on
+        console.print(f"  failed: {type(exc).__name__}: {exc}", highlight=False, markup=False, soft_wrap=True)
+        return "failed", None, run_dir
+    objective = plan.objective  # as the study takes it (objective=[segm_ap] is segm_ap)
+    values = objective_values(record, objective)
+    if values is None:
+        console.print(f"  failed: the run ended {record.status} without finite numbers for objective {objective}",
+                      highlight=False, markup=False)
+        return "failed", None, run_dir
+    shown = values if isinstance(values, list) else [values]
+    console.print(f"  ok: objective {', '.join(f'{v:.4g}' for v in shown)} ({run_dir})", highlight=False,
+                  markup=False, soft_wrap=True)
+    return "ok", values, run_dir
