@@ -92,8 +92,10 @@ class Registry(Generic[S]):
         self._loaded = True
         pkg = importlib.import_module(self._package)
         for info in pkgutil.iter_modules(pkg.__path__):
-            if info.name.startswith("_"):  # heavy implementation, imported where used
+            if info.name.startswith("_"):  # private to the package: imported by its users
                 continue
+            # a public module (or a subpackage's top) is imported here, before torch loads: it
+            # stays light, its heavy imports inside functions or in a subpackage's modules
             importlib.import_module(f"{self._package}.{info.name}")
 
     def get(self, name: str) -> S:

@@ -258,8 +258,8 @@ def build_peer(args, device, num_classes, batch, console) -> Bench:
 def build(entries, args, device, console):
     import itertools
 
-    from peftseg.data import register_dataset
-    from peftseg.data._loaders import train_loader
+    from peftseg.data import register_splits
+    from peftseg.data.loading.loaders import train_loader
     from peftseg.build.activation_checkpointing import enable_activation_checkpointing
     from peftseg.engine.optim import build_optimizer
     from peftseg.engine.precision import make_trainer, run_precision
@@ -269,7 +269,7 @@ def build(entries, args, device, console):
 
     cfgs = {label: compose(args.model, m, args.image_size, [*args.override, *extra]) for label, m, extra in entries}
     first = next(iter(cfgs.values()))
-    splits = register_dataset(first.dataset)
+    splits = register_splits(first.dataset)
     image_size = first.model.image_size
     # One fixed batch for every method and every step.
     batch = next(iter(train_loader(splits.train, image_size, first.model.input_format, args.batch, 0, args.seed)))

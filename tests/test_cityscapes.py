@@ -14,7 +14,7 @@ from PIL import Image
 from cityscapes_fixture import write_cityscapes
 from helpers import run_in_process
 from peftseg.config import compose_config
-from peftseg.data import register_dataset
+from peftseg.data import register_splits
 from peftseg.engine.evaluate import build_evaluator
 from peftseg.errors import UserError
 
@@ -32,7 +32,7 @@ def gt_file(d: dict, suffix: str) -> Path:
 
 
 def splits_of(root):
-    return register_dataset(compose_config(["dataset=cityscapes", f"dataset.root={root}"]).dataset)
+    return register_splits(compose_config(["dataset=cityscapes", f"dataset.root={root}"]).dataset)
 
 
 def test_detectron2_loader_reads_the_instances(root):
@@ -165,7 +165,7 @@ def _hidden_val_instances(root):
                                     _only_crowds_in_train, _hidden_val_instances])
 def test_damaged_files_are_named_before_a_model_is_built(tmp_path, damage):
     """What the loader's process pool (a traceback naming no file) or training (a size mismatch
-    mid-run, NaN AP at the end) met before is refused by register_dataset, naming the file."""
+    mid-run, NaN AP at the end) met before is refused by register_splits, naming the file."""
     root = write_cityscapes(tmp_path / "cs", {"train": 1, "val": 1})
     needles = damage(root)
     with pytest.raises(UserError) as e:

@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import OmegaConf
 from PIL import Image
 
-from peftseg.data import register_dataset
+from peftseg.data import register_splits
 from peftseg.data.coco import CocoDatasetConfig, CocoFormatDatasetConfig
 from peftseg.data.shapes import ShapesDatasetConfig
 from peftseg.data.shapes import BG_MAX, CLASSES, generate_split, write_coco_layout
@@ -39,7 +39,7 @@ def _decode(poly, size) -> np.ndarray:
 
 def _error(cfg) -> str:
     with pytest.raises(UserError) as e:
-        register_dataset(cfg)
+        register_splits(cfg)
     msg = str(e.value)
     assert "\n" not in msg  # one paragraph
     return msg
@@ -129,7 +129,7 @@ def data_dir(splits) -> Path:
 
 
 def test_shapes_registers_in_detectron2_catalogs():
-    splits = register_dataset(ShapesDatasetConfig(**SMALL))
+    splits = register_splits(ShapesDatasetConfig(**SMALL))
     assert splits.class_names == CLASSES
     train = DatasetCatalog.get(splits.train)
     assert len(train) == 6 and len(DatasetCatalog.get(splits.val)) == 3
@@ -152,27 +152,27 @@ def test_shapes_registers_in_detectron2_catalogs():
 
 def test_shapes_cache_is_reused_and_keyed_by_params(cache):
     cfg = OmegaConf.structured(ShapesDatasetConfig(**SMALL))
-    first = register_dataset(cfg)
+    first = register_splits(cfg)
     root = data_dir(first)  # read now: a later registration under the same names republishes them
     assert root.parent == cache / "shapes"
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    second = register_dataset(cfg)  # same process, same names: must not raise
+    second = register_splits(cfg)  # same process, same names: must not raise
     assert second == first
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps
-    other = register_dataset(ShapesDatasetConfig(**{**SMALL, "seed": 1}))
+    other = register_splits(ShapesDatasetConfig(**{**SMALL, "seed": 1}))
     other_root = data_dir(other)
     assert other_root != root
     built = sorted(p.name for p in (cache / "shapes").iterdir())
     assert built == sorted([root.name, other_root.name])  # and no temp dirs left behind
     elsewhere = cache.parent / "elsewhere"
-    explicit = register_dataset(ShapesDatasetConfig(**SMALL, cache_dir=str(elsewhere)))
+    explicit = register_splits(ShapesDatasetConfig(**SMALL, cache_dir=str(elsewhere)))
     assert data_dir(explicit).parent == elsewhere / "shapes"
 
 
 def test_shapes_damaged_cache_is_rebuilt():
-    root = data_dir(register_dataset(ShapesDatasetConfig(**SMALL)))
+    root = data_dir(register_splits(ShapesDatasetConfig(**SMALL)))
     (root / "val" / "000002.png").unlink()
-    register_dataset(ShapesDatasetConfig(**SMALL))
+    register_splits(ShapesDatasetConfig(**SMALL))
     assert (root / "val" / "000002.png").is_file()
 
 
@@ -187,14 +187,14 @@ def test_shapes_unwritable_cache(tmp_path):
 
 
 def test_coco_layout_registers_via_root_and_env(coco_root, monkeypatch):
-    splits = register_dataset(CocoDatasetConfig(root=str(coco_root)))
+    splits = register_splits(CocoDatasetConfig(root=str(coco_root)))
     assert splits.class_names == CLASSES and data_dir(splits).parent == coco_root  # annotations/ under it
     assert len(DatasetCatalog.get(splits.train)) == 4
     assert len(DatasetCatalog.get(splits.val)) == 2
     val_json = coco_root / "annotations" / "instances_val2017.json"
     assert MetadataCatalog.get(splits.val).json_file == str(val_json)
     monkeypatch.setenv("DETECTRON2_DATASETS", str(coco_root.parent))
-    assert data_dir(register_dataset(OmegaConf.structured(CocoDatasetConfig()))).parent == coco_root
+    assert data_dir(register_splits(OmegaConf.structured(CocoDatasetConfig()))).parent == coco_root
 
 
 def _coco_format(root: Path, **over) -> CocoFormatDatasetConfig:
@@ -208,10 +208,10 @@ def _coco_format(root: Path, **over) -> CocoFormatDatasetConfig:
 
 
 def test_reregistering_with_other_paths_replaces(coco_root, tmp_path):
-    first = register_dataset(_coco_format(coco_root))
+    first = register_splits(_coco_format(coco_root))
     assert len(DatasetCatalog.get(first.train)) == 4
     other = Path(write_coco_layout(tmp_path / "other", num_train=3, num_val=1, image_size=64))
-    second = register_dataset(_coco_format(other))
+    second = register_splits(_coco_format(other))
     assert second.train == first.train
     assert len(DatasetCatalog.get(second.train)) == 3
     assert MetadataCatalog.get(second.train).image_root == str(other / "train2017")
@@ -310,9 +310,9 @@ def test_dataset_yamls_compose_with_schemas(coco_root):
         shapes = compose(overrides=["+dataset=shapes", "dataset.num_train=6", "dataset.num_val=3",
                                     "dataset.image_size=64"]).dataset
         assert OmegaConf.get_type(shapes) is ShapesDatasetConfig
-        assert register_dataset(shapes).class_names == CLASSES
+        assert register_splits(shapes).class_names == CLASSES
         coco = compose(overrides=["+dataset=coco", f"dataset.root={coco_root}"]).dataset
-        assert data_dir(register_dataset(coco)).parent == coco_root
+        assert data_dir(register_splits(coco)).parent == coco_root
         fmt = compose(overrides=["+dataset=coco_format", "dataset.val_json=v.json"]).dataset
         msg = _error(fmt)
         assert "dataset.train_json=" in msg and "dataset.val_json=" not in msg

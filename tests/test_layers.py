@@ -13,7 +13,7 @@ PACKAGE = Path(peftseg.__file__).resolve().parent
 
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = (
-    ("peftseg", "peftseg.errors", "peftseg.checks", "peftseg.io", "peftseg.environment"),
+    ("peftseg", "peftseg.errors", "peftseg.checks", "peftseg.io", "peftseg.environment", "peftseg.compat"),
     ("peftseg.registry", "peftseg.search_space", "peftseg.results"),
     ("peftseg.config",),
     ("peftseg.models", "peftseg.data", "peftseg.methods", "peftseg.params"),

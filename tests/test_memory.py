@@ -150,7 +150,7 @@ def test_merging_a_bf16_base_run_writes_float32_with_the_update_added_in_float32
 
 def test_bf16_base_is_refused_for_full_and_bad_values_name_the_fix():
     from peftseg.errors import UserError
-    from peftseg.methods._memory import MemoryOptions, check_base_dtype
+    from peftseg.methods.options import MemoryOptions, check_base_dtype
 
     with pytest.raises(UserError, match="nothing frozen"):
         check_base_dtype("bf16", "full")
@@ -187,7 +187,7 @@ def test_bad_block_selection_is_refused_with_the_fix(base, spec, fix):
         spec[0] >= 0 else None
     with pytest.raises(UserError, match=re.escape(fix)):
         if cfg is None:
-            from peftseg.methods._memory import parse_blocks
+            from peftseg.methods.options import parse_blocks
 
             parse_blocks(spec)
         apply_method(copy.deepcopy(base), cfg)

@@ -87,11 +87,11 @@ def test_visualize_never_writes_into_the_images_or_the_run(run_dir, shapes_cache
     from detectron2.data import MetadataCatalog
 
     from peftseg.cli.visualize import run_config
-    from peftseg.data import register_dataset
+    from peftseg.data import register_splits
 
     # the run's own validation images (the session's cache may hold other shapes datasets too)
     monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
-    splits = register_dataset(run_config(run_dir)[0]["dataset"])
+    splits = register_splits(run_config(run_dir)[0]["dataset"])
     val_folder = Path(MetadataCatalog.get(splits.val).image_root)
     before = _digest(val_folder)
     _refused(_cli(run_dir, shapes_cache, "visualize", str(run_dir), "n=1", f"output={val_folder / 'vis'}"),

@@ -191,10 +191,10 @@ def test_slurm_port_differs_between_array_tasks():
 def test_dataset_declares_its_evaluator(tmp_path, monkeypatch):
     from detectron2.data import MetadataCatalog
 
-    from peftseg.data import register_dataset
+    from peftseg.data import register_splits
     from peftseg.data.shapes import ShapesDatasetConfig
 
-    splits = register_dataset(ShapesDatasetConfig(num_train=2, num_val=2, cache_dir=str(tmp_path)))
+    splits = register_splits(ShapesDatasetConfig(num_train=2, num_val=2, cache_dir=str(tmp_path)))
     assert MetadataCatalog.get(splits.val).evaluator_type == DATASETS.get("shapes").evaluator_type == "coco"
 
 

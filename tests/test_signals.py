@@ -162,7 +162,7 @@ def test_every_command_stops_on_a_signal_with_128_plus_signal(tmp_path, shapes_c
 
 def test_loader_workers_leave_stops_to_the_main_process():
     """A worker ignores SIGTERM/SIGINT (a group signal must not kill it under the main process)."""
-    from peftseg.data._loaders import _leave_stops_to_the_main_process
+    from peftseg.data.loading.loaders import _leave_stops_to_the_main_process
 
     class Probe(torch.utils.data.Dataset):
         def __len__(self):
@@ -183,7 +183,7 @@ def test_a_samples_augmentation_depends_on_its_stream_position_not_on_the_worker
 
     import numpy as np
 
-    from peftseg.data._resume_state import PositionedMapping, ResumedTrainingSampler
+    from peftseg.data.loading.resume_state import PositionedMapping, ResumedTrainingSampler
 
     dicts = [{"id": i} for i in range(3)]
     mapping = PositionedMapping(dicts, lambda d: (d["id"], np.random.rand(), random.random()), seed=7)

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from helpers import run_in_process
 from peftseg.config import compose_config, validate
-from peftseg.data import register_dataset
+from peftseg.data import register_splits
 from peftseg.data.subset import select, subset_size
 from peftseg.errors import UserError
 
@@ -79,8 +79,8 @@ def cache(tmp_path, monkeypatch):
 def test_shapes_subset_cuts_the_train_split_only(cache):
     cfg = compose_config(["dataset.num_train=40", "dataset.num_val=6", "dataset.train_subset=0.25",
                           "train.seed=7"]).dataset
-    splits = register_dataset(cfg)
-    full = register_dataset(OmegaConf.merge(cfg, {"train_subset": 0}))
+    splits = register_splits(cfg)
+    full = register_splits(OmegaConf.merge(cfg, {"train_subset": 0}))
     train, val = DatasetCatalog.get(splits.train), DatasetCatalog.get(splits.val)
     assert splits.train != full.train and splits.val == full.val and len(val) == 6
     assert (splits.train_images, splits.train_images_available) == (10, 40) and len(train) == 10
@@ -89,7 +89,7 @@ def test_shapes_subset_cuts_the_train_split_only(cache):
     meta = MetadataCatalog.get(splits.train)
     assert meta.thing_classes == ["circle", "square", "triangle"] and meta.evaluator_type == "coco"
     # the seed is train.seed's: another seed, another subset
-    other = register_dataset(compose_config(["dataset.num_train=40", "dataset.num_val=6",
+    other = register_splits(compose_config(["dataset.num_train=40", "dataset.num_val=6",
                                              "dataset.train_subset=0.25", "train.seed=8"]).dataset)
     assert ids(DatasetCatalog.get(other.train)) != ids(train)
 
@@ -118,9 +118,9 @@ def test_one_point_zero_is_refused_as_ambiguous_at_compose_time():
 
 def test_bad_values_fail_before_training_with_the_fix(cache):
     with pytest.raises(UserError, match=r"train_subset=2\.5 is above 1 but not a whole number"):
-        register_dataset(compose_config(["dataset.train_subset=2.5"]).dataset)
+        register_splits(compose_config(["dataset.train_subset=2.5"]).dataset)
     with pytest.raises(UserError, match="train_subset asks for 500 training images.*only 200 with instances.*dataset.num_train"):
-        register_dataset(compose_config(["dataset.train_subset=500"]).dataset)
+        register_splits(compose_config(["dataset.train_subset=500"]).dataset)
 
 
 def test_the_run_record_states_the_images_used(tmp_path, shapes_cache):

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from peftseg.config import TrainConfig
 from peftseg.engine.optim import build_optimizer
 from peftseg.methods import apply_method
-from peftseg.methods._memory import PeftOptions
+from peftseg.methods.options import PeftOptions
 from peftseg.params import count_parameters
 from peftseg.registry import METHODS, MethodSpec
 
@@ -32,7 +32,7 @@ class ThrowawayConfig(PeftOptions):  # + base_dtype, blocks, train_task_layers
 def apply(model, cfg):
     """One learnable scalar per backbone block (multiplying its output): the smallest method
     that adds parameters, placed per block through the FamilyMap like a real one."""
-    from peftseg.methods._memory import selected_blocks
+    from peftseg.methods.options import selected_blocks
     from peftseg.methods.freeze import train_only_added
 
     added = []

@@ -134,7 +134,7 @@ def test_harmless_problems_are_counted(split, tmp_path):
 def test_rle_in_both_forms_is_accepted_and_trains_as_bitmasks(split, tmp_path, model):
     from detectron2.data.datasets import load_coco_json
 
-    from peftseg.data._loaders import _mapper
+    from peftseg.data.loading.loaders import _mapper
 
     def to_rle(c, _):
         for i, ann in enumerate(c["annotations"]):
@@ -162,7 +162,7 @@ def test_rle_in_both_forms_is_accepted_and_trains_as_bitmasks(split, tmp_path, m
 
 
 def test_a_truncated_image_fails_in_the_loader_naming_the_file(split, tmp_path):
-    from peftseg.data._loaders import _mapper
+    from peftseg.data.loading.loaders import _mapper
 
     json_path, images, coco = split
     name = coco["images"][0]["file_name"]

@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 
 from peftseg.config import compose_config
-from peftseg.data import register_dataset
+from peftseg.data import register_splits
 from peftseg.errors import UserError
 from peftseg.results import flatten_config
 
@@ -41,13 +41,13 @@ def write_zerowaste(root: Path, counts=None, classes=CLASSES) -> Path:
 def test_root_is_all_a_user_sets(tmp_path):
     root = write_zerowaste(tmp_path / "zerowaste-f-final")
     cfg = compose_config(["dataset=zerowaste", f"dataset.root={root}"])
-    splits = register_dataset(cfg.dataset)
+    splits = register_splits(cfg.dataset)
     assert splits.class_names == tuple(CLASSES)
     assert (len(DatasetCatalog.get(splits.train)), len(DatasetCatalog.get(splits.val))) == (3, 2)
     flat = flatten_config(cfg)  # the record shows the paths the preset resolved
     assert flat["dataset.train_json"] == f"{root}/train/labels.json"
     assert flat["dataset.val_images"] == f"{root}/val/data"
-    test = register_dataset(compose_config(["dataset=zerowaste", f"dataset.root={root}",
+    test = register_splits(compose_config(["dataset=zerowaste", f"dataset.root={root}",
                                             "dataset.val_split=test"]).dataset)
     assert len(DatasetCatalog.get(test.val)) == 1
     assert DatasetCatalog.get(test.val)[0]["file_name"] == str(root / "test" / "data" / "test_00.PNG")
@@ -55,12 +55,12 @@ def test_root_is_all_a_user_sets(tmp_path):
 
 def test_refusals(tmp_path):
     with pytest.raises(UserError, match="dataset=zerowaste needs dataset.root"):
-        register_dataset(compose_config(["dataset=zerowaste"]).dataset)
+        register_splits(compose_config(["dataset=zerowaste"]).dataset)
     other = write_zerowaste(tmp_path / "other", {"train": 1, "val": 1}, ["a", "b", "c", "d"])
     with pytest.raises(UserError, match=r"list the classes \['a', 'b', 'c', 'd'\], but ZeroWaste-f has"):
-        register_dataset(compose_config(["dataset=zerowaste", f"dataset.root={other}"]).dataset)
+        register_splits(compose_config(["dataset=zerowaste", f"dataset.root={other}"]).dataset)
     with pytest.raises(UserError, match=r"nowhere does not hold the ZeroWaste-f release layout: .*/nowhere/train/labels.json is missing \(4 of the 4"):
-        register_dataset(compose_config(["dataset=zerowaste", f"dataset.root={tmp_path}/nowhere"]).dataset)
+        register_splits(compose_config(["dataset=zerowaste", f"dataset.root={tmp_path}/nowhere"]).dataset)
 
 
 def test_a_roboflow_export_with_its_supercategory_at_id_0_keeps_the_four_classes(tmp_path):
@@ -70,7 +70,7 @@ def test_a_roboflow_export_with_its_supercategory_at_id_0_keeps_the_four_classes
         coco = json.loads(path.read_text())
         coco["categories"].insert(0, {"id": 0, "name": "waste", "supercategory": "none"})
         path.write_text(json.dumps(coco))
-    splits = register_dataset(compose_config(["dataset=zerowaste", f"dataset.root={root}"]).dataset)
+    splits = register_splits(compose_config(["dataset=zerowaste", f"dataset.root={root}"]).dataset)
     assert splits.class_names == tuple(CLASSES)  # not ("waste", *CLASSES): the ZeroWaste check passes
     dropped = ("supercategories no annotation uses, left out of the classes: 'waste' (id 0, parent of "
                "rigid_plastic, cardboard, metal, soft_plastic)")

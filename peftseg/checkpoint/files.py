@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 
-from peftseg.data._resume_state import resume_state
+from peftseg.data.loading.resume_state import resume_state
 from peftseg.errors import UserError
 from peftseg.io.atomic import write_atomic_with
 from peftseg.checkpoint.formats import checkpoint_metadata, safetensors_bytes, write_peft_export

@@ -138,7 +138,7 @@ def describe(source: Path, data: dict, overrides: list[str], *, classes: list[st
     with, `classes=` against the classes it records, the overrides, and (`need_dataset`) the
     dataset's classes against the model's. One place, so that one checkpoint and each entry of
     checkpoint=[…] are checked alike."""
-    from peftseg.data import register_dataset
+    from peftseg.data import register_splits
 
     merged = MERGED_KEY in data
     meta = data[MERGED_KEY] if merged else data["peftseg"]
@@ -155,7 +155,7 @@ def describe(source: Path, data: dict, overrides: list[str], *, classes: list[st
     names = list(meta["class_names"])
     splits = None
     if need_dataset:
-        splits = register_dataset(cfg.dataset)
+        splits = register_splits(cfg.dataset)
         found = list(splits.class_names)
         if found != names:
             raise UserError(
@@ -170,7 +170,7 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
     """Build the model a checkpoint (or `model.weights=` override) describes, weights loaded,
     in eval mode on the CPU. `need_dataset`: the caller evaluates, so the dataset must exist
     and its classes must be the model's."""
-    from peftseg.data import register_dataset
+    from peftseg.data import register_splits
     from peftseg.build import build_for_run  # run.py imports the trainer: import when used
     from peftseg.models import build_model
 
@@ -212,7 +212,7 @@ def load_model(checkpoint: str | None, overrides: list[str], *, classes: list[st
         if not cfg.model.weights:
             raise UserError("give the weights to use: checkpoint=<file> or model.weights=<file>.")
         if need_dataset:
-            splits = register_dataset(cfg.dataset)
+            splits = register_splits(cfg.dataset)
         names = _class_names(cfg, classes, splits, "a plain checkpoint")
         model = build_model(cfg.model, len(names), names)
         _require_whole_model(model, cfg.model.name)

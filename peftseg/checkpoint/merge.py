@@ -27,7 +27,7 @@ from peftseg.io.safe_load import load_torch
 from peftseg.io.output_guard import output_file, own_earlier_output, write_errors
 
 from peftseg.errors import UserError
-from peftseg.methods._memory import widen_frozen
+from peftseg.methods.options import widen_frozen
 from peftseg.params import added_params
 from peftseg.registry import METHODS
 

@@ -6,7 +6,7 @@ it was. Here the signal raises `Stopped` in the main thread; files are written a
 (peftseg.io.atomic), so a stopped `eval`, `merge`, `predict` or `visualize` leaves whole files
 or none. A training run installs its own handlers for its duration (peftseg.engine.interrupt:
 stop at a step boundary with a checkpoint and an `interrupted` record) and puts these back
-after. Data-loader workers ignore both signals (peftseg.data._loaders): the main process decides.
+after. Data-loader workers ignore both signals (peftseg.data.loading.loaders): the main process decides.
 """
 
 from __future__ import annotations

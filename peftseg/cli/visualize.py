@@ -78,7 +78,7 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from omegaconf import OmegaConf
 
-    from peftseg.data import register_dataset
+    from peftseg.data import register_splits
     from peftseg.data.images import read_image_checked
     from peftseg.io.atomic import write_atomic_with
     from peftseg.io.output_guard import check_targets, distinct_names, output_dir
@@ -88,7 +88,7 @@ def visualize(run_dir: Path, n: int = 8, score_thresh: float = 0.5, output: Path
         raise UserError(f"{results} does not exist: `peftseg visualize` draws a run's final evaluation, so give "
                         "the directory of a run that finished training and evaluation (it has eval/).")
     config, _ = run_config(run_dir)
-    splits = register_dataset(OmegaConf.create(config["dataset"]))
+    splits = register_splits(OmegaConf.create(config["dataset"]))
     metadata = MetadataCatalog.get(splits.val)
     id_map = metadata.thing_dataset_id_to_contiguous_id
     preds = _predictions_by_image(results)

@@ -35,10 +35,10 @@ def _as_dictconfig(cfg) -> DictConfig:
         return cfg
     if dataclasses.is_dataclass(cfg) or isinstance(cfg, dict):
         return OmegaConf.structured(cfg)
-    raise TypeError(f"register_dataset needs a dataset config, got {type(cfg).__name__}")
+    raise TypeError(f"register_splits needs a dataset config, got {type(cfg).__name__}")
 
 
-def register_dataset(cfg) -> DatasetSplits:
+def register_splits(cfg) -> DatasetSplits:
     """Validate the dataset `cfg` describes and register its train/val splits with Detectron2.
 
     `cfg` is a registered dataset config, as a dataclass or a DictConfig; `cfg.name` picks
@@ -55,4 +55,4 @@ def register_dataset(cfg) -> DatasetSplits:
     return splits
 
 
-__all__ = ["DATASETS", "SPLITS", "DatasetSplits", "register_dataset"]
+__all__ = ["DATASETS", "SPLITS", "DatasetSplits", "register_splits"]

@@ -11,7 +11,7 @@ one non-crowd instance). They are put in a seeded random order; first a small co
 classes is taken (repeatedly the rarest class not yet covered, from the image in that order
 holding it that covers most uncovered classes), then images in that order fill up to N. The
 subset is published in Detectron2's DatasetCatalog under its own name, with the full split's
-metadata, so every dataset kind (and every later one) gets it through `register_dataset`.
+metadata, so every dataset kind (and every later one) gets it through `register_splits`.
 
 Module top stays light (dataclass + checks): the data package is imported to collect
 registrations before detectron2 loads.

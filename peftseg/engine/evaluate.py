@@ -8,7 +8,7 @@ from pathlib import Path
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset
 
-from peftseg.data._loaders import test_loader
+from peftseg.data.loading.loaders import test_loader
 from peftseg.engine.precision import autocast
 from peftseg.errors import UserError
 

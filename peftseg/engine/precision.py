@@ -17,6 +17,7 @@ import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
 from peftseg import checks
+from peftseg.compat import next_batch
 from peftseg.config import AMP_DTYPES
 from peftseg.errors import UserError
 from peftseg.models import facts_of
@@ -78,7 +79,7 @@ class CpuAMPTrainer(AMPTrainer):
     def run_step(self):
         assert self.model.training, "[CpuAMPTrainer] model was changed to eval mode!"
         start = time.perf_counter()
-        data = next(self._data_loader_iter)
+        data = next_batch(self)
         data_time = time.perf_counter() - start
         with torch.autocast(device_type="cpu", dtype=self.precision):
             loss_dict = self.model(data)

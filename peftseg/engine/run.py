@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from peftseg.checkpoint.files import FINAL
 from peftseg.build import build_for_run, resolve_device
-from peftseg.data import register_dataset
+from peftseg.data import register_splits
 from peftseg.data.subset import training_data
 from peftseg.engine.failure import explain
 from peftseg.environment import versions
@@ -63,7 +63,7 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
             if main:
                 clear_earlier_run(run_dir, cfg.train.resume)
                 write_record(run_dir, record)  # "running": an earlier run's record is gone now
-            splits = register_dataset(cfg.dataset)
+            splits = register_splits(cfg.dataset)
             for split, notes in splits.notes.items():  # harmless, but never silent
                 for kind, count in notes.items():
                     log.warning("dataset %s %s: %d %s", cfg.dataset.name, split, count, kind)

@@ -14,7 +14,8 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
-from peftseg.data._loaders import train_loader
+from peftseg.compat import start_data_iterator
+from peftseg.data.loading.loaders import train_loader
 from peftseg.checkpoint.files import FINAL, PeftCheckpointer
 from peftseg.engine.efficiency import peak_memory, reset_peak_memory, step_time_stats
 from peftseg.engine.evaluate import evaluate
@@ -23,7 +24,7 @@ from peftseg.engine.interrupt import RunInterrupted, StopAtStepBoundary, StopReq
 from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_of
 from peftseg.engine.precision import make_trainer, run_precision
 from peftseg.engine.progress import RichProgress
-from peftseg.data._resume_state import rng_untouched, set_rng_state
+from peftseg.data.loading.resume_state import rng_untouched, set_rng_state
 from peftseg.engine.pruning import EvaluationListener
 from peftseg.engine.rundir import trim_metrics
 
@@ -122,7 +123,7 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
         # the loader's iterator draws its base seed from torch's RNG when it is made: make it
         # now, then put back the states of the saved step boundary (the uninterrupted run made
         # it before that boundary)
-        trainer._data_loader_iter  # noqa: B018 (detectron2's lazy property creates the iterator)
+        start_data_iterator(trainer)
         states = resume["rng"]
         if len(states) == comm.get_world_size():
             set_rng_state(states[comm.get_rank()])

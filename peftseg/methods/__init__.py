@@ -18,7 +18,7 @@ def apply_method(model, cfg_method: Any):
     """Set which parameters train (and insert method modules) for `cfg_method.name`."""
     spec = METHODS.get(cfg_method.name)
     check_config(cfg_method)
-    from peftseg.methods._memory import check_blocks_read, store_frozen_in
+    from peftseg.methods.options import check_blocks_read, store_frozen_in
 
     check_blocks_read(spec.name, getattr(cfg_method, "blocks", "all"))
     model = spec.apply(model, cfg_method)

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from peftseg.errors import UserError
 from peftseg.models import family_of
-from peftseg.methods._memory import outside, unselected_blocks
+from peftseg.methods.options import outside, unselected_blocks
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 

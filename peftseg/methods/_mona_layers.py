@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from peftseg.errors import UserError
-from peftseg.methods._memory import outside, unselected_blocks
+from peftseg.methods.options import outside, unselected_blocks
 from peftseg.models import family_of
 
 # the paper's scaled LayerNorm: LN(x)·s1 + x·s2 with s1 = 1e-6 and s2 = 1 at init

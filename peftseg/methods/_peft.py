@@ -149,7 +149,7 @@ def family_targets(model: nn.Module, targets: list[str], field: str = "method.ta
                    blocks="all", blocks_field: str = "method.blocks") -> str:
     """Validate `targets` against the model's family and return peft's target regex;
     `blocks` (method.blocks) leaves the backbone blocks it does not select bare."""
-    from peftseg.methods._memory import exclusion_regex, outside, unselected_blocks
+    from peftseg.methods.options import exclusion_regex, outside, unselected_blocks
 
     family = family_of(model)
     chosen = resolve_targets(model, family, list(targets), field)

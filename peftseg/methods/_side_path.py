@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from peftseg.errors import UserError
-from peftseg.methods._memory import selected_blocks
+from peftseg.methods.options import selected_blocks
 from peftseg.methods.freeze import train_only_added
 from peftseg.models import family_of
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 from peftseg.registry import register_method
-from peftseg.methods._memory import PeftOptions
+from peftseg.methods.options import PeftOptions
 from peftseg.search_space import Choice, Int
 
 SITES = ("attn", "mlp", "mlp_parallel")

@@ -14,7 +14,7 @@ from peftseg.methods.adapter import AdapterConfig
 from peftseg.methods.lora import LoraConfig
 from peftseg.registry import register_method
 from peftseg.search_space import prefixed
-from peftseg.methods._memory import MemoryOptions
+from peftseg.methods.options import MemoryOptions
 
 
 @dataclass

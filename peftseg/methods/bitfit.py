@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from peftseg.methods.freeze import freeze_all, unfreeze_task_layers
 from peftseg.registry import register_method
-from peftseg.methods._memory import PeftOptions
+from peftseg.methods.options import PeftOptions
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from peftseg.methods.freeze import unfreeze_all
 from peftseg.registry import register_method
-from peftseg.methods._memory import MemoryOptions
+from peftseg.methods.options import MemoryOptions
 
 
 @dataclass

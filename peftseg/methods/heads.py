@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from peftseg.methods.freeze import freeze_all, unfreeze_after_backbone
 from peftseg.registry import register_method
-from peftseg.methods._memory import MemoryOptions
+from peftseg.methods.options import MemoryOptions
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
 from peftseg.registry import register_method
-from peftseg.methods._memory import PeftOptions
+from peftseg.methods.options import PeftOptions
 from peftseg.search_space import Choice
 
 # every set keeps `mlp`, the preset's feedforward group, which must stay among the targets

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftseg import checks
-from peftseg.methods._memory import PeftOptions
+from peftseg.methods.options import PeftOptions
 from peftseg.search_space import Choice
 
 # target sets `peftseg search` tries, from attention-only to attention + MLP: groups every

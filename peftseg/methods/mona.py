@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 from peftseg.errors import UserError
-from peftseg.methods._memory import PeftOptions
+from peftseg.methods.options import PeftOptions
 from peftseg.registry import register_method
 from peftseg.search_space import Int
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftseg.methods._memory import PeftOptions
+from peftseg.methods.options import PeftOptions
 from peftseg.registry import register_method
 from peftseg.search_space import Int
 

@@ -48,7 +48,7 @@ def train_loader(name: str, image_size: int, image_format: str, batch_size: int,
                  skip: int = 0, mask_format: str = "polygon"):
     """`skip`: indices of this rank's sampler stream already trained on (a resumed run);
     `mask_format`: detectron2's instance_mask_format for the split (validate.SplitCheck)."""
-    from peftseg.data._resume_state import PositionedMapping, ResumedTrainingSampler
+    from peftseg.data.loading.resume_state import PositionedMapping, ResumedTrainingSampler
 
     dicts = get_detection_dataset_dicts([name], filter_empty=True)
     warn_if_oversized(dicts, image_size, "training")

@@ -1,0 +1,75 @@
+"""Every use of a dependency's private API, in one place, each with why no public one serves.
+tests/test_compat.py checks each against the installed version, so a dependency that changes
+one fails there by name, not somewhere in a run.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+
+# --- detectron2 -----------------------------------------------------------------------------
+# SimpleTrainer keeps the data iterator in `_data_loader_iter`, a lazy property that its own
+# run_step reads; a subclass that writes its own run_step (CPU autocast), or a resume that must
+# create the iterator before restoring RNG states, has no public way to reach it.
+
+def next_batch(trainer):
+    """The next batch of a detectron2 SimpleTrainer's data loader, as its run_step takes it."""
+    return next(trainer._data_loader_iter)
+
+
+def start_data_iterator(trainer) -> None:
+    """Create the trainer's data iterator now (detectron2 makes it on first use): the loader's
+    iterator draws its base seed from torch's RNG when it is made."""
+    trainer._data_loader_iter  # noqa: B018 (the lazy property creates the iterator)
+
+
+# --- transformers -----------------------------------------------------------------------------
+# Mask2Former's pixel-decoder attention (Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention)
+# calls the module-level function `modeling_mask2former.multi_scale_deformable_attention(value,
+# shapes, locations, weights)`; no public setting chooses its kernel. Rather than copy that
+# forward, the function is replaced once by a dispatcher that runs transformers' own function
+# unless a forward of a routed module is in progress. Which kernel applies is scoped to that
+# forward by a context variable its hooks set and reset (a function called with tensors alone
+# has no other way to know whose forward it serves), so other models in the process, and
+# modules not routed, run exactly transformers' code.
+_MSDA_ORIGINAL = "_peftseg_original_msda"
+_msda_kernel: contextvars.ContextVar = contextvars.ContextVar("peftseg_m2f_msda_kernel", default=None)
+
+
+def _mask2former_modeling():
+    from transformers.models.mask2former import modeling_mask2former
+
+    return modeling_mask2former
+
+
+def _msda_dispatch(value, value_spatial_shapes, sampling_locations, attention_weights):
+    original = getattr(_mask2former_modeling(), _MSDA_ORIGINAL)
+    kernel = _msda_kernel.get()
+    if kernel is None:
+        return original(value, value_spatial_shapes, sampling_locations, attention_weights)
+    return kernel(original, value, value_spatial_shapes, sampling_locations, attention_weights)
+
+
+def route_mask2former_deformable_attention(model, kernel) -> int:
+    """Run the pixel-decoder deformable attention of `model` through
+    `kernel(original, value, shapes, locations, weights)`; returns how many modules are routed."""
+    mod = _mask2former_modeling()
+    if not hasattr(mod, _MSDA_ORIGINAL):
+        setattr(mod, _MSDA_ORIGINAL, mod.multi_scale_deformable_attention)
+        mod.multi_scale_deformable_attention = _msda_dispatch
+    tokens: list = []  # a stack: one entry per forward in progress
+
+    def enter(module, args):
+        tokens.append(_msda_kernel.set(kernel))
+
+    def leave(module, args, output):
+        _msda_kernel.reset(tokens.pop())
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, mod.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
+            m.register_forward_pre_hook(enter)
+            m.register_forward_hook(leave, always_call=True)  # reset even if forward raises
+            n += 1
+    return n

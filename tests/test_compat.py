@@ -1,0 +1,63 @@
+"""Each private API of a dependency that peftseg.compat uses still exists and still means what
+compat relies on: a dependency update that changes one fails here, naming it."""
+
+from __future__ import annotations
+
+import torch
+
+from peftseg import compat
+
+
+def test_detectron2_simple_trainer_makes_its_data_iterator_lazily_and_steps_take_from_it():
+    from detectron2.engine import SimpleTrainer
+
+    drawn = []
+
+    class Loader:
+        def __iter__(self):
+            drawn.append("iter")
+            return iter([[{"x": 1}], [{"x": 2}]])
+
+    model = torch.nn.Linear(1, 1)
+    trainer = SimpleTrainer(model, Loader(), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert drawn == []  # not made before it is asked for
+    compat.start_data_iterator(trainer)
+    assert drawn == ["iter"]
+    assert compat.next_batch(trainer) == [{"x": 1}]
+    assert compat.next_batch(trainer) == [{"x": 2}]
+    assert drawn == ["iter"]  # made once: the steps draw from the same iterator
+
+
+def test_transformers_mask2former_attention_calls_the_module_function_compat_routes():
+    """The pixel decoder's attention module calls `multi_scale_deformable_attention` of its
+    module by name, with (value, shapes, locations, weights): a routed kernel sees every call
+    of a routed model's forward, and an unrouted model runs transformers' own function."""
+    import inspect
+
+    from transformers.models.mask2former import modeling_mask2former as mod
+
+    forward = inspect.getsource(mod.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention.forward)
+    assert "multi_scale_deformable_attention(value, spatial_shapes_list, sampling_locations, attention_weights)" \
+        in forward
+    assert list(inspect.signature(getattr(mod, "_peftseg_original_msda", mod.multi_scale_deformable_attention))
+                .parameters)[:1] == ["value"]
+
+    attn = mod.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(embed_dim=8, num_heads=2, n_levels=1,
+                                                                            n_points=1)
+    routed, plain = torch.nn.Sequential(attn), torch.nn.Sequential(
+        mod.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(embed_dim=8, num_heads=2, n_levels=1,
+                                                                         n_points=1))
+    calls = []
+
+    def kernel(original, *args):
+        calls.append(len(args))
+        return original(*args)
+
+    assert compat.route_mask2former_deformable_attention(routed, kernel) == 1
+    x, ref = torch.randn(1, 4, 8), torch.rand(1, 4, 1, 2)
+    kwargs = dict(encoder_hidden_states=x, reference_points=ref, spatial_shapes_list=[(2, 2)],
+                  level_start_index=torch.tensor([0]))
+    routed[0](x, **kwargs)
+    assert calls == [4]
+    plain[0](x, **kwargs)
+    assert calls == [4]  # another model's forward: transformers' function, untouched
