@@ -17,33 +17,40 @@ from peftseg.errors import UserError, UserErrorExit
 
 __all__ = ["COMMANDS", "console", "err_console", "main"]
 
-HELP = """\
-usage: peftseg <command> [args]
-
-commands:
-  train    train + evaluate one run, or a sweep with -m (Hydra overrides: method=lora model=vitdet_b ...)
-  search   an Optuna study over methods and their knobs, kept in a storage (resumable, many workers):
-           [search.storage=sqlite:///search.db] [search.n_trials=20] [objective=…] [Hydra overrides…]
-  eval     evaluate a trained run again: checkpoint=<run dir or model_* file> [dataset=… dataset.*=… train.device=…]
-  merge    fold a mergeable method (LoRA family) into the base weights, write a plain detectron2 checkpoint:
-           checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]
-  report   table, report.csv, report.md, pareto.png and training curves of every results.json under a
-           directory (a sweep)
-  export   the model as one ONNX or TorchScript file (LoRA folded in), parity with PyTorch checked:
-           checkpoint=<run dir, model_* file or merged file> format=onnx|torchscript [output=<file>]
-  predict  masks on new images: checkpoint=<run dir or model file> input=<image, folder or glob> output=<dir>
-           [score_thresh=0.5] [max_size=<px>]; a plain checkpoint also needs model=<preset> classes=[a,b];
-           checkpoint=[runA,runB,…]: task variants of one base, the base in memory once
-  visualize  ground truth | predictions side by side for n validation images of a run: <run dir> [n=8]
-  list     the models, methods and datasets there are, one line each
-
-`peftseg <command> --help` tells more; `peftseg train --help` lists the config groups and their options.
-"""
+# command -> what it does, for `peftseg --help`; each runs peftseg.cli.<command>.main(argv)
+COMMANDS = {
+    "train": "train + evaluate one run, or a sweep with -m (Hydra overrides: method=lora model=vitdet_b ...)",
+    "search": "an Optuna study over methods and their knobs, kept in a storage (resumable, many workers):\n"
+              "[search.storage=sqlite:///search.db] [search.n_trials=20] [objective=…] [Hydra overrides…]",
+    "eval": "evaluate a trained run again: checkpoint=<run dir or model_* file> [dataset=… dataset.*=… "
+            "train.device=…]",
+    "merge": "fold a mergeable method (LoRA family) into the base weights, write a plain detectron2 checkpoint:\n"
+             "checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]",
+    "report": "table, report.csv, report.md, pareto.png and training curves of every results.json under a\n"
+              "directory (a sweep)",
+    "export": "the model as one ONNX or TorchScript file (LoRA folded in), parity with PyTorch checked:\n"
+              "checkpoint=<run dir, model_* file or merged file> format=onnx|torchscript [output=<file>]",
+    "predict": "masks on new images: checkpoint=<run dir or model file> input=<image, folder or glob> output=<dir>\n"
+               "[score_thresh=0.5] [max_size=<px>]; a plain checkpoint also needs model=<preset> classes=[a,b];\n"
+               "checkpoint=[runA,runB,…]: task variants of one base, the base in memory once",
+    "visualize": "ground truth | predictions side by side for n validation images of a run: <run dir> [n=8]",
+    "list": "the models, methods and datasets there are, one line each",
+}
 
 
-# command -> module of this package that runs it
-COMMANDS = {"train": "train", "search": "search", "eval": "eval", "merge": "merge", "export": "export", "report": "report", "predict": "predict",
-            "visualize": "visualize", "list": "list"}
+def _help() -> str:
+    width = 9  # a longer name gets two spaces after it
+    lines = ["usage: peftseg <command> [args]", "", "commands:"]
+    for name, text in COMMANDS.items():
+        first, *rest = text.split("\n")
+        lines.append(f"  {name:<{width}}{first}" if len(name) + 2 <= width else f"  {name}  {first}")
+        lines += [f"  {'':<{width}}{line}" for line in rest]
+    lines += ["", "`peftseg <command> --help` tells more; `peftseg train --help` lists the config groups and their "
+              "options."]
+    return "\n".join(lines) + "\n"
+
+
+HELP = _help()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with stop_on_signals():
-            return importlib.import_module(f"peftseg.cli.{COMMANDS[command]}").main(rest)
+            return importlib.import_module(f"peftseg.cli.{command}").main(rest)
     except UserError as exc:
         report_error(exc)
         return 2
