@@ -5,6 +5,10 @@ a mistyped key or a wrong type in an override fails in Hydra, before any model i
 Schemas live under `schema/` so they don't show up as choices of the real groups; they
 are the config classes of the registered methods, model families and datasets.
 
+A registered method or dataset is an option of its group whether or not a yaml sets its
+values: without one, its config dataclass (defaults, `name` set) is the option itself.
+Model presets and train recipes are the yamls under conf/model/ and conf/train/.
+
 `validate(cfg)` builds every group's dataclass (`OmegaConf.to_object`), which runs the
 range and choice checks in their `__post_init__`, and refuses keys no dataclass defines
 (Hydra's `+group.key=…` adds them past the schema). It runs before any heavy import.
@@ -149,6 +153,14 @@ def schemas() -> dict[str, dict[str, type]]:
     }
 
 
+# the groups whose options are registrations (a yaml there only sets values)
+REGISTERED = {"method": METHODS, "dataset": DATASETS}
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
 def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -157,6 +169,13 @@ def register_schemas() -> None:
     for group, by_name in schemas().items():
         for name, node in by_name.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+    for group, registry in REGISTERED.items():
+        presets = set(_presets(group))
+        for spec in registry:
+            if spec.name not in presets:  # no yaml: the dataclass's defaults are the option
+                node = OmegaConf.structured(spec.config)
+                node.name = spec.name
+                cs.store(group=group, name=spec.name, node=node)
 
 
 def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
@@ -218,7 +237,12 @@ def validate(cfg: DictConfig) -> None:
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """What `group=<name>` may name: the yamls under conf/<group>/ and, for methods and
+    datasets, every registered one."""
+    names = set(_presets(group))
+    if group in REGISTERED:
+        names |= set(REGISTERED[group].names())
+    return sorted(names)
 
 
 def check_group_choices(overrides: list[str]) -> None:
@@ -254,7 +278,7 @@ def check_group_choices(overrides: list[str]) -> None:
             if choice not in options:
                 raise UserError(
                     f"Unknown {group} {choice!r}. Available {group} options: {', '.join(options)}. "
-                    f"Pick one with `{group}=<name>` (the configs live in {CONF_DIR / group}/)."
+                    f"Pick one with `{group}=<name>` (`peftseg list` describes each)."
                 )
 
 
