@@ -236,6 +236,13 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{group}: {e}") from None
 
 
+def default_choices() -> dict[str, str]:
+    """group -> the option a run takes when none is given: conf/config.yaml's defaults list."""
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", [])
+    return {key: str(value) for entry in defaults if isinstance(entry, DictConfig)
+            for key, value in entry.items() if key in GROUPS}
+
+
 def group_options(group: str) -> list[str]:
     """What `group=<name>` may name: the yamls under conf/<group>/ and, for methods and
     datasets, every registered one."""

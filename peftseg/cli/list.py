@@ -13,10 +13,8 @@ import dataclasses
 import inspect
 import re
 
-from peftseg.config import CONF_DIR, GROUPS
-from peftseg.config import group_options
+from peftseg.config import CONF_DIR, GROUPS, default_choices, group_options
 
-DEFAULTS = {"model": "vitdet_tiny", "method": "lora", "dataset": "shapes", "train": "default"}
 _SCHEMA_REF = re.compile(r"/schema/(\w+)/(\w+)@_here_")
 
 
@@ -105,7 +103,7 @@ def _value(v) -> str:
 
 
 def train_help(argv: list[str]) -> str:
-    chosen = dict(DEFAULTS)
+    chosen = default_choices()
     for arg in argv:
         key, eq, value = arg.lstrip("+").partition("=")
         if eq and key in GROUPS and value in group_options(key):
