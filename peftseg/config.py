@@ -26,10 +26,9 @@ from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 from peftseg import checks
 from peftseg.errors import UserError
-from peftseg.registry import DATASETS, FAMILIES, METHODS
+from peftseg.registry import DATASETS, FAMILIES, GROUPS, METHODS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "dataset", "train")  # the config groups a user picks options of
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step")
 AMP_DTYPES = ("bf16", "fp16")  # bf16 first: the default, and the one CPUs run
@@ -214,7 +213,7 @@ def _close(key: str, fields: list[str]) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Every group's values checked, unknown keys refused: UserError naming the field."""
-    for group in ("model", "method", "dataset", "train"):
+    for group in GROUPS:
         node = cfg[group]
         unknown = _unknown_keys(node, group)
         if unknown:

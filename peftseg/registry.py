@@ -22,6 +22,10 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 S = TypeVar("S")
 
+# the config groups a run is made of, one option of each: a model preset, a method, a dataset
+# and a train recipe
+GROUPS = ("model", "method", "dataset", "train")
+
 
 @dataclass(frozen=True)
 class MethodSpec:

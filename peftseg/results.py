@@ -16,6 +16,7 @@ from typing import Any
 from peftseg.environment import versions
 from peftseg.finite import as_stored, not_a_result, result_problems
 from peftseg.io.atomic import write_json
+from peftseg.registry import GROUPS
 
 FILENAME = "results.json"
 # 2: schema_version added, metrics keep every number the evaluator returns, versions list
@@ -148,7 +149,7 @@ def flatten_config(cfg) -> dict:
     from omegaconf import OmegaConf
 
     flat = {}
-    for group in ("model", "method", "dataset", "train"):
+    for group in GROUPS:
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
             flat[f"{group}.{key}"] = value
     return flat

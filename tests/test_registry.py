@@ -20,7 +20,7 @@ from peftseg.engine.optim import build_optimizer
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
 from peftseg.params import added_params, count_parameters
-from peftseg.registry import DATASETS, FAMILIES, METHODS
+from peftseg.registry import DATASETS, FAMILIES, GROUPS, METHODS
 
 
 def test_every_yaml_has_a_registered_schema_and_every_registration_a_yaml():
@@ -96,7 +96,7 @@ def test_bad_values_fail_at_compose_time_naming_field_value_and_choices(override
 
 
 def test_every_preset_composes_and_validates():
-    for group in ("model", "method", "dataset", "train"):
+    for group in GROUPS:
         for path in sorted(CONF.glob(f"{group}/*.yaml")):
             if group == "dataset" and path.stem == "coco_format":
                 continue  # its four paths are required (???) by design

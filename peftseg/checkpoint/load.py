@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from peftseg.checkpoint.files import MERGED_KEY, PeftCheckpointer, checkpoint_file, read_checkpoint_file
 from peftseg.checkpoint.provenance import warn_if_libraries_moved
 from peftseg.errors import UserError
+from peftseg.registry import GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def _check_metadata(meta, source: Path, merged: bool) -> None:
     if not isinstance(meta, dict):
         problem = f"its metadata is a {type(meta).__name__}, not an object"
     elif not isinstance(meta.get("config"), dict) or not all(
-            isinstance(meta["config"].get(g), dict) for g in ("model", "method", "dataset", "train")):
+            isinstance(meta["config"].get(g), dict) for g in GROUPS):
         problem = "its metadata has no config (model, method, dataset and train)"
     elif not (isinstance(meta.get("class_names"), list) and meta["class_names"]
               and all(isinstance(n, str) for n in meta["class_names"])):

@@ -27,8 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from peftseg.checkpoint.files import FINAL, read_checkpoint
 from peftseg.errors import UserError
-
-GROUPS = ("model", "method", "dataset", "train")
+from peftseg.registry import GROUPS
 
 # Settings a resumed run may change: none of them changes the numbers the remaining steps
 # compute (devices and process layout change float rounding at most; the data position and
