@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from peftseg.checkpoint.files import FINAL, read_checkpoint
+from peftseg.dotted import flatten
 from peftseg.errors import UserError
 from peftseg.registry import GROUPS
 
@@ -40,15 +41,6 @@ APPLICABLE = frozenset({
     "model.weights",  # where the base weights are read from; the base fingerprint checks they are the same
     "dataset.cache_dir", "dataset.root",  # where the data lies; the class names are compared
 })
-
-
-def _flat(node, prefix: str) -> dict[str, object]:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: node}
 
 
 def _saved_config(source: Path, data: dict) -> dict:
@@ -85,8 +77,8 @@ def check_resumable(source: Path, data: dict, config: dict, class_names: list[st
     why = _finished(source, data, int(saved["train"].get("max_iter", 0)))
     if why:
         raise _refuse_finished(source, why)
-    mine = {k[1:]: v for k, v in _flat({g: config[g] for g in GROUPS}, "").items()}
-    theirs = {k[1:]: v for k, v in _flat({g: saved[g] for g in GROUPS}, "").items()}
+    mine = flatten({g: config[g] for g in GROUPS})
+    theirs = flatten({g: saved[g] for g in GROUPS})
     # keys a checkpoint of an earlier version does not have took their (then only) default
     changed = sorted(k for k in theirs.keys() & mine.keys() if k not in APPLICABLE and theirs[k] != mine[k])
     if changed:
