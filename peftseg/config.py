@@ -198,8 +198,11 @@ def _unknown_keys(node: DictConfig, path: str) -> list[str]:
         if key not in fields:
             out.append(f"{path}.{key}")
             continue
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+        # a missing value has no keys to check; an interpolation's keys are checked where it points
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue
+        child = node[key]
+        if isinstance(child, DictConfig):  # a None (optional) group of settings is no DictConfig here
             out += _unknown_keys(child, f"{path}.{key}")
     return out
 
@@ -217,11 +220,12 @@ def validate(cfg: DictConfig) -> None:
         node = cfg[group]
         unknown = _unknown_keys(node, group)
         if unknown:
-            cls = OmegaConf.get_type(node)
-            fields = [f.name for f in dataclasses.fields(cls)]
+            owner = unknown[0].rsplit(".", 1)[0]  # the group, or a group of settings inside it
+            fields = [f.name for f in dataclasses.fields(OmegaConf.get_type(OmegaConf.select(cfg, owner)))]
+            whose = "its settings" if owner == group else f"the settings of {owner}"
             raise UserError(
                 f"{unknown[0]} is not a setting of {group} {node.get('name')!r}{_close(unknown[0], fields)}; "
-                f"its settings are: {', '.join(fields)}. Remove the key (a leading '+' adds keys "
+                f"{whose} are: {', '.join(fields)}. Remove the key (a leading '+' adds keys "
                 "that nothing would read)."
             )
         if OmegaConf.missing_keys(node):

@@ -78,16 +78,24 @@ def _parse(overrides: list[str]):
     return parsed
 
 
-def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
-    """The checkpoint's config, typed by the registered schemas, with Hydra-style overrides
-    applied (`dataset=<name>` composes that dataset's yaml, as `peftseg train` would), then
-    validated like a training config."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+# the option name under which a checkpoint's own model, method, dataset and train settings are
+# composed (conf/<group>/ holds no yaml of that name, and no registration takes it)
+SAVED_OPTION = "_checkpoint"
 
-    from peftseg.config import TrainConfig, validate
+
+def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
+    """The checkpoint's config, typed by the registered schemas, composed by Hydra with
+    `overrides` as `peftseg train` composes a run's (`dataset=<name>` takes that dataset's
+    options, `dataset.<key>=…`, `~…` and `+…` as on the command line), then validated like a
+    training config."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+
+    from peftseg.config import TrainConfig, check_group_choices, compose_config, validate
     from peftseg.registry import DATASETS, FAMILIES, METHODS
 
     parsed = _parse(overrides)
+    check_group_choices(overrides)
     schema = {
         "model": FAMILIES.get(saved["model"]["family"]).config,
         "method": METHODS.get(saved["method"]["name"]).config,
@@ -95,17 +103,35 @@ def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
         "train": TrainConfig,
     }
     try:
-        cfg = OmegaConf.create({g: OmegaConf.merge(OmegaConf.structured(cls), saved[g]) for g, cls in schema.items()})
-        chosen = [o for o in parsed if o.key_or_group == "dataset"]
-        if chosen:
-            from peftseg.config import compose_config
-
-            cfg.dataset = compose_config([o.input_line for o in chosen]).dataset
-        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if o.key_or_group != "dataset"], cfg)
+        typed = {g: OmegaConf.merge(OmegaConf.structured(cls), saved[g]) for g, cls in schema.items()}
     except OmegaConfBaseException as e:
-        raise UserError(f"the overrides {overrides} do not fit the checkpoint's config: {e}") from None
+        raise UserError(f"the checkpoint's saved config does not fit this peftseg version ({_first_line(e)}); "
+                        "evaluate it with the peftseg version that trained it, or train the run again.") from None
+    store = ConfigStore.instance()
+    for group, node in typed.items():
+        store.store(group=group, name=SAVED_OPTION, node=node)
+    chosen = {o.key_or_group for o in parsed if o.key_or_group in GROUPS}  # dataset=<name> replaces its own
+    try:
+        composed = compose_config([f"{g}={SAVED_OPTION}" for g in GROUPS if g not in chosen] + list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise UserError(
+            f"the overrides {' '.join(overrides)} do not fit the checkpoint's config: {_first_line(e)}. Give each "
+            "as key=value, with a setting the config has and a value of its type (`peftseg train --help "
+            "dataset=<name>` lists a dataset's settings)."
+        ) from None
+    cfg = OmegaConf.create({g: composed[g] for g in GROUPS})
     validate(cfg)
     return cfg
+
+
+def _first_line(e: Exception) -> str:
+    """The gist of an OmegaConf or Hydra refusal: its first line, with its cause's where that says more."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    cause = [line.strip() for line in str(e.__cause__ or "").splitlines() if line.strip()]
+    first = (lines[0] if lines else type(e).__name__).rstrip(".")
+    return f"{first} ({cause[0].rstrip('.')})" if cause and cause[0] not in first else first
 
 
 def _class_names(cfg: DictConfig, classes: list[str] | None, splits, where: str) -> list[str]:
