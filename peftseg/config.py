@@ -156,6 +156,19 @@ def schemas() -> dict[str, dict[str, type]]:
 REGISTERED = {"method": METHODS, "dataset": DATASETS}
 
 
+def typed_group(group: str, values: dict) -> DictConfig:
+    """A saved config's `group` (a checkpoint's resolved values) typed by its schema: the
+    registered dataclass of its family, method or dataset, or TrainConfig. OmegaConf's
+    errors for a value the schema lacks or cannot hold; UserError for an unknown name."""
+    if group == "model":
+        schema = FAMILIES.get(values["family"]).config
+    elif group == "train":
+        schema = TrainConfig
+    else:
+        schema = REGISTERED[group].get(values["name"]).config
+    return OmegaConf.merge(OmegaConf.structured(schema), values)
+
+
 def _presets(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 

@@ -91,20 +91,13 @@ def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
-    from peftseg.config import TrainConfig, check_group_choices, compose_config, validate
-    from peftseg.registry import DATASETS, FAMILIES, METHODS
+    from peftseg.config import check_group_choices, compose_config, typed_group, validate
 
     parsed = _parse(overrides)
     check_group_choices(overrides)
-    schema = {
-        "model": FAMILIES.get(saved["model"]["family"]).config,
-        "method": METHODS.get(saved["method"]["name"]).config,
-        "dataset": DATASETS.get(saved["dataset"]["name"]).config,
-        "train": TrainConfig,
-    }
     try:
-        typed = {g: OmegaConf.merge(OmegaConf.structured(cls), saved[g]) for g, cls in schema.items()}
-    except OmegaConfBaseException as e:
+        typed = {g: typed_group(g, saved[g]) for g in GROUPS}
+    except (OmegaConfBaseException, KeyError) as e:  # a setting it lacks or cannot hold; no family/name
         raise UserError(f"the checkpoint's saved config does not fit this peftseg version ({_first_line(e)}); "
                         "evaluate it with the peftseg version that trained it, or train the run again.") from None
     store = ConfigStore.instance()

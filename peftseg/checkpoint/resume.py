@@ -99,17 +99,6 @@ def check_resumable(source: Path, data: dict, config: dict, class_names: list[st
         )
 
 
-def _typed(saved: dict, group: str):
-    from peftseg.config import TrainConfig
-    from peftseg.registry import DATASETS, FAMILIES, METHODS
-
-    schema = {"model": lambda: FAMILIES.get(saved["model"]["family"]).config,
-              "method": lambda: METHODS.get(saved["method"]["name"]).config,
-              "dataset": lambda: DATASETS.get(saved["dataset"]["name"]).config,
-              "train": lambda: TrainConfig}[group]()
-    return OmegaConf.merge(OmegaConf.structured(schema), saved[group])
-
-
 def _overridden_keys(overrides: list[str]) -> list[tuple[str, bool]]:
     """(key, is_group_choice) of each override the user gave (Hydra syntax, as in `.hydra/overrides.yaml`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -125,6 +114,8 @@ def resumed_config(composed: DictConfig, overrides: list[str]) -> DictConfig:
     """The config a run with `train.resume` runs: the checkpoint's own, with the settings given
     anew in `overrides` (the command line's) applied — or refused, by check_resumable's rules.
     Groups outside model/method/dataset/train (objective, tracking) come from `composed`."""
+    from peftseg.config import typed_group
+
     source, data = read_checkpoint(composed.train.resume)
     saved = _saved_config(source, data)
     why = _finished(source, data, int(saved["train"].get("max_iter", 0)))
@@ -133,7 +124,7 @@ def resumed_config(composed: DictConfig, overrides: list[str]) -> DictConfig:
     try:
         out = composed.copy()
         for group in GROUPS:
-            out[group] = _typed(saved, group)
+            out[group] = typed_group(group, saved[group])
     except (OmegaConfBaseException, KeyError) as e:
         raise UserError(f"checkpoint {source}: its saved config does not fit this peftseg version ({e}); "
                         "start a new run instead.") from None
