@@ -43,7 +43,7 @@ def overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="shapes", help="a conf/dataset preset (default: shapes)")
+    ap.add_argument("--dataset", default="shapes", help="a dataset option, as `peftseg list` shows them (default: shapes)")
     ap.add_argument("--model", default="maskdino_swin_l",
                     help="a conf/model maskdino or seem preset (e.g. seem_focalt, seem_focall)")
     ap.add_argument("--weights", default="", help="official Mask DINO or SEEM checkpoint (or Swin ImageNet weights)")
