@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY = ["full", "heads", "adapter1", "adapter2", "adapter3", "adapter4", "lora_deform", "lora_deform_attn"]
+STUDY = sorted(p.stem for p in (ROOT / "conf" / "study").glob("*.yaml"))  # the grid: one file per setting
 # CPU-sized: the tiny model on a small shapes split, a few steps each; proves the pipeline
 SMOKE = ["dataset=shapes", "train=smoke", "train.max_iter=4",
          "train.warmup_iters=1", "dataset.num_train=8", "dataset.num_val=4"]
