@@ -5,6 +5,10 @@ a mistyped key or a wrong type in an override fails in Hydra, before any model i
 Schemas live under `schema/` so they don't show up as choices of the real groups; they
 are the config classes of the registered methods, model families and datasets.
 
+A registered method or dataset is an option of its group whether or not a yaml sets its
+values: without one, its config dataclass (defaults, `name` set) is the option itself.
+Model presets and train recipes are the yamls under conf/model/ and conf/train/.
+
 `validate(cfg)` builds every group's dataclass (`OmegaConf.to_object`), which runs the
 range and choice checks in their `__post_init__`, and refuses keys no dataclass defines
 (Hydra's `+group.key=…` adds them past the schema). It runs before any heavy import.
@@ -22,10 +26,9 @@ from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 from peftseg import checks
 from peftseg.errors import UserError
-from peftseg.registry import DATASETS, FAMILIES, METHODS
+from peftseg.registry import DATASETS, FAMILIES, GROUPS, METHODS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "dataset", "train")  # the config groups a user picks options of
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step")
 AMP_DTYPES = ("bf16", "fp16")  # bf16 first: the default, and the one CPUs run
@@ -149,6 +152,27 @@ def schemas() -> dict[str, dict[str, type]]:
     }
 
 
+# the groups whose options are registrations (a yaml there only sets values)
+REGISTERED = {"method": METHODS, "dataset": DATASETS}
+
+
+def typed_group(group: str, values: dict) -> DictConfig:
+    """A saved config's `group` (a checkpoint's resolved values) typed by its schema: the
+    registered dataclass of its family, method or dataset, or TrainConfig. OmegaConf's
+    errors for a value the schema lacks or cannot hold; UserError for an unknown name."""
+    if group == "model":
+        schema = FAMILIES.get(values["family"]).config
+    elif group == "train":
+        schema = TrainConfig
+    else:
+        schema = REGISTERED[group].get(values["name"]).config
+    return OmegaConf.merge(OmegaConf.structured(schema), values)
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
 def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -157,6 +181,13 @@ def register_schemas() -> None:
     for group, by_name in schemas().items():
         for name, node in by_name.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+    for group, registry in REGISTERED.items():
+        presets = set(_presets(group))
+        for spec in registry:
+            if spec.name not in presets:  # no yaml: the dataclass's defaults are the option
+                node = OmegaConf.structured(spec.config)
+                node.name = spec.name
+                cs.store(group=group, name=spec.name, node=node)
 
 
 def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
@@ -180,8 +211,11 @@ def _unknown_keys(node: DictConfig, path: str) -> list[str]:
         if key not in fields:
             out.append(f"{path}.{key}")
             continue
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+        # a missing value has no keys to check; an interpolation's keys are checked where it points
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue
+        child = node[key]
+        if isinstance(child, DictConfig):  # a None (optional) group of settings is no DictConfig here
             out += _unknown_keys(child, f"{path}.{key}")
     return out
 
@@ -195,15 +229,16 @@ def _close(key: str, fields: list[str]) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Every group's values checked, unknown keys refused: UserError naming the field."""
-    for group in ("model", "method", "dataset", "train"):
+    for group in GROUPS:
         node = cfg[group]
         unknown = _unknown_keys(node, group)
         if unknown:
-            cls = OmegaConf.get_type(node)
-            fields = [f.name for f in dataclasses.fields(cls)]
+            owner = unknown[0].rsplit(".", 1)[0]  # the group, or a group of settings inside it
+            fields = [f.name for f in dataclasses.fields(OmegaConf.get_type(OmegaConf.select(cfg, owner)))]
+            whose = "its settings" if owner == group else f"the settings of {owner}"
             raise UserError(
                 f"{unknown[0]} is not a setting of {group} {node.get('name')!r}{_close(unknown[0], fields)}; "
-                f"its settings are: {', '.join(fields)}. Remove the key (a leading '+' adds keys "
+                f"{whose} are: {', '.join(fields)}. Remove the key (a leading '+' adds keys "
                 "that nothing would read)."
             )
         if OmegaConf.missing_keys(node):
@@ -217,8 +252,20 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{group}: {e}") from None
 
 
+def default_choices() -> dict[str, str]:
+    """group -> the option a run takes when none is given: conf/config.yaml's defaults list."""
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", [])
+    return {key: str(value) for entry in defaults if isinstance(entry, DictConfig)
+            for key, value in entry.items() if key in GROUPS}
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """What `group=<name>` may name: the yamls under conf/<group>/ and, for methods and
+    datasets, every registered one."""
+    names = set(_presets(group))
+    if group in REGISTERED:
+        names |= set(REGISTERED[group].names())
+    return sorted(names)
 
 
 def check_group_choices(overrides: list[str]) -> None:
@@ -254,7 +301,7 @@ def check_group_choices(overrides: list[str]) -> None:
             if choice not in options:
                 raise UserError(
                     f"Unknown {group} {choice!r}. Available {group} options: {', '.join(options)}. "
-                    f"Pick one with `{group}=<name>` (the configs live in {CONF_DIR / group}/)."
+                    f"Pick one with `{group}=<name>` (`peftseg list` describes each)."
                 )
 
 

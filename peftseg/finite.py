@@ -26,6 +26,7 @@ import math
 import numbers
 from typing import Any
 
+from peftseg.dotted import flatten
 from peftseg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,17 +50,6 @@ def is_nonfinite(value: Any) -> bool:
 def is_undefined(value: Any) -> bool:
     """COCOeval's "not defined here": -1 as it reports it, NaN as detectron2 passes it on, null as stored."""
     return value is None or (_number(value) and (math.isnan(value) or value == COCO_UNDEFINED))
-
-
-def _walk(prefix: str, value: Any):
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            yield from _walk(f"{prefix}.{key}" if prefix else str(key), sub)
-    elif isinstance(value, (list, tuple)):
-        for i, sub in enumerate(value):
-            yield from _walk(f"{prefix}[{i}]", sub)
-    else:
-        yield prefix, value
 
 
 def _text(value: float) -> str:
@@ -112,7 +102,7 @@ def metric_problems(metrics: dict | None, required: tuple[str, ...] = ("segm",))
     for task in required:
         if not isinstance(metrics.get(task), dict) or "AP" not in metrics[task]:
             problems.append(f"{task}.AP is missing")
-    for key, value in _walk("", metrics):
+    for key, value in flatten(metrics, lists=True).items():
         problem = metric_problem(key, value)
         if problem:
             problems.append(problem)
@@ -146,7 +136,7 @@ def number_problem(key: str, value: Any) -> str | None:
 
 def number_problems(section: str, values: dict | None) -> list[str]:
     """Every number of a section of plain numbers (params, efficiency) outside its range."""
-    problems = [p for key, v in _walk(section, values or {}) if (p := number_problem(key, v))]
+    problems = [p for key, v in flatten(values or {}, section, lists=True).items() if (p := number_problem(key, v))]
     if section == "params" and values:
         total, trainable = values.get("total"), values.get("trainable")
         if _number(total) and _number(trainable) and trainable > total:
@@ -164,7 +154,8 @@ def result_problems(metrics: dict | None, params: dict | None = None, efficiency
 def undefined_metrics(metrics: dict | None) -> list[str]:
     """The entries COCOeval left undefined (-1, NaN; null once stored) where it may: no ground
     truth in that area range or class on the split evaluated."""
-    return [key for key, value in _walk("", metrics or {}) if _metric_name(key) not in HEADLINE and is_undefined(value)]
+    return [key for key, value in flatten(metrics or {}, lists=True).items()
+            if _metric_name(key) not in HEADLINE and is_undefined(value)]
 
 
 def undefined_notes(keys: list[str]) -> dict[str, int]:

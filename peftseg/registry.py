@@ -1,7 +1,8 @@
 """Registries: every method, model family and dataset exists in exactly one registration,
 next to its code. Config schemas, the CLI's lists and help, accounting, learning-rate
 groups, merge refusal and report ordering all read these, so adding a method is one
-module under `peftseg/methods/` plus one yaml under `conf/method/`.
+module under `peftseg/methods/` (a yaml under `conf/method/` is optional: it only sets
+values other than the dataclass's defaults); a dataset likewise.
 
 Detectron2's `Registry` maps a name to one object; a spec here carries a config class and
 properties next to the callable, so the spec is a small frozen dataclass of our own.
@@ -21,11 +22,15 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 S = TypeVar("S")
 
+# the config groups a run is made of, one option of each: a model preset, a method, a dataset
+# and a train recipe
+GROUPS = ("model", "method", "dataset", "train")
+
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    config: type  # the dataclass behind conf/method/<name>.yaml
+    config: type  # its settings (`method.*`); conf/method/<name>.yaml, if any, sets values of it
     apply: Callable[[Any, Any], Any]  # apply(model, cfg) -> model
     summary: str  # one line, for `peftseg list` and help
     # peft-backed updates that `peftseg merge` can fold into the base weights

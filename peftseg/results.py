@@ -13,9 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftseg.dotted import flatten
 from peftseg.environment import versions
 from peftseg.finite import as_stored, not_a_result, result_problems
 from peftseg.io.atomic import write_json
+from peftseg.registry import GROUPS
 
 FILENAME = "results.json"
 # 2: schema_version added, metrics keep every number the evaluator returns, versions list
@@ -144,14 +146,11 @@ def _shape_problem(data: dict) -> str | None:
 
 
 def flatten_config(cfg) -> dict:
-    """The experiment's knobs as flat `group.key` entries, for tables and CSV."""
+    """The experiment's knobs as flat `group.key` entries, for tables and CSV (a knob that is
+    itself a group of settings, like adapter_lora's `method.adapter`, stays one entry)."""
     from omegaconf import OmegaConf
 
-    flat = {}
-    for group in ("model", "method", "dataset", "train"):
-        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
-            flat[f"{group}.{key}"] = value
-    return flat
+    return flatten({group: OmegaConf.to_container(cfg[group], resolve=True) for group in GROUPS}, depth=2)
 
 
 def new_record(cfg, run_dir: Path, run_id: str) -> Record:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY = ["full", "heads", "adapter1", "adapter2", "adapter3", "adapter4", "lora_deform", "lora_deform_attn"]
+STUDY = sorted(p.stem for p in (ROOT / "conf" / "study").glob("*.yaml"))  # the grid: one file per setting
 # CPU-sized: the tiny model on a small shapes split, a few steps each; proves the pipeline
 SMOKE = ["dataset=shapes", "train=smoke", "train.max_iter=4",
          "train.warmup_iters=1", "dataset.num_train=8", "dataset.num_val=4"]
@@ -43,7 +43,7 @@ def overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="shapes", help="a conf/dataset preset (default: shapes)")
+    ap.add_argument("--dataset", default="shapes", help="a dataset option, as `peftseg list` shows them (default: shapes)")
     ap.add_argument("--model", default="maskdino_swin_l",
                     help="a conf/model maskdino or seem preset (e.g. seem_focalt, seem_focall)")
     ap.add_argument("--weights", default="", help="official Mask DINO or SEEM checkpoint (or Swin ImageNet weights)")

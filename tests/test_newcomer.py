@@ -105,3 +105,16 @@ def test_list_and_train_help_name_options_and_knobs_without_schema_groups(capsys
     assert "method.adapters_per_block=2  # stacked in sequence at each site" in text
     assert "model.image_size=128  # 8x8 tokens" in text  # the preset's own comment
     assert "train.log_period=" in text
+
+
+def test_train_help_marks_the_options_a_run_takes_by_default(capsys):
+    from peftseg.cli import main
+    from peftseg.config import GROUPS, compose_config, default_choices
+
+    composed = compose_config([])
+    assert default_choices() == {g: composed[g].name for g in GROUPS}
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for group, name in default_choices().items():
+        assert f"{name}*" in text.split(f"\n{group}: ", 1)[1].split("\n", 1)[0], group
+        assert f"\n{group}={name}  " in text

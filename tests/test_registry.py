@@ -20,7 +20,7 @@ from peftseg.engine.optim import build_optimizer
 from peftseg.errors import UserError
 from peftseg.methods import apply_method
 from peftseg.params import added_params, count_parameters
-from peftseg.registry import DATASETS, FAMILIES, METHODS
+from peftseg.registry import DATASETS, FAMILIES, GROUPS, METHODS
 
 
 def test_every_yaml_has_a_registered_schema_and_every_registration_a_yaml():
@@ -96,7 +96,7 @@ def test_bad_values_fail_at_compose_time_naming_field_value_and_choices(override
 
 
 def test_every_preset_composes_and_validates():
-    for group in ("model", "method", "dataset", "train"):
+    for group in GROUPS:
         for path in sorted(CONF.glob(f"{group}/*.yaml")):
             if group == "dataset" and path.stem == "coco_format":
                 continue  # its four paths are required (???) by design
@@ -219,6 +219,45 @@ def test_eval_overrides_use_hydra_syntax_and_refuse_the_model():
     assert flatten_config(cfg)["dataset.num_val"] == 7
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["dataset=coco", "dataset.num_val=5"], r"Could not override 'dataset\.num_val' \(Key 'num_val' not in 'CocoDatasetConfig'\)"),
+    (["~dataset.foo"], r"'dataset\.foo' does not exist"),
+    (["+train.device=cpu"], r"An item is already at 'train\.device'"),
+    (["train.num_workers=abc"], r"train\.num_workers=abc \(Value 'abc' of type 'str' could not be converted to Integer\)"),
+    (["dataset=nope"], r"Unknown dataset 'nope'\. Available dataset options: .*shapes"),
+    (["+dataset.foo=1"], r"dataset\.foo is not a setting of dataset 'shapes'"),
+])
+def test_eval_overrides_hydra_refuses_are_one_paragraph_naming_them(overrides, message):
+    from peftseg.checkpoint.load import compose_for_checkpoint
+
+    saved = OmegaConf.to_container(_composed(), resolve=True)
+    with pytest.raises(UserError, match=message):
+        compose_for_checkpoint(saved, overrides)
+
+
+def test_eval_overrides_take_hydras_grammar_on_the_checkpoints_own_config():
+    from peftseg.checkpoint.load import compose_for_checkpoint
+
+    saved = OmegaConf.to_container(_composed("method=adapter_lora", "method.lora.rank=2", "dataset.num_val=9"),
+                                   resolve=True)
+    cfg = compose_for_checkpoint(saved, ["++train.device=cpu", "dataset.train_subset=0.5"])
+    assert (cfg.method.name, cfg.method.lora.rank, cfg.dataset.num_val) == ("adapter_lora", 2, 9)
+    assert (cfg.train.device, cfg.dataset.train_subset) == ("cpu", 0.5)
+    assert set(cfg) == set(GROUPS)
+    cfg = compose_for_checkpoint(saved, ["dataset=coco", "dataset.root=/data"])  # that dataset's settings
+    assert (cfg.dataset.name, cfg.dataset.root, cfg.method.lora.rank) == ("coco", "/data", 2)
+
+
+def test_a_checkpoint_whose_settings_this_version_lacks_is_named_not_blamed_on_the_overrides():
+    from peftseg.checkpoint.load import compose_for_checkpoint
+
+    saved = OmegaConf.to_container(_composed(), resolve=True)
+    saved["method"]["train_heads"] = True
+    with pytest.raises(UserError, match=r"the checkpoint's saved config does not fit this peftseg version "
+                                        r"\(Key 'train_heads' not in 'LoraConfig'"):
+        compose_for_checkpoint(saved, ["train.device=cpu"])
+
+
 def test_glob_sweep_syntax_runs_the_lora_family(peftseg, tmp_path):
     proc = peftseg("train", "-m", "method=glob(lo*)", "train=smoke", "train.max_iter=2", "train.warmup_iters=0", "model.score_thresh_test=0.0", "dataset.num_train=8",
                    "dataset.num_val=4", timeout=600)
@@ -261,3 +300,13 @@ def test_vera_exports_in_peft_layout_and_peft_loads_it(base, tmp_path):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=ulps(want[k], 32))
     # the update is not zero: it moves features by more than the bound above
     assert not any(torch.allclose(want[k], moved[k], rtol=0, atol=ulps(want[k], 32)) for k in want)
+
+
+def test_an_unknown_key_inside_a_group_of_settings_is_named_with_that_groups_settings():
+    with pytest.raises(UserError, match=r"method\.lora\.rnk is not a setting of method 'adapter_lora' \(did you mean "
+                                        r"method\.lora\.rank\?\); the settings of method\.lora are: .*, rank, "):
+        validate(_composed("method=adapter_lora", "+method.lora.rnk=4"))
+    # an interpolated value is checked as the value it points to
+    validate(_composed("method=adapter_lora", "method.lora.alpha=${method.lora.rank}"))
+    with pytest.raises(UserError, match=r"method\.rank must be an integer at least 1"):
+        validate(_composed("train.seed=0", "method.rank=${train.seed}"))

@@ -1,7 +1,8 @@
 """The registry is the only place a method's facts live: a method registered here, in the
-test, with no other edit anywhere, shows up in the CLI's list and help, its parameters are
-accounted as `peft`, get `train.peft_lr`, it honours `method.blocks`, and it takes its place
-in the report's order and colours, and `peftseg search` samples it."""
+test, with no other edit anywhere (no yaml under conf/method/ either), shows up in the CLI's
+list and help, `method=<name>` composes, validates and trains, its parameters are accounted
+as `peft`, get `train.peft_lr`, it honours `method.blocks`, and it takes its place in the
+report's order and colours, and `peftseg search` samples it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 
 from peftseg.config import TrainConfig
 from peftseg.engine.optim import build_optimizer
+from peftseg.errors import UserError
 from peftseg.methods import apply_method
 from peftseg.methods.options import PeftOptions
 from peftseg.params import count_parameters
@@ -56,6 +58,14 @@ def registered():
         yield spec
     finally:
         METHODS._specs.pop(NAME)
+        forget_option("method", NAME)
+
+
+def forget_option(group: str, name: str) -> None:
+    """Drop the option compose_config stored for a registration the test made."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().repo.get(group, {}).pop(f"{name}.yaml", None)
 
 
 def test_the_cli_lists_it_and_its_knobs(registered):
@@ -67,6 +77,28 @@ def test_the_cli_lists_it_and_its_knobs(registered):
     assert f"{NAME}*" in text
     assert "method.init=1.0  # starting value of each block's output scale" in text
     assert "method.train_task_layers=True" in text
+
+
+def test_it_composes_validates_and_trains_without_a_yaml(registered, tmp_path, shapes_cache):
+    from helpers import CONF, run_in_process
+    from peftseg.config import check_group_choices, compose_config, group_options, validate
+
+    assert not (CONF / "method" / f"{NAME}.yaml").exists()
+    assert NAME in group_options("method")
+    check_group_choices([f"method={NAME}", f"method={NAME},lora"])  # a single choice and a sweep
+    cfg = compose_config([f"method={NAME}", "method.init=0.5", "method.blocks=last:1"])
+    validate(cfg)
+    assert OmegaConf.get_type(cfg.method) is ThrowawayConfig
+    assert (cfg.method.name, cfg.method.init, cfg.method.blocks) == (NAME, 0.5, "last:1")
+    with pytest.raises(UserError, match=r"method\.inti is not a setting of method 'throwaway_scale' "
+                                        r"\(did you mean method\.init\?\)"):
+        validate(compose_config([f"method={NAME}", "+method.inti=2"]))
+
+    record = run_in_process(tmp_path, shapes_cache, f"method={NAME}", "method.blocks=last:1", "train.max_iter=2",
+                            "train.warmup_iters=0", "dataset.num_train=4", "dataset.num_val=2", "model.score_thresh_test=0.0")
+    assert record.status == "ok", record.error
+    assert record.knob("method.name") == NAME and record.knob("method.init") == 1.0
+    assert record.params["by_group"]["peft"]["trainable"] == 1  # the one block's scale trained
 
 
 def test_accounting_learning_rates_and_blocks_follow_the_registration(registered, base):

@@ -29,7 +29,6 @@ from peftseg.checkpoint.formats import checkpoint_metadata, safetensors_bytes, w
 from peftseg.checkpoint.provenance import adapt_to_installed_peft
 from peftseg.io.safe_load import load_any, load_safetensors
 
-FORMAT = 1
 FINAL = "model_final"
 MERGED_KEY = "peftseg_merged"  # metadata key of a `peftseg merge` file, beside "model"
 
@@ -87,29 +86,6 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return p
 
 
-# settings renamed since checkpoints were first written: (group, old key) -> new key
-_RENAMED = {("method", "train_heads"): "train_task_layers", ("train", "heads_lr"): "non_backbone_lr"}
-_RENAMED_TARGETS = {"heads": "task_heads"}
-
-
-def upgrade_saved_config(config: dict) -> dict:
-    """A checkpoint's saved config in today's names, so checkpoints of earlier versions load,
-    resume and merge: `train_heads` -> `train_task_layers`, `heads_lr` -> `non_backbone_lr`,
-    LoRA target group `heads` -> `task_heads` (a combination's parts included)."""
-    def method(node: dict) -> dict:
-        node = {_RENAMED.get(("method", k), k): v for k, v in node.items()}
-        if isinstance(node.get("targets"), list):
-            node["targets"] = [_RENAMED_TARGETS.get(t, t) for t in node["targets"]]
-        return {k: method(v) if isinstance(v, dict) and "name" in v else v for k, v in node.items()}
-
-    out = dict(config)
-    if isinstance(out.get("method"), dict):
-        out["method"] = method(out["method"])
-    if isinstance(out.get("train"), dict):
-        out["train"] = {_RENAMED.get(("train", k), k): v for k, v in out["train"].items()}
-    return out
-
-
 def read_checkpoint_file(path: str | os.PathLike) -> tuple[Path, dict]:
     """Any checkpoint a user has, read once onto the CPU without running code: a dict with
     "model" (the state dict) and, where present, the metadata of a run checkpoint
@@ -130,10 +106,6 @@ def read_checkpoint_file(path: str | os.PathLike) -> tuple[Path, dict]:
         if not isinstance(data, dict):
             raise UserError(f"{source} holds a {type(data).__name__}, not a checkpoint dict; give a "
                             "detectron2/PyTorch checkpoint (a dict with a 'model' state dict).")
-    for key in ("peftseg", MERGED_KEY):
-        meta = data.get(key)
-        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
-            data[key] = {**meta, "config": upgrade_saved_config(meta["config"])}
     return source, data
 
 
@@ -185,7 +157,7 @@ class PeftCheckpointer(DetectionCheckpointer):
         """`per_rank_batch`: images per step on each process, given by a training loop: its
         periodic checkpoints then carry RNG states and the data position, to resume exactly."""
         super().__init__(model, save_dir, **checkpointables)
-        self.meta = {"format": FORMAT, **meta}
+        self.meta = dict(meta)
         self._fingerprint: str | None = None
         self.per_rank_batch = per_rank_batch
 

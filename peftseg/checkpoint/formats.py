@@ -10,8 +10,7 @@
   than peft's "default" go to a subfolder each, as peft does. Tensors that train outside
   the peft layers (task layers, biases, bottleneck adapters, a side path) go to
   `peft/trained_outside_peft.safetensors` under their model names:
-  `base_model.load_state_dict(those, strict=False)` first. Runs of earlier versions named
-  that file `heads.safetensors`.
+  `base_model.load_state_dict(those, strict=False)` first.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import torch.nn as nn
 
 PEFT_DIR = "peft"
 OUTSIDE_PEFT_FILE = "trained_outside_peft.safetensors"
-OLD_OUTSIDE_PEFT_FILE = "heads.safetensors"  # its name in runs of earlier versions
 _PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's names
 
 

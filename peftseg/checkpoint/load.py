@@ -26,6 +26,7 @@ from peftseg.checkpoint.files import MERGED_KEY, PeftCheckpointer, checkpoint_fi
 from peftseg.checkpoint.provenance import warn_if_libraries_moved
 from peftseg.errors import UserError
 from peftseg.models import facts_of
+from peftseg.registry import GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +79,53 @@ def _parse(overrides: list[str]):
     return parsed
 
 
-def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
-    """The checkpoint's config, typed by the registered schemas, with Hydra-style overrides
-    applied (`dataset=<name>` composes that dataset's yaml, as `peftseg train` would), then
-    validated like a training config."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+# the option name under which a checkpoint's own model, method, dataset and train settings are
+# composed (conf/<group>/ holds no yaml of that name, and no registration takes it)
+SAVED_OPTION = "_checkpoint"
 
-    from peftseg.config import TrainConfig, validate
-    from peftseg.registry import DATASETS, FAMILIES, METHODS
+
+def compose_for_checkpoint(saved: dict, overrides: list[str]) -> DictConfig:
+    """The checkpoint's config, typed by the registered schemas, composed by Hydra with
+    `overrides` as `peftseg train` composes a run's (`dataset=<name>` takes that dataset's
+    options, `dataset.<key>=…`, `~…` and `+…` as on the command line), then validated like a
+    training config."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+
+    from peftseg.config import check_group_choices, compose_config, typed_group, validate
 
     parsed = _parse(overrides)
-    schema = {
-        "model": FAMILIES.get(saved["model"]["family"]).config,
-        "method": METHODS.get(saved["method"]["name"]).config,
-        "dataset": DATASETS.get(saved["dataset"]["name"]).config,
-        "train": TrainConfig,
-    }
+    check_group_choices(overrides)
     try:
-        cfg = OmegaConf.create({g: OmegaConf.merge(OmegaConf.structured(cls), saved[g]) for g, cls in schema.items()})
-        chosen = [o for o in parsed if o.key_or_group == "dataset"]
-        if chosen:
-            from peftseg.config import compose_config
-
-            cfg.dataset = compose_config([o.input_line for o in chosen]).dataset
-        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if o.key_or_group != "dataset"], cfg)
-    except OmegaConfBaseException as e:
-        raise UserError(f"the overrides {overrides} do not fit the checkpoint's config: {e}") from None
+        typed = {g: typed_group(g, saved[g]) for g in GROUPS}
+    except (OmegaConfBaseException, KeyError) as e:  # a setting it lacks or cannot hold; no family/name
+        raise UserError(f"the checkpoint's saved config does not fit this peftseg version ({_first_line(e)}); "
+                        "evaluate it with the peftseg version that trained it, or train the run again.") from None
+    store = ConfigStore.instance()
+    for group, node in typed.items():
+        store.store(group=group, name=SAVED_OPTION, node=node)
+    chosen = {o.key_or_group for o in parsed if o.key_or_group in GROUPS}  # dataset=<name> replaces its own
+    try:
+        composed = compose_config([f"{g}={SAVED_OPTION}" for g in GROUPS if g not in chosen] + list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise UserError(
+            f"the overrides {' '.join(overrides)} do not fit the checkpoint's config: {_first_line(e)}. Give each "
+            "as key=value, with a setting the config has and a value of its type (`peftseg train --help "
+            "dataset=<name>` lists a dataset's settings)."
+        ) from None
+    cfg = OmegaConf.create({g: composed[g] for g in GROUPS})
     validate(cfg)
     return cfg
+
+
+def _first_line(e: Exception) -> str:
+    """The gist of an OmegaConf or Hydra refusal: its first line, with its cause's where that says more."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    cause = [line.strip() for line in str(e.__cause__ or "").splitlines() if line.strip()]
+    first = (lines[0] if lines else type(e).__name__).rstrip(".")
+    return f"{first} ({cause[0].rstrip('.')})" if cause and cause[0] not in first else first
 
 
 def _class_names(cfg: DictConfig, classes: list[str] | None, splits, where: str) -> list[str]:
@@ -262,7 +282,7 @@ def _check_metadata(meta, source: Path, merged: bool) -> None:
     if not isinstance(meta, dict):
         problem = f"its metadata is a {type(meta).__name__}, not an object"
     elif not isinstance(meta.get("config"), dict) or not all(
-            isinstance(meta["config"].get(g), dict) for g in ("model", "method", "dataset", "train")):
+            isinstance(meta["config"].get(g), dict) for g in GROUPS):
         problem = "its metadata has no config (model, method, dataset and train)"
     elif not (isinstance(meta.get("class_names"), list) and meta["class_names"]
               and all(isinstance(n, str) for n in meta["class_names"])):

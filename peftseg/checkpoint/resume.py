@@ -26,9 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from peftseg.checkpoint.files import FINAL, read_checkpoint
+from peftseg.dotted import flatten
 from peftseg.errors import UserError
-
-GROUPS = ("model", "method", "dataset", "train")
+from peftseg.registry import GROUPS
 
 # Settings a resumed run may change: none of them changes the numbers the remaining steps
 # compute (devices and process layout change float rounding at most; the data position and
@@ -41,15 +41,6 @@ APPLICABLE = frozenset({
     "model.weights",  # where the base weights are read from; the base fingerprint checks they are the same
     "dataset.cache_dir", "dataset.root",  # where the data lies; the class names are compared
 })
-
-
-def _flat(node, prefix: str) -> dict[str, object]:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: node}
 
 
 def _saved_config(source: Path, data: dict) -> dict:
@@ -86,8 +77,8 @@ def check_resumable(source: Path, data: dict, config: dict, class_names: list[st
     why = _finished(source, data, int(saved["train"].get("max_iter", 0)))
     if why:
         raise _refuse_finished(source, why)
-    mine = {k[1:]: v for k, v in _flat({g: config[g] for g in GROUPS}, "").items()}
-    theirs = {k[1:]: v for k, v in _flat({g: saved[g] for g in GROUPS}, "").items()}
+    mine = flatten({g: config[g] for g in GROUPS})
+    theirs = flatten({g: saved[g] for g in GROUPS})
     # keys a checkpoint of an earlier version does not have took their (then only) default
     changed = sorted(k for k in theirs.keys() & mine.keys() if k not in APPLICABLE and theirs[k] != mine[k])
     if changed:
@@ -108,17 +99,6 @@ def check_resumable(source: Path, data: dict, config: dict, class_names: list[st
         )
 
 
-def _typed(saved: dict, group: str):
-    from peftseg.config import TrainConfig
-    from peftseg.registry import DATASETS, FAMILIES, METHODS
-
-    schema = {"model": lambda: FAMILIES.get(saved["model"]["family"]).config,
-              "method": lambda: METHODS.get(saved["method"]["name"]).config,
-              "dataset": lambda: DATASETS.get(saved["dataset"]["name"]).config,
-              "train": lambda: TrainConfig}[group]()
-    return OmegaConf.merge(OmegaConf.structured(schema), saved[group])
-
-
 def _overridden_keys(overrides: list[str]) -> list[tuple[str, bool]]:
     """(key, is_group_choice) of each override the user gave (Hydra syntax, as in `.hydra/overrides.yaml`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -134,6 +114,8 @@ def resumed_config(composed: DictConfig, overrides: list[str]) -> DictConfig:
     """The config a run with `train.resume` runs: the checkpoint's own, with the settings given
     anew in `overrides` (the command line's) applied — or refused, by check_resumable's rules.
     Groups outside model/method/dataset/train (objective, tracking) come from `composed`."""
+    from peftseg.config import typed_group
+
     source, data = read_checkpoint(composed.train.resume)
     saved = _saved_config(source, data)
     why = _finished(source, data, int(saved["train"].get("max_iter", 0)))
@@ -142,7 +124,7 @@ def resumed_config(composed: DictConfig, overrides: list[str]) -> DictConfig:
     try:
         out = composed.copy()
         for group in GROUPS:
-            out[group] = _typed(saved, group)
+            out[group] = typed_group(group, saved[group])
     except (OmegaConfBaseException, KeyError) as e:
         raise UserError(f"checkpoint {source}: its saved config does not fit this peftseg version ({e}); "
                         "start a new run instead.") from None

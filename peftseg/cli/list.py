@@ -4,7 +4,7 @@ Hydra's own `--help` lists every config group, the internal `schema/*` ones incl
 no knob; this one lists the real groups with each option's one-line description (the
 registered summary of a method or dataset, the first comment line of a model or train
 yaml), then every knob of the chosen options with its value and the comment its
-dataclass field carries. Source of truth: conf/*.yaml and the schema dataclasses.
+dataclass field carries. Source of truth: the registry, conf/*.yaml and the schema dataclasses.
 """
 
 from __future__ import annotations
@@ -13,22 +13,9 @@ import dataclasses
 import inspect
 import re
 
-from peftseg.config import CONF_DIR, GROUPS
-from peftseg.config import group_options
+from peftseg.config import CONF_DIR, GROUPS, default_choices, group_options
 
-DEFAULTS = {"model": "vitdet_tiny", "method": "lora", "dataset": "shapes", "train": "default"}
 _SCHEMA_REF = re.compile(r"/schema/(\w+)/(\w+)@_here_")
-
-
-def options(group: str) -> list[str]:
-    """What `group=<name>` may name: its yaml presets, and for methods every registered one
-    (a method is its registration; its yaml only restates defaults)."""
-    names = set(group_options(group))
-    if group == "method":
-        from peftseg.registry import METHODS
-
-        names |= set(METHODS.names())
-    return sorted(names)
 
 
 def description(group: str, name: str) -> str:
@@ -49,7 +36,7 @@ def description(group: str, name: str) -> str:
 def list_text() -> str:
     lines = []
     for group in GROUPS:
-        names = options(group)
+        names = group_options(group)
         width = max(map(len, names))
         lines.append(f"{group}s ({group}=<name>):")
         lines += [f"  {n:<{width}}  {description(group, n)}" for n in names]
@@ -87,7 +74,7 @@ def preset(group: str, name: str):
     from peftseg.config import schemas
 
     path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():  # a registered method without a yaml: its dataclass defaults
+    if not path.is_file():  # a registered method or dataset without a yaml: its dataclass defaults
         cls = schemas()[group][name]
         return cls, OmegaConf.structured(cls)
     raw = OmegaConf.load(path)
@@ -116,10 +103,10 @@ def _value(v) -> str:
 
 
 def train_help(argv: list[str]) -> str:
-    chosen = dict(DEFAULTS)
+    chosen = default_choices()
     for arg in argv:
         key, eq, value = arg.lstrip("+").partition("=")
-        if eq and key in GROUPS and value in options(key):
+        if eq and key in GROUPS and value in group_options(key):
             chosen[key] = value
     lines = [
         "usage: peftseg train [-m] [group=option ...] [group.knob=value ...] [hydra overrides]",
@@ -129,7 +116,7 @@ def train_help(argv: list[str]) -> str:
         "",
     ]
     for group in GROUPS:
-        names = options(group)
+        names = group_options(group)
         lines.append(f"{group}: " + ", ".join(f"{n}*" if n == chosen[group] else n for n in names))
     lines += ["  (* = used now; pick another with group=<option>, its knobs are listed then)", ""]
     for group in GROUPS:

@@ -15,10 +15,13 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# the choices of model.deform_attn_impl; the families' config checks import this module, so it
+# imports torch only where it runs a kernel
 IMPLS = ("auto", "triton", "pytorch")
 
 # set to True only from a scripts/gpu_check.py table that shows the kernel correct and faster
@@ -58,6 +61,8 @@ def ms_deform_attn(impl: str, pytorch_fn: Callable, value: torch.Tensor, shapes,
     """Deformable sampling as `pytorch_fn(value, shapes, locations, weights)` computes it (value
     (B, S, heads, d), locations (B, Q, heads, levels, points, 2) in [0, 1], weights
     (B, Q, heads, levels, points) -> (B, Q, heads * d)), by the implementation `impl` picks."""
+    import torch
+
     if resolve(impl, value.device) == "triton":
         try:
             kernels = importlib.import_module("peftseg.models._msda_triton")

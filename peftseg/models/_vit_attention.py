@@ -37,8 +37,6 @@ from detectron2.modeling.backbone.vit import Attention
 # the loop costs little next to the matmuls.
 CHUNK_BYTES = 64 * 2**20
 
-ATTENTION_IMPLS = ("efficient", "detectron2")
-
 
 def _chunk_scores(q_c, k, rel_h_c, rel_w_c, scale):
     """Scores of one query chunk, (q·scale)kᵀ + rel_h + rel_w as detectron2 adds them, in at

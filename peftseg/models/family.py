@@ -15,8 +15,8 @@ from typing import Callable
 # encoder). "heads" alone is ambiguous: the code says which set it means.
 ACCOUNTING_GROUPS = ("backbone", "neck", "decoder", "task_heads", "text")
 
-# where a backbone block's tokens come with their 2-D grid (TokenGrid.layout)
-GRID_LAYOUTS = ("bhwc", "block_hw", "input_dimensions")
+# the channel orders a family's model may take its images in (model.input_format)
+INPUT_FORMATS = ("RGB", "BGR")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from omegaconf import MISSING
 
 from peftseg import checks
 from peftseg.errors import UserError
-from peftseg.models.family import FamilyMap, TokenGrid
+from peftseg.models._msda import IMPLS
+from peftseg.models.family import INPUT_FORMATS, FamilyMap, TokenGrid
 from peftseg.models.swin import check_swin_stages
 from peftseg.registry import register_family
 
@@ -131,7 +132,8 @@ class Mask2FormerConfig:
     def __post_init__(self) -> None:
         checks.integer("model.image_size", self.image_size, minimum=32)
         checks.number("model.clip_grad_norm", self.clip_grad_norm, low=0, why="0 disables clipping")
-        checks.choice("model.deform_attn_impl", self.deform_attn_impl, ("auto", "triton", "pytorch"))
+        checks.choice("model.input_format", self.input_format, INPUT_FORMATS)
+        checks.choice("model.deform_attn_impl", self.deform_attn_impl, IMPLS)
         # shapes transformers would reject deep inside a forward
         check_swin_stages(self.embed_dim, self.depths, self.num_heads,
                           "the pixel decoder reads strides 4, 8, 16 and 32")

@@ -18,7 +18,8 @@ from omegaconf import MISSING
 
 from peftseg import checks
 from peftseg.errors import UserError
-from peftseg.models.family import FamilyMap
+from peftseg.models._msda import IMPLS
+from peftseg.models.family import INPUT_FORMATS, FamilyMap
 from peftseg.models.swin import SWIN_STATE_DICT, SWIN_TOKEN_GRID, check_swin_stages
 from peftseg.registry import register_family
 
@@ -180,8 +181,8 @@ def _choice(cfg, key: str, choices: tuple[str, ...]) -> None:
 def check(cfg) -> None:
     """Range and choice checks with a fix, before anything is built."""
     checks.number("model.clip_grad_norm", cfg.clip_grad_norm, low=0, why="0 disables clipping")
-    checks.choice("model.input_format", cfg.input_format, ("RGB", "BGR"))
-    checks.choice("model.deform_attn_impl", cfg.deform_attn_impl, ("auto", "triton", "pytorch"))
+    checks.choice("model.input_format", cfg.input_format, INPUT_FORMATS)
+    checks.choice("model.deform_attn_impl", cfg.deform_attn_impl, IMPLS)
     for key, choices in (("backbone", _BACKBONES), ("feature_order", _ORDERS),
                          ("initialize_box_type", _BOX_INIT), ("dn", _DN)):
         _choice(cfg, key, choices)

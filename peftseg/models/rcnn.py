@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from peftseg import checks
 from peftseg.errors import UserError
+from peftseg.models.family import INPUT_FORMATS
 
 if TYPE_CHECKING:
     from detectron2.modeling import Backbone
@@ -73,7 +74,7 @@ class MaskRCNNConfig:
         for key in ("rpn_nms_thresh", "roi_positive_fraction", "score_thresh_test", "nms_thresh_test"):
             checks.number(f"model.{key}", getattr(self, key), low=0, high=1)
         checks.number("model.clip_grad_norm", self.clip_grad_norm, low=0, why="0 disables clipping")
-        checks.choice("model.input_format", self.input_format, ("RGB", "BGR"))
+        checks.choice("model.input_format", self.input_format, INPUT_FORMATS)
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or not all(s > 0 for s in self.pixel_std):
             raise UserError(
                 f"model.pixel_mean={list(self.pixel_mean)} and model.pixel_std={list(self.pixel_std)} "

@@ -24,7 +24,7 @@ from omegaconf import MISSING
 
 from peftseg import checks
 from peftseg.errors import UserError
-from peftseg.models.family import FamilyMap
+from peftseg.models.family import INPUT_FORMATS, FamilyMap
 from peftseg.registry import register_family
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class SeemConfig:
 def check(cfg) -> None:
     """Range and choice checks with a fix, before anything is built."""
     checks.number("model.clip_grad_norm", cfg.clip_grad_norm, low=0, why="0 disables clipping")
-    checks.choice("model.input_format", cfg.input_format, ("RGB", "BGR"))
+    checks.choice("model.input_format", cfg.input_format, INPUT_FORMATS)
     checks.choice("model.backbone", cfg.backbone, _BACKBONES)
     stages = (list(cfg.depths), list(cfg.focal_levels), list(cfg.focal_windows))
     if any(len(s) != 4 for s in stages) or min(cfg.depths) < 1 or min(cfg.focal_levels) < 1 \

@@ -49,6 +49,8 @@ FAMILY = FamilyMap(
 
 # the scale factors SimpleFeaturePyramid implements
 _SUPPORTED_SCALES = (4.0, 2.0, 1.0, 0.5)
+# model.attention's choices: efficient builds models/_vit_attention.py's module, detectron2 its own
+ATTENTIONS = ("efficient", "detectron2")
 
 
 @dataclass
@@ -100,7 +102,7 @@ class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
                 "blocks, e.g. model.window_block_indexes="
                 f"{[i for i in range(self.depth) if i % 3 != 2] or [0]} (ViTDet's pattern: global every third block)."
             )
-        if self.attention not in ("efficient", "detectron2"):
+        if self.attention not in ATTENTIONS:
             raise UserError(
                 f"model.attention={self.attention!r} is not an attention implementation; use "
                 "model.attention=efficient (default: same results, no full attention maps) or "

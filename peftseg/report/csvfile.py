@@ -9,16 +9,9 @@ import math
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
+from peftseg.dotted import flatten
 from peftseg.io.atomic import write_atomic
 from peftseg.results import Record
-
-
-def _flatten(prefix: str, value, out: dict) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = value
 
 
 def flat_row(record: Record, extra: dict) -> dict:
@@ -27,7 +20,7 @@ def flat_row(record: Record, extra: dict) -> dict:
     for section in ("params", "metrics", "efficiency", "run", "versions"):
         value = getattr(record, section) or {}
         # run is a dataclass: flattened as run.id, run.dir, … (not one column holding its Python repr)
-        _flatten(section, asdict(value) if is_dataclass(value) else value, row)
+        row.update(flatten(asdict(value) if is_dataclass(value) else value, section))
     error = record.error or {}
     row["error.type"], row["error.message"] = error.get("type"), error.get("message")
     row.update(extra)
