@@ -55,15 +55,20 @@ def group_of(name: str, family: FamilyMap | None, added: dict[str, str] | None =
 
 
 def count_parameters(model: nn.Module) -> ParamCounts:
-    family = getattr(model, "peftseg_family", None)
-    added = added_params(model)
-    by_group = {g: {"total": 0, "trainable": 0} for g in GROUPS}
     # named_parameters() yields a shared (tied) parameter once
-    for name, p in model.named_parameters():
+    return count_named(((name, p.numel(), p.requires_grad) for name, p in model.named_parameters()),
+                       getattr(model, "peftseg_family", None), added_params(model))
+
+
+def count_named(params, family: FamilyMap | None, added: dict[str, str]) -> ParamCounts:
+    """ParamCounts of (name, numel, trainable) triples: a model's parameters, or a task variant's
+    as its model loaded alone names them (peftseg.checkpoint.variants)."""
+    by_group = {g: {"total": 0, "trainable": 0} for g in GROUPS}
+    for name, numel, trainable in params:
         counts = by_group[group_of(name, family, added)]
-        counts["total"] += p.numel()
-        if p.requires_grad:
-            counts["trainable"] += p.numel()
+        counts["total"] += numel
+        if trainable:
+            counts["trainable"] += numel
     total = sum(c["total"] for c in by_group.values())
     trainable = sum(c["trainable"] for c in by_group.values())
     return ParamCounts(

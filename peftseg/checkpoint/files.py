@@ -50,11 +50,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the frozen parameters: a checkpoint only fits the base it was trained on."""
+    return fingerprint((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+
+
+def fingerprint(params) -> str:
+    """sha256 over (name, tensor) pairs in name order: base_fingerprint's, and that of a task
+    variant's frozen parameters under the names its model alone gives them."""
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if not p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for name, p in sorted(params, key=lambda item: item[0]):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
