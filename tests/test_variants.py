@@ -294,3 +294,65 @@ def test_predict_with_runs_of_one_name_writes_each_to_its_own_folder(tmp_path):
     assert folders == ["A_outputs_2026-01-01_12-00-00", "B_outputs_2026-01-01_12-00-00"]
     a, b = (json.loads((out / f / "predictions.json").read_text()) for f in folders)
     assert a and b and a != b  # each variant's own predictions, neither overwritten
+
+
+@pytest.fixture(scope="module")
+def own_kind_runs(tmp_path_factory):
+    """Variants whose methods hang modules of their own on the base or train its tensors: Monas
+    (with dropout, off in a loaded model), adapters + LoRA in one run, and every tensor (full)."""
+    root = tmp_path_factory.mktemp("own_kinds")
+    return [make_run(root / "mona", "method=mona", noise_seed=1),
+            make_run(root / "adapter_lora", "method=adapter_lora", noise_seed=2),
+            make_run(root / "full", "method=full", noise_seed=3),
+            make_run(root / "lora", "method=lora", noise_seed=4)]
+
+
+def test_own_modules_and_trained_base_tensors_switch_exactly(own_kind_runs):
+    from peftseg.methods._attached import attached_modules
+
+    vset = load_variants([str(r) for r in own_kind_runs], [])
+    bare = vset.activate(None)
+    assert attached_modules(bare) == {}  # no variant's modules (or hooks) on the bare base
+    inputs = _inputs()
+    for v in [*vset.variants, *reversed(vset.variants)]:
+        alone = load_model(str(v.source), []).model
+        ref, got = _outputs(alone, inputs), _outputs(vset.activate(v), inputs)
+        for r, g in zip(ref, got):
+            assert len(r) > 0, v.name
+            for field in ("scores", "pred_classes", "pred_masks"):
+                assert torch.equal(getattr(r, field), getattr(g, field)), (v.name, field)
+        assert vset.param_counts(v) == count_parameters(alone), v.name
+        # what trains is switched too: the active variant's parameters, as in its model alone
+        assert sum(p.numel() for p in vset.model.parameters() if p.requires_grad) == \
+            count_parameters(alone).trainable, v.name
+    assert set(vset.get("mona").children) == {f"backbone.net.blocks.{i}.peft_mona" for i in range(4)}
+    # full trains every tensor: each variant's own copy is swapped in, the base's copy of those
+    # that all variants train (the task layers) is released
+    assert vset.get("full").swapped_bytes > vset.get("lora").swapped_bytes > 0
+
+
+def test_variants_of_lora_on_multihead_attention_and_bitfit_share_its_nested_peft_layers(tmp_path, monkeypatch):
+    """peft's LoRA on nn.MultiheadAttention wraps the attention and, inside it, out_proj: two such
+    variants and a bitfit variant (which trains the biases inside them) are each their checkpoint
+    loaded alone."""
+    import peft
+
+    import peftseg.checkpoint.provenance as provenance
+
+    # the checkpoints are made under the installed peft (make_run records no versions)
+    monkeypatch.setattr(provenance, "recorded_versions", lambda meta, source: {"peft": peft.__version__})
+    model = "model=m2f_tiny"
+    runs = [make_run(tmp_path / "mha", model, "method=lora", "method.targets=[decoder_cross_attn]", noise_seed=1),
+            make_run(tmp_path / "bitfit", model, "method=bitfit", noise_seed=2),
+            make_run(tmp_path / "mha_r2", model, "method=lora", "method.targets=[decoder_cross_attn]", "method.rank=2",
+                     noise_seed=3)]
+    vset = load_variants([str(r) for r in runs], [])
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"image": (torch.rand(3, 96, 96, generator=g) * 255).to(torch.uint8), "height": 96, "width": 96}]
+    for v in reversed(vset.variants):
+        alone = load_model(str(v.source), []).model
+        ref, got = _outputs(alone, inputs)[0], _outputs(vset.activate(v), inputs)[0]
+        assert len(ref) > 0, v.name
+        for field in ("scores", "pred_classes", "pred_masks"):
+            assert torch.equal(getattr(ref, field), getattr(got, field)), (v.name, field)
+        assert vset.param_counts(v) == count_parameters(alone), v.name
