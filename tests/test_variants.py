@@ -331,6 +331,55 @@ def test_own_modules_and_trained_base_tensors_switch_exactly(own_kind_runs):
     assert vset.get("full").swapped_bytes > vset.get("lora").swapped_bytes > 0
 
 
+def test_eval_variants_refuse_a_folder_holding_another_s_files_and_leave_them(runs, tmp_path, shapes_cache):
+    variants = f"checkpoint=[{runs[0]},{runs[1]}]"
+    out = tmp_path / "ev"
+    (out / "lora_b").mkdir(parents=True)
+    theirs = out / "lora_b" / "eval.json"
+    theirs.write_text('{"mine": 1}')
+    proc = cli_in_process("eval", variants, f"output={out}", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: output={theirs} already exists and is not this command's own earlier output" in proc.stderr
+    assert theirs.read_text() == '{"mine": 1}'
+    assert [p for p in out.rglob("*") if p.is_file()] == [theirs]  # refused before any variant was evaluated
+    # a memory.json it did not write, beside the variants' folders
+    other = tmp_path / "ev2"
+    other.mkdir()
+    (other / "memory.json").write_text("notes")
+    proc = cli_in_process("eval", variants, f"output={other}", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: output={other / 'memory.json'} already exists and is not this command's own earlier output" \
+        in proc.stderr
+    assert (other / "memory.json").read_text() == "notes"
+    assert [p for p in other.rglob("*") if p.is_file()] == [other / "memory.json"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_variant_with_non_finite_metrics_is_recorded_failed_not_ok(runs, tmp_path, shapes_cache, monkeypatch):
+    """inf from the evaluator: the variant's eval.json says failed (never ok), the others' ok, and a
+    rerun into the same folder replaces the command's own records."""
+    import peftseg.engine.evaluate as engine_evaluate
+
+    def evaluate(model, dataset, image_size, out_dir, num_workers):
+        ap = float("inf") if Path(out_dir).name == "lora_b" else 12.5
+        return {"segm": {"AP": ap, "AP50": 20.0, "AP75": 10.0}, "bbox": {"AP": 11.0, "AP50": 19.0, "AP75": 9.0}}
+
+    monkeypatch.setattr(engine_evaluate, "evaluate", evaluate)
+    out = tmp_path / "ev"
+    for _ in range(2):
+        proc = cli_in_process("eval", f"checkpoint=[{runs[0]},{runs[1]}]", f"output={out}", cwd=tmp_path,
+                              cache=shapes_cache)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "1 of 2 variants gave no result (lora_b)" in proc.stderr and "segm.AP = inf" in proc.stderr
+        failed = json.loads((out / "lora_b" / "eval.json").read_text())
+        assert failed["status"] == "failed" and "segm.AP = inf" in failed["error"]
+        ok = json.loads((out / "lora_a" / "eval.json").read_text())
+        assert ok["status"] == "ok" and ok["metrics"]["segm"]["AP"] == 12.5
+        memory = json.loads((out / "memory.json").read_text())
+        assert memory["variants"].keys() == {"lora_a", "lora_b"}
+        assert memory["checkpoint_paths"] == [str(r.resolve() / "model_final.safetensors") for r in runs[:2]]
+
+
 def test_variants_of_lora_on_multihead_attention_and_bitfit_share_its_nested_peft_layers(tmp_path, monkeypatch):
     """peft's LoRA on nn.MultiheadAttention wraps the attention and, inside it, out_proj: two such
     variants and a bitfit variant (which trains the biases inside them) are each their checkpoint
