@@ -32,17 +32,32 @@ def mark_added(model: nn.Module, params, owner: str) -> None:
     """Record parameters a method inserted (called by the method, at injection, when they
     are known): accounting, learning-rate groups and checkpoints read this record instead
     of guessing from parameter names. Kept by name, so a deepcopy of the model keeps it."""
-    ids = {id(p) for p in params}
-    owned = model.__dict__.setdefault("peftseg_added", {})  # plain attribute: not in state_dict
+    wanted = list(params)
+    owned = _facts(model).added
     for name, p in model.named_parameters():
-        if id(p) in ids:
+        if any(p is q for q in wanted):
             owned[name] = owner
+
+
+def forget_added(model: nn.Module, owner: str | None = None) -> None:
+    """Forget the parameters `owner` (None: every method) inserted, once its modules are gone."""
+    owned = _facts(model).added
+    for name in [n for n, o in owned.items() if owner is None or o == owner]:
+        del owned[name]
+
+
+def _facts(model: nn.Module):
+    facts = facts_of(model)
+    if facts is None:
+        raise TypeError(f"{type(model).__name__} was not built by peftseg.models.build_model")
+    return facts
 
 
 def added_params(model: nn.Module) -> dict[str, str]:
     """parameter name -> owning method, for every parameter a method added (names as the
     unwrapped model's `named_parameters()` gives them)."""
-    return dict(model.__dict__.get("peftseg_added", {}))
+    facts = facts_of(model)
+    return dict(facts.added) if facts is not None else {}
 
 
 def group_of(name: str, family: FamilyMap | None, added: dict[str, str] | None = None) -> str:
@@ -55,16 +70,25 @@ def group_of(name: str, family: FamilyMap | None, added: dict[str, str] | None =
 
 
 def count_parameters(model: nn.Module) -> ParamCounts:
-    facts = facts_of(model)
-    family = facts.family if facts is not None else None
-    added = added_params(model)
-    by_group = {g: {"total": 0, "trainable": 0} for g in GROUPS}
     # named_parameters() yields a shared (tied) parameter once
-    for name, p in model.named_parameters():
+    return count_named(((name, p.numel(), p.requires_grad) for name, p in model.named_parameters()),
+                       _family(model), added_params(model))
+
+
+def _family(model: nn.Module) -> FamilyMap | None:
+    facts = facts_of(model)
+    return facts.family if facts is not None else None
+
+
+def count_named(params, family: FamilyMap | None, added: dict[str, str]) -> ParamCounts:
+    """ParamCounts of (name, numel, trainable) triples: a model's parameters, or a task variant's
+    as its model loaded alone names them (peftseg.checkpoint.variants)."""
+    by_group = {g: {"total": 0, "trainable": 0} for g in GROUPS}
+    for name, numel, trainable in params:
         counts = by_group[group_of(name, family, added)]
-        counts["total"] += p.numel()
-        if p.requires_grad:
-            counts["trainable"] += p.numel()
+        counts["total"] += numel
+        if trainable:
+            counts["trainable"] += numel
     total = sum(c["total"] for c in by_group.values())
     trainable = sum(c["trainable"] for c in by_group.values())
     return ParamCounts(

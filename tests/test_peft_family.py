@@ -142,6 +142,22 @@ def test_one_module_cannot_take_two_peft_methods(model):
         apply_method(model, method("loha", targets=["attn_qkv"]))
 
 
+def test_the_adapter_name_is_the_caller_s_and_a_layer_takes_one_adapter_of_each_name(model):
+    """apply_method(..., adapter_name=…) names the peft adapter (peft's multi-adapter API): a second
+    name joins the layers the first adapts and trains alone; the same name twice is refused."""
+    from peftseg.methods._peft import adapters_in
+
+    model = apply_method(model, method("lora", targets=["attn_qkv"]), adapter_name="cats")
+    qkv = linear(model, "backbone.net.blocks.0.attn.qkv")
+    assert adapters_in(qkv) == {"cats"}
+    model = apply_method(model, method("lora", targets=["attn_qkv"], rank=2), adapter_name="dogs")
+    assert adapters_in(qkv) == {"cats", "dogs"} and qkv.lora_A["dogs"].out_features == 2
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert trained and all(".dogs." in n for n in trained)
+    with pytest.raises(UserError, match="already wraps"):
+        apply_method(model, method("lora", targets=["attn_qkv"]), adapter_name="dogs")
+
+
 def test_adapter_lora_trains_the_union_and_starts_at_the_base_output(base, model):
     from peftseg.registry import METHODS
     cfg = preset("method", "adapter_lora", METHODS.get("adapter_lora").config)

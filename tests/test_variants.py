@@ -294,3 +294,114 @@ def test_predict_with_runs_of_one_name_writes_each_to_its_own_folder(tmp_path):
     assert folders == ["A_outputs_2026-01-01_12-00-00", "B_outputs_2026-01-01_12-00-00"]
     a, b = (json.loads((out / f / "predictions.json").read_text()) for f in folders)
     assert a and b and a != b  # each variant's own predictions, neither overwritten
+
+
+@pytest.fixture(scope="module")
+def own_kind_runs(tmp_path_factory):
+    """Variants whose methods hang modules of their own on the base or train its tensors: Monas
+    (with dropout, off in a loaded model), adapters + LoRA in one run, and every tensor (full)."""
+    root = tmp_path_factory.mktemp("own_kinds")
+    return [make_run(root / "mona", "method=mona", noise_seed=1),
+            make_run(root / "adapter_lora", "method=adapter_lora", noise_seed=2),
+            make_run(root / "full", "method=full", noise_seed=3),
+            make_run(root / "lora", "method=lora", noise_seed=4)]
+
+
+def test_own_modules_and_trained_base_tensors_switch_exactly(own_kind_runs):
+    from peftseg.methods._attached import attached_modules
+
+    vset = load_variants([str(r) for r in own_kind_runs], [])
+    bare = vset.activate(None)
+    assert attached_modules(bare) == {}  # no variant's modules (or hooks) on the bare base
+    inputs = _inputs()
+    for v in [*vset.variants, *reversed(vset.variants)]:
+        alone = load_model(str(v.source), []).model
+        ref, got = _outputs(alone, inputs), _outputs(vset.activate(v), inputs)
+        for r, g in zip(ref, got):
+            assert len(r) > 0, v.name
+            for field in ("scores", "pred_classes", "pred_masks"):
+                assert torch.equal(getattr(r, field), getattr(g, field)), (v.name, field)
+        assert vset.param_counts(v) == count_parameters(alone), v.name
+        # what trains is switched too: the active variant's parameters, as in its model alone
+        assert sum(p.numel() for p in vset.model.parameters() if p.requires_grad) == \
+            count_parameters(alone).trainable, v.name
+    assert set(vset.get("mona").children) == {f"backbone.net.blocks.{i}.peft_mona" for i in range(4)}
+    # full trains every tensor: each variant's own copy is swapped in, the base's copy of those
+    # that all variants train (the task layers) is released
+    assert vset.get("full").swapped_bytes > vset.get("lora").swapped_bytes > 0
+
+
+def test_eval_variants_refuse_a_folder_holding_another_s_files_and_leave_them(runs, tmp_path, shapes_cache):
+    variants = f"checkpoint=[{runs[0]},{runs[1]}]"
+    out = tmp_path / "ev"
+    (out / "lora_b").mkdir(parents=True)
+    theirs = out / "lora_b" / "eval.json"
+    theirs.write_text('{"mine": 1}')
+    proc = cli_in_process("eval", variants, f"output={out}", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: output={theirs} already exists and is not this command's own earlier output" in proc.stderr
+    assert theirs.read_text() == '{"mine": 1}'
+    assert [p for p in out.rglob("*") if p.is_file()] == [theirs]  # refused before any variant was evaluated
+    # a memory.json it did not write, beside the variants' folders
+    other = tmp_path / "ev2"
+    other.mkdir()
+    (other / "memory.json").write_text("notes")
+    proc = cli_in_process("eval", variants, f"output={other}", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: output={other / 'memory.json'} already exists and is not this command's own earlier output" \
+        in proc.stderr
+    assert (other / "memory.json").read_text() == "notes"
+    assert [p for p in other.rglob("*") if p.is_file()] == [other / "memory.json"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_variant_with_non_finite_metrics_is_recorded_failed_not_ok(runs, tmp_path, shapes_cache, monkeypatch):
+    """inf from the evaluator: the variant's eval.json says failed (never ok), the others' ok, and a
+    rerun into the same folder replaces the command's own records."""
+    import peftseg.engine.evaluate as engine_evaluate
+
+    def evaluate(model, dataset, image_size, out_dir, num_workers):
+        ap = float("inf") if Path(out_dir).name == "lora_b" else 12.5
+        return {"segm": {"AP": ap, "AP50": 20.0, "AP75": 10.0}, "bbox": {"AP": 11.0, "AP50": 19.0, "AP75": 9.0}}
+
+    monkeypatch.setattr(engine_evaluate, "evaluate", evaluate)
+    out = tmp_path / "ev"
+    for _ in range(2):
+        proc = cli_in_process("eval", f"checkpoint=[{runs[0]},{runs[1]}]", f"output={out}", cwd=tmp_path,
+                              cache=shapes_cache)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "1 of 2 variants gave no result (lora_b)" in proc.stderr and "segm.AP = inf" in proc.stderr
+        failed = json.loads((out / "lora_b" / "eval.json").read_text())
+        assert failed["status"] == "failed" and "segm.AP = inf" in failed["error"]
+        ok = json.loads((out / "lora_a" / "eval.json").read_text())
+        assert ok["status"] == "ok" and ok["metrics"]["segm"]["AP"] == 12.5
+        memory = json.loads((out / "memory.json").read_text())
+        assert memory["variants"].keys() == {"lora_a", "lora_b"}
+        assert memory["checkpoint_paths"] == [str(r.resolve() / "model_final.safetensors") for r in runs[:2]]
+
+
+def test_variants_of_lora_on_multihead_attention_and_bitfit_share_its_nested_peft_layers(tmp_path, monkeypatch):
+    """peft's LoRA on nn.MultiheadAttention wraps the attention and, inside it, out_proj: two such
+    variants and a bitfit variant (which trains the biases inside them) are each their checkpoint
+    loaded alone."""
+    import peft
+
+    import peftseg.checkpoint.provenance as provenance
+
+    # the checkpoints are made under the installed peft (make_run records no versions)
+    monkeypatch.setattr(provenance, "recorded_versions", lambda meta, source: {"peft": peft.__version__})
+    model = "model=m2f_tiny"
+    runs = [make_run(tmp_path / "mha", model, "method=lora", "method.targets=[decoder_cross_attn]", noise_seed=1),
+            make_run(tmp_path / "bitfit", model, "method=bitfit", noise_seed=2),
+            make_run(tmp_path / "mha_r2", model, "method=lora", "method.targets=[decoder_cross_attn]", "method.rank=2",
+                     noise_seed=3)]
+    vset = load_variants([str(r) for r in runs], [])
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"image": (torch.rand(3, 96, 96, generator=g) * 255).to(torch.uint8), "height": 96, "width": 96}]
+    for v in reversed(vset.variants):
+        alone = load_model(str(v.source), []).model
+        ref, got = _outputs(alone, inputs)[0], _outputs(vset.activate(v), inputs)[0]
+        assert len(ref) > 0, v.name
+        for field in ("scores", "pred_classes", "pred_masks"):
+            assert torch.equal(getattr(ref, field), getattr(got, field)), (v.name, field)
+        assert vset.param_counts(v) == count_parameters(alone), v.name

@@ -42,18 +42,24 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         prefix = f"{mod_name}." if mod_name else ""
         state.update({prefix + n: p.detach() for n, p in own if p.requires_grad})
-        state.update({prefix + n: b for n, b in module.named_buffers(recurse=False)
-                      if n not in module._non_persistent_buffers_set})
+        # a buffer is saved when the module's own state_dict holds it (non-persistent ones it leaves out)
+        saved = {k for k in module.state_dict(keep_vars=True) if "." not in k}
+        state.update({prefix + n: b for n, b in module.named_buffers(recurse=False) if n in saved})
     return state
 
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the frozen parameters: a checkpoint only fits the base it was trained on."""
+    return fingerprint((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+
+
+def fingerprint(params) -> str:
+    """sha256 over (name, tensor) pairs in name order: base_fingerprint's, and that of a task
+    variant's frozen parameters under the names its model alone gives them."""
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if not p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for name, p in sorted(params, key=lambda item: item[0]):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -28,7 +28,7 @@ from peftseg.io.output_guard import output_file, own_earlier_output, write_error
 
 from peftseg.errors import UserError
 from peftseg.methods.options import widen_frozen
-from peftseg.params import added_params
+from peftseg.params import added_params, forget_added
 from peftseg.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     fold_tuner_layers(model)
     if hasattr(model, "peft_config"):  # set by peft.inject_adapter_in_model
         del model.peft_config
-    model.__dict__.pop("peftseg_added", None)  # nothing is left of the method's modules
+    forget_added(model)  # nothing is left of the method's modules
     return model
 
 

@@ -120,14 +120,17 @@ def _eval_variants(checkpoints: list[str], overrides: list[str], output: str | N
     from peftseg.build import resolve_device
     from peftseg.errors import UserError
     from peftseg.io.atomic import write_json
-    from peftseg.io.output_guard import check_targets, output_dir, write_errors
+    from peftseg.io.output_guard import check_targets, output_dir, replaceable, write_errors
 
     root = Path(output or "eval_variants")
     vset = load_variants(checkpoints, overrides, need_dataset=True, reserved_names=(MEMORY,))
     sources = [v.source for v in vset]
-    # every folder checked before any variant is evaluated: a bad output= stops the command whole
+    # what memory.json records of its making: a rerun replaces only its own, for the same checkpoints
+    made_of = {"checkpoint_paths": [str(Path(s).resolve()) for s in sources]}
+    # every file checked before any variant is evaluated: a bad output= stops the command whole
     output_dir(root, inputs=sources, what="output=")
     check_targets([root / MEMORY], sources, what="output=")
+    replaceable(root / MEMORY, root / MEMORY, made_of)
     for v in vset:
         check_output(root / v.name, sources, v.source)
     vset.to(resolve_device(vset.variants[0].cfg.train.device))
@@ -143,7 +146,7 @@ def _eval_variants(checkpoints: list[str], overrides: list[str], output: str | N
         _show(record, root / v.name)
     mem = print_memory(console, vset)
     with write_errors(root):
-        write_json(root / MEMORY, mem)
+        write_json(root / MEMORY, {**mem, **made_of})
     if failed:
         reasons = " ".join(f"[{name}] {exc}" for name, exc in failed)
         raise UserError(f"{len(failed)} of {len(vset.variants)} variants gave no result "

@@ -14,6 +14,8 @@ import torch.nn as nn
 
 from peftseg.errors import UserError
 from peftseg.models import family_of
+from peftseg.params import forget_added
+from peftseg.methods._attached import Attached
 from peftseg.methods.options import outside, unselected_blocks
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -40,12 +42,18 @@ class BottleneckAdapter(nn.Module):
         return f"scale={self.scale}"
 
 
-class AdapterStack(nn.ModuleList):
-    """The adapters of one site; `parallel` marks the AdaptFormer placement."""
+class AdapterStack(nn.ModuleList, Attached):
+    """The adapters of one site (`site.peft_adapters`, read by a forward hook on the site);
+    `parallel` marks the AdaptFormer placement."""
+
+    slot = "peft_adapters"
 
     def __init__(self, adapters: list[BottleneckAdapter] | None = None, parallel: bool = False):
         super().__init__(adapters)
         self.parallel = parallel
+
+    def register_hooks(self, host: nn.Module) -> list:
+        return [host.register_forward_hook(_adapter_hook, with_kwargs=True)]
 
     def sequential(self, h: torch.Tensor) -> torch.Tensor:
         for adapter in self:
@@ -63,8 +71,7 @@ class AdapterStack(nn.ModuleList):
 
 
 def _adapter_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    # module level, not a closure: deepcopy and pickle of the model keep working, and
-    # remove_adapters finds the hook by identity
+    # module level, not a closure: deepcopy and pickle of the model keep working
     stack: AdapterStack = module.peft_adapters
     hidden = output[0] if isinstance(output, tuple) else output
     if stack.parallel:
@@ -179,8 +186,7 @@ def add_adapters(model: nn.Module, cfg) -> list[nn.Parameter]:  # cfg: the adapt
         )
         if ref is not None:  # same device and dtype as the block it adapts
             stack.to(device=ref.device, dtype=ref.dtype)
-        module.peft_adapters = stack
-        module.register_forward_hook(_adapter_hook, with_kwargs=True)
+        stack.attach(module)
         params += list(stack.parameters())
     return params
 
@@ -188,16 +194,8 @@ def add_adapters(model: nn.Module, cfg) -> list[nn.Parameter]:  # cfg: the adapt
 def remove_adapters(model: nn.Module) -> nn.Module:
     """Take every adapter and its hook off `model`, leaving the original module tree."""
     for module in list(model.modules()):
-        hook_ids = [i for i, fn in module._forward_hooks.items() if fn is _adapter_hook]
-        for i in hook_ids:
-            # what RemovableHandle.remove() does; the handle itself is not kept because a
-            # deepcopy of it would still point at the original module's hook dict
-            del module._forward_hooks[i]
-            module._forward_hooks_with_kwargs.pop(i, None)
-            module._forward_hooks_always_called.pop(i, None)
-        if isinstance(getattr(module, "peft_adapters", None), AdapterStack):
-            del module.peft_adapters
-    owned = model.__dict__.get("peftseg_added", {})
-    for name in [n for n, owner in owned.items() if owner == "adapter"]:
-        del owned[name]
+        stack = getattr(module, AdapterStack.slot, None)
+        if isinstance(stack, AdapterStack):
+            stack.detach(module)
+    forget_added(model, "adapter")
     return model

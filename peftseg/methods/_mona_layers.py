@@ -29,8 +29,10 @@ import torch
 import torch.nn as nn
 
 from peftseg.errors import UserError
+from peftseg.methods._attached import Attached
 from peftseg.methods.options import outside, unselected_blocks
 from peftseg.models import family_of
+from peftseg.params import forget_added
 
 # the paper's scaled LayerNorm: LN(x)·s1 + x·s2 with s1 = 1e-6 and s2 = 1 at init
 NORM_SCALE_INIT = 1e-6
@@ -82,16 +84,26 @@ class Mona(nn.Module):
         return self.up(self.drop(self.act(z)))
 
 
-class MonaSites(nn.Module):
+class MonaSites(nn.Module, Attached):
     """The Monas of one block (`attn`, `mlp`, either may be None) and the per-call state the
-    hooks share. Attached as `block.peft_mona`."""
+    hooks share. Attached as `block.peft_mona`; `norm` names the block's pre-MLP norm."""
 
-    def __init__(self, attn: Mona | None, mlp: Mona | None, layout: str):
+    slot = "peft_mona"
+
+    def __init__(self, attn: Mona | None, mlp: Mona | None, layout: str, norm: str):
         super().__init__()
         self.attn = attn
         self.mlp = mlp
         self.layout = layout
+        self.norm = norm
         self._clear()
+
+    def register_hooks(self, block: nn.Module) -> list:
+        handles = [block.register_forward_pre_hook(_block_pre_hook, with_kwargs=True),
+                   block.register_forward_hook(_block_hook, with_kwargs=True)]
+        if self.attn is not None:
+            handles.append(getattr(block, self.norm).register_forward_pre_hook(functools.partial(_norm_pre_hook, self)))
+        return handles
 
     def _clear(self) -> None:
         self._grid: tuple[int, int] | None = None
@@ -219,37 +231,21 @@ def add_mona(model: nn.Module, cfg) -> list[nn.Parameter]:  # cfg: the mona meth
             Mona(d, m, float(cfg.dropout)) if "attn" in cfg.sites else None,
             Mona(d, m, float(cfg.dropout)) if "mlp" in cfg.sites else None,
             grid.layout,
+            grid.norm,
         )
         ref = next(block.parameters(), None)
         if ref is not None:  # same device and dtype as the block it adapts
             sites.to(device=ref.device, dtype=ref.dtype)
-        block.peft_mona = sites
-        block.register_forward_pre_hook(_block_pre_hook, with_kwargs=True)
-        block.register_forward_hook(_block_hook, with_kwargs=True)
-        if sites.attn is not None:
-            getattr(block, grid.norm).register_forward_pre_hook(functools.partial(_norm_pre_hook, sites))
+        sites.attach(block)
         params += list(sites.parameters())
     return params
-
-
-def _is_mona_hook(fn: Any) -> bool:
-    return fn in (_block_pre_hook, _block_hook) or (
-        isinstance(fn, functools.partial) and fn.func is _norm_pre_hook)
 
 
 def remove_mona(model: nn.Module) -> nn.Module:
     """Take every Mona and its hooks off `model`, leaving the original module tree."""
     for module in list(model.modules()):
-        for hooks, extras in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-                              (module._forward_hooks, (module._forward_hooks_with_kwargs,
-                                                       module._forward_hooks_always_called))):
-            for i in [i for i, fn in hooks.items() if _is_mona_hook(fn)]:
-                del hooks[i]
-                for extra in extras:
-                    extra.pop(i, None)
-        if isinstance(getattr(module, "peft_mona", None), MonaSites):
-            del module.peft_mona
-    owned = model.__dict__.get("peftseg_added", {})
-    for name in [n for n, owner in owned.items() if owner == "mona"]:
-        del owned[name]
+        sites = getattr(module, MonaSites.slot, None)
+        if isinstance(sites, MonaSites):
+            sites.detach(module)
+    forget_added(model, "mona")
     return model

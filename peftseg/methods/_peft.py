@@ -2,12 +2,15 @@
 
 Targets are group names (`attn_qkv`, `attn_proj`, `mlp`, `heads`, …) that the model's
 FamilyMap turns into module-name regexes; peft matches their union with `re.fullmatch`.
+
+`adapter_name` is the name peft gives the injected adapter: "default" for a run; a task
+variant's own name when peftseg.checkpoint.variants puts several variants on one base (peft's
+multi-adapter API: the layers a second variant targets are already tuner layers and get one
+more adapter, which `set_adapter` switches between).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import re
 
 import peft
@@ -20,21 +23,15 @@ from peftseg.models import family_of
 from peftseg.models.family import FamilyMap
 
 
-# The name peft gives the adapter being injected: "default" for a run; a task variant's own
-# name when peftseg.checkpoint.variants adds several variants to one base (peft's
-# multi-adapter API: the layers a second variant targets are already tuner layers and get
-# one more adapter, which set_adapter switches between).
-_ADAPTER_NAME: contextvars.ContextVar[str] = contextvars.ContextVar("peftseg_adapter_name", default="default")
-
-
-@contextlib.contextmanager
-def adapter_name(name: str):
-    """Inject peft-backed methods under adapter `name` (into existing tuner layers too)."""
-    token = _ADAPTER_NAME.set(name)
-    try:
-        yield
-    finally:
-        _ADAPTER_NAME.reset(token)
+def adapters_in(layer: BaseTunerLayer) -> set[str]:
+    """The names of the adapters a tuner layer holds: the keys of its per-adapter containers
+    (peft's `adapter_layer_names`: lora_A, hada_w1_a, ia3_l, vera_lambda_b, …)."""
+    names: set[str] = set()
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is not None:
+            names.update(container.keys())
+    return names
 
 
 def target_regex(family: FamilyMap, groups: list[str]) -> str:
@@ -42,7 +39,8 @@ def target_regex(family: FamilyMap, groups: list[str]) -> str:
     return "|".join(f"(?:{family.lora_targets[g]})" for g in groups)
 
 
-def resolve_targets(model: nn.Module, family: FamilyMap, targets: list[str], field: str = "method.targets") -> list[str]:
+def resolve_targets(model: nn.Module, family: FamilyMap, targets: list[str], field: str = "method.targets",
+                    adapter_name: str = "default") -> list[str]:
     """Full names of the modules the target groups select; UserError for anything peft
     could not wrap the way a low-rank method means."""
     known = ", ".join(family.lora_targets)
@@ -67,14 +65,14 @@ def resolve_targets(model: nn.Module, family: FamilyMap, targets: list[str], fie
                 f"this {family.name} model; the target groups of this family are: {known}."
             )
         for name in hits:
-            _check_wrappable(name, modules[name], group, field)
+            _check_wrappable(name, modules[name], group, field, adapter_name)
         chosen += [n for n in hits if n not in chosen]
     return chosen
 
 
-def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> None:
+def _check_wrappable(name: str, module: nn.Module, group: str, field: str, adapter_name: str) -> None:
     if isinstance(module, BaseTunerLayer):
-        if _ADAPTER_NAME.get() != "default":  # one more variant's adapter in the same layer
+        if adapter_name not in adapters_in(module):  # one more (task variant's) adapter in the same layer
             return
         raise UserError(
             f"{field} group {group!r} selects {name}, which another peft method of this run "
@@ -97,17 +95,19 @@ def _check_wrappable(name: str, module: nn.Module, group: str, field: str) -> No
     )
 
 
-def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bool, owner: str) -> nn.Module:
-    """Insert peft's layers, then train exactly them (plus the task heads if asked)."""
+def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bool, owner: str,
+           adapter_name: str = "default") -> nn.Module:
+    """Insert peft's layers (adapter `adapter_name`), then train exactly them (plus the task
+    heads if asked)."""
     tuner_cls = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type]
     try:
         if tuner_cls.uses_shared_state:
             # VeRA's projections are shared by all its layers and kept on the tuner, so peft's
             # inject_adapter_in_model refuses it; the tuner injects in place all the same, and
             # every layer holds the shared BufferDict as a submodule, so the tuner can go
-            model = tuner_cls(model, peft_config, adapter_name=_ADAPTER_NAME.get()).model
+            model = tuner_cls(model, peft_config, adapter_name=adapter_name).model
         else:
-            model = peft.inject_adapter_in_model(peft_config, model, adapter_name=_ADAPTER_NAME.get())
+            model = peft.inject_adapter_in_model(peft_config, model, adapter_name=adapter_name)
     except ValueError as e:  # peft's word for a layer type this method has no version of
         if "not supported" not in str(e):
             raise
@@ -120,7 +120,7 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bo
     from peftseg.methods._mha_pin import pin_multihead_attention_bases
 
     pin_multihead_attention_bases(model)
-    return train_only_added(model, peft_added_parameters(model, _ADAPTER_NAME.get()), owner, train_task_layers)
+    return train_only_added(model, peft_added_parameters(model, adapter_name), owner, train_task_layers)
 
 
 def peft_added_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
@@ -146,13 +146,14 @@ def peft_added_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
 
 
 def family_targets(model: nn.Module, targets: list[str], field: str = "method.targets",
-                   blocks="all", blocks_field: str = "method.blocks") -> str:
+                   blocks="all", blocks_field: str = "method.blocks", adapter_name: str = "default") -> str:
     """Validate `targets` against the model's family and return peft's target regex;
-    `blocks` (method.blocks) leaves the backbone blocks it does not select bare."""
+    `blocks` (method.blocks) leaves the backbone blocks it does not select bare;
+    `adapter_name`: the adapter about to be injected."""
     from peftseg.methods.options import exclusion_regex, outside, unselected_blocks
 
     family = family_of(model)
-    chosen = resolve_targets(model, family, list(targets), field)
+    chosen = resolve_targets(model, family, list(targets), field, adapter_name)
     excluded = unselected_blocks(model, blocks, blocks_field)
     if excluded and not outside(chosen, excluded):
         raise UserError(

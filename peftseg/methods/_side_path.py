@@ -4,7 +4,8 @@ Attached without touching detectron2's classes, the way adapters are: the backbo
 (FamilyMap.side_body) gets a `peft_side` submodule and a forward hook that adds the
 path's deltas to its output features; each selected block gets a forward hook that keeps
 its detached output until the body's hook has read it. Hooks are module-level functions,
-so deepcopy and pickle of the model keep working.
+so deepcopy and pickle of the model keep working; `SidePath.detach(body)` takes the path and
+all its hooks off again (peftseg.methods._attached).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from peftseg.errors import UserError
+from peftseg.methods._attached import Attached
 from peftseg.methods.options import selected_blocks
 from peftseg.methods.freeze import train_only_added
 from peftseg.models import family_of
@@ -28,8 +30,11 @@ def _key(feature: str) -> str:
     return feature.replace(".", "_")
 
 
-class SidePath(nn.Module):
-    """Per feature: a down projection per feeding block, one zero-initialised up projection."""
+class SidePath(nn.Module, Attached):
+    """Per feature: a down projection per feeding block, one zero-initialised up projection.
+    Attached as `body.peft_side`."""
+
+    slot = "peft_side"
 
     def __init__(self, feeds: dict[str, list[tuple[str, int]]], bottleneck: int, activation: str):
         super().__init__()
@@ -51,6 +56,10 @@ class SidePath(nn.Module):
             h = self.act(down(x))
             s = h if s is None else s + h
         return self.up[_key(feature)](s)
+
+    def register_hooks(self, body: nn.Module) -> list:
+        handles = [body.get_submodule(n).register_forward_hook(_capture) for names in self.feeds.values() for n in names]
+        return handles + [body.register_forward_hook(_add_side)]
 
 
 def _capture(block: nn.Module, args, output):
@@ -146,9 +155,5 @@ def apply_side(model: nn.Module, cfg) -> nn.Module:
     ref = next(body.parameters(), None)
     if ref is not None:
         side.to(device=ref.device)
-    body.peft_side = side
-    for names in side.feeds.values():
-        for n in names:
-            body.get_submodule(n).register_forward_hook(_capture)
-    body.register_forward_hook(_add_side)
+    side.attach(body)
     return train_only_added(model, list(side.parameters()), "side", cfg.train_task_layers)

@@ -27,7 +27,7 @@ class AdapterLoraConfig(MemoryOptions):  # + base_dtype, blocks
 @register_method("adapter_lora", config=AdapterLoraConfig, colour="#bcbd22", adds_parameters=True, order=70,
                  search_space=prefixed("adapter", adapter.SEARCH_SPACE) + prefixed("lora", lora.SEARCH_SPACE),
                  summary="adapters and LoRA together (method.adapter.*, method.lora.*)")
-def apply(model, cfg: AdapterLoraConfig):
+def apply(model, cfg: AdapterLoraConfig, adapter_name: str = "default"):
     from peftseg.methods import apply_method
     from peftseg.methods.freeze import freeze_all, unfreeze_params
 
@@ -42,7 +42,7 @@ def apply(model, cfg: AdapterLoraConfig):
             )
     trainable: set[int] = set()
     for part in (cfg.adapter, cfg.lora):
-        model = apply_method(model, part)
+        model = apply_method(model, part, adapter_name)
         trainable |= {id(p) for p in model.parameters() if p.requires_grad}
     freeze_all(model)
     unfreeze_params(model, trainable)

@@ -38,16 +38,16 @@ class Ia3Config(PeftOptions):  # + base_dtype, blocks, train_task_layers
 
 @register_method("ia3", config=Ia3Config, colour="#7f7f7f", block_aware=True, mergeable=True, adds_parameters=True, order=30, search_space=SEARCH_SPACE,
                  summary="learned scaling vectors on target outputs / feed-forward inputs (HF peft)")
-def apply(model, cfg: Ia3Config):
+def apply(model, cfg: Ia3Config, adapter_name: str = "default"):
     import peft
 
     from peftseg.methods._peft import family_targets, inject, target_regex
     from peftseg.models import family_of
 
-    targets = family_targets(model, cfg.targets, blocks=cfg.blocks)
+    targets = family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name)
     peft_cfg = peft.IA3Config(
         target_modules=targets,
         # an empty regex would fullmatch nothing; peft wants a list then
         feedforward_modules=target_regex(family_of(model), list(cfg.feedforward)) if cfg.feedforward else [],
     )
-    return inject(model, peft_cfg, cfg.train_task_layers, "ia3")
+    return inject(model, peft_cfg, cfg.train_task_layers, "ia3", adapter_name)

@@ -30,7 +30,7 @@ class LohaConfig(LowRankConfig):
 @register_method("loha", config=LohaConfig, colour="#8c564b", block_aware=True, mergeable=True, adds_parameters=True, order=50,
                  search_space=(Int("rank", 2, 32, log=True), TARGET_SETS),
                  summary="LyCORIS Hadamard-product low-rank updates (HF peft)")
-def apply(model, cfg: LohaConfig):
+def apply(model, cfg: LohaConfig, adapter_name: str = "default"):
     import peft
 
     from peftseg.methods._peft import family_targets, inject
@@ -40,6 +40,6 @@ def apply(model, cfg: LohaConfig):
         alpha=cfg.alpha,
         rank_dropout=cfg.rank_dropout,
         module_dropout=cfg.module_dropout,
-        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name),
     )
-    return inject(model, peft_cfg, cfg.train_task_layers, "loha")
+    return inject(model, peft_cfg, cfg.train_task_layers, "loha", adapter_name)

@@ -36,7 +36,7 @@ class LokrConfig(LowRankConfig):
 @register_method("lokr", config=LokrConfig, colour="#e377c2", block_aware=True, mergeable=True, adds_parameters=True, order=55,
                  search_space=(Int("rank", 2, 32, log=True), TARGET_SETS),
                  summary="LyCORIS Kronecker-product low-rank updates (HF peft)")
-def apply(model, cfg: LokrConfig):
+def apply(model, cfg: LokrConfig, adapter_name: str = "default"):
     import peft
 
     from peftseg.methods._peft import family_targets, inject
@@ -48,6 +48,6 @@ def apply(model, cfg: LokrConfig):
         module_dropout=cfg.module_dropout,
         decompose_factor=cfg.decompose_factor,
         decompose_both=cfg.decompose_both,
-        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name),
     )
-    return inject(model, peft_cfg, cfg.train_task_layers, "lokr")
+    return inject(model, peft_cfg, cfg.train_task_layers, "lokr", adapter_name)

@@ -32,7 +32,7 @@ class LoraConfig(LowRankConfig):
 
 @register_method("lora", config=LoraConfig, colour="#9467bd", block_aware=True, mergeable=True, adds_parameters=True, order=40, search_space=SEARCH_SPACE,
                  summary="low-rank updates W + (alpha/r)BA on target groups (HF peft); rsLoRA, DoRA")
-def apply(model, cfg: LoraConfig):
+def apply(model, cfg: LoraConfig, adapter_name: str = "default"):
     import peft
 
     from peftseg.methods._peft import family_targets, inject
@@ -41,9 +41,9 @@ def apply(model, cfg: LoraConfig):
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         bias="none",
     )
-    return inject(model, peft_cfg, cfg.train_task_layers, "lora")
+    return inject(model, peft_cfg, cfg.train_task_layers, "lora", adapter_name)

@@ -34,14 +34,14 @@ class VeraConfig(LowRankConfig):
 @register_method("vera", config=VeraConfig, colour="#17becf", block_aware=True, mergeable=True, adds_parameters=True, order=45,
                  search_space=(Int("rank", 64, 512, log=True), TARGET_SETS),
                  summary="VeRA: shared frozen random projections, trainable scaling vectors (HF peft)")
-def apply(model, cfg: VeraConfig):
+def apply(model, cfg: VeraConfig, adapter_name: str = "default"):
     import peft
 
     from peftseg.methods._peft import family_targets, inject
 
     peft_cfg = peft.VeraConfig(
         r=cfg.rank,
-        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name),
         projection_prng_key=cfg.projection_prng_key,
         vera_dropout=cfg.dropout,
         d_initial=cfg.d_initial,
@@ -50,4 +50,4 @@ def apply(model, cfg: VeraConfig):
         save_projection=False,
         bias="none",
     )
-    return inject(model, peft_cfg, cfg.train_task_layers, "vera")
+    return inject(model, peft_cfg, cfg.train_task_layers, "vera", adapter_name)

@@ -107,6 +107,9 @@ class ModelFacts:
     weights: object = None  # peftseg.models._weights.WeightsReport of model.weights; None: no file loaded
     base_dtype: str = "fp32"  # how frozen weights are stored (a method's base_dtype): fp32 | bf16
     checkpointed_blocks: int = 0  # blocks recomputed in backward (train.activation_checkpointing)
+    # parameter name -> the method that inserted it (peftseg.params.mark_added): accounting,
+    # learning-rate groups and checkpoints read this instead of guessing from names
+    added: dict = field(default_factory=dict)
 
 
 FACTS_ATTR = "peftseg_facts"
