@@ -292,16 +292,17 @@ def _knob_table(items: list[Knob]) -> str:
                   [[f"`{k.key}`", k.type, k.default, k.accepts, k.help] for k in items])
 
 
-def _preset_rows(family: str, presets: list[str]) -> list[list[str]]:
+def _preset_rows(group: str, presets: list[str]) -> list[list[str]]:
+    """One row per conf/<group>/<preset>.yaml: its first comment line and what it sets."""
     import yaml
 
     rows = []
     for name in presets:
-        text = (CONF / "model" / f"{name}.yaml").read_text()
+        text = (CONF / group / f"{name}.yaml").read_text()
         data = yaml.safe_load(text) or {}
         first = next((line.lstrip("# ").strip() for line in text.splitlines()
                       if line.startswith("#") and not line.startswith("# @package")), "")
-        extends = [str(e) for e in data.pop("defaults", []) if (CONF / "model" / f"{e}.yaml").is_file()]
+        extends = [str(e) for e in data.pop("defaults", []) if (CONF / group / f"{e}.yaml").is_file()]
         data.pop("name", None)
         data.pop("family", None)
         sets = ", ".join(f"`{k}={_override_value(v)}`" for k, v in data.items())
@@ -327,6 +328,10 @@ def config_reference() -> str:
     train_cls = hints["train"]
     tracking_cls = next(a for a in typing.get_args(hints["tracking"]) if a is not type(None))
     parts = [
+        "---",
+        "hide: [navigation]  # wide tables: the page's own table of contents stays",
+        "---",
+        "",
         "# Configuration reference",
         "",
         "Generated from the code when this site is built: the registered methods, model families and",
@@ -339,7 +344,10 @@ def config_reference() -> str:
         "",
         "## train",
         "",
-        "`train=default` (a full schedule) and `train=smoke` (CI-sized) are presets of these knobs:",
+        "Pick a schedule with `train=<preset>`; each sets only what differs from the defaults below:",
+        "",
+        _table(["preset", "what it is", "sets"],
+               _preset_rows("train", sorted(p.stem for p in (CONF / "train").glob("*.yaml")))),
         "",
         _knob_table(knobs(train_cls, "train")),
         "",
@@ -364,7 +372,7 @@ def config_reference() -> str:
     for spec in FAMILIES:
         parts += [f"### {spec.name}", "", spec.summary + ".", ""]
         if presets.get(spec.name):
-            parts += [_table(["preset", "what it is", "sets"], _preset_rows(spec.name, presets[spec.name])), ""]
+            parts += [_table(["preset", "what it is", "sets"], _preset_rows("model", presets[spec.name])), ""]
         parts += [_knob_table(knobs(spec.config, "model")), ""]
     parts += ["## Datasets", ""]
     for spec in DATASETS:
@@ -423,7 +431,7 @@ def _load(name: str):
     return json.loads((BENCHMARKS / name).read_text())
 
 
-def _describe(row: dict) -> str:
+def _describe(row: dict, attention: bool = True) -> str:
     parts = [row["method"]]
     if row.get("blocks") not in (None, "all"):
         parts.append(f"blocks={row['blocks']}")
@@ -431,7 +439,7 @@ def _describe(row: dict) -> str:
         parts.append(f"base_dtype={row['base_dtype']}")
     if row.get("activation_checkpointing"):
         parts.append("activation checkpointing")
-    if row.get("attention"):
+    if attention and row.get("attention"):  # only where the rows differ in it
         parts.append(f"{row['attention']} attention")
     if "peer" in str(row.get("loop", "")):
         parts.append("detectron2's own training loop")
@@ -450,8 +458,9 @@ def benchmark_table(name: str, time: bool = False) -> str:
     header += ["peak memory", f"× {base}", "weights", "gradients", "optimizer state", "activations"]
     align += "rrrrrr"
     rows = []
+    attentions = {r.get("attention") for r in data["methods"].values()}
     for label, r in data["methods"].items():
-        row = [f"`{label}`", _describe(r), f"{100 * r['ratio']:.1f}"]
+        row = [f"`{label}`", _describe(r, len(attentions) > 1), f"{100 * r['ratio']:.1f}"]
         if time:
             row += [f"{r['step_time_s']:.1f} s", f"{r['step_time_ratio']:.2f}"]
         row += [_bytes(r["peak_memory_bytes"]), f"{r['peak_memory_ratio']:.2f}", _bytes(r["weights_bytes"]),
@@ -477,7 +486,7 @@ def export_parity_table(name: str) -> str:
         within = all(diff[k] <= tol[k] for k in ("scores", "boxes", "masks")) and r["classes_equal"]
         rows.append(label + [f"{r['export_seconds']:.1f}", f"{r['file_bytes'] / 2 ** 20:.1f}",
                              str(r.get("compared_detections", sum(r.get("detections", [])))),
-                             f"{diff['scores']:.1e}", f"{diff['boxes']:.1e}", f"{diff['masks']:.1e}",
+                             *(("0" if diff[k] == 0 else f"{diff[k]:.1e}") for k in ("scores", "boxes", "masks")),
                              "yes" if r["classes_equal"] else "no", "yes" if within else "**no**"])
     header = ["model", "method", "format", "export s", "MiB", "compared", "scores", "boxes (px)", "masks",
               "classes equal", "within tolerance"]
