@@ -44,8 +44,10 @@ README_BLOCK = re.compile(r"(<!-- gen: (registry \w+) -->\n)(.*?)(<!-- /gen -->)
 # --- small formatting helpers -------------------------------------------------------------
 
 def _cell(text) -> str:
-    """One Markdown table cell: no newline, no unescaped pipe."""
-    return str(text).replace("\n", " ").replace("|", "\\|").strip()
+    """One Markdown table cell: no newline, no unescaped pipe, no `*` read as emphasis outside code."""
+    parts = str(text).replace("\n", " ").replace("|", "\\|").split("`")
+    parts[::2] = [part.replace("*", "\\*") for part in parts[::2]]  # the text between code spans
+    return "`".join(parts).strip()
 
 
 def _table(header: list[str], rows: list[list], align: str = "") -> str:
@@ -562,11 +564,12 @@ def family_maps_table() -> str:
     rows = []
     for spec in FAMILIES:
         fm = spec.family_map
-        rows.append([f"`{spec.name}`", ", ".join(f"`{t}`" for t in fm.lora_targets),
-                     ", ".join(f"`{s}`" for s in fm.adapter_sites) or "—",
+        # plain text, not code: long lists of names wrap between names instead of inside them
+        rows.append([f"`{spec.name}`", ", ".join(fm.lora_targets),
+                     ", ".join(fm.adapter_sites) or "—",
                      ", ".join(fm.task_layers), "yes" if fm.token_grid is not None else "—",
                      "yes" if fm.side_body else "—", "yes" if fm.checkpoint_blocks else "—",
-                     ", ".join(f"`{p}`" for p in fm.frozen) or "—"])
+                     ", ".join(p.rstrip(".") for p in fm.frozen) or "—"])
     return _table(["family", "target groups (`method.targets`)", "adapter sites", "task layers",
                    "Mona", "side path", "activation checkpointing", "never trained"], rows)
 
