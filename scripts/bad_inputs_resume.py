@@ -1,4 +1,4 @@
-"""The resume cases of docs/bad_inputs.md, run in-process: prints one
+"""The resume cases of docs/troubleshooting.md ("Resume"), run in-process: prints one
 markdown row per case with the UserError text the CLI prints after `error:` (exit 2).
 
     .venv/bin/python scripts/bad_inputs_resume.py [work dir, default /tmp/trust_b_bad]

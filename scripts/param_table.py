@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/param_table.py --model vitdet_b
     .venv/bin/python scripts/param_table.py --model swin_t --markdown
+    .venv/bin/python scripts/param_table.py --model swin_t --json docs/benchmarks/params_swin_t.json
 
 Each row is a list of Hydra overrides composed over conf/ (exactly the CLI's config),
 then build_model + apply_method + count_parameters. No data or training needed;
@@ -99,13 +100,30 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int, default=80)
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
     ap.add_argument("--only", nargs="*", help="labels to keep (default: all rows whose method exists)")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON (the docs render docs/benchmarks/params_*.json)")
     args = ap.parse_args(argv)
+    from peftseg.registry import FAMILIES, METHODS
+
     methods = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    family = family_of_preset(args.model)
+    family_map = FAMILIES.get(family).family_map
+
+    def hosts(method: str) -> bool:  # e.g. Mona needs a token grid, which SEEM's FocalNet has not
+        return all(getattr(family_map, need, None) for need in METHODS.get(method).requires)
+
     rows = [(label, ov) for label, ov in ROWS
-            if ov[0].split("=", 1)[1] in methods and (not args.only or label in args.only)]
-    rows += [(label, ov) for label, ov in FAMILY_ROWS.get(family_of_preset(args.model), [])
+            if ov[0].split("=", 1)[1] in methods and hosts(ov[0].split("=", 1)[1])
+            and (not args.only or label in args.only)]
+    rows += [(label, ov) for label, ov in FAMILY_ROWS.get(family, [])
              if not args.only or label in args.only]
     result = table_rows(args.model, rows, args.num_classes)
+    if args.json:
+        import json
+        from pathlib import Path
+
+        out = {"model": args.model, "num_classes": args.num_classes,
+               "rows": [{**r, "overrides": overrides} for r, (_, overrides) in zip(result, rows)]}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if args.markdown:
         print(f"| {args.model} ({args.num_classes} classes) | trainable | total | trainable % | vs backbone % |")
         print("|---|---:|---:|---:|---:|")

@@ -6,24 +6,39 @@
 #
 #   bash scripts/update_lock.sh             # refresh, install, test
 #   bash scripts/update_lock.sh --no-test   # only write the new lock (review the diff, then test)
+#   bash scripts/update_lock.sh --keep-pins [--no-test]
+#       # lock a dependency added to pyproject.toml or requirements/*.in without moving the
+#       # others: every package already locked keeps its version where it still fits
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LOCK=requirements/setup.lock
 UV_VERSION=0.13.10  # the resolver; a newer one may resolve the same inputs differently
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+NO_TEST=0; UPGRADE=(--upgrade)
+for arg in "$@"; do
+  case "$arg" in
+    --no-test) NO_TEST=1 ;;
+    --keep-pins) UPGRADE=() ;;
+    *) echo "update_lock: unknown option $arg (options: --no-test, --keep-pins)" >&2; exit 2 ;;
+  esac
+done
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# without --upgrade, uv prefers the versions already in its output file: start it from the lock
+[ ${#UPGRADE[@]} -eq 0 ] && [ -f "$LOCK" ] && cp "$LOCK" "$tmp/setup.lock"
 "$PYTHON" -m venv "$tmp/uv"
 "$tmp/uv/bin/python" -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
 
 # --universal: one lock for every platform (markers say where a package applies);
 # python 3.11 is the oldest interpreter setup.sh accepts. uv writes no index URL into the file.
+# --all-extras: every optional group in pyproject.toml (test, tracking, search, cityscapes, docs),
+# so a new extra is locked, and installed by setup.sh, without an edit here.
 "$tmp/uv/bin/uv" pip compile pyproject.toml requirements/setup.in requirements/detectron2.in \
-  --extra test --extra tracking --extra search --extra cityscapes \
+  --all-extras \
   --override requirements/overrides.txt \
-  --universal --python-version 3.11 --generate-hashes --upgrade \
+  --universal --python-version 3.11 --generate-hashes "${UPGRADE[@]}" \
   --custom-compile-command "bash scripts/update_lock.sh" \
   --output-file "$tmp/setup.lock" --quiet
 
@@ -46,7 +61,7 @@ PY
 
 [ -f "$LOCK" ] && cp "$LOCK" "$tmp/previous.lock"
 cp "$tmp/setup.lock" "$LOCK"
-if [ "${1:-}" = "--no-test" ]; then
+if [ "$NO_TEST" = 1 ]; then
   echo "update_lock: wrote $LOCK (not installed, not tested)"
   exit 0
 fi

@@ -59,7 +59,7 @@ def _env(cwd_cache) -> dict:
     return {k: v for k, v in cli_env(cwd_cache).items() if not k.startswith("MLFLOW_")}
 
 
-# the README's read-back snippet, run where the sweep ran, with no tracking URI and no env var
+# the docs' read-back snippet (docs/tracking.md), run where the sweep ran, with no tracking URI and no env var
 READ_BACK = """
 import json, mlflow
 runs = mlflow.search_runs(experiment_names=["peftseg"])
@@ -84,11 +84,11 @@ def test_a_tracked_sweep_lands_in_mlflows_default_sqlite_store(tmp_path, shapes_
     said = re.findall(r"mlflow: (parent run|run) ([0-9a-f]{32}) in (\S+) \(experiment 'peftseg'\)", proc.stdout)
     assert [(kind, uri) for kind, _, uri in said] == [("parent run", store), ("run", store), ("run", store)]
     assert not list(tmp_path.glob("mlruns/*/meta.yaml"))  # no file store: MLflow's default stays sqlite
-    # the README's read-back snippet as written, then our checks, in one fresh interpreter (one MLflow
+    # the docs' read-back snippet as written, then our checks, in one fresh interpreter (one MLflow
     # import instead of two; the snippet first, so it relies on nothing ours imports or sets): no
     # tracking URI, no env var, from where the sweep ran
-    readme = (ROOT / "README.md").read_text()
-    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "mlflow.search_runs" in b)
+    page = (ROOT / "docs" / "tracking.md").read_text()  # the documentation's read-back snippet
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "mlflow.search_runs" in b)
     read = subprocess.run([sys.executable, "-c", snippet + "\nprint('OUR CHECKS')\n" + READ_BACK], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert read.returncode == 0, read.stderr[-3000:]
@@ -103,7 +103,7 @@ def test_a_tracked_sweep_lands_in_mlflows_default_sqlite_store(tmp_path, shapes_
     assert sorted(c["params.method.name"] for c in children) == ["bitfit", "heads"]
     assert all(c["status"] == "FINISHED" and c["metrics.params.trainable"] > 0 for c in children)
     assert {run_id for _, run_id, _ in said} == {r["run_id"] for r in runs}
-    # the README's snippet works as written
+    # the docs' snippet works as written
     assert "heads" in shown and "bitfit" in shown and "FINISHED" in shown
     # artifacts beside the database, under ./mlruns (git-ignored with it)
     assert list(tmp_path.glob("mlruns/*/*/artifacts/results.json"))
