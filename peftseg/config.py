@@ -153,7 +153,7 @@ def schemas() -> dict[str, dict[str, type]]:
 
 
 # the groups whose options are registrations (a yaml there only sets values)
-REGISTERED = {"method": METHODS, "dataset": DATASETS}
+REGISTERED = {"model": FAMILIES, "method": METHODS, "dataset": DATASETS}
 
 
 def typed_group(group: str, values: dict) -> DictConfig:

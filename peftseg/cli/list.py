@@ -20,13 +20,15 @@ _SCHEMA_REF = re.compile(r"/schema/(\w+)/(\w+)@_here_")
 
 def description(group: str, name: str) -> str:
     """A method's or dataset's registered one-line summary; for model presets and train
-    recipes (which no registry lists one by one) the first comment line of their yaml."""
-    from peftseg.registry import DATASETS, METHODS
+    recipes (which no registry lists one by one) the first comment line of their yaml; a
+    family's own name, without a yaml, is the family at its dataclass's defaults."""
+    from peftseg.config import REGISTERED
 
-    registry = {"method": METHODS, "dataset": DATASETS}.get(group)
-    if registry is not None and name in registry.names():
-        return registry.get(name).summary
+    registry = REGISTERED.get(group)
     path = CONF_DIR / group / f"{name}.yaml"
+    if registry is not None and name in registry.names() and not (group == "model" and path.is_file()):
+        summary = registry.get(name).summary
+        return f"{summary} (the family's default shape)" if group == "model" else summary
     for line in (path.read_text().splitlines() if path.is_file() else []):
         if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("# ").strip()
