@@ -181,3 +181,17 @@ class HeldSqlite:
     def release(self):
         if self.con.in_transaction:
             self.con.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def registered_for_test(registry, spec, group: str):
+    """`spec` registered in `registry` for the block, then gone again: from the registry and
+    from the option compose_config stored for it in Hydra's ConfigStore under `group`."""
+    from hydra.core.config_store import ConfigStore
+
+    registry.add(spec)
+    try:
+        yield spec
+    finally:
+        registry._specs.pop(spec.name)
+        ConfigStore.instance().repo.get(group, {}).pop(f"{spec.name}.yaml", None)

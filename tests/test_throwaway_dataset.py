@@ -23,15 +23,11 @@ class ThrowawayDatasetConfig(ShapesDatasetConfig):
 
 @pytest.fixture()
 def registered():
-    from test_throwaway_method import forget_option
+    from helpers import registered_for_test
 
     spec = DatasetSpec(NAME, ThrowawayDatasetConfig, register_shapes, summary="shapes under another name")
-    DATASETS.add(spec)
-    try:
+    with registered_for_test(DATASETS, spec, "dataset"):
         yield spec
-    finally:
-        DATASETS._specs.pop(NAME)
-        forget_option("dataset", NAME)
 
 
 def test_it_is_listed_composes_and_validates_without_a_yaml(registered):

@@ -48,15 +48,11 @@ class ThrowawayVitConfig(VitDetConfig):  # the vitdet_tiny sizes, as a family's 
 
 @pytest.fixture()
 def registered():
-    from test_throwaway_method import forget_option
+    from helpers import registered_for_test
 
     spec = FamilySpec(NAME, ThrowawayVitConfig, build, FAMILY, summary="a ViTDet under another name")
-    FAMILIES.add(spec)
-    try:
+    with registered_for_test(FAMILIES, spec, "model"):
         yield spec
-    finally:
-        FAMILIES._specs.pop(NAME)
-        forget_option("model", NAME)
 
 
 def test_it_is_listed_composes_validates_and_trains_without_a_yaml(registered, tmp_path, shapes_cache):

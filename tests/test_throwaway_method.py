@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from helpers import registered_for_test
 from peftseg.config import TrainConfig
 from peftseg.engine.optim import build_optimizer
 from peftseg.errors import UserError
@@ -53,19 +54,8 @@ def registered():
     spec = MethodSpec(NAME, ThrowawayConfig, apply, summary="a learnable output scale per backbone block",
                       adds_parameters=True, block_aware=True, order=35, colour="#123456",
                       search_space=(Float("init", 0.5, 2.0),))
-    METHODS.add(spec)
-    try:
+    with registered_for_test(METHODS, spec, "method"):
         yield spec
-    finally:
-        METHODS._specs.pop(NAME)
-        forget_option("method", NAME)
-
-
-def forget_option(group: str, name: str) -> None:
-    """Drop the option compose_config stored for a registration the test made."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().repo.get(group, {}).pop(f"{name}.yaml", None)
 
 
 def test_the_cli_lists_it_and_its_knobs(registered):
