@@ -65,8 +65,9 @@ def test_a_command_prints_no_known_third_party_warning_but_still_shows_others(
     assert proc.returncode == 0, proc.stderr
     shown = proc.stdout + proc.stderr
     others = shown.replace("`torch.jit.script` is deprecated in my_tools", "")
-    for words in ("torch.meshgrid: in an upcoming release", "`torch.jit.", "`torch.cuda.amp.", "'warn' method is deprecated",
-                  "__array__ implementation", "pkg_resources is deprecated", "Importing from timm.models.layers"):
+    for words in ("torch.meshgrid: in an upcoming release", "`torch.jit.", "`torch.cuda.amp.",
+                  "'warn' method is deprecated", "__array__ implementation", "pkg_resources is deprecated",
+                  "Importing from timm.models.layers"):
         assert words not in others, words
     assert "UserWarning: a warning of the user's own code" in proc.stderr
     assert "FutureWarning: `torch.jit.script` is deprecated in my_tools too" in proc.stderr

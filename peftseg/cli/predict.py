@@ -30,7 +30,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from peftseg.cli.common import ItemProgress, Stages, console as default_console, err_console, print_text, split_args, wants_help
+from peftseg.cli.common import ItemProgress, Stages, console as default_console, err_console, print_text
+from peftseg.cli.common import split_args, wants_help
 from peftseg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
 @functools.cache
 def _visualizer():
     """detectron2's Visualizer, its labels white on their dark box: it draws them in the mask's
-    colour, brightened, which on a dark image is hard to read (blue on black: about 3:1)."""
+    colour, brightened, which on a dark image can be a blue that is hard to read on black."""
     from detectron2.utils.visualizer import Visualizer
 
     class ReadableLabels(Visualizer):

@@ -56,7 +56,8 @@ def oversubscription_hint(*, device_type: str, threads: int, processes: int = 1,
     elif round(others) >= cores:
         where = f"other processes already keep all {cores} cores of this machine busy (load average {load:.1f})"
     else:
-        where = f"other processes keep about {others:.0f} of this machine's {cores} cores busy (load average {load:.1f})"
+        where = (f"other processes keep about {others:.0f} of this machine's {cores} cores busy "
+                 f"(load average {load:.1f})")
     fix = f"Set train.threads={per_process} (or OMP_NUM_THREADS={per_process} in the environment)"
     if per_process > 1:
         fix += "; with several runs sharing the cores, train.threads=1"
