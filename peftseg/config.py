@@ -69,6 +69,10 @@ class TrainConfig:
     # recompute each transformer block in backward instead of storing its activations
     activation_checkpointing: bool = False
     num_workers: int = 2
+    # CPU threads torch computes with in this run (torch.set_num_threads); null: torch's default
+    # (OMP_NUM_THREADS, else one per core). 1 when other jobs share the cores; the record keeps
+    # the number used
+    threads: Optional[int] = None
     seed: int = 0
     progress: bool = True
     timing_warmup_iters: int = 5  # steps excluded from the mean step time
@@ -85,6 +89,9 @@ class TrainConfig:
                          ("checkpoint_period", 0), ("num_workers", 0),
                          ("timing_warmup_iters", 0), ("machine_rank", 0)):
             checks.integer(f"train.{key}", getattr(self, key), minimum=low)
+        if self.threads is not None:
+            checks.integer("train.threads", self.threads, minimum=1,
+                           why="null keeps torch's default, one thread per core; e.g. train.threads=1 on shared cores")
         # numpy's and detectron2's seeding take 32-bit seeds: 2**32 would fail mid-setup
         checks.integer("train.seed", self.seed, minimum=0, maximum=2**32 - 1, why="numpy seeds are 32-bit")
         checks.choice("train.optimizer", self.optimizer, OPTIMIZERS)

@@ -8,7 +8,7 @@ The ranges:
 - metrics (AP, AP50, AP75, APs/APm/APl, AP-<class>, Cityscapes' AP, …): percentages, [0, 100];
 - params: `ratio` (trainable / total) in (0, 1], every count a whole number >= 0, trainable <= total;
 - efficiency: times (`*_s`, images/s too) and sizes (`*_bytes`) > 0 where measured (null: not
-  measured), counts (timed steps, checkpointed blocks) whole numbers >= 0, processes >= 1.
+  measured), counts (timed steps, checkpointed blocks) whole numbers >= 0, processes and threads >= 1.
 
 COCOeval has one legitimate value outside them: -1, its "undefined", for an AP it cannot
 define (an area range with no ground truth: APs/APm/APl; a category absent from the val
@@ -36,7 +36,7 @@ HEADLINE = ("AP", "AP50", "AP75")
 COCO_UNDEFINED = -1  # COCOeval's value for an AP it cannot define
 PERCENT = (0, 100)
 SIZE_RANGES = ("APs", "APm", "APl")  # COCOeval's area ranges: small, medium, large
-COUNTS = {"timed_steps": 0, "checkpointed_blocks": 0, "num_processes": 1}  # efficiency counts: minimum
+COUNTS = {"timed_steps": 0, "checkpointed_blocks": 0, "num_processes": 1, "threads": 1}  # efficiency counts: minimum
 
 
 def _number(value: Any) -> bool:

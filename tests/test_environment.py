@@ -83,3 +83,60 @@ def test_a_run_records_the_lock_it_ran_on_and_loading_names_what_moved(tmp_path)
     now = versions()
     assert version_drift(now) is None and version_drift(None) is None
     assert version_drift({**now, "peft": "0.21.2", "timm": "0.1"}) == f"peft 0.21.2 -> {now['peft']}"
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"peftseg_setup_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_setup_says_each_locked_package_in_one_numbered_line_and_passes_the_rest_through():
+    progress = _script("pip_progress")
+    pip = """\
+Ignoring pywin32: markers 'sys_platform == "win32"' don't match your environment
+Collecting absl-py==2.1.0 (from -r requirements/setup.lock (line 7))
+  Using cached absl_py-2.1.0-py3-none-any.whl (133 kB)
+Collecting torch==2.5.1 (from -r requirements/setup.lock (line 2034))
+  Downloading torch-2.5.1-cp311-cp311-manylinux1_x86_64.whl (906.4 MB)
+Requirement already satisfied: numpy==2.1.0 in ./.venv/lib/python3.11/site-packages (from -r x (line 9))
+Installing collected packages: absl-py, torch
+  Attempting uninstall: torch
+    Found existing installation: torch 2.4.0
+    Uninstalling torch-2.4.0:
+      Successfully uninstalled torch-2.4.0
+Successfully installed absl-py-2.1.0 torch-2.5.1
+a line pip adds in a later version
+""".splitlines()
+    assert list(progress.compact(pip, 174)) == [  # 173: one entry is for Windows
+        "setup: [  1/173] absl-py==2.1.0 (133 kB, in pip's cache)",
+        "setup: [  2/173] torch==2.5.1 (906.4 MB, downloading)",
+        "setup: [  3/173] numpy==2.1.0 (already installed)",
+        "setup: installing 2 package(s) into .venv (unpacking torch and its CUDA libraries takes a few minutes)",
+        "a line pip adds in a later version",
+    ]
+    assert progress.locked_count(str(LOCK_FILE)) >= len(locked_versions()) > 100  # theirs: this platform's only
+
+
+def test_the_detectron2_rebuild_says_each_step(tmp_path, monkeypatch, capsys):
+    import zipfile
+
+    build = _script("build_detectron2")
+    source = tmp_path / "sal_detectron2-0.7.2-cp310-none-any.whl"
+    with zipfile.ZipFile(source, "w") as z:
+        z.writestr("detectron2/__init__.py", "__version__ = '0.7.2'\n")
+        z.writestr("detectron2/_C.cpython-310-x86_64-linux-gnu.so", b"\0")
+        z.writestr("sal_detectron2-0.7.2.dist-info/METADATA", "Name: sal-detectron2\n")
+    installed = []
+    monkeypatch.setattr(build, "download", lambda dest: source)
+    monkeypatch.setattr(build.subprocess, "run", lambda cmd, check: installed.append(cmd[-1]))
+    build.main()
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: plain lines
+    assert [line.split(" ", 2)[1] for line in lines if line.startswith("detectron2: [")] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert "detectron2: [1/3] downloading sal-detectron2==0.7.2 from your package index" in lines[0]
+    assert lines[-1].startswith("detectron2: installed detectron2 0.7.2 in ")
+    (wheel,) = installed
+    assert wheel.endswith("detectron2-0.7.2-py3-none-any.whl")

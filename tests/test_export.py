@@ -417,3 +417,24 @@ def test_export_is_a_command_with_help_and_the_readme_commands_use_its_suffixes(
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     commands = re.findall(r"peftseg export [^\n`]*format=(\w+)[^\n`]*output=(\S+)", readme)
     assert commands and all(Path(o).suffix == {"onnx": ".onnx", "torchscript": ".pt"}[f] for f, o in commands)
+
+
+def test_export_says_each_step_on_stderr_and_keeps_stdout_for_what_it_wrote(tmp_path, shapes_cache):
+    from PIL import Image
+
+    run = make_run(tmp_path / "lora", "method=lora", noise_seed=5)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(ex.example_images(128, 2, seed=3)):
+        Image.fromarray(image.permute(1, 2, 0).round().byte().numpy()).save(images / f"{i}.png")
+    (images / "labels.csv").write_text("file,label\n")
+    proc = cli_in_process("export", f"checkpoint={run}", "format=torchscript", f"images={images}", cwd=tmp_path,
+                          cache=shapes_cache)
+    assert proc.returncode == 0, proc.stderr
+    # not a terminal here: one line per step, as it starts, in order
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("export: ")]
+    assert steps == [f"export: loading {run}", "export: running PyTorch on 2 parity images",
+                     "export: tracing the model and writing it as TorchScript",
+                     "export: parity check: the file in torch.jit.load vs PyTorch on 2 images"]
+    assert "export:" not in proc.stdout and "exported vitdet_tiny + lora" in proc.stdout
+    assert f"skipped labels.csv in {images}: not an image" in proc.stdout

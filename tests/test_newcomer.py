@@ -118,3 +118,34 @@ def test_train_help_marks_the_options_a_run_takes_by_default(capsys):
     for group, name in default_choices().items():
         assert f"{name}*" in text.split(f"\n{group}: ", 1)[1].split("\n", 1)[0], group
         assert f"\n{group}={name}  " in text
+
+
+def test_long_commands_say_each_step_on_a_terminal_and_in_a_log():
+    from peftseg.cli.common import Stages
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+    with Stages(terminal, "export") as stage:
+        stage("loading run/model_final.safetensors")
+        stage("tracing the model and writing it as ONNX (opset 17)")
+    screen = terminal.file.getvalue()
+    # every finished step stays on screen with a tick and how long it took
+    assert screen.count("✓") >= 2 and "loading run/model_final.safetensors" in screen and "0:00:00" in screen
+    log = Console(file=io.StringIO(), width=100)  # a file: no spinner, one line per step
+    with Stages(log, "export") as stage:
+        stage("loading [run]/model_final.safetensors")  # a path with brackets stays as it is
+        stage("parity check")
+    assert log.file.getvalue() == "export: loading [run]/model_final.safetensors\nexport: parity check\n"
+
+
+def test_progress_over_many_images_in_a_log_is_one_line_per_tenth():
+    from peftseg.cli.common import ItemProgress
+
+    log = Console(file=io.StringIO(), width=200)
+    with ItemProgress(log, "predict", 25) as bar:
+        for i in range(25):
+            bar.start(f"{i:03d}.png")
+            bar.advance()
+    lines = log.file.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["3/25", "6/25", "9/25", "12/25", "15/25", "18/25", "21/25",
+                                                    "24/25", "25/25"]
+    assert lines[-1].startswith("predict: 25/25 images (024.png), elapsed 0:00:00, ETA 0:00:00")

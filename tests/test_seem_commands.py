@@ -79,7 +79,7 @@ def test_predict_writes_masks_in_the_dataset_classes(seem_run, shapes_cache, tmp
     for det in detections:
         assert det["category_id"] in (1, 2, 3) and 0.0 <= det["score"] <= 1.0
         assert mask_util.decode(det["segmentation"]).shape == (128, 128)
-    assert Image.open(out / image.name).size == (512, 512)
+    assert Image.open(out / image.name).size == Image.open(image).size == (128, 128)  # the input's own size
 
 
 def test_visualize_draws_the_runs_predictions(seem_run, shapes_cache, tmp_path):

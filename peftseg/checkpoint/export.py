@@ -37,6 +37,7 @@ import io
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -380,15 +381,19 @@ def _sha256(path: Path) -> str:
 
 
 def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: list[str],
-                      classes: list[str] | None = None, images: list[Path] | None = None) -> Exported:
+                      classes: list[str] | None = None, images: list[Path] | None = None,
+                      stage: Callable[[str], None] | None = None) -> Exported:
     """Load (checkpoint.load), check, fold peft layers, trace, check parity, write atomically: the file at
     `output` when parity passes, at failed_path(output) when it does not (Exported.ok says which).
-    `images`: image files to check parity on instead of the synthetic ones."""
+    `images`: image files to check parity on instead of the synthetic ones. `stage`: called with
+    each step as it starts (loading, running PyTorch, tracing, the parity check), for progress."""
     from peftseg.checkpoint.load import load_model
     from peftseg.checkpoint.merge import fold_tuner_layers
 
     if fmt not in FORMATS:
         raise UserError(f"format={fmt!r} is not an export format; choose format=onnx or format=torchscript.")
+    stage = stage or (lambda text: None)
+    stage(f"loading {checkpoint or 'the model'}")
     loaded = load_model(checkpoint, overrides, classes=classes)  # classes: a plain checkpoint's
     family = str(loaded.cfg.model.family)
     source = Path(os.path.realpath(loaded.source))
@@ -413,15 +418,20 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
         described = f"the {len(parity_images)} images of images= (resized to {size} x {size} px)"
     else:
         parity_images, described = example_images(size, PARITY_IMAGES, seed=0), ""
+    stage(f"running PyTorch on {len(parity_images)} parity images")
     with torch.no_grad():
         names = _output_names(adapter, adapter(trace_image))
     refs = reference_outputs(adapter, names, parity_images,
                              f"{loaded.cfg.model.name} + {loaded.cfg.method.name} from {loaded.source}", described)
+    stage(f"tracing the model and writing it as ONNX (opset {OPSET})" if fmt == "onnx"
+          else "tracing the model and writing it as TorchScript")
     start = time.perf_counter()
     payload = _serialise(adapter, trace_image, fmt, family, names)
     seconds = time.perf_counter() - start
     if fmt == "onnx" and not payload:
         raise UserError(f"the ONNX exporter produced an empty graph for family {family!r}; nothing was written.")
+    stage(f"parity check: the file in {'onnxruntime' if fmt == 'onnx' else 'torch.jit.load'} vs PyTorch on "
+          f"{len(parity_images)} images")
     run = _runner(payload, fmt)  # loads before anything is written: a file its runtime rejects is never left
     parity = check_parity(refs, run, parity_images)
     ok = parity["within_tolerance"]

@@ -34,7 +34,7 @@ from peftseg.registry import GROUPS
 # compute (devices and process layout change float rounding at most; the data position and
 # RNG states in the checkpoint keep the batches the same). Everything else is fixed.
 APPLICABLE = frozenset({
-    "train.resume", "train.device", "train.num_workers", "train.progress", "train.log_period",
+    "train.resume", "train.device", "train.num_workers", "train.threads", "train.progress", "train.log_period",
     "train.eval_period", "train.checkpoint_period", "train.timing_warmup_iters",
     "train.activation_checkpointing", "train.num_gpus", "train.num_machines", "train.machine_rank",
     "train.dist_url", "train.find_unused_parameters",

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-import warnings
 
-# Third-party deprecation chatter (torch.jit, pkg_resources) would drown the progress bar.
-# Set by the entry point only: importing peftseg as a library changes no global filter.
+from peftseg.cli import known_warnings
 from peftseg.cli.common import console, err_console, print_text, report_error
 from peftseg.errors import UserError, UserErrorExit
 
@@ -54,8 +52,9 @@ HELP = _help()
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+    # third-party warnings nobody can act on, each by its message and module (known_warnings):
+    # set by the entry point only, so importing peftseg as a library changes no global filter
+    known_warnings.install()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_text(HELP)

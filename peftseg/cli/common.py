@@ -1,14 +1,21 @@
-"""What every subcommand shares: the consoles, the error paragraph, --help detection, and the
-one parser of `key=value` command arguments (eval, merge, predict, visualize)."""
+"""What every subcommand shares: the consoles, the error paragraph, --help detection, the
+one parser of `key=value` command arguments (eval, merge, predict, visualize), and how a
+long command shows its progress (Stages, ItemProgress).
+
+Progress goes to stderr (err_console): stdout keeps what a command found or wrote, so it
+can be piped or kept as a log of results.
+"""
 
 from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
 
 from rich.console import Console
 
 from peftseg.errors import UserError
-
-import logging
-import sys
 
 # Written to a file or pipe, rich would wrap every line at 80 columns (it cannot know a width),
 # cutting detectron2's per-category tables and the record's path: there, text is never wrapped.
@@ -78,3 +85,103 @@ def split_args(argv: list[str], command: str, own: tuple[str, ...], *, required:
         if key not in options:
             raise UserError(f"no {key} given; `peftseg {command}` needs {key}=… ({usage}).")
     return options, rest, bare
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Stages:
+    """The steps of a long command, each said as it starts.
+
+    On a terminal: a spinner beside the step and its elapsed time; a finished step stays on
+    screen with a tick and the time it took. Elsewhere (a file, a pipe, a CI log), where a
+    spinner would print nothing: one plain line per step, `<command>: <step>`.
+
+        with Stages(err_console, "export") as stage:
+            stage("loading model_final.safetensors")
+            ...
+            stage("tracing the model")
+    """
+
+    def __init__(self, console: Console, command: str):
+        self.console, self.command = console, command
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> "Stages":
+        if self.console.is_terminal:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn(f"[bold]{self.command}"),
+                                      TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
+                                      console=self.console, transient=False)
+            self._progress.start()
+        return self
+
+    def __call__(self, text: str) -> None:
+        if self._progress is None:
+            self.console.print(f"{self.command}: {text}", markup=False, highlight=False, soft_wrap=True)
+            return
+        self._finish()
+        self._task = self._progress.add_task(text, total=1)
+
+    def _finish(self) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, completed=1)
+            self._task = None
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self._progress is not None:
+            if exc_type is None:  # a step that failed keeps its spinner frozen: the error says why
+                self._finish()
+            self._progress.stop()
+
+
+class ItemProgress:
+    """A bar over the items of a long command (predict's images): on a terminal rich's bar
+    with the current item's name; elsewhere one line per tenth of the items (and at least
+    one every `every_s` seconds), `<command>: 40/400 images (name), elapsed 0:00:12, ETA 0:01:48`."""
+
+    def __init__(self, console: Console, command: str, total: int, noun: str = "images", every_s: float = 30.0):
+        self.console, self.command, self.total, self.noun, self.every_s = console, command, total, noun, every_s
+        self._bar = None
+        self._done, self._name = 0, ""
+        self._step = max(1, math.ceil(total / 10))
+
+    def __enter__(self) -> "ItemProgress":
+        self._start = self._last = time.perf_counter()
+        self._last_done = 0
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn(f"[bold]{self.command}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[name]}", markup=False), TimeRemainingColumn(),
+                                 console=self.console)
+            self._bar.start()
+            self._task = self._bar.add_task(self.command, total=self.total, name="")
+        return self
+
+    def start(self, name: str) -> None:
+        """The item now in work (shown beside the bar)."""
+        if self._bar is not None:
+            self._bar.update(self._task, name=name)
+        self._name = name
+
+    def advance(self) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.advance(self._task)
+            return
+        now = time.perf_counter()
+        if self._done - self._last_done >= self._step or now - self._last >= self.every_s or self._done == self.total:
+            elapsed = now - self._start
+            eta = elapsed / self._done * (self.total - self._done)
+            self.console.print(f"{self.command}: {self._done}/{self.total} {self.noun} ({self._name}), elapsed "
+                               f"{_clock(elapsed)}, ETA {_clock(eta)}", markup=False, highlight=False, soft_wrap=True)
+            self._last, self._last_done = now, self._done
+
+    def __exit__(self, *_) -> None:
+        if self._bar is not None:
+            self._bar.stop()

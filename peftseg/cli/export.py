@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftseg.cli.common import console, err_console, print_text, split_args, wants_help
+from peftseg.cli.common import Stages, console, err_console, print_text, split_args, wants_help
 
 EXPORT_HELP = """\
 usage: peftseg export checkpoint=<run dir, model_* file or merged file> format=onnx|torchscript [output=<file>]
@@ -48,9 +48,10 @@ def main(argv: list[str]) -> int:
     options, overrides, _ = split_args(argv, "export", ("checkpoint", "format", "output", "classes", "images"),
                                        required=("checkpoint", "format"),
                                        example="checkpoint=outputs/<date>/<time> format=onnx")
-    result = ex.export_checkpoint(options["checkpoint"], options["format"], options.get("output"), overrides,
-                                  classes=_classes(options.get("classes")),
-                                  images=find_images(options["images"], "images") if options.get("images") else None)
+    images = find_images(options["images"], "images", console) if options.get("images") else None
+    with Stages(err_console, "export") as stage:  # minutes for a large model: each step said as it starts
+        result = ex.export_checkpoint(options["checkpoint"], options["format"], options.get("output"), overrides,
+                                      classes=_classes(options.get("classes")), images=images, stage=stage)
     p = result.parity
     if result.replaced:
         say(f"replacing this command's own earlier {p['format']} export of {p['checkpoint']}: {result.path}")

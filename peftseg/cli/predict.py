@@ -11,14 +11,17 @@ each variant's outputs go to <output>/<run dir name>/ (with as many parent folde
 name as it takes to be unique), and the tensor memory of the shared base + each variant is
 printed next to what separate models would take.
 
-Each readable image gets `<output>/<stem>.png`, drawn by detectron2's Visualizer (class,
-score, mask, box), and every detection goes into `<output>/predictions.json` in the COCO
-results format (RLE masks, xywh boxes) that pycocotools' `loadRes` reads. An image that
-cannot be decoded is listed and skipped; the others still run.
+Each readable image gets `<output>/<stem>.png` at the image's own size, drawn by detectron2's
+Visualizer (class, score, mask, box; labels white on a dark box), and every detection goes
+into `<output>/predictions.json` in the COCO results format (RLE masks, xywh boxes) that
+pycocotools' `loadRes` reads. The files of a folder that are not images (by their suffix) are
+named in one line and skipped; an image that cannot be decoded is listed and skipped; the
+others still run. Loading and the progress over the images are shown on stderr.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import logging
@@ -27,7 +30,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from peftseg.cli.common import console as default_console, print_text, split_args, wants_help
+from peftseg.cli.common import ItemProgress, Stages, console as default_console, err_console, print_text
+from peftseg.cli.common import split_args, wants_help
 from peftseg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,7 +43,6 @@ OPTIONS = ("checkpoint", "input", "output", "score_thresh", "max_size", "classes
 # An image this many times larger than the size the model was trained at loses small
 # objects when shrunk to it (mask AP 12.8 -> 1.7 on shapes at 4x): worth a warning.
 OVERSIZE_FACTOR = 2.0
-MIN_OVERLAY_PX = 512  # long side of an overlay, at least
 
 
 @dataclass
@@ -79,22 +82,40 @@ def _classes(raw: str | None) -> list[str] | None:
     return names
 
 
-def find_images(spec: str, key: str = "input") -> list[Path]:
+def find_images(spec: str, key: str = "input", console: Console | None = None) -> list[Path]:
     """An image file, every image file of a folder, or the matches of a glob pattern (`key`: the
-    option that gave it, for the message)."""
+    option that gave it, for the message). The other files of a folder are skipped, named in
+    one line on `console` (hidden files such as .DS_Store silently)."""
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
+    others: list[Path] = []
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        found = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     else:
         found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    suffixes = "/".join(sorted(IMAGE_SUFFIXES))
     if not found:
+        held = f"; it holds {_names(others)}, none of them an image" if others else ""
         raise UserError(
-            f"{key}={spec} names no image: give an image file, a folder holding "
-            f"{'/'.join(sorted(IMAGE_SUFFIXES))} files, or a quoted glob such as {key}='photos/*.jpg'."
+            f"{key}={spec} names no image{held}: give an image file, a folder holding "
+            f"{suffixes} files, or a quoted glob such as {key}='photos/*.jpg'."
         )
+    if others and console is not None:
+        console.print(f"skipped {_names(others)} in {spec}: not {'an image' if len(others) == 1 else 'images'} "
+                      f"(by the suffix; images are {suffixes} files)", markup=False, highlight=False, soft_wrap=True)
     return found
+
+
+def _names(paths: list[Path], shown: int = 5) -> str:
+    """`a.txt`, `2 files (a.txt, b.json)`, `9 files (a.txt, b.json, c.csv, d.csv, e.csv and 4 more)`."""
+    if len(paths) == 1:
+        return paths[0].name
+    listed = ", ".join(p.name for p in paths[:shown])
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return f"{len(paths)} files ({listed}{more})"
 
 
 def owner(checkpoint: Path | None, weights: str, images: list[Path]) -> dict:
@@ -121,17 +142,17 @@ def check_output(output: Path, images: list[Path], sources: list[Path], input_fo
 
 
 def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0.5, max_size: int | None = None,
-            console: Console | None = None, input_folder: Path | None = None) -> PredictOutcome:
+            console: Console | None = None, input_folder: Path | None = None,
+            progress: Console | None = None) -> PredictOutcome:
     """Run `loaded.model` on `images` (from `input_folder`, when a folder was given); write
-    overlays and predictions.json under `output`."""
+    overlays and predictions.json under `output`. Messages go to `console`, the progress over
+    the images to `progress` (stderr by default)."""
     import numpy as np
     import torch
     from detectron2.data import MetadataCatalog
     from detectron2.data import transforms as T
     from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-    from detectron2.utils.visualizer import ColorMode, Visualizer
     from PIL import Image
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from peftseg.data.images import read_image_checked
     from peftseg.build import resolve_device
@@ -157,17 +178,14 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
     outcome = PredictOutcome()
     results: list[dict] = []
     warned_size = False
-    progress = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[name]}"), TimeRemainingColumn(), console=console)
-    with progress, torch.no_grad():
-        task = progress.add_task("predict", total=len(images), name="")
+    with ItemProgress(progress or err_console, "predict", len(images)) as bar, torch.no_grad():
         for image_id, path in enumerate(images, start=1):
-            progress.update(task, name=path.name)
+            bar.start(path.name)
             try:
                 image = read_image_checked(path, model.input_format)  # training's checks (data/images.py)
             except ValueError as e:
                 outcome.unreadable.append((path, str(e)))
-                progress.advance(task)
+                bar.advance()
                 continue
             h, w = image.shape[:2]
             if not warned_size and max(h, w) > OVERSIZE_FACTOR * image_size and not max_size:
@@ -183,12 +201,9 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
             instances = model([{"image": tensor.to(device), "height": h, "width": w}])[0]["instances"].to("cpu")
             instances = instances[instances.scores >= score_thresh]
             rgb = image[:, :, ::-1] if model.input_format == "BGR" else image
-            # small images are drawn enlarged so labels and scores stay readable
-            scale = max(1.0, MIN_OVERLAY_PX / max(h, w))
-            drawn = Visualizer(rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE).draw_instance_predictions(
-                instances)
+            drawn = draw_overlay(rgb, instances, metadata)
             target = output / names[path]
-            write_atomic_with(target, lambda f: Image.fromarray(drawn.get_image()).save(f, format="PNG"))
+            write_atomic_with(target, lambda f: Image.fromarray(drawn).save(f, format="PNG"))
             outcome.written.append(target)
             for det in instances_to_coco_json(instances, image_id):
                 det["category_id"] += 1  # COCO ids start at 1; contiguous index + 1
@@ -196,7 +211,7 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
                 det["file_name"] = str(path)
                 det["height"], det["width"] = h, w
                 results.append(det)
-            progress.advance(task)
+            bar.advance()
     if outcome.unreadable and not outcome.written:  # nothing predicted: not a success
         listed = "; ".join(f"{p}: {why}" for p, why in outcome.unreadable[:5])
         raise UserError(f"none of the {len(images)} input image(s) could be given to the model ({listed}). "
@@ -205,6 +220,27 @@ def predict(loaded, images: list[Path], output: Path, *, score_thresh: float = 0
     outcome.predictions = write_json(output / PREDICTIONS, results)
     write_json(output / RECORD, made_by)  # a rerun of this same command may replace both
     return outcome
+
+
+@functools.cache
+def _visualizer():
+    """detectron2's Visualizer, its labels white on their dark box: it draws them in the mask's
+    colour, brightened, which on a dark image can be a blue that is hard to read on black."""
+    from detectron2.utils.visualizer import Visualizer
+
+    class ReadableLabels(Visualizer):
+        def draw_text(self, text, position, *, color="w", **kwargs):
+            return super().draw_text(text, position, color="white", **kwargs)
+
+    return ReadableLabels
+
+
+def draw_overlay(rgb, instances, metadata):
+    """`instances` (class, score, mask, box) drawn over the RGB image, at the image's own size."""
+    from detectron2.utils.visualizer import ColorMode
+
+    return _visualizer()(rgb, metadata, scale=1.0, instance_mode=ColorMode.IMAGE).draw_instance_predictions(
+        instances).get_image()
 
 
 def main(argv: list[str], console: Console | None = None) -> int:
@@ -218,7 +254,7 @@ def main(argv: list[str], console: Console | None = None) -> int:
     options, overrides = parse_args(argv)
     score_thresh = _number(options, "score_thresh", 0.5, float, 0.0, 1.0)
     max_size = _number(options, "max_size", None, int, 32, 16384)
-    images = find_images(options["input"])
+    images = find_images(options["input"], console=console)
     spec = Path(options["input"]).expanduser()
     input_folder = spec if spec.is_dir() else None
     output = Path(options["output"])
@@ -227,7 +263,9 @@ def main(argv: list[str], console: Console | None = None) -> int:
     if many is not None:
         return _predict_variants(many, overrides, classes, images, input_folder, output, score_thresh, max_size,
                                  console)
-    loaded = load_model(options.get("checkpoint"), overrides, classes=classes)
+    with Stages(err_console, "predict") as stage:
+        stage(f"loading {options.get('checkpoint') or 'the model'}")
+        loaded = load_model(options.get("checkpoint"), overrides, classes=classes)
     _predict_one(loaded, images, output, input_folder, score_thresh, max_size, console)
     return 0
 
@@ -264,7 +302,9 @@ def _predict_variants(checkpoints: list[str], overrides: list[str], classes: lis
     from peftseg.build import resolve_device
     from peftseg.io.output_guard import output_dir
 
-    vset = load_variants(checkpoints, overrides, classes=classes)
+    with Stages(err_console, "predict") as stage:
+        stage(f"loading {len(checkpoints)} variants of one base")
+        vset = load_variants(checkpoints, overrides, classes=classes)
     sources = [v.source for v in vset]
     # every folder checked before any variant predicts: a bad output= stops the command whole
     output_dir(output, inputs=[folder for folder in (input_folder,) if folder], what="output=")

@@ -21,8 +21,10 @@ def train_task(cfg):
 
     from peftseg.config import validate
     from peftseg.experiments.objectives import objective_names, objective_values
+    from peftseg.cli import known_warnings
     from peftseg.results import failed_record, write_record
 
+    known_warnings.install()  # again: a launcher may run this task in a process of its own
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     run_id = str(run_dir.relative_to(Path.cwd())) if run_dir.is_relative_to(Path.cwd()) else str(run_dir)

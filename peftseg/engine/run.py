@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+import torch
 from detectron2.utils import comm
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +20,7 @@ from peftseg.environment import versions
 from peftseg.engine.interrupt import RunInterrupted, StopRequest
 from peftseg.engine.pruning import EvaluationListener, RunPruned
 from peftseg.engine.rundir import clear_earlier_run
+from peftseg.engine.threads import torch_threads
 from peftseg.engine.trainer import train_and_evaluate
 from peftseg.finite import check_result
 from peftseg.models import facts_of
@@ -58,7 +60,7 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
     record = new_record(cfg, run_dir, run_id)
     main = comm.is_main_process()
     start = time.perf_counter()
-    with StopRequest() as stop:
+    with StopRequest() as stop, torch_threads(cfg.train.threads):
         try:
             if main:
                 clear_earlier_run(run_dir, cfg.train.resume)
@@ -90,6 +92,7 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
                     record.data_notes = {**record.data_notes, "val": {**record.data_notes.get("val", {}), **undefined}}
             record.efficiency = {
                 "device": str(device), "num_processes": comm.get_world_size(), **outcome.efficiency,
+                "threads": torch.get_num_threads(),  # torch's CPU threads per process, as the run used them
                 # memory options as they ran: blocks recomputed in backward, frozen-weight storage
                 "checkpointed_blocks": facts_of(model).checkpointed_blocks,
                 "base_dtype": facts_of(model).base_dtype,

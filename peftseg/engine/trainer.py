@@ -27,6 +27,7 @@ from peftseg.engine.progress import RichProgress
 from peftseg.data.loading.resume_state import rng_untouched, set_rng_state
 from peftseg.engine.pruning import EvaluationListener
 from peftseg.engine.rundir import trim_metrics
+from peftseg.engine.threads import OversubscriptionCheck
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,9 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
         _TrainClock(outcome, tcfg.ims_per_batch, device),
         hooks.LRScheduler(optimizer, scheduler),
         RichProgress(log_period=tcfg.log_period) if tcfg.progress and main else None,  # before EvalHook: bar closes before eval logs
+        # more torch threads than free cores: one line with the fix (CPU runs)
+        OversubscriptionCheck(device, comm.get_local_size(), tcfg.timing_warmup_iters)
+        if main and device.type == "cpu" else None,
         _FinalOnlyAtEnd(
             # period 0: a period past the end, so only model_final is written
             checkpointer, tcfg.checkpoint_period or tcfg.max_iter + 1, max_iter=tcfg.max_iter,
