@@ -255,6 +255,81 @@ def test_console_table_keeps_method_and_mask_ap_whole_whatever_the_knobs(tmp_pat
         assert "…" not in text
 
 
+def _study_at_two_image_sizes(root: Path) -> dict[str, dict]:
+    """A study as a paper's table has it: baselines and PEFT methods with their knobs, each at
+    512 and 1024 px, one failed run; every mask AP different. run id -> record."""
+    runs = {}
+    for size, more in ((512, 0.0), (1024, 2.2)):
+        def run(name, **kw):
+            record = fake(root, f"{name}_{size}", model="vitdet_b", dataset="coco", mem=int(kw.pop("gib", 8) * 2**30),
+                          ckpt=int(kw.pop("mb", 100) * 2**20), **kw)
+            record["config"]["model.image_size"] = size
+            record["efficiency"] and record["efficiency"].update(peak_memory_kind="cuda_max_allocated")
+            write_json(root / f"{name}_{size}" / "results.json", record)
+            runs[f"{name}_{size}"] = record
+
+        run("full", method="full", ap=44.11 + more, ratio=1.0, step=0.91, gib=14.2, mb=420)
+        run("heads", method="heads", ap=35.72 + more, ratio=0.2251, step=0.52, gib=6.1)
+        run("bitfit", method="bitfit", ap=37.03 + more, ratio=0.2262, step=0.61, gib=9.1)
+        for rank, targets in ((4, ["attn_qkv"]), (8, ["attn_qkv", "attn_proj"]), (16, ["attn_qkv", "attn_proj", "mlp"])):
+            run(f"lora{rank}", rank=rank, alpha=2 * rank, targets=targets, ap=40.04 + rank / 8 + more,
+                ratio=0.2251 + rank * 4e-4, step=0.66, gib=8.3)
+        for per_block, dim in ((1, 16), (2, 64)):
+            run(f"adapter{per_block}", method="adapter", adapters_per_block=per_block, bottleneck=dim,
+                ap=39.56 + per_block + more, ratio=0.23 + per_block * dim * 1e-4, step=0.7, gib=8.8)
+        run("vera", method="vera", rank=256, ap=38.47 + more, ratio=0.2252, step=0.69, gib=8.5)
+        run("lora_oom", rank=32, alpha=64, targets=["attn_qkv"], status="failed")
+    return runs
+
+
+def test_the_console_report_of_a_study_fits_100_columns_with_every_number_in_the_csv(tmp_path, monkeypatch,
+                                                                                     capsys):
+    runs = _study_at_two_image_sizes(tmp_path)
+    console = Console(width=100, record=True, file=open(os.devnull, "w"))
+    build_report(tmp_path, "full", console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text  # nothing cut: every cell whole
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    for run_id, record in runs.items():
+        if record["status"] != "ok":
+            continue
+        ap = record["metrics"]["segm"]["AP"]
+        (row,) = [r for r in rows if f" {ap:.2f} " in r]  # mask AP whole, one row per run
+        method = record["config"]["method.name"]
+        assert row.startswith(f"│ {method} ")
+        assert f" {100 * record['params']['ratio']:.3f} " in row  # trainable %
+        full = runs[f"full_{record['config']['model.image_size']}"]["metrics"]["segm"]["AP"]
+        assert f" {ap - full:+.2f} " in row  # ΔAP against the full run at the same image size
+        assert f" {record['efficiency']['peak_memory_bytes'] / 2**30:.1f} GiB " in row
+    assert sum(r.split("│")[-2].strip() == "failed" for r in rows) == 2
+    # the knobs share a column, with short names the caption spells out
+    knob_cells = " ".join(r.split("│")[2].strip() for r in rows)
+    for shown in ("r=16", "alpha=32", "tgt=attn_qkv", "per_block=2", "dim=64", "px=512", "px=1024"):
+        assert shown in knob_cells
+    said = " ".join(text.split())
+    assert "knobs: per_block = adapters_per_block, dim = bottleneck, r = rank, tgt = targets, px = image_size" in said
+    assert "★ on the Pareto front" in said and "ckpt size, backbone %, mem ×, time ×: in report.md and report.csv" in said
+    # report.csv keeps every column under its full name, report.md every column of the table
+    csv_rows = {row["run.id"]: row for row in read_csv(tmp_path / "report.csv")}
+    assert len(csv_rows) == len(runs)
+    lora = csv_rows["lora16_1024"]
+    assert (lora["method.rank"], lora["method.targets"], lora["model.image_size"]) == (
+        "16", '["attn_qkv", "attn_proj", "mlp"]', "1024")
+    assert int(csv_rows["full_512"]["efficiency.checkpoint_bytes"]) == 420 * 2**20
+    assert float(lora["baseline.step_time_ratio"]) == pytest.approx(0.66 / 0.91)
+    md = (tmp_path / "report.md").read_text()
+    assert "ckpt size" in md and "backbone %" in md and "time ×" in md and "adapters_per_block" in md
+    # the command in a CI log (80 columns, as piped output has): the same 100-column table
+    from peftseg.cli import common, report as report_cli
+
+    monkeypatch.setattr(common.console, "width", 80)
+    assert report_cli.main([str(tmp_path), "--baseline", "full"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100 and "…" not in out
+    assert out.count(" ok ") == len(runs) - 2  # a row per ok run, its status whole
+
+
 def test_report_notes_that_step_time_ratios_come_from_separate_runs(two_groups):
     build_report(two_groups, "full", Console(file=open(os.devnull, "w"), width=160))
     md = (two_groups / "report.md").read_text()
