@@ -429,6 +429,28 @@ def test_the_pareto_front_is_among_runs_of_one_training_set_size(tmp_path):
     assert_png(tmp_path / "pareto.png")
 
 
+def test_the_fronts_of_two_training_set_sizes_differ_in_line_style_and_the_legend_names_each(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from peftseg.report.collect import group_records, load_records
+    from peftseg.report.plots import write_plot
+
+    for n, full_ap, lora_ap in ((300, 40.0, 38.0), (30, 15.0, 14.0)):  # a front of two runs at each size
+        fake(tmp_path, f"full{n}", method="full", ap=full_ap, ratio=1.0, data={"train_subset": n}, images=n)
+        fake(tmp_path, f"lora{n}", ap=lora_ap, ratio=0.02, data={"train_subset": n}, images=n)
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look at
+    write_plot(tmp_path / "pareto.png", group_records(load_records(tmp_path)))
+    (ax, *_) = drawn[0].axes
+    legend = {text.get_text(): handle for text, handle in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    sizes = {n: legend[f"Pareto front, {n} training images"].get_linestyle() for n in (300, 30)}
+    assert sizes[300] != sizes[30]
+    fronts = {line.get_linestyle(): sorted(line.get_ydata()) for line in ax.lines if line.get_color() == "black"}
+    assert fronts == {sizes[300]: [38.0, 40.0], sizes[30]: [14.0, 15.0]}  # each line is its size's front
+    monkeypatch.undo()
+    plt.close(drawn[0])
+
+
 def test_a_folder_of_linked_runs_is_reported_each_run_once_and_never_written_into(tmp_path):
     runs, mine = tmp_path / "runs", tmp_path / "mine"
     fake(runs, "full", method="full", ap=40.0, ratio=1.0)
