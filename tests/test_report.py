@@ -451,6 +451,41 @@ def test_the_fronts_of_two_training_set_sizes_differ_in_line_style_and_the_legen
     plt.close(drawn[0])
 
 
+def test_a_resumed_run_is_labelled_by_its_method_and_knobs_in_the_curves_and_the_pareto_key(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from peftseg.report.collect import group_records, load_records
+    from peftseg.report.curves import write_group_curves
+    from peftseg.report.plots import write_plot
+
+    # a sweep of full and lora at two ranks; the rank-8 run was stopped and continued in a run of its own,
+    # with more data-loader workers: neither the resume path nor the workers are what tells the runs apart
+    fake(tmp_path, "0-full", method="full", ap=40.0, ratio=1.0)
+    fake(tmp_path, "1-lora", rank=8, ap=37.0, ratio=0.02, status="interrupted")
+    fake(tmp_path, "2-lora", rank=16, ap=38.0, ratio=0.04)
+    fake(tmp_path, "resumed", rank=8, ap=37.5, ratio=0.02)
+    for name, first, resume, workers in (("0-full", 0, "", 2), ("1-lora", 0, "", 2), ("2-lora", 0, "", 2),
+                                         ("resumed", 4, str(tmp_path / "1-lora" / "model_0000003.pth"), 4)):
+        record = json.loads((tmp_path / name / "results.json").read_text())
+        record["config"].update({"train.resume": resume, "train.num_workers": workers})
+        write_json(tmp_path / name / "results.json", record)
+        (tmp_path / name / "metrics.json").write_text("".join(
+            json.dumps({"iteration": i, "total_loss": 3.0 - i / 10, "lr": 1e-3}) + "\n" for i in range(first, 8)))
+    (group,) = group_records(load_records(tmp_path))
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figures to look at
+    assert write_group_curves(tmp_path, group)
+    legend = [t.get_text() for t in drawn[0].legends[0].get_texts()]
+    assert legend == ["full", "lora rank=8 (interrupted)", "lora rank=8 (resumed)", "lora rank=16"]
+    write_plot(tmp_path / "pareto.png", [group])
+    key = "\n".join(t.get_text() for t in drawn[1].axes[0].texts)
+    assert "1  full\n2  lora rank=8 (resumed)\n3  lora rank=16" in key  # the ok runs, numbered
+    assert not any("resume=" in text or "num_workers" in text for text in [*legend, key])
+    monkeypatch.undo()
+    for fig in drawn:
+        plt.close(fig)
+
+
 def test_a_folder_of_linked_runs_is_reported_each_run_once_and_never_written_into(tmp_path):
     runs, mine = tmp_path / "runs", tmp_path / "mine"
     fake(runs, "full", method="full", ap=40.0, ratio=1.0)

@@ -120,6 +120,30 @@ def _size_label(r) -> str:
     return f"train_subset={knob_text(r.knob('dataset.train_subset') or 'all')}"
 
 
+def run_labels(group: Group) -> dict[int, str]:
+    """id() of each run of the group -> its label in the pictures: its method and the knobs that
+    tell it from the others (`lora rank=8`), then `(resumed)` and a status other than ok. Settings
+    that only say how or where a run ran (the ones a resumed run may change: its train.resume
+    path, data-loader workers, log period, …; peftseg.checkpoint.resume.APPLICABLE) never label
+    it. Runs that would still share a label get their folder's name after it."""
+    from collections import Counter
+
+    from peftseg.checkpoint.resume import APPLICABLE
+
+    how_it_ran = APPLICABLE - {"model.weights"}  # other base weights are another experiment
+    labels = {}
+    for r in group.records:
+        words = [str(r.knob("method.name"))] + [f"{knob_header(k)}={knob_text(r.knob(k))}" for k in group.knobs
+                                                if k not in how_it_ran and r.knob(k) not in (None, "")]
+        notes = (["resumed"] if r.knob("train.resume") else []) + ([str(r.status)] if r.status != "ok" else [])
+        labels[id(r)] = " ".join(words) + (f" ({', '.join(notes)})" if notes else "")
+    shared = Counter(labels.values())
+    for r in group.records:
+        if shared[labels[id(r)]] > 1:
+            labels[id(r)] += f" · {Path(r.run.dir or str(r.run.id)).name}"
+    return labels
+
+
 def write_plot(path: Path, groups: list[Group]) -> None:
     """One panel per group. Every plotted run is numbered; the numbers sit beside their points
     (never on another label or point, with a leader line when moved away) and the key under
@@ -136,10 +160,8 @@ def write_plot(path: Path, groups: list[Group]) -> None:
     sizes = {m: 170 - 110 * i / max(len(methods) - 1, 1) for i, m in enumerate(methods)}  # points², big first
     keys = []
     for g in groups:
-        runs = [r for r in g.records if plottable(r)]
-        keys.append([f"{i}  {r.knob('method.name')} " + " ".join(
-            f"{knob_header(k)}={knob_text(r.knob(k))}" for k in g.knobs if r.knob(k) is not None)
-            for i, r in enumerate(runs, 1)])
+        labels = run_labels(g)
+        keys.append([f"{i}  {labels[id(r)]}" for i, r in enumerate((r for r in g.records if plottable(r)), 1)])
     n = len(groups)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
