@@ -107,6 +107,49 @@ def test_list_and_train_help_name_options_and_knobs_without_schema_groups(capsys
     assert "train.log_period=" in text
 
 
+@pytest.mark.parametrize("width", [80, 100])
+def test_list_wraps_each_description_whole_within_the_width(width):
+    from peftseg.cli.list import description, list_text
+    from peftseg.config import CONF_DIR, GROUPS, group_options
+
+    text = list_text(width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    for group in GROUPS:
+        names = group_options(group)
+        lines = text.split(f"{group}s ({group}=<name>):\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        paragraphs = {}  # an option's line and the lines under its description
+        for line in lines:
+            if line.startswith("   "):
+                paragraphs[name] += " " + line.strip()
+            else:
+                name, paragraphs[line.split()[0]] = line.split()[0], line.split(None, 1)[1]
+        assert list(paragraphs) == names
+        for name, shown in paragraphs.items():
+            assert shown == description(group, name)
+            if group in ("model", "train") and (CONF_DIR / group / f"{name}.yaml").is_file():
+                assert shown.endswith("."), shown  # a yaml comment's first sentence, whole
+    assert description("model", "m2f_swin_t") == (
+        "The published Mask2Former Swin-T COCO instance-segmentation shape, which is also what transformers' "
+        "Mask2FormerConfig defaults to apart from the Swin depths.")
+    # a short sentence keeps its asides
+    assert description("model", "vitdet_b") == (
+        "ViTDet ViT-B Mask R-CNN, the published shape (detectron2 model zoo configs/common/models/mask_rcnn_vitdet.py).")
+    assert description("train", "default") == ("A full schedule on the built-in shapes data (CPU: minutes); scale "
+                                                "max_iter for real data.")
+
+
+def test_the_first_sentence_of_a_comment_is_taken_whole():
+    from peftseg.cli.list import first_sentence
+
+    assert first_sentence(["Swin-T (Swin paper / Swin-Transformer-Object-", "Detection: embed 96). For real work."]) == \
+        "Swin-T (Swin paper / Swin-Transformer-Object-Detection: embed 96)."
+    assert first_sentence(["Encoder over res3..res5, e.g. for R50 (about 1.7 M", "parameters. Really). Then more."]) == \
+        "Encoder over res3..res5, e.g. for R50 (about 1.7 M parameters. Really)."
+    long = "A model whose first sentence runs on" + " and on" * 12
+    assert first_sentence([long + " (a source, a file", "name) to the end. More."]) == long + " to the end."
+    assert first_sentence(["No full stop", "", "after a blank line"]) == "No full stop"
+
+
 def test_train_help_marks_the_options_a_run_takes_by_default(capsys):
     from peftseg.cli import main
     from peftseg.config import GROUPS, compose_config, default_choices

@@ -255,6 +255,81 @@ def test_console_table_keeps_method_and_mask_ap_whole_whatever_the_knobs(tmp_pat
         assert "…" not in text
 
 
+def _study_at_two_image_sizes(root: Path) -> dict[str, dict]:
+    """A study as a paper's table has it: baselines and PEFT methods with their knobs, each at
+    512 and 1024 px, one failed run; every mask AP different. run id -> record."""
+    runs = {}
+    for size, more in ((512, 0.0), (1024, 2.2)):
+        def run(name, **kw):
+            record = fake(root, f"{name}_{size}", model="vitdet_b", dataset="coco", mem=int(kw.pop("gib", 8) * 2**30),
+                          ckpt=int(kw.pop("mb", 100) * 2**20), **kw)
+            record["config"]["model.image_size"] = size
+            record["efficiency"] and record["efficiency"].update(peak_memory_kind="cuda_max_allocated")
+            write_json(root / f"{name}_{size}" / "results.json", record)
+            runs[f"{name}_{size}"] = record
+
+        run("full", method="full", ap=44.11 + more, ratio=1.0, step=0.91, gib=14.2, mb=420)
+        run("heads", method="heads", ap=35.72 + more, ratio=0.2251, step=0.52, gib=6.1)
+        run("bitfit", method="bitfit", ap=37.03 + more, ratio=0.2262, step=0.61, gib=9.1)
+        for rank, targets in ((4, ["attn_qkv"]), (8, ["attn_qkv", "attn_proj"]), (16, ["attn_qkv", "attn_proj", "mlp"])):
+            run(f"lora{rank}", rank=rank, alpha=2 * rank, targets=targets, ap=40.04 + rank / 8 + more,
+                ratio=0.2251 + rank * 4e-4, step=0.66, gib=8.3)
+        for per_block, dim in ((1, 16), (2, 64)):
+            run(f"adapter{per_block}", method="adapter", adapters_per_block=per_block, bottleneck=dim,
+                ap=39.56 + per_block + more, ratio=0.23 + per_block * dim * 1e-4, step=0.7, gib=8.8)
+        run("vera", method="vera", rank=256, ap=38.47 + more, ratio=0.2252, step=0.69, gib=8.5)
+        run("lora_oom", rank=32, alpha=64, targets=["attn_qkv"], status="failed")
+    return runs
+
+
+def test_the_console_report_of_a_study_fits_100_columns_with_every_number_in_the_csv(tmp_path, monkeypatch,
+                                                                                     capsys):
+    runs = _study_at_two_image_sizes(tmp_path)
+    console = Console(width=100, record=True, file=open(os.devnull, "w"))
+    build_report(tmp_path, "full", console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text  # nothing cut: every cell whole
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    for run_id, record in runs.items():
+        if record["status"] != "ok":
+            continue
+        ap = record["metrics"]["segm"]["AP"]
+        (row,) = [r for r in rows if f" {ap:.2f} " in r]  # mask AP whole, one row per run
+        method = record["config"]["method.name"]
+        assert row.startswith(f"│ {method} ")
+        assert f" {100 * record['params']['ratio']:.3f} " in row  # trainable %
+        full = runs[f"full_{record['config']['model.image_size']}"]["metrics"]["segm"]["AP"]
+        assert f" {ap - full:+.2f} " in row  # ΔAP against the full run at the same image size
+        assert f" {record['efficiency']['peak_memory_bytes'] / 2**30:.1f} GiB " in row
+    assert sum(r.split("│")[-2].strip() == "failed" for r in rows) == 2
+    # the knobs share a column, with short names the caption spells out
+    knob_cells = " ".join(r.split("│")[2].strip() for r in rows)
+    for shown in ("r=16", "alpha=32", "tgt=attn_qkv", "per_block=2", "dim=64", "px=512", "px=1024"):
+        assert shown in knob_cells
+    said = " ".join(text.split())
+    assert "knobs: per_block = adapters_per_block, dim = bottleneck, r = rank, tgt = targets, px = image_size" in said
+    assert "★ on the Pareto front" in said and "ckpt size, backbone %, mem ×, time ×: in report.md and report.csv" in said
+    # report.csv keeps every column under its full name, report.md every column of the table
+    csv_rows = {row["run.id"]: row for row in read_csv(tmp_path / "report.csv")}
+    assert len(csv_rows) == len(runs)
+    lora = csv_rows["lora16_1024"]
+    assert (lora["method.rank"], lora["method.targets"], lora["model.image_size"]) == (
+        "16", '["attn_qkv", "attn_proj", "mlp"]', "1024")
+    assert int(csv_rows["full_512"]["efficiency.checkpoint_bytes"]) == 420 * 2**20
+    assert float(lora["baseline.step_time_ratio"]) == pytest.approx(0.66 / 0.91)
+    md = (tmp_path / "report.md").read_text()
+    assert "ckpt size" in md and "backbone %" in md and "time ×" in md and "adapters_per_block" in md
+    # the command in a CI log (80 columns, as piped output has): the same 100-column table
+    from peftseg.cli import common, report as report_cli
+
+    monkeypatch.setattr(common.console, "width", 80)
+    assert report_cli.main([str(tmp_path), "--baseline", "full"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100 and "…" not in out
+    assert out.count(" ok ") == len(runs) - 2  # a row per ok run, its status whole
+
+
 def test_report_notes_that_step_time_ratios_come_from_separate_runs(two_groups):
     build_report(two_groups, "full", Console(file=open(os.devnull, "w"), width=160))
     md = (two_groups / "report.md").read_text()
@@ -352,6 +427,63 @@ def test_the_pareto_front_is_among_runs_of_one_training_set_size(tmp_path):
                if "★" in line}
     assert starred == {"300full", "300lora", "10lora"}
     assert_png(tmp_path / "pareto.png")
+
+
+def test_the_fronts_of_two_training_set_sizes_differ_in_line_style_and_the_legend_names_each(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from peftseg.report.collect import group_records, load_records
+    from peftseg.report.plots import write_plot
+
+    for n, full_ap, lora_ap in ((300, 40.0, 38.0), (30, 15.0, 14.0)):  # a front of two runs at each size
+        fake(tmp_path, f"full{n}", method="full", ap=full_ap, ratio=1.0, data={"train_subset": n}, images=n)
+        fake(tmp_path, f"lora{n}", ap=lora_ap, ratio=0.02, data={"train_subset": n}, images=n)
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look at
+    write_plot(tmp_path / "pareto.png", group_records(load_records(tmp_path)))
+    (ax, *_) = drawn[0].axes
+    legend = {text.get_text(): handle for text, handle in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    sizes = {n: legend[f"Pareto front, {n} training images"].get_linestyle() for n in (300, 30)}
+    assert sizes[300] != sizes[30]
+    fronts = {line.get_linestyle(): sorted(line.get_ydata()) for line in ax.lines if line.get_color() == "black"}
+    assert fronts == {sizes[300]: [38.0, 40.0], sizes[30]: [14.0, 15.0]}  # each line is its size's front
+    monkeypatch.undo()
+    plt.close(drawn[0])
+
+
+def test_a_resumed_run_is_labelled_by_its_method_and_knobs_in_the_curves_and_the_pareto_key(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from peftseg.report.collect import group_records, load_records
+    from peftseg.report.curves import write_group_curves
+    from peftseg.report.plots import write_plot
+
+    # a sweep of full and lora at two ranks; the rank-8 run was stopped and continued in a run of its own,
+    # with more data-loader workers: neither the resume path nor the workers are what tells the runs apart
+    fake(tmp_path, "0-full", method="full", ap=40.0, ratio=1.0)
+    fake(tmp_path, "1-lora", rank=8, ap=37.0, ratio=0.02, status="interrupted")
+    fake(tmp_path, "2-lora", rank=16, ap=38.0, ratio=0.04)
+    fake(tmp_path, "resumed", rank=8, ap=37.5, ratio=0.02)
+    for name, first, resume, workers in (("0-full", 0, "", 2), ("1-lora", 0, "", 2), ("2-lora", 0, "", 2),
+                                         ("resumed", 4, str(tmp_path / "1-lora" / "model_0000003.pth"), 4)):
+        record = json.loads((tmp_path / name / "results.json").read_text())
+        record["config"].update({"train.resume": resume, "train.num_workers": workers})
+        write_json(tmp_path / name / "results.json", record)
+        (tmp_path / name / "metrics.json").write_text("".join(
+            json.dumps({"iteration": i, "total_loss": 3.0 - i / 10, "lr": 1e-3}) + "\n" for i in range(first, 8)))
+    (group,) = group_records(load_records(tmp_path))
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figures to look at
+    assert write_group_curves(tmp_path, group)
+    legend = [t.get_text() for t in drawn[0].legends[0].get_texts()]
+    assert legend == ["full", "lora rank=8 (interrupted)", "lora rank=8 (resumed)", "lora rank=16"]
+    write_plot(tmp_path / "pareto.png", [group])
+    key = "\n".join(t.get_text() for t in drawn[1].axes[0].texts)
+    assert "1  full\n2  lora rank=8 (resumed)\n3  lora rank=16" in key  # the ok runs, numbered
+    assert not any("resume=" in text or "num_workers" in text for text in [*legend, key])
+    monkeypatch.undo()
+    for fig in drawn:
+        plt.close(fig)
 
 
 def test_a_folder_of_linked_runs_is_reported_each_run_once_and_never_written_into(tmp_path):

@@ -413,10 +413,12 @@ def test_an_mlflow_store_failing_mid_search_is_a_warning_not_a_crash(tmp_path, c
 # --- pruning, in process ------------------------------------------------------------------
 
 def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
+    import io
+
     from rich.console import Console
 
     storage = f"sqlite:///{tmp_path / 'search.db'}"
-    console = Console(file=open(os.devnull, "w"))
+    console = Console(file=io.StringIO(), width=300)
     # every AP is below 101: the threshold pruner stops the trial at its first evaluation
     # objective=[segm_ap], a one-element list, is the one objective segm_ap: a pruner follows it
     args = [*TINY, "train.max_iter=3", "train.eval_period=1", "search.methods=[heads]", "search.n_trials=1",
@@ -432,6 +434,9 @@ def test_a_pruned_trial_is_recorded_pruned_not_ok(tmp_path, shapes_cache):
     (trial,) = _study_trials(storage)
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
     assert trial.user_attrs[trial_workers.STATUS_ATTR] == "pruned"
+    # the trial says so on one line: why, and where its run is
+    run_dir = _study_folder(tmp_path).relative_to(tmp_path) / "0-vitdet_tiny-heads"
+    assert f"trial 0 pruned: {record['pruned']['reason']} ({run_dir})" in console.file.getvalue().splitlines()
     summary = json.loads((_study_folder(tmp_path) / "search.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["pruned"] and summary["objective"] == "segm_ap"
     # peftseg report reads the trial as pruned: not a result, not counted ok
@@ -470,6 +475,83 @@ def test_a_multi_objective_search_keeps_the_pareto_set(tmp_path, shapes_cache):
     front = [n for n, p in points.items()
              if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points.values())]
     assert sorted(summary["best_trials"]) == sorted(front)
+
+
+def test_trials_end_with_labelled_rounded_objectives_and_the_best_with_its_train_command(tmp_path, shapes_cache):
+    import re
+    import shlex
+
+    from peftseg.config import compose_config
+    from peftseg.results import flatten_config
+
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    fixed = [*TINY, "objective=[segm_ap,trainable_pct]"]
+    proc = cli_in_process("search", *fixed, "search.methods=[heads,lora]", "search.n_trials=2", "search.seed=0",
+                          f"search.storage={storage}", cwd=tmp_path, cache=shapes_cache)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    summary = json.loads((_study_folder(tmp_path) / "search.json").read_text())
+    folder = _study_folder(tmp_path).relative_to(tmp_path)
+    started = {}
+    for t in summary["trials"]:
+        n, (ap, pct) = t["number"], t["values"]
+        run_dir = folder / f"{n}-vitdet_tiny-{t['params']['method']}"
+        # when it ends, each trial says how it did, its objectives named and rounded
+        assert f"trial {n} ok: segm_ap {ap:.2f}, trainable_pct {pct:.2f} ({run_dir})" in lines
+        (start,) = [line for line in lines if line.startswith(f"trial {n}: method=")]
+        started[n] = start.split(": ", 1)[1].split()
+    best = summary["best_trials"]
+    assert best and lines.count(f"best trials: the {len(best)} on the Pareto front of segm_ap (higher is better) "
+                                "and trainable_pct (lower is better)") == 1
+    for n in best:
+        t = summary["trials"][n]
+        at = lines.index(f"best: trial {n}: segm_ap {t['values'][0]:.2f}, trainable_pct {t['values'][1]:.2f}")
+        sampled, where, command = lines[at + 1:at + 4]
+        # what it sampled, floats rounded (method.alpha=5.703); the command below keeps them whole
+        shown = sampled.removeprefix("  sampled: ").split()
+        assert [o.split("=")[0] for o in shown] == [o.split("=")[0] for o in started[n]]
+        for short, whole in zip(shown, started[n]):
+            value = whole.split("=", 1)[1]
+            assert short == whole or float(short.split("=", 1)[1]) == pytest.approx(float(value), rel=1e-3)
+        assert where == f"  run dir: {folder / Path(t['run_dir']).name}"
+        assert re.fullmatch(r"  train it: peftseg train .*", command)
+        words = shlex.split(command.split(": ", 1)[1])
+        assert words[:2] == ["peftseg", "train"] and words[2:] == [*fixed, *started[n]]
+        # the command trains the very configuration the trial ran
+        record = json.loads((Path(t["run_dir"]) / "results.json").read_text())
+        assert flatten_config(compose_config(words[2:])) == record["config"]
+
+
+def test_a_best_trial_shows_its_sampled_floats_rounded_and_its_command_exact(tmp_path):
+    from peftseg.config import TrainConfig
+
+    plan = search_cli.parse_args([f"search.storage=sqlite:///{tmp_path / 's.db'}", "method=heads", "train=smoke",
+                                  "train.base_lr=tag(log,interval(1e-4,1e-2))"])
+    plan.objective = "segm_ap"
+    study = search.open_study(plan, plan.objective, TrainConfig())
+    trial = study.ask()
+    trial.suggest_float("train.base_lr", 1e-4, 1e-2, log=True)
+    trial.set_user_attr(trial_workers.RUN_DIR_ATTR, str(tmp_path / "search" / "0-vitdet_tiny-heads"))
+    study.tell(trial, 41.2749)
+    lr = study.trials[0].params["train.base_lr"]
+    assert search_cli.best_lines(study, plan, search.summarize(study, plan, plan.objective)) == [
+        "best: trial 0: segm_ap 41.27",
+        f"  sampled: method=heads train.base_lr={lr:.4g}",
+        f"  run dir: {tmp_path / 'search' / '0-vitdet_tiny-heads'}",
+        f"  train it: peftseg train train=smoke method=heads train.base_lr={lr!r}"]
+
+
+@pytest.mark.parametrize("name, value, shown", [
+    ("segm_ap", 41.2749, "41.27"), ("bbox_ap", 0.0, "0.00"), ("trainable_pct", 2.31347, "2.31"),
+    ("trainable_pct", 66.897447, "66.90"), ("trainable_pct", 0.0123456, "0.0123"),
+    ("trainable_params", 1234567.0, "1,234,567"), ("peak_memory", 3.2149, "3.21 GiB"),
+    ("step_time", 0.04567, "0.0457 s"), ("checkpoint_mb", 1234.567, "1234.57"),
+])
+def test_objective_values_are_shown_rounded_in_plain_notation(name, value, shown):
+    from peftseg.experiments.objectives import shown_value, shown_values
+
+    assert shown_value(name, value) == shown
+    assert shown_values([name, "segm_ap"], [value, 12.0]) == f"{name} {shown}, segm_ap 12.00"
 
 
 # --- storage: resume after a kill, concurrent workers (the CLI is what is tested) ---------
@@ -598,5 +680,5 @@ def test_two_concurrent_workers_fill_one_study_without_duplicates(tmp_path, shap
     ran = [int(out.split(" run by this worker")[0].rsplit("(", 1)[1]) for out in outs]
     assert sum(ran) == 4  # each trial ran in exactly one worker
     numbers = [int(line.split(":")[0].split()[1]) for out in outs for line in out.splitlines()
-               if line.startswith("trial ")]
+               if line.startswith("trial ") and " ok: " in line]
     assert sorted(numbers) == [0, 1, 2, 3]

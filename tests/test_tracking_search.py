@@ -105,6 +105,13 @@ def test_a_tracked_sweep_lands_in_mlflows_default_sqlite_store(tmp_path, shapes_
     assert {run_id for _, run_id, _ in said} == {r["run_id"] for r in runs}
     # the docs' snippet works as written
     assert "heads" in shown and "bitfit" in shown and "FINISHED" in shown
+    # every column whole, the mask AP of each member a number (not pandas' "..." for a wide frame)
+    assert "..." not in shown and "mask AP" in shown.splitlines()[0]
+    for method in ("heads", "bitfit"):
+        (row,) = [line for line in shown.splitlines() if f" {method} " in line]
+        *_, status, shown_method, mask_ap, box_ap, ratio = row.split()
+        assert (status, shown_method) == ("FINISHED", method) and 0 <= float(mask_ap) <= 100
+        assert 0 <= float(box_ap) <= 100 and 0 < float(ratio) <= 1
     # artifacts beside the database, under ./mlruns (git-ignored with it)
     assert list(tmp_path.glob("mlruns/*/*/artifacts/results.json"))
     ignored = subprocess.run(["git", "check-ignore", "mlflow.db", "mlruns/", "search.db", "search/"], cwd=ROOT,

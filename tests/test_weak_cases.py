@@ -173,6 +173,10 @@ def test_a_search_whose_every_trial_fails_says_so_and_how_to_run_again(tmp_path,
                           cache=shapes_cache)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "0 complete, 0 pruned, 2 failed" in proc.stdout and "best:" not in proc.stdout
+    # each failed trial says so on one line: the error, its run dir, where the whole error is
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("trial 0 failed: ")]
+    assert line.startswith("trial 0 failed: UserError: No COCO dataset")
+    assert line.endswith("/0-vitdet_tiny-heads; its results.json has the whole error)")
     error = proc.stderr[proc.stderr.index("error:"):]
     assert "no trial of study 'peft_search' has a result: all 2 failed (trial 0: UserError: No COCO dataset" in error
     assert "new search.study=<name> or a larger search.n_trials" in error

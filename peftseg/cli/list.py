@@ -1,10 +1,11 @@
-"""`peftseg list`, and the text of `peftseg train --help`: what there is to choose, one line each.
+"""`peftseg list`, and the text of `peftseg train --help`: what there is to choose.
 
 Hydra's own `--help` lists every config group, the internal `schema/*` ones included, and
-no knob; this one lists the real groups with each option's one-line description (the
-registered summary of a method or dataset, the first comment line of a model or train
-yaml), then every knob of the chosen options with its value and the comment its
-dataclass field carries. Source of truth: the registry, conf/*.yaml and the schema dataclasses.
+no knob; this one lists the real groups with each option's description (the registered
+summary of a method or dataset, the first sentence of a model or train yaml's leading
+comment), wrapped to the terminal, then every knob of the chosen options with its value and
+the comment its dataclass field carries. Source of truth: the registry, conf/*.yaml and the
+schema dataclasses.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ _SCHEMA_REF = re.compile(r"/schema/(\w+)/(\w+)@_here_")
 
 def description(group: str, name: str) -> str:
     """A method's or dataset's registered one-line summary; for model presets and train
-    recipes (which no registry lists one by one) the first comment line of their yaml; a
+    recipes (which no registry lists one by one) the first sentence of their yaml's leading
+    comment, a long one without its parenthesised asides (sources, file names, counts); a
     family's own name, without a yaml, is the family at its dataclass's defaults."""
     from peftseg.config import REGISTERED
 
@@ -29,21 +31,65 @@ def description(group: str, name: str) -> str:
     if registry is not None and name in registry.names() and not (group == "model" and path.is_file()):
         summary = registry.get(name).summary
         return f"{summary} (the family's default shape)" if group == "model" else summary
+    comment = []
     for line in (path.read_text().splitlines() if path.is_file() else []):
-        if line.startswith("#") and not line.startswith("# @package"):
-            return line.lstrip("# ").strip()
-    return ""
+        if line.startswith("# @package"):
+            continue
+        if not line.startswith("#"):
+            break  # the leading comment ends at its first other line
+        comment.append(line.lstrip("#").strip())
+    return first_sentence(comment)
 
 
-def list_text() -> str:
+_ASIDE = re.compile(r"\s*\([^()]*\)")
+LONG = 120  # a first sentence longer than this is shown without its parenthesised asides
+
+
+def _sentence_end(text: str) -> int:
+    """Where the first sentence of `text` ends: after the first full stop outside parentheses
+    that a space or the end follows (not e.g., not the dots of res3..res5); else its length."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        if c == "." and depth <= 0 and text[i + 1:i + 2] in ("", " ") and not text[:i + 1].endswith(("e.g.", "i.e.")):
+            return i + 1
+    return len(text)
+
+
+def first_sentence(lines: list[str]) -> str:
+    """The first sentence of a comment written over several lines, whole: lines joined (a word
+    hyphenated across a line break joined back); a long one without its parenthesised asides."""
+    text = ""
+    for line in lines:
+        if not line:
+            break  # a blank comment line ends the paragraph
+        joined = text.endswith("-") and len(text) > 1 and text[-2].isalnum()
+        text += line if joined or not text else " " + line
+    text = text[:_sentence_end(text)]
+    if len(text) > LONG:
+        while _ASIDE.search(text):
+            text = _ASIDE.sub("", text)
+    return text
+
+
+def list_text(width: int = 100) -> str:
+    """What there is to choose, one option a paragraph: its name, then its description wrapped
+    to `width` columns under itself."""
+    import textwrap
+
     lines = []
     for group in GROUPS:
         names = group_options(group)
-        width = max(map(len, names))
+        name_width = max(map(len, names))
+        indent = " " * (name_width + 4)
         lines.append(f"{group}s ({group}=<name>):")
-        lines += [f"  {n:<{width}}  {description(group, n)}" for n in names]
+        for n in names:
+            text = description(group, n)
+            lines += textwrap.wrap(text, width=max(width, len(indent) + 40), initial_indent=f"  {n:<{name_width}}  ",
+                                   subsequent_indent=indent, break_on_hyphens=False) or [f"  {n}"]
         lines.append("")
-    lines.append("Each option's knobs: peftseg train --help [model=…] [method=…] [dataset=…] [train=…]")
+    lines += textwrap.wrap("Each option's knobs: peftseg train --help [model=…] [method=…] [dataset=…] [train=…]",
+                           width=width, subsequent_indent="  ")
     return "\n".join(lines)
 
 
@@ -136,7 +182,8 @@ def train_help(argv: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from peftseg.cli.common import print_text
+    from peftseg.cli.common import console, print_text
 
-    print_text(list_text())
+    # a terminal's own width; piped output (80 by default) gets the 100 columns peftseg report uses
+    print_text(list_text(console.width if console.is_terminal else max(console.width, 100)))
     return 0

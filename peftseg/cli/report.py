@@ -32,7 +32,9 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--baseline {args.baseline} is not a method"
                             f"{f'; did you mean --baseline {close[0]}?' if close else '.'} "
                             f"The methods are: {', '.join(METHODS.names())}.")
-    # at least 160 columns: piped output (CI logs) defaults to 80, too narrow for the table
-    console = Console()
-    build_report(args.dir, args.baseline, Console(width=max(console.width, 160)))
+    from peftseg.cli.common import console
+
+    # the terminal's width, and at least 100: piped output (CI logs) defaults to 80. The tables fit
+    # it, dropping the columns report.md keeps (peftseg.report.tables.group_table)
+    build_report(args.dir, args.baseline, Console(width=max(console.width, 100)))
     return 0

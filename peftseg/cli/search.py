@@ -180,15 +180,62 @@ def main(argv: list[str], console=None) -> int:
               "command again"] if waiting else [])
         console.print(f"{finished} of search.n_trials={opts.n_trials} trials finished; {', '.join(why)}",
                       highlight=False, markup=False, soft_wrap=True)
-    for number in summary["best_trials"]:
-        t = summary["trials"][number]
-        console.print(f"  best: trial {number} {t['values']} {t['params']} ({t['run_dir']})", highlight=False,
-                      markup=False, soft_wrap=True)
+    for line in best_lines(study, plan, summary):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(f"browse: optuna-dashboard {opts.storage}", highlight=False, markup=False)
     if states.count("complete") or states.count("pruned") or running or states.count("waiting"):
         return 0
     report_error(UserError(no_result_note(summary, opts)))
     return 1
+
+
+def _shown_override(override: str) -> str:
+    """A sampled override with a float value to 4 significant digits (the command keeps it whole)."""
+    key, _, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}={number:.4g}" if any(c in value for c in ".eE") else override
+
+
+def _where(run_dir: str | None) -> str:
+    """A run dir as the user can type it from here: relative under the working directory."""
+    import os
+
+    if not run_dir:
+        return "(no run dir)"
+    relative = os.path.relpath(run_dir)
+    return run_dir if relative.startswith("..") else relative
+
+
+def best_lines(study, plan: Plan, summary: dict) -> list[str]:
+    """The best trial (or, for several objectives, each trial of the Pareto front): its labelled
+    objectives, what it sampled, its run dir, and the `peftseg train` command that trains the
+    same configuration (the study's fixed overrides and the trial's sampled ones)."""
+    import shlex
+
+    from peftseg.experiments.objectives import objective_names, shown_values
+    from peftseg.experiments.trial import trial_overrides
+
+    best = summary["best_trials"]
+    if not best:
+        return []
+    names = objective_names(plan.objective)
+    lines = []
+    if len(names) > 1:
+        goals = " and ".join(f"{n} ({'higher' if d == 'maximize' else 'lower'} is better)"
+                             for n, d in zip(names, summary["directions"]))
+        lines.append(f"best trials: the {len(best)} on the Pareto front of {goals}")
+    trials = study.get_trials(deepcopy=False)
+    for number in best:
+        frozen = trials[number]
+        sampled = trial_overrides(frozen, plan)  # the overrides it ran with, from its stored parameters
+        lines += [f"best: trial {number}: {shown_values(plan.objective, frozen.values)}",
+                  f"  sampled: {' '.join(_shown_override(o) for o in sampled)}",
+                  f"  run dir: {_where(summary['trials'][number]['run_dir'])}",
+                  "  train it: peftseg train " + " ".join(shlex.quote(o) for o in [*plan.fixed, *sampled])]
+    return lines
 
 
 def no_result_note(summary: dict, opts) -> str:

@@ -72,3 +72,31 @@ def directions(objective) -> str | list[str]:
     names = objective_names(objective)
     found = [OBJECTIVES[n][1] for n in names]
     return found[0] if isinstance(objective, str) else found
+
+
+def _rounded(value: float) -> str:
+    """`value` with 2 decimals, more where it needs them for 3 significant digits (66.91, 2.31,
+    0.0123), in plain notation."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.2f}"
+    decimals = max(2, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def shown_value(name: str, value: float) -> str:
+    """One objective's value as the console shows it: AP to 2 decimals (as the report tables),
+    counts whole, the rest to 2 decimals or 3 significant digits, with their unit where the
+    name has none. search.json and the study keep the full numbers."""
+    if name in ("segm_ap", "bbox_ap"):
+        return f"{value:.2f}"
+    if name == "trainable_params":
+        return f"{round(value):,}"
+    unit = {"peak_memory": " GiB", "step_time": " s"}.get(name, "")
+    return _rounded(value) + unit
+
+
+def shown_values(objective, values) -> str:
+    """The objective(s) of a trial, labelled: `segm_ap 41.27, trainable_pct 2.31`."""
+    names = objective_names(objective)
+    values = values if isinstance(values, (list, tuple)) else [values]
+    return ", ".join(f"{n} {shown_value(n, float(v))}" for n, v in zip(names, values))

@@ -65,13 +65,19 @@ def _log_to(path: Path):
         handler.close()
 
 
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """An error's message on one line (its lines joined by "; "), cut at a word past `limit`."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def run_trial(trial, plan, search_dir: Path, pruner_task: str | None, console) -> tuple[str, Any, Path]:
     """Run one trial; (status, objective values or None, its run dir)."""
     from peftseg.config import compose_config, validate
     from peftseg.engine.distributed import launch_run
     from peftseg.engine.interrupt import RunInterrupted
     from peftseg.engine.pruning import RunPruned
-    from peftseg.experiments.objectives import objective_values
+    from peftseg.experiments.objectives import objective_values, shown_values
     from peftseg.results import failed_record, write_record
 
     sampled = trial_overrides(trial, plan)
@@ -79,8 +85,8 @@ def run_trial(trial, plan, search_dir: Path, pruner_task: str | None, console) -
     try:
         cfg = compose_config(overrides)
     except Exception as exc:  # Hydra refuses a sampled value (a type the key does not take)
-        console.print(f"trial {trial.number}: {' '.join(sampled)}\n  failed: {exc}", highlight=False, markup=False,
-                      soft_wrap=True)
+        console.print(f"trial {trial.number}: {' '.join(sampled)}\ntrial {trial.number} failed: {_one_line(exc)}",
+                      highlight=False, markup=False, soft_wrap=True)
         return "failed", None, search_dir / str(trial.number)
     run_dir = search_dir / f"{trial.number}-{cfg.model.name}-{cfg.method.name}"
     run_id = str(run_dir)
@@ -90,7 +96,8 @@ def run_trial(trial, plan, search_dir: Path, pruner_task: str | None, console) -
         validate(cfg)  # a sampled value a method refuses: a failed trial, in its own record
     except UserError as exc:
         write_record(run_dir, failed_record(cfg, run_dir, run_id, exc))
-        console.print(f"  failed: {exc}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"trial {trial.number} failed: {_one_line(exc)} ({run_dir})", highlight=False, markup=False,
+                      soft_wrap=True)
         return "failed", None, run_dir
     listener = pruning_listener(trial, pruner_task) if pruner_task else None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,20 +105,21 @@ def run_trial(trial, plan, search_dir: Path, pruner_task: str | None, console) -
         with _log_to(run_dir / "train.log"):
             record = launch_run(cfg, run_dir, run_id, on_evaluation=listener)
     except RunPruned as pruned:
-        console.print(f"  pruned: {pruned.reason}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"trial {trial.number} pruned: {pruned.reason} ({run_dir})", highlight=False, markup=False,
+                      soft_wrap=True)
         return "pruned", None, run_dir
     except RunInterrupted:
         raise
     except Exception as exc:  # the run wrote its failed record; the search goes on
-        console.print(f"  failed: {type(exc).__name__}: {exc}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"trial {trial.number} failed: {type(exc).__name__}: {_one_line(exc)} ({run_dir}; its "
+                      "results.json has the whole error)", highlight=False, markup=False, soft_wrap=True)
         return "failed", None, run_dir
     objective = plan.objective  # as the study takes it (objective=[segm_ap] is segm_ap)
     values = objective_values(record, objective)
     if values is None:
-        console.print(f"  failed: the run ended {record.status} without finite numbers for objective {objective}",
-                      highlight=False, markup=False)
+        console.print(f"trial {trial.number} failed: the run ended {record.status} without finite numbers for "
+                      f"objective {objective} ({run_dir})", highlight=False, markup=False, soft_wrap=True)
         return "failed", None, run_dir
-    shown = values if isinstance(values, list) else [values]
-    console.print(f"  ok: objective {', '.join(f'{v:.4g}' for v in shown)} ({run_dir})", highlight=False,
+    console.print(f"trial {trial.number} ok: {shown_values(objective, values)} ({run_dir})", highlight=False,
                   markup=False, soft_wrap=True)
     return "ok", values, run_dir

@@ -11,8 +11,7 @@ import math
 from pathlib import Path
 
 from peftseg.report.collect import Group
-from peftseg.report.plots import method_colour
-from peftseg.report.tables import knob_header, knob_text
+from peftseg.report.plots import method_colour, run_labels
 
 CURVE_KEYS = ("total_loss", "lr")
 
@@ -91,10 +90,7 @@ def curves_path(root: Path, group: Group) -> Path:
 
 def write_group_curves(root: Path, group: Group) -> Path | None:
     """curves_<model>_<dataset>.png under root: loss and lr of every run of the group."""
-    runs = []
-    for r in group.records:
-        label = " ".join([str(r.knob("method.name"))] + [f"{knob_header(k)}={knob_text(r.knob(k))}"
-                                                        for k in group.knobs if r.knob(k) is not None])
-        runs.append((label, str(r.knob("method.name")), Path(r.run.dir or "")))
+    labels = run_labels(group)  # method and knobs, never a resume path
+    runs = [(labels[id(r)], str(r.knob("method.name")), Path(r.run.dir or "")) for r in group.records]
     path = curves_path(root, group)
     return path if write_curves_png(path, group.title, runs, method_colour) else None

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from peftseg.io.atomic import write_atomic
-from peftseg.report.collect import Group, fronts_by_size, method_rank, plottable
+from peftseg.report.collect import Group, fronts_by_size, method_rank, plottable, training_set_size
 from peftseg.report.tables import knob_header, knob_text
 
 
@@ -105,6 +105,45 @@ def place_labels(points: list[tuple[float, float]], sizes: list[tuple[float, flo
     return out
 
 
+# the fronts of a data-efficiency sweep, one per training-set size, largest first
+_FRONT_STYLES = ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))
+
+
+def _size_order(r) -> tuple:
+    """Largest training set first; a size only known by its dataset.train_subset text after them."""
+    return (0, -r.train_images, "") if r.train_images is not None else (1, 0, str(training_set_size(r)))
+
+
+def _size_label(r) -> str:
+    if r.train_images is not None:
+        return f"{r.train_images} training images"
+    return f"train_subset={knob_text(r.knob('dataset.train_subset') or 'all')}"
+
+
+def run_labels(group: Group) -> dict[int, str]:
+    """id() of each run of the group -> its label in the pictures: its method and the knobs that
+    tell it from the others (`lora rank=8`), then `(resumed)` and a status other than ok. Settings
+    that only say how or where a run ran (the ones a resumed run may change: its train.resume
+    path, data-loader workers, log period, …; peftseg.checkpoint.resume.APPLICABLE) never label
+    it. Runs that would still share a label get their folder's name after it."""
+    from collections import Counter
+
+    from peftseg.checkpoint.resume import APPLICABLE
+
+    how_it_ran = APPLICABLE - {"model.weights"}  # other base weights are another experiment
+    labels = {}
+    for r in group.records:
+        words = [str(r.knob("method.name"))] + [f"{knob_header(k)}={knob_text(r.knob(k))}" for k in group.knobs
+                                                if k not in how_it_ran and r.knob(k) not in (None, "")]
+        notes = (["resumed"] if r.knob("train.resume") else []) + ([str(r.status)] if r.status != "ok" else [])
+        labels[id(r)] = " ".join(words) + (f" ({', '.join(notes)})" if notes else "")
+    shared = Counter(labels.values())
+    for r in group.records:
+        if shared[labels[id(r)]] > 1:
+            labels[id(r)] += f" · {Path(r.run.dir or str(r.run.id)).name}"
+    return labels
+
+
 def write_plot(path: Path, groups: list[Group]) -> None:
     """One panel per group. Every plotted run is numbered; the numbers sit beside their points
     (never on another label or point, with a leader line when moved away) and the key under
@@ -121,10 +160,8 @@ def write_plot(path: Path, groups: list[Group]) -> None:
     sizes = {m: 170 - 110 * i / max(len(methods) - 1, 1) for i, m in enumerate(methods)}  # points², big first
     keys = []
     for g in groups:
-        runs = [r for r in g.records if plottable(r)]
-        keys.append([f"{i}  {r.knob('method.name')} " + " ".join(
-            f"{knob_header(k)}={knob_text(r.knob(k))}" for k in g.knobs if r.knob(k) is not None)
-            for i, r in enumerate(runs, 1)])
+        labels = run_labels(g)
+        keys.append([f"{i}  {labels[id(r)]}" for i, r in enumerate((r for r in g.records if plottable(r)), 1)])
     n = len(groups)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
@@ -159,21 +196,21 @@ def write_plot(path: Path, groups: list[Group]) -> None:
                            edgecolors=method_colour(m), linewidths=1.6, zorder=3 + methods.index(m) / 100)
                 handles.append(Line2D([], [], linestyle="", marker=method_marker(m), color=method_colour(m),
                                       markersize=8, label=m))
-        # one front per training-set size (a data-efficiency sweep): fewer images is another budget
-        fronts = [[points[i] for i in front] for front in fronts_by_size(runs)]
-        for front in fronts:
-            ax.scatter([x for x, _ in front], [y for _, y in front], s=260, facecolors="none",
-                       edgecolors="black", linewidths=1, zorder=2)
+        # one front per training-set size (a data-efficiency sweep): fewer images is another budget.
+        # Each has its own line style and legend entry, largest training set first
+        fronts = sorted(fronts_by_size(runs), key=lambda front: _size_order(runs[front[0]]))
+        for front, style in zip(fronts, _FRONT_STYLES * len(fronts)):
+            xs, ys = [points[i][0] for i in front], [points[i][1] for i in front]
+            ax.scatter(xs, ys, s=260, facecolors="none", edgecolors="black", linewidths=1, zorder=2)
             if len(front) >= 2:  # a front of one point is only its ring; no line to explain
-                ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black",
-                        linestyle="--", linewidth=1, zorder=1)
-        what = "Pareto front" + (" per training-set size" if len(fronts) > 1 else "")
-        if any(len(front) >= 2 for front in fronts):
-            handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1, marker="o",
-                                  markerfacecolor="none", markersize=10, label=what))
-        elif fronts:
-            handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", markeredgecolor="black",
-                                  markersize=10, label=f"{what} (ringed)"))
+                ax.step(xs, ys, where="post", color="black", linestyle=style, linewidth=1.2, zorder=1)
+            what = "Pareto front" + (f", {_size_label(runs[front[0]])}" if len(fronts) > 1 else "")
+            if len(front) >= 2:
+                handles.append(Line2D([], [], color="black", linestyle=style, linewidth=1.2, marker="o",
+                                      markerfacecolor="none", markersize=10, label=what))
+            else:
+                handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none",
+                                      markeredgecolor="black", markersize=10, label=f"{what} (ringed)"))
         # the legend sits outside the data, to the right of the panel
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.text(0.0, -0.16, "\n".join(key), transform=ax.transAxes, va="top", ha="left", fontsize=7.5,

@@ -162,47 +162,111 @@ def group_rows(group: Group, baseline: str | None, extras: dict[int, dict]) -> t
 
 KNOB_WIDTH = 18  # a knob column wraps its values at this width; CSV and report.md keep them whole
 KNOB_MIN = 8
+KNOB_ROOM = 20  # narrower than this, the knobs column makes room by dropping a DROPPABLE column
+
+# columns a narrow terminal does without, first to last (report.md and report.csv keep them): the
+# ratios follow from the baseline's own row, backbone % from the group counts in report.csv
+DROPPABLE = ("ckpt size", "backbone %", "mem ×", "time ×", "box AP", "step time")
+
+# short names of knobs in the one "knobs" column of a narrow table; the table's caption spells out
+# the ones it uses. Keyed by a knob header's last part (lora.rank in adapter_lora: lora.r)
+SHORT_KNOBS = {
+    "rank": "r", "targets": "tgt", "adapters_per_block": "per_block", "bottleneck": "dim", "image_size": "px",
+    "dropout": "drop", "module_dropout": "mod_drop", "rank_dropout": "r_drop", "activation": "act",
+    "reduction": "red", "feedforward": "ff", "use_dora": "dora", "use_rslora": "rslora",
+    "decompose_both": "both", "decompose_factor": "factor", "train_subset": "imgs", "base_lr": "lr",
+    "ims_per_batch": "batch", "max_iter": "iters", "train_task_layers": "task_layers",
+}
+
+
+def short_knob(header: str) -> str:
+    group, dot, last = header.rpartition(".")
+    return group + dot + SHORT_KNOBS.get(last, last)
+
+
+def _width(headers: list[str], rows: list[list[str]], i: int) -> int:
+    """Column i's width with its header broken between words: its longest cell or word."""
+    return max([len(row[i]) for row in rows] + [len(w) for w in headers[i].split()])
 
 
 def group_table(group: Group, baseline: str | None, extras: dict[int, dict], width: int = 160) -> Table:
     """The group's rows for a terminal of `width` columns: method and every number stay whole
-    (their columns never shrink below their longest cell); knob values wrap instead, lists at
-    their commas. When the knobs have less room than a column each needs, they share one
-    column, one `knob=value` per line."""
+    (their columns never shrink below their longest cell). Where every knob can have a column
+    of its own, it does, its values wrapping (lists at their commas). Otherwise the knobs share
+    one column, `r=8 tgt=attn_qkv` with short names; the front's ★ goes beside the status; and
+    while that column has less than KNOB_ROOM, the DROPPABLE columns go, first to last. The
+    caption says what the short names stand for and which columns are left to report.md."""
     headers, rows = group_rows(group, baseline, extras)
     n_knobs = len(group.knobs)
-    fixed = [max([len(row[i]) for row in rows] + [len(w) for w in headers[i].split()]) for i in range(len(headers))]
+    fixed = [_width(headers, rows, i) for i in range(len(headers))]
     fixed_width = sum(w + 3 for i, w in enumerate(fixed) if not 1 <= i <= n_knobs) + 1
-    room = width - fixed_width
     # each knob column wants its longest single value (a list wraps at its commas) on one line
     wanted = [min(KNOB_WIDTH, max(len(w) for row in rows for w in [*row[i].split(","), *headers[i].split("_")]))
               for i in range(1, n_knobs + 1)]
-    if n_knobs and room < sum(w + 3 for w in wanted):
-        headers = [headers[0], "knobs", *headers[n_knobs + 1:]]
-        rows = [[row[0], "\n".join(f"{h}={v}" for h, v in zip(group_rows(group, baseline, extras)[0][1:n_knobs + 1],
-                                                               row[1:n_knobs + 1]) if v not in ("", DASH)),
-                 *row[n_knobs + 1:]] for row in rows]
-        fixed = [fixed[0], max(KNOB_MIN, room - 3), *fixed[n_knobs + 1:]]
-        n_knobs, knob_width = 1, max(KNOB_MIN, room - 3)
-    else:
-        knob_width = KNOB_WIDTH
+    if n_knobs and width - fixed_width < sum(w + 3 for w in wanted):
+        return _narrow_table(group, headers, rows, n_knobs, width)
+    return _table(group.title, headers, rows, fixed, range(1, n_knobs + 1), wanted, KNOB_WIDTH, width)
+
+
+def _narrow_table(group: Group, headers: list[str], rows: list[list[str]], n_knobs: int, width: int) -> Table:
+    knob_headers = headers[1:n_knobs + 1]
+    shorts = [short_knob(h) for h in knob_headers]
+    knobs = [" ".join(f"{s}={v}" for s, v in zip(shorts, row[1:n_knobs + 1]) if v not in ("", DASH))
+             for row in rows]
+    headers = [headers[0], *(["knobs"] if n_knobs else []), *headers[n_knobs + 1:]]
+    rows = [[row[0], *([k] if n_knobs else []), *row[n_knobs + 1:]] for row, k in zip(rows, knobs)]
+    notes = []
+    if "front" in headers:  # the front's mark beside the status: ★ ok
+        at = headers.index("front")
+        rows = [[*row[:at], *row[at + 1:-1], f"{row[at]} {row[-1]}" if row[at] else row[-1]] for row in rows]
+        del headers[at]
+        notes.append("★ on the Pareto front (trainable % vs mask AP)")
+    k = 1 if n_knobs else None  # the knobs column
+
+    def room() -> int:  # what the knobs column has beside the others (for no knobs: what is left)
+        return width - 1 - sum(_width(headers, rows, i) + 3 for i in range(len(headers)) if i != k) - (3 if k else 0)
+
+    dropped = []
+    for name in DROPPABLE:
+        if room() >= (KNOB_ROOM if k else 0):
+            break
+        if name in headers:
+            at = headers.index(name)
+            headers, rows = headers[:at] + headers[at + 1:], [row[:at] + row[at + 1:] for row in rows]
+            dropped.append(name)
+    fixed = [_width(headers, rows, i) for i in range(len(headers))]
+    knob_width = max(KNOB_MIN, min(room(), max(len(row[1]) for row in rows))) if k else 0
+    used = [f"{s} = {h}" for s, h in dict(zip(shorts, knob_headers)).items() if s != h]
+    if used:
+        notes.insert(0, "knobs: " + ", ".join(used))
+    if dropped:
+        notes.append(f"{', '.join(dropped)}: in report.md and report.csv (a wider terminal shows them too)")
+    table = _table(group.title, headers, rows, fixed, [k] if k else [], [knob_width], knob_width, width)
+    table.caption = "; ".join(notes) or None
+    table.caption_justify = "left"
+    return table
+
+
+def _table(title: str, headers: list[str], rows: list[list[str]], fixed: list[int], knob_columns, wanted: list[int],
+           knob_width: int, width: int) -> Table:
+    knob_columns = list(knob_columns)
     # headers on one line where the table fits so, else broken between words ("trainable %"
     # over two lines); cells never break
     one_line = sum(max(w, len(h)) + 3 for w, h in zip(fixed, headers)) + 1 <= width
-    table = Table(title=group.title, title_justify="left")
+    table = Table(title=title, title_justify="left")
     for i, name in enumerate(headers):
-        if 1 <= i <= n_knobs:
+        if i in knob_columns:
             table.add_column(name, overflow="fold", max_width=knob_width,
-                             min_width=wanted[i - 1] if n_knobs == len(wanted) else knob_width)
+                             min_width=wanted[knob_columns.index(i)] if len(wanted) == len(knob_columns) else knob_width)
         else:
             table.add_column(Text(name if one_line else name.replace(" ", "\n")), style="bold" if i == 0 else None,
                              no_wrap=True, min_width=max(fixed[i], len(name)) if one_line else fixed[i],
                              justify="left" if i == 0 or name in ("front", "status") else "right")
     for row in rows:
-        status = row[-1]
+        status = row[-1].removeprefix("★ ")
         # cells are text, not markup: a knob value such as [attn_qkv] must not vanish
-        cells = [Text(c.replace(",", ", ") if 1 <= i <= n_knobs else c) for i, c in enumerate(row[:-1])]
+        cells = [Text(c.replace(",", ", ") if i in knob_columns else c) for i, c in enumerate(row[:-1])]
         # a pruned (search) or interrupted run stopped on purpose: not a result, not an error
         style = "green" if status == "ok" else "yellow" if status in ("pruned", "interrupted") else "red"
-        table.add_row(*cells, Text(status, style=style))
+        table.add_row(*cells, Text(row[-1], style=style))
     return table
