@@ -151,9 +151,16 @@ def knob_text(value) -> str:
     return str(value)
 
 
+# settings that say where a run's files and data were and how it logged, not what it trained or
+# measured: a column of them would tell runs apart by something no result depends on
+NO_COLUMN = frozenset({"train.resume", "train.num_workers", "train.progress", "train.log_period",
+                       "train.checkpoint_period", "train.timing_warmup_iters", "train.dist_url",
+                       "train.machine_rank", "dataset.cache_dir"})
+
+
 def varying_knobs(records: list[Record]) -> list[str]:
     """Config keys worth a column: a method's keys that differ among that method's runs,
-    and other (non-name) keys that differ across the group."""
+    and other (non-name) keys that differ across the group, except those of NO_COLUMN."""
     keys: list[str] = []
     by_method: dict[str, list[Record]] = {}
     for r in records:
@@ -164,7 +171,7 @@ def varying_knobs(records: list[Record]) -> list[str]:
                 if len({_hashable(r.knob(key)) for r in runs}) > 1:
                     keys.append(key)
     for key in dict.fromkeys(k for r in records for k in r.config):
-        if key.startswith("method.") or key.endswith(".name") or key in keys:
+        if key.startswith("method.") or key.endswith(".name") or key in keys or key in NO_COLUMN:
             continue
         if len({_hashable(r.knob(key)) for r in records}) > 1:
             keys.append(key)
