@@ -6,6 +6,10 @@ model_final) looking like its own. So a run takes a lock file (pid, host, start 
 before it writes anything, refuses a dir another live run holds, and clears the earlier
 run's record, checkpoints, metrics, predictions, events and drawings before it trains. A lock left by a process that no
 longer exists on this host (kill -9, a crash) is taken over with a warning.
+
+An interrupted run (a preemption, a time limit, Ctrl-C) is not an earlier run's leftovers but a
+run in progress: a new run in its dir is refused, naming `train.resume=<dir>`, and a resume from
+inside the dir keeps its checkpoints, export and event files.
 """
 
 from __future__ import annotations
@@ -137,6 +141,41 @@ def resumes_from_inside(run_dir: Path, resume: str) -> bool:
     source = Path(resume).resolve()
     here = Path(run_dir).resolve()
     return source == here or here in source.parents
+
+
+def interrupted_run(run_dir: Path) -> dict | None:
+    """The record (as JSON) of an interrupted run in `run_dir` that `train.resume` can continue:
+    its checkpoints are a run in progress, not leftovers. None when there is none."""
+    path = Path(run_dir) / "results.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "interrupted":
+        return None
+    info = record.get("interrupted")
+    # resume: steps are left; evaluate: training is complete, its final evaluation is not
+    return record if isinstance(info, dict) and (info.get("resume") or info.get("evaluate")) else None
+
+
+def refuse_to_replace_interrupted(run_dir: Path, resume: str = "") -> None:
+    """UserError when `run_dir` holds an interrupted run that this run would clear (it does not
+    resume from inside the dir): a preempted or timed-out run's checkpoints are never deleted
+    by a new run started there; the message names the resume that continues it."""
+    record = interrupted_run(run_dir)
+    if record is None or resumes_from_inside(run_dir, resume):
+        return
+    info = record["interrupted"]
+    after = f" after iteration {info['iteration']}" if isinstance(info.get("iteration"), int) else ""
+    saved = f", checkpoint {info['checkpoint']}" if info.get("checkpoint") else ""
+    if info.get("resume"):
+        what = "its checkpoints", f"Continue it with `peftseg train {info['resume']}` (its settings come from the checkpoint)"
+    else:
+        what = "its trained model", f"Training is complete, only its final evaluation is missing: `{info['evaluate']}`"
+    raise UserError(
+        f"run dir {run_dir} holds an interrupted run (stopped by {info.get('signal')}{after}{saved}); a new run "
+        f"there would delete {what[0]}. {what[1]}; or give this run its own dir (hydra.run.dir=<another folder>)."
+    )
 
 
 def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:
