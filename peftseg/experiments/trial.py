@@ -52,17 +52,15 @@ class TrialPruner:
         if self._trial is None:
             import optuna
 
+            from peftseg.compat import reopen_trial
             from peftseg.experiments.study_storage import open_storage
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            storage = open_storage(self.storage)
             # a random sampler: opening a trial runs the sampler's before_trial, which must not
             # touch a trial that is already running
-            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner,
-                                      sampler=optuna.samplers.RandomSampler())
-            study_id = storage.get_study_id_from_name(self.study_name)
-            self._trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id,
-                                                                                                 self.number))
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage),
+                                      pruner=self.pruner, sampler=optuna.samplers.RandomSampler())
+            self._trial = reopen_trial(study, self.number)
         return self._trial
 
     def _judge(self, iteration: int, results: dict) -> tuple[float, bool]:
