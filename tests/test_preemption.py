@@ -264,8 +264,40 @@ def test_only_a_requeued_job_continues_its_run_by_itself_and_only_with_the_same_
         monkeypatch.delenv(name, raising=False)
     assert continues_own_run(cfg, tmp_path) is None  # started by hand: refused by launch_run instead
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert continues_own_run(cfg, tmp_path)["interrupted"]["iteration"] == 2
+    assert continues_own_run(cfg, tmp_path) == "interrupted by SIGTERM after iteration 2"
     assert continues_own_run(compose_config([*SETUP, "train.base_lr=0.01"]), tmp_path) is None  # another run
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     monkeypatch.setenv("SUBMITIT_FOLDER", str(tmp_path / ".submitit"))  # a member of a submitit sweep
     assert continues_own_run(cfg, tmp_path) is not None
+
+    # SIGKILL before the step ended (a preemption's grace time too short): still "running",
+    # with a periodic checkpoint to continue from
+    record["status"], record["interrupted"] = "running", None
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    assert continues_own_run(cfg, tmp_path) is None  # no checkpoint: it starts over
+    (tmp_path / "model_0000001.pth").write_bytes(b"x")
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    assert continues_own_run(cfg, tmp_path) == "killed before it could stop; its last checkpoint is model_0000001.pth"
+
+
+def test_a_job_requeued_after_a_kill_takes_over_the_lock_its_earlier_start_left(tmp_path, monkeypatch):
+    from peftseg.engine.rundir import LOCK, claim
+    from peftseg.errors import UserError
+
+    # held by this SLURM job before it was requeued, on another node
+    lock = {"pid": 1, "host": "node-17", "start_time": "x", "slurm_job": "4242", "slurm_restart": 0}
+    (tmp_path / LOCK).write_text(json.dumps(lock))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same start of the job: a live holder
+    with pytest.raises(UserError, match="in use by another run"):
+        with claim(tmp_path):
+            pass
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(UserError, match="in use by another run"):
+        with claim(tmp_path):
+            pass
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with claim(tmp_path):
+        held = json.loads((tmp_path / LOCK).read_text())
+        assert held["pid"] == os.getpid() and held["slurm_restart"] == 1

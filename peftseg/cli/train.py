@@ -88,15 +88,15 @@ def train_task(cfg):
 
 def _continue_own_run(cfg, run_dir: Path) -> None:
     """A job the scheduler started again (a requeued SLURM job, a submitit member) whose run dir
-    holds its own interrupted run, same config, continues it: train.resume=<run dir>."""
+    holds its own run, same config, interrupted or killed after a periodic checkpoint,
+    continues it: train.resume=<run dir>."""
     from peftseg.engine.requeue import continues_own_run
 
-    record = continues_own_run(cfg, run_dir)
-    if record is None:
+    what = continues_own_run(cfg, run_dir)
+    if what is None:
         return
-    info = record["interrupted"]
-    log.warning("run dir %s holds this run, interrupted by %s after iteration %s: this requeued job continues it "
-                "(train.resume=%s)", run_dir, info.get("signal"), info.get("iteration"), run_dir)
+    log.warning("run dir %s holds this run, %s: this requeued job continues it (train.resume=%s)", run_dir, what,
+                run_dir)
     cfg.train.resume = str(run_dir)
 
 

@@ -11,9 +11,11 @@ interrupted -> running -> ok. Timeouts count against `hydra.launcher.max_num_tim
 preemptions do not (submitit's rule).
 
 A job SLURM requeues by itself (a preemption that only sent SIGTERM, `scontrol requeue`) or a
-member whose submission carries no `train.resume` finds its own interrupted run in its dir:
-`continues_own_run` says to resume it, when the config is the same. Anywhere else a new run
-in that dir is refused by name (peftseg.engine.rundir.refuse_to_replace_interrupted).
+member whose submission carries no `train.resume` finds its own interrupted run in its dir
+(or, when SIGKILL came before the step ended, its run still "running" with a periodic
+checkpoint): `continues_own_run` says to resume it, when the config is the same. Anywhere
+else a new run in the dir of an interrupted one is refused by name
+(peftseg.engine.rundir.refuse_to_replace_interrupted).
 """
 
 from __future__ import annotations
@@ -45,19 +47,43 @@ def _normalised(config: dict) -> dict:
     return json.loads(json.dumps(config, default=str))
 
 
-def continues_own_run(cfg, run_dir: Path) -> dict | None:
-    """The interrupted record in `run_dir` that this job continues (set train.resume=<run dir>):
-    only in a requeued job, only when steps are left, only when its config is this one."""
+def _killed_run(run_dir: Path) -> dict | None:
+    """The record of a run killed before it could stop (still "running"; a preemption or time
+    limit whose SIGKILL came first) that left a periodic checkpoint to continue from."""
+    import re
+
+    try:
+        record = json.loads((Path(run_dir) / "results.json").read_text())
+        last = (Path(run_dir) / "last_checkpoint").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "running":
+        return None
+    if not re.fullmatch(r"model_\d+\.pth", last) or not (Path(run_dir) / last).is_file():
+        return None
+    return {**record, "checkpoint": last}
+
+
+def continues_own_run(cfg, run_dir: Path) -> str | None:
+    """What this job continues in `run_dir` (then train.resume=<run dir>): in a requeued job
+    only, when the dir holds this run (the same config) interrupted with steps left, or killed
+    after a periodic checkpoint. None otherwise."""
     from peftseg.results import flatten_config
 
     if cfg.train.resume or not requeued_job():
         return None
     record = interrupted_run(run_dir)
-    if record is None or not record["interrupted"].get("resume"):
-        return None
+    if record is not None and record["interrupted"].get("resume"):
+        info = record["interrupted"]
+        what = f"interrupted by {info.get('signal')} after iteration {info.get('iteration')}"
+    else:
+        record = _killed_run(run_dir)
+        if record is None:
+            return None
+        what = f"killed before it could stop; its last checkpoint is {record['checkpoint']}"
     mine = {k: v for k, v in _normalised(flatten_config(cfg)).items() if k != "train.resume"}
     theirs = {k: v for k, v in (record.get("config") or {}).items() if k != "train.resume"}
-    return record if mine == theirs else None
+    return what if mine == theirs else None
 
 
 def resume_overrides(overrides: list[str], run_dir: Path | None) -> list[str]:

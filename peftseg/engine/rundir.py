@@ -5,7 +5,8 @@ and a run that dies in a reused dir would leave the earlier run's "ok" record (a
 model_final) looking like its own. So a run takes a lock file (pid, host, start time)
 before it writes anything, refuses a dir another live run holds, and clears the earlier
 run's record, checkpoints, metrics, predictions, events and drawings before it trains. A lock left by a process that no
-longer exists on this host (kill -9, a crash) is taken over with a warning.
+longer exists on this host (kill -9, a crash), or by the same SLURM job before SLURM requeued
+it (killed on another node), is taken over with a warning.
 
 An interrupted run (a preemption, a time limit, Ctrl-C) is not an earlier run's leftovers but a
 run in progress: a new run in its dir is refused, naming `train.resume=<dir>`, and a resume from
@@ -81,6 +82,25 @@ def _head(path: Path) -> str:
         return ""
 
 
+def _slurm_job() -> dict:
+    """The SLURM job this process belongs to, and how often SLURM has started it ({} outside one)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    try:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restarts = 0
+    return {"slurm_job": job, "slurm_restart": restarts}
+
+
+def _earlier_start_of_this_job(other: dict) -> bool:
+    mine = _slurm_job()
+    restart = other.get("slurm_restart")
+    return bool(mine) and other.get("slurm_job") == mine["slurm_job"] and isinstance(restart, int) \
+        and restart < mine["slurm_restart"]
+
+
 @contextlib.contextmanager
 def claim(run_dir: Path):
     """Hold `run_dir` for this process while the block runs."""
@@ -88,7 +108,7 @@ def claim(run_dir: Path):
     path = run_dir / LOCK
     host = socket.gethostname()
     mine = {"pid": os.getpid(), "host": host,
-            "start_time": now()}
+            "start_time": now(), **_slurm_job()}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except PermissionError as e:
@@ -114,6 +134,13 @@ def claim(run_dir: Path):
                 ) from None
             if other.get("host") == host and isinstance(pid, int) and not _alive(pid):
                 log.warning("run dir %s: taking over the lock of pid %d, which is no longer running", run_dir, pid)
+                path.unlink(missing_ok=True)
+                continue
+            if _earlier_start_of_this_job(other):
+                # SLURM requeues a job only once it has ended: the holder (killed on another node
+                # by a preemption or a time limit) is gone
+                log.warning("run dir %s: taking over the lock of SLURM job %s before it was requeued (pid %d on "
+                            "host %s)", run_dir, other.get("slurm_job"), pid, other.get("host"))
                 path.unlink(missing_ok=True)
                 continue
             raise UserError(
