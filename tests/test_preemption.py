@@ -301,3 +301,19 @@ def test_a_job_requeued_after_a_kill_takes_over_the_lock_its_earlier_start_left(
     with claim(tmp_path):
         held = json.loads((tmp_path / LOCK).read_text())
         assert held["pid"] == os.getpid() and held["slurm_restart"] == 1
+
+
+def test_a_warning_after_a_submitit_members_run_has_ended_does_not_requeue_it(monkeypatch):
+    from peftseg.engine.requeue import ignore_late_warnings
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        monkeypatch.delenv("SUBMITIT_FOLDER", raising=False)
+        ignore_late_warnings()  # not a submitit job: nothing to requeue, handlers as they were
+        assert {s: signal.getsignal(s) for s in saved} == saved
+        monkeypatch.setenv("SUBMITIT_FOLDER", "/x")
+        ignore_late_warnings()  # submitit's handler would requeue the ended member: started over
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in saved)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -43,6 +43,7 @@ def train_task(cfg):
 
     from peftseg.engine.distributed import launch_run
     from peftseg.engine.interrupt import RunInterrupted
+    from peftseg.engine.requeue import hand_over, ignore_late_warnings
     from peftseg.report.tables import run_table
 
     # Spawned training processes get the job's logging (console + run dir log file) from here.
@@ -65,12 +66,11 @@ def train_task(cfg):
         else:
             err_console.print(f"[bold yellow]interrupted:[/] {stop} (before training had a step to save)",
                               highlight=False)
-        from peftseg.engine.requeue import hand_over
-
         # a submitit job on the scheduler's warning: requeued to resume here (exits), else returns
         hand_over(stop, lambda line: err_console.print(line, soft_wrap=True, highlight=False, markup=False))
         sys.exit(128 + stop.signum)  # the shell's convention for "ended by signal N"; stops a sweep too
     except Exception as exc:
+        ignore_late_warnings()
         if isinstance(exc, UserError):
             report_error(exc)
         else:
@@ -78,6 +78,7 @@ def train_task(cfg):
         if hc.mode == RunMode.RUN:
             sys.exit(2 if isinstance(exc, UserError) else 1)
         return None
+    ignore_late_warnings()
     if record is None:
         console.print(f"machine {cfg.train.machine_rank} done; machine 0 writes the record")
         return None

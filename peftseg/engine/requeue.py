@@ -120,3 +120,13 @@ def hand_over(stop: RunInterrupted, say) -> None:
         handler(usr, None)  # submitit's checkpoint_and_try_requeue: checkpoint(), requeue, exit
     except UncompletedJobError as e:
         say(f"not requeued: {e}")
+
+
+def ignore_late_warnings() -> None:
+    """Inside a submitit job whose run has ended (ok or failed): a warning signal from now on
+    must not requeue it (the requeued job would start the ended member over); ignored."""
+    import threading
+
+    if in_submitit_job() and threading.current_thread() is threading.main_thread():
+        for s in WARNINGS:
+            signal.signal(s, signal.SIG_IGN)
