@@ -586,7 +586,7 @@ def yaml_knobs_table(path: str, prefix: str) -> str:
     rows = []
     for line in (ROOT / path).read_text().splitlines():
         m = re.match(r"^(\w+):\s*([^#]*?)\s*(?:#\s*(.*))?$", line)
-        if m and m.group(1) != "defaults":
+        if m and m.group(1) != "defaults" and not m.group(1).startswith("_"):  # _target_: no knob
             value = m.group(2) or "—"
             rows.append([f"`{prefix}.{m.group(1)}`", f"`{value}`", m.group(3) or ""])
     return _table(["knob", "default", "what it does"], rows) + f"\n\nSource: `{path}`."

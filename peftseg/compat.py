@@ -73,3 +73,21 @@ def route_mask2former_deformable_attention(model, kernel) -> int:
             m.register_forward_hook(leave, always_call=True)  # reset even if forward raises
             n += 1
     return n
+
+
+# --- optuna -----------------------------------------------------------------------------------
+# A trial that trains in several spawned processes is judged in rank 0, which is not the process
+# that asked for it, so rank 0 must open the running trial again from the storage. Optuna's
+# public API hands out Trial objects only through ask()/optimize() (a new trial); its own
+# optimize loop and optuna-integration's TorchDistributedTrial build them with this constructor,
+# whose docs advise against calling it directly.
+
+def reopen_trial(study, number: int):
+    """The running trial `number` of `study` (loaded from its storage), to report to and ask
+    the pruner about, as the process that asked for it would."""
+    import optuna
+
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                              number)
+    return optuna.trial.Trial(study, trial_id)

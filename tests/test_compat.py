@@ -61,3 +61,16 @@ def test_transformers_mask2former_attention_calls_the_module_function_compat_rou
     assert calls == [4]
     plain[0](x, **kwargs)
     assert calls == [4]  # another model's forward: transformers' function, untouched
+
+
+def test_optuna_reopens_a_running_trial_that_reports_and_is_judged_like_the_one_asked_for():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    study.ask()
+    asked = study.ask()
+    reopened = compat.reopen_trial(study, asked.number)
+    reopened.report(0.1, step=3)
+    assert reopened.number == asked.number and reopened.should_prune()
+    assert study.get_trials()[1].intermediate_values == {3: 0.1} and not study.get_trials()[0].intermediate_values

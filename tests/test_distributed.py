@@ -83,3 +83,27 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path, sh
     it = record["interrupted"]["iteration"]
     assert 0 <= it < 1999 and (tmp_path / "run" / f"model_{it:07d}.pth").is_file()
     assert "train.resume=" in " ".join(out.split())
+
+
+def test_a_search_prunes_a_trial_that_trains_in_two_processes(tmp_path, shapes_cache):
+    """The pruner's decision is taken once, in rank 0 (which opens the trial from the study's
+    storage), and every rank stops at that evaluation; the trial is PRUNED, its record "pruned"."""
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    # every AP is below 101: the threshold pruner stops the trial at its first evaluation
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftseg.cli", "search", "train=smoke", "train.max_iter=3", "train.warmup_iters=0",
+         "train.eval_period=1", "train.ims_per_batch=2", "train.progress=false", "train.num_gpus=2",
+         "train.device=cpu", "dataset.num_train=8", "dataset.num_val=2", "model.score_thresh_test=0.0",
+         "search.methods=[heads]", "search.n_trials=1", "search.pruner=threshold", "search.prune_below=101",
+         f"search.storage={storage}"],
+        cwd=tmp_path, env=cli_env(shapes_cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "pruned: segm AP" in proc.stdout and "no trial will be pruned" not in proc.stdout
+    (record,) = records_under(tmp_path / "search")
+    assert record["status"] == "pruned" and record["efficiency"] is None
+    assert record["config"]["train.num_gpus"] == 2
+    assert record["pruned"]["iteration"] == 1 and "judged by the study's pruner" in record["pruned"]["reason"]
+    (trial,) = optuna.load_study(study_name="peft_search", storage=storage).get_trials()
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
+    assert "study 'peft_search': 0 complete, 1 pruned, 0 failed" in proc.stdout

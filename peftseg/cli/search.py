@@ -149,10 +149,6 @@ def main(argv: list[str], console=None) -> int:
     console.print(f"study {opts.study!r} in {opts.storage}: {opts.n_trials} trials over {', '.join(plan.methods)}; "
                   f"runs under {search_dir}/; pruner {type(pruner).__name__ if pruner else 'none'}",
                   highlight=False, markup=False, soft_wrap=True)
-    if pruner is not None and base.train.num_gpus * base.train.num_machines > 1:
-        console.print("note: trials train in several processes (train.num_gpus x train.num_machines > 1), whose "
-                      "evaluations this process does not see: no trial will be pruned", highlight=False,
-                      markup=False, soft_wrap=True)
     grace_s = 3 * opts.heartbeat_s
     from peftseg.engine.interrupt import RunInterrupted
 

@@ -31,6 +31,7 @@ def train_task(cfg):
     try:
         validate(cfg)  # ranges, choices, unknown keys: before any heavy import
         objective_names(cfg.objective)  # a typo fails now, not after training
+        _continue_own_run(cfg, run_dir)
         if cfg.train.resume:
             cfg = _resumed(cfg, hc, run_dir)
     except UserError as exc:
@@ -44,6 +45,7 @@ def train_task(cfg):
 
     from peftseg.engine.distributed import launch_run
     from peftseg.engine.interrupt import RunInterrupted
+    from peftseg.engine.requeue import hand_over, ignore_late_warnings
     from peftseg.report.tables import run_table
 
     # Spawned training processes get the job's logging (console + run dir log file) from here.
@@ -51,7 +53,11 @@ def train_task(cfg):
     try:
         record = launch_run(cfg, run_dir, run_id, log_config)
     except RunInterrupted as stop:
-        if stop.checkpoint and stop.checkpoint.startswith("model_final"):
+        if stop.elsewhere:
+            err_console.print(f"[bold yellow]interrupted:[/] {stop}; the processes of this machine stopped with "
+                              f"the others, and machine 0 saved the checkpoint: its record {run_dir / 'results.json'} "
+                              "says how to continue", soft_wrap=True, highlight=False)
+        elif stop.checkpoint and stop.checkpoint.startswith("model_final"):
             err_console.print(f"[bold yellow]interrupted:[/] {stop}, during the final evaluation; training is "
                               f"complete ({run_dir / stop.checkpoint}). Evaluate it with: peftseg eval "
                               f"checkpoint={run_dir}", soft_wrap=True, highlight=False)
@@ -62,8 +68,11 @@ def train_task(cfg):
         else:
             err_console.print(f"[bold yellow]interrupted:[/] {stop} (before training had a step to save)",
                               highlight=False)
+        # a submitit job on the scheduler's warning: requeued to resume here (exits), else returns
+        hand_over(stop, lambda line: err_console.print(line, soft_wrap=True, highlight=False, markup=False))
         sys.exit(128 + stop.signum)  # the shell's convention for "ended by signal N"; stops a sweep too
     except Exception as exc:
+        ignore_late_warnings()
         if isinstance(exc, UserError):
             report_error(exc)
         else:
@@ -71,12 +80,27 @@ def train_task(cfg):
         if hc.mode == RunMode.RUN:
             sys.exit(2 if isinstance(exc, UserError) else 1)
         return None
+    ignore_late_warnings()
     if record is None:
         console.print(f"machine {cfg.train.machine_rank} done; machine 0 writes the record")
         return None
     console.print(run_table(record))
     console.print(f"record: {run_dir / 'results.json'}")
     return objective_values(record, OmegaConf.to_container(cfg, resolve=True)["objective"])
+
+
+def _continue_own_run(cfg, run_dir: Path) -> None:
+    """A job the scheduler started again (a requeued SLURM job, a submitit member) whose run dir
+    holds its own run, same config, interrupted or killed after a periodic checkpoint,
+    continues it: train.resume=<run dir>."""
+    from peftseg.engine.requeue import continues_own_run
+
+    what = continues_own_run(cfg, run_dir)
+    if what is None:
+        return
+    log.warning("run dir %s holds this run, %s: this requeued job continues it (train.resume=%s)", run_dir, what,
+                run_dir)
+    cfg.train.resume = str(run_dir)
 
 
 def _resumed(cfg, hc, run_dir: Path):

@@ -106,9 +106,11 @@ def _cpu_children(device: str):
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
-def _worker(cfg, run_dir: Path, run_id: str, log_config: dict | None) -> None:
+def _worker(cfg, run_dir: Path, run_id: str, log_config: dict | None, on_evaluation=None) -> None:
     from detectron2.utils import comm
 
+    from peftseg.engine.interrupt import RunInterrupted
+    from peftseg.engine.pruning import RunPruned
     from peftseg.engine.run import run
 
     # Spawned processes start with no logging set up: rank 0 gets the run's (console + the
@@ -120,33 +122,47 @@ def _worker(cfg, run_dir: Path, run_id: str, log_config: dict | None) -> None:
     if not torch.cuda.is_available():
         # N CPU processes each defaulting to all cores would oversubscribe them N times.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
-    run(cfg, run_dir, run_id)
+    try:
+        run(cfg, run_dir, run_id, on_evaluation)
+    except RunPruned:
+        return  # every rank took the same decision; rank 0 recorded it, the launcher reads it there
+    except RunInterrupted as stop:
+        # A stop every rank took at the same step ends each process normally. An exception would
+        # make torch's spawn terminate the other processes at once: rank 0 too, while it may
+        # still be writing the checkpoint. Other stops (a second signal) still end with one.
+        if not stop.agreed:
+            raise
 
 
 def launch_run(cfg, run_dir: Path, run_id: str, log_config: dict | None = None,
                on_evaluation=None) -> Record | None:
     """Run one experiment on `world_size` processes; the record (None on machines other than 0).
-    Machine 0 holds the run dir's claim (peftseg.engine.rundir) for the whole run.
-    `on_evaluation` (a search's pruner) sees the evaluations of a run in this process only:
-    the processes of a multi-process run are spawned, and it does not go with them."""
+    Machine 0 holds the run dir's claim (peftseg.engine.rundir) for the whole run, and refuses
+    a dir that holds an interrupted run this one would clear (UserError naming the resume).
+    `on_evaluation` (a search's pruner) is called in every process of the run: with several,
+    it is pickled into each spawned process (peftseg.experiments.trial.TrialPruner is)."""
     from peftseg.engine.run import run
-    from peftseg.engine.rundir import claim
+    from peftseg.engine.rundir import claim, refuse_to_replace_interrupted
 
     tcfg = cfg.train
     check(tcfg)
     if world_size(tcfg) == 1:
         with claim(run_dir):
+            refuse_to_replace_interrupted(run_dir, tcfg.resume)
             return run(cfg, run_dir, run_id, on_evaluation)
     dist_url, machine_rank = _rendezvous(tcfg)
     with claim(run_dir) if machine_rank == 0 else contextlib.nullcontext():
-        return _launch(cfg, run_dir, run_id, log_config, dist_url, machine_rank)
+        if machine_rank == 0:
+            refuse_to_replace_interrupted(run_dir, tcfg.resume)
+        return _launch(cfg, run_dir, run_id, log_config, dist_url, machine_rank, on_evaluation)
 
 
 @contextlib.contextmanager
 def _forward_stop_signals():
-    """SIGTERM/SIGINT reach the launching process (what SLURM signals); its children, which
-    run the training, each stop at the same step boundary with a checkpoint when they get
-    it (engine/interrupt.py). So the parent passes the signal on and keeps waiting for them."""
+    """SIGTERM/SIGINT and the scheduler's SIGUSR1/SIGUSR2 reach the launching process (what
+    SLURM signals); its children, which run the training, each stop at the same step boundary
+    with a checkpoint when they get it (engine/interrupt.py). So the parent passes the signal
+    on and keeps waiting for them."""
     import multiprocessing
     import signal
 
@@ -168,32 +184,62 @@ def _forward_stop_signals():
             signal.signal(s, handler)
 
 
-def _launch(cfg, run_dir: Path, run_id: str, log_config: dict | None, dist_url: str, machine_rank: int) -> Record | None:
+def _stamp(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _stopped(record: Record | None):
+    """The stop rank 0 recorded (interrupted or pruned), as the exception the caller handles."""
+    import signal
+
+    from peftseg.engine.interrupt import RunInterrupted
+    from peftseg.engine.pruning import RunPruned
+
+    if record is not None and record.status == "interrupted":
+        info = record.interrupted or {}
+        return RunInterrupted(signal.Signals[info.get("signal", "SIGTERM")], info.get("iteration"),
+                              info.get("checkpoint"))
+    if record is not None and record.status == "pruned":
+        info = record.pruned or {}
+        return RunPruned(info.get("iteration"), record.metrics or {}, info.get("reason", "pruned"))
+    return None
+
+
+def _launch(cfg, run_dir: Path, run_id: str, log_config: dict | None, dist_url: str, machine_rank: int,
+            on_evaluation=None) -> Record | None:
     from detectron2.engine import launch
 
+    from peftseg.engine.interrupt import RunInterrupted
+    from peftseg.engine.rundir import resumes_from_inside
     from peftseg.results import failed_record
 
     tcfg = cfg.train
     path = Path(run_dir) / FILENAME
-    if machine_rank == 0:
+    if machine_rank == 0 and not resumes_from_inside(run_dir, tcfg.resume):
         # A leftover record in a reused dir must not pass for this run's if rank 0 is killed.
+        # (A run resumed in its own dir keeps its interrupted record until rank 0 writes "running".)
         path.unlink(missing_ok=True)
+    before = _stamp(path)  # a record written after this is this run's
     log.info("launching %d processes (%d per machine, machine %d), dist_url=%s",
              world_size(tcfg), tcfg.num_gpus, machine_rank, dist_url)
     try:
         with _cpu_children(tcfg.device), _forward_stop_signals() as received:
             launch(_worker, tcfg.num_gpus, num_machines=tcfg.num_machines, machine_rank=machine_rank,
-                   dist_url=dist_url, args=(cfg, Path(run_dir), run_id, log_config))
+                   dist_url=dist_url, args=(cfg, Path(run_dir), run_id, log_config, on_evaluation))
     except Exception as exc:
         if machine_rank != 0:
+            if received:
+                raise RunInterrupted(received[0], elsewhere=True) from None
             raise
-        record = read_record(path) if path.exists() else None
-        if record is not None and record.status == "interrupted" and received:
-            # rank 0 stopped at a step boundary and recorded it: report it as a stop
-            from peftseg.engine.interrupt import RunInterrupted
-
-            info = record.interrupted or {}
-            raise RunInterrupted(received[0], info.get("iteration"), info.get("checkpoint")) from None
+        record = read_record(path) if _stamp(path) not in (None, before) else None
+        stop = _stopped(record)
+        if isinstance(stop, RunInterrupted):
+            raise stop from None  # rank 0 stopped and recorded it: report it as a stop
+        if record is None and before is not None:
+            raise  # a resume that never started: the interrupted record still says how to continue
         # When another rank fails first, rank 0 is terminated before it can write.
         if record is None or record.status != "failed":
             record = failed_record(cfg, run_dir, run_id, exc)
@@ -202,5 +248,11 @@ def _launch(cfg, run_dir: Path, run_id: str, log_config: dict | None, dist_url: 
             raise UserError(record.error["message"]) from None
         raise
     if machine_rank != 0:
+        if received:  # this machine's processes stopped at the step boundary machine 0 saved
+            raise RunInterrupted(received[0], elsewhere=True)
         return None
-    return read_record(path)
+    record = read_record(path)
+    stop = _stopped(record)
+    if stop is not None:
+        raise stop
+    return record

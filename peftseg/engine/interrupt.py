@@ -1,7 +1,12 @@
-"""SIGTERM/SIGINT: stop at a step boundary, save a resumable checkpoint, record "interrupted".
+"""SIGTERM/SIGINT/SIGUSR1/SIGUSR2: stop at a step boundary, save a resumable checkpoint,
+record "interrupted".
 
 Schedulers (SLURM, Kubernetes, most batch systems) send SIGTERM and wait a grace period
-before SIGKILL. During training the first signal only sets a flag; the step in progress
+before SIGKILL. SLURM's warning before a time limit or a preemption (`sbatch --signal`) is a
+user signal: SIGUSR2 under submitit (hydra/launcher=slurm), SIGUSR1 in many hand-written job
+scripts. Either one is treated as SIGTERM is (their default action would kill the run
+mid-step, without a checkpoint); under the slurm launcher the job then asks to be requeued
+(hydra_plugins/peftseg_launcher). During training the first signal only sets a flag; the step in progress
 finishes, `StopAtStepBoundary` writes a periodic-style checkpoint (optimizer, scheduler,
 iteration, RNG and data position) and raises `RunInterrupted`, and the run records
 `status: "interrupted"` with the iteration, so `train.resume=<run dir>` continues it.
@@ -24,15 +29,25 @@ from detectron2.utils import comm
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# the stops a run turns into a checkpoint at the next step boundary
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# the scheduler's warning before a time limit or a preemption: the job may be requeued
+WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class RunInterrupted(BaseException):
     """A requested stop, not an error. BaseException, as KeyboardInterrupt: detectron2's
     trainer logs every Exception with a traceback, which a stop does not deserve."""
 
-    def __init__(self, signum: int, iteration: int | None = None, checkpoint: str | None = None):
+    def __init__(self, signum: int, iteration: int | None = None, checkpoint: str | None = None,
+                 agreed: bool = False, elsewhere: bool = False):
         self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        # agreed: every process of the run stops at this same step boundary (none is left
+        # waiting in a collective), so the processes end normally and none is killed while
+        # rank 0 still writes the checkpoint
+        self.agreed = agreed
+        # elsewhere: this machine's processes stopped, machine 0 saved the checkpoint and the record
+        self.elsewhere = elsewhere
         where = f" after iteration {iteration}" if iteration is not None else ""
         super().__init__(f"stopped by {signal.Signals(signum).name}{where}")
 
@@ -109,7 +124,7 @@ class StopAtStepBoundary(HookBase):
             # the last step: model_final is written (an earlier hook), nothing is left to resume
             from peftseg.checkpoint.files import FINAL
 
-            raise RunInterrupted(signum, it, f"{FINAL}.safetensors")
+            raise RunInterrupted(signum, it, f"{FINAL}.safetensors", agreed=True)
         name = f"model_{it:07d}"
         self._checkpointer.save(name, iteration=it)
-        raise RunInterrupted(signum, it, f"{name}.pth")
+        raise RunInterrupted(signum, it, f"{name}.pth", agreed=True)

@@ -30,7 +30,7 @@ from peftseg.results import Record, evaluator_metrics, new_record, now, tracebac
 log = logging.getLogger(__name__)
 
 
-def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path) -> None:
+def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path, resumed_from: str = "") -> None:
     record.status = "interrupted"
     trained = stop.checkpoint is not None and stop.checkpoint.startswith(FINAL)  # stopped in the final evaluation
     record.interrupted = {
@@ -39,6 +39,9 @@ def _mark_interrupted(record: Record, stop: RunInterrupted, run_dir: Path) -> No
         "checkpoint": stop.checkpoint,
         "resume": f"train.resume={run_dir}" if stop.checkpoint and not trained else None,
     }
+    if stop.checkpoint is None and resumed_from:
+        # a resumed run stopped before its first step: what it resumed from still continues it
+        record.interrupted["resume"] = f"train.resume={resumed_from}"
     if trained:  # nothing left to train: what is missing is the evaluation
         record.interrupted["evaluate"] = f"peftseg eval checkpoint={run_dir}"
 
@@ -103,7 +106,7 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
                              efficiency=record.efficiency, required=())
             record.status = "ok"
         except RunInterrupted as stop_exc:
-            _mark_interrupted(record, stop_exc, run_dir)
+            _mark_interrupted(record, stop_exc, run_dir, cfg.train.resume)
             raise
         except RunPruned as pruned:
             # the evaluation it was pruned at is kept, under a status no table reads as a result

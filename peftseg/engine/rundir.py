@@ -5,7 +5,12 @@ and a run that dies in a reused dir would leave the earlier run's "ok" record (a
 model_final) looking like its own. So a run takes a lock file (pid, host, start time)
 before it writes anything, refuses a dir another live run holds, and clears the earlier
 run's record, checkpoints, metrics, predictions, events and drawings before it trains. A lock left by a process that no
-longer exists on this host (kill -9, a crash) is taken over with a warning.
+longer exists on this host (kill -9, a crash), or by the same SLURM job before SLURM requeued
+it (killed on another node), is taken over with a warning.
+
+An interrupted run (a preemption, a time limit, Ctrl-C) is not an earlier run's leftovers but a
+run in progress: a new run in its dir is refused, naming `train.resume=<dir>`, and a resume from
+inside the dir keeps its checkpoints, export and event files.
 """
 
 from __future__ import annotations
@@ -77,6 +82,25 @@ def _head(path: Path) -> str:
         return ""
 
 
+def _slurm_job() -> dict:
+    """The SLURM job this process belongs to, and how often SLURM has started it ({} outside one)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    try:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restarts = 0
+    return {"slurm_job": job, "slurm_restart": restarts}
+
+
+def _earlier_start_of_this_job(other: dict) -> bool:
+    mine = _slurm_job()
+    restart = other.get("slurm_restart")
+    return bool(mine) and other.get("slurm_job") == mine["slurm_job"] and isinstance(restart, int) \
+        and restart < mine["slurm_restart"]
+
+
 @contextlib.contextmanager
 def claim(run_dir: Path):
     """Hold `run_dir` for this process while the block runs."""
@@ -84,7 +108,7 @@ def claim(run_dir: Path):
     path = run_dir / LOCK
     host = socket.gethostname()
     mine = {"pid": os.getpid(), "host": host,
-            "start_time": now()}
+            "start_time": now(), **_slurm_job()}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except PermissionError as e:
@@ -112,6 +136,13 @@ def claim(run_dir: Path):
                 log.warning("run dir %s: taking over the lock of pid %d, which is no longer running", run_dir, pid)
                 path.unlink(missing_ok=True)
                 continue
+            if _earlier_start_of_this_job(other):
+                # SLURM requeues a job only once it has ended: the holder (killed on another node
+                # by a preemption or a time limit) is gone
+                log.warning("run dir %s: taking over the lock of SLURM job %s before it was requeued (pid %d on "
+                            "host %s)", run_dir, other.get("slurm_job"), pid, other.get("host"))
+                path.unlink(missing_ok=True)
+                continue
             raise UserError(
                 f"run dir {run_dir} is in use by another run (pid {pid} on host {other.get('host')}, started "
                 f"{other.get('start_time')}); two runs in one dir would mix their checkpoints and records. "
@@ -137,6 +168,41 @@ def resumes_from_inside(run_dir: Path, resume: str) -> bool:
     source = Path(resume).resolve()
     here = Path(run_dir).resolve()
     return source == here or here in source.parents
+
+
+def interrupted_run(run_dir: Path) -> dict | None:
+    """The record (as JSON) of an interrupted run in `run_dir` that `train.resume` can continue:
+    its checkpoints are a run in progress, not leftovers. None when there is none."""
+    path = Path(run_dir) / "results.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "interrupted":
+        return None
+    info = record.get("interrupted")
+    # resume: steps are left; evaluate: training is complete, its final evaluation is not
+    return record if isinstance(info, dict) and (info.get("resume") or info.get("evaluate")) else None
+
+
+def refuse_to_replace_interrupted(run_dir: Path, resume: str = "") -> None:
+    """UserError when `run_dir` holds an interrupted run that this run would clear (it does not
+    resume from inside the dir): a preempted or timed-out run's checkpoints are never deleted
+    by a new run started there; the message names the resume that continues it."""
+    record = interrupted_run(run_dir)
+    if record is None or resumes_from_inside(run_dir, resume):
+        return
+    info = record["interrupted"]
+    after = f" after iteration {info['iteration']}" if isinstance(info.get("iteration"), int) else ""
+    saved = f", checkpoint {info['checkpoint']}" if info.get("checkpoint") else ""
+    if info.get("resume"):
+        what = "its checkpoints", f"Continue it with `peftseg train {info['resume']}` (its settings come from the checkpoint)"
+    else:
+        what = "its trained model", f"Training is complete, only its final evaluation is missing: `{info['evaluate']}`"
+    raise UserError(
+        f"run dir {run_dir} holds an interrupted run (stopped by {info.get('signal')}{after}{saved}); a new run "
+        f"there would delete {what[0]}. {what[1]}; or give this run its own dir (hydra.run.dir=<another folder>)."
+    )
 
 
 def clear_earlier_run(run_dir: Path, resume: str = "") -> list[str]:

@@ -54,6 +54,39 @@ class _TrainClock(HookBase):
         eff.update(peak_memory(self._device))
 
 
+def weights_digest(model) -> str:
+    """sha256 of the trainable parameters' bytes, in name order: equal digests, equal weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _SameWeightsOnEveryRank(HookBase):
+    """After the last step of a multi-process run: the processes' trainable weights must be the
+    same bytes (DDP keeps them in step; a process that drifted would make rank 0's checkpoint
+    and evaluation one process's weights, not the run's). A difference fails the run."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def after_train(self):
+        # the loop leaves iter at max_iter only when it ran to the end (a stop or a failure in
+        # a step leaves it below, and the other processes may not be here to compare with)
+        if comm.get_world_size() == 1 or self.trainer.iter < self.trainer.max_iter:
+            return
+        digests = comm.all_gather(weights_digest(self._model))
+        if len(set(digests)) > 1:
+            differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+            raise RuntimeError(f"after training, the trainable weights of process(es) {differ} differ from "
+                               f"rank 0's: the processes did not train the same model")
+        log.info("trainable weights identical on all %d processes (sha256 %s)", len(digests), digests[0][:16])
+
+
 class _FinalOnlyAtEnd(hooks.PeriodicCheckpointer):
     """detectron2's periodic checkpointer, minus the periodic file on the last iteration: with
     max_iter a multiple of the period it wrote model_<max_iter-1>.pth beside model_final.pth,
@@ -112,9 +145,14 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
                         tcfg.seed, skip=skip, mask_format=splits.mask_format)
     model.train()
     # Frozen parameters are outside DDP's bookkeeping, so frozen backbones need no
-    # find_unused_parameters; only trainable ones a forward can skip do. No-op on 1 process.
+    # find_unused_parameters; only trainable ones a forward can skip do (it costs a graph
+    # traversal every step). Without it every trainable parameter is used in every step, so
+    # the graph is static: static_graph lets DDP fix its buckets after the first step. With
+    # it, the used set changes from step to step, which static_graph must not be told. No-op
+    # on 1 process.
     ddp_model = create_ddp_model(
         model, broadcast_buffers=False, find_unused_parameters=tcfg.find_unused_parameters,
+        static_graph=not tcfg.find_unused_parameters,
         device_ids=[comm.get_local_rank()] if device.type == "cuda" else None,
     )
     precision = run_precision(tcfg, device, model)
@@ -164,6 +202,7 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
             checkpointer, tcfg.checkpoint_period or tcfg.max_iter + 1, max_iter=tcfg.max_iter,
             file_prefix="model",
         ),
+        _SameWeightsOnEveryRank(model),  # before the final evaluation, which reads rank 0's weights
         hooks.EvalHook(tcfg.eval_period, do_eval),
         # before the writer: when it stops, the writer's after_train writes the step's metrics
         # (once; detectron2's printer divides by zero when a step is written twice)

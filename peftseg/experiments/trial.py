@@ -29,23 +29,74 @@ def trial_overrides(trial, plan) -> list[str]:
     return out
 
 
-def pruning_listener(trial, metric_task: str):
-    from peftseg.engine.pruning import RunPruned
+class TrialPruner:
+    """The study's pruner judging one trial at each periodic evaluation of its run.
 
-    def listener(iteration: int, results: dict, final: bool) -> None:
+    In every process of the run: with several (train.num_gpus x train.num_machines > 1) it does
+    what Optuna's TorchDistributedTrial does (optuna-integration, not a dependency here): rank 0
+    owns the trial (reports the AP, asks the pruner) and broadcasts the decision, so every rank
+    stops at the same evaluation; a rank that went on alone would wait in DDP's next all-reduce
+    for ever. Spawned processes get it pickled: study name, storage, trial number and pruner,
+    from which rank 0 opens the trial again; the process that asked for the trial uses its own.
+    """
+
+    def __init__(self, trial, metric_task: str, storage: str):
+        self.metric_task, self.storage = metric_task, str(storage)
+        self.study_name, self.number, self.pruner = trial.study.study_name, trial.number, trial.study.pruner
+        self._trial = trial  # this process's; not pickled
+
+    def __getstate__(self):
+        return {**self.__dict__, "_trial": None}
+
+    def _open(self):
+        if self._trial is None:
+            import optuna
+
+            from peftseg.compat import reopen_trial
+            from peftseg.experiments.study_storage import open_storage
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            # a random sampler: opening a trial runs the sampler's before_trial, which must not
+            # touch a trial that is already running
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage),
+                                      pruner=self.pruner, sampler=optuna.samplers.RandomSampler())
+            self._trial = reopen_trial(study, self.number)
+        return self._trial
+
+    def _judge(self, iteration: int, results: dict) -> tuple[float, bool]:
         import math
+
+        value = (results.get(self.metric_task) or {}).get("AP")
+        # NaN (the model predicted nothing) is reported as such: Optuna's pruners prune it
+        value = float(value) if isinstance(value, (int, float)) else math.nan
+        trial = self._open()
+        trial.report(value, step=iteration)
+        return value, trial.should_prune()
+
+    def __call__(self, iteration: int, results: dict, final: bool) -> None:
+        from detectron2.utils import comm
+
+        from peftseg.engine.pruning import RunPruned
 
         if final:  # the final evaluation is the trial's result, not a step to prune at
             return
-        value = (results.get(metric_task) or {}).get("AP")
-        # NaN (the model predicted nothing) is reported as such: Optuna's pruners prune it
-        value = float(value) if isinstance(value, (int, float)) else math.nan
-        trial.report(value, step=iteration)
-        if trial.should_prune():
-            raise RunPruned(iteration, results, f"{metric_task} AP {value:.3f} at iteration {iteration}, "
+        if comm.get_world_size() == 1:
+            value, prune = self._judge(iteration, results)
+        else:
+            decision = None
+            if comm.is_main_process():  # the evaluation's numbers are rank 0's (the others get {})
+                try:
+                    decision = ("judged", *self._judge(iteration, results))
+                except Exception as e:  # every rank must hear of it, or the others wait for ever
+                    decision = ("error", f"{type(e).__name__}: {e}")
+            decision = comm.all_gather(decision)[0]
+            if decision[0] == "error":
+                raise RuntimeError(f"the study's pruner could not judge trial {self.number} at iteration "
+                                   f"{iteration}: {decision[1]}")
+            _, value, prune = decision
+        if prune:
+            raise RunPruned(iteration, results, f"{self.metric_task} AP {value:.3f} at iteration {iteration}, "
                                                 "judged by the study's pruner")
-
-    return listener
 
 
 @contextlib.contextmanager
@@ -99,7 +150,7 @@ def run_trial(trial, plan, search_dir: Path, pruner_task: str | None, console) -
         console.print(f"trial {trial.number} failed: {_one_line(exc)} ({run_dir})", highlight=False, markup=False,
                       soft_wrap=True)
         return "failed", None, run_dir
-    listener = pruning_listener(trial, pruner_task) if pruner_task else None
+    listener = TrialPruner(trial, pruner_task, plan.options.storage) if pruner_task else None
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _log_to(run_dir / "train.log"):

@@ -71,14 +71,15 @@ def test_loader(name: str, image_size: int, image_format: str, num_workers: int)
 def _ignore_stop_signals(init_fn, worker_id: int) -> None:
     import signal
 
-    for s in (signal.SIGTERM, signal.SIGINT):
+    # the stops the main process turns into a checkpoint (peftseg.engine.interrupt.SIGNALS)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, signal.SIG_IGN)
     if init_fn is not None:
         init_fn(worker_id)
 
 
 def _leave_stops_to_the_main_process(loader):
-    """Data-loader workers ignore SIGTERM/SIGINT. `timeout`, `scancel`, a SLURM time limit and
+    """Data-loader workers ignore SIGTERM/SIGINT (and the scheduler's SIGUSR1/SIGUSR2). `timeout`, `scancel`, a SLURM time limit and
     Ctrl-C signal the whole process group: a worker that died of it made the main process
     fail with "DataLoader worker … killed by signal" before it could stop at a step boundary
     with a checkpoint. The main process decides; its loaders end their workers as usual (and
