@@ -80,6 +80,6 @@ def test_a_command_prints_no_known_third_party_warning_but_still_shows_others(
 
 def test_importing_peftseg_sets_no_warning_filter():
     before = list(warnings.filters)
-    for name in ("peftseg.cli", "peftseg.cli.known_warnings", "peftseg.cli.predict", "peftseg.cli.export"):
+    for name in ("peftseg.cli", "peftseg.known_warnings", "peftseg.cli.predict", "peftseg.cli.export"):
         importlib.import_module(name)
     assert warnings.filters == before

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from peftseg.cli import known_warnings
+from peftseg import known_warnings
 from peftseg.cli.common import console, err_console, print_text, report_error
 from peftseg.errors import UserError, UserErrorExit
 

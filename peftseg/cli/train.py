@@ -21,7 +21,7 @@ def train_task(cfg):
 
     from peftseg.config import validate
     from peftseg.experiments.objectives import objective_names, objective_values
-    from peftseg.cli import known_warnings
+    from peftseg import known_warnings
     from peftseg.results import failed_record, write_record
 
     known_warnings.install()  # again: a launcher may run this task in a process of its own

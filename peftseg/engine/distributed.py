@@ -109,10 +109,12 @@ def _cpu_children(device: str):
 def _worker(cfg, run_dir: Path, run_id: str, log_config: dict | None, on_evaluation=None) -> None:
     from detectron2.utils import comm
 
+    from peftseg import known_warnings
     from peftseg.engine.interrupt import RunInterrupted
     from peftseg.engine.pruning import RunPruned
     from peftseg.engine.run import run
 
+    known_warnings.install()  # a spawned process starts with Python's default warning filters
     # Spawned processes start with no logging set up: rank 0 gets the run's (console + the
     # run dir's log file), the others only warnings so the console shows one run's story.
     if comm.is_main_process() and log_config:
