@@ -19,7 +19,8 @@ from helpers import cli_env
 
 SETUP = ["train=smoke", "train.max_iter=4", "train.warmup_iters=0", "train.timing_warmup_iters=1",
          "train.log_period=1", "train.progress=false", "train.device=cpu", "train.ims_per_batch=4",
-         "dataset.num_train=8", "dataset.num_val=2", "model.score_thresh_test=0.0"]
+         "dataset.num_train=8", "dataset.num_val=2", "model.score_thresh_test=0.0",
+         "train.threads=1"]  # two machines share this host's cores: one thread each, not all of them each
 
 
 def free_port() -> int:
