@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cli_env, cli_in_process
+from helpers import _in, cli_env, cli_in_process
 
 SETUP = ["method=lora", "train=smoke", "train.max_iter=6", "train.warmup_iters=0", "train.log_period=1",
          "train.progress=false", "train.device=cpu", "dataset.num_train=8", "dataset.num_val=2",
@@ -65,15 +65,8 @@ def reference(tmp_path_factory, shapes_cache):
     from peftseg.engine.distributed import launch_run
 
     run_dir = tmp_path_factory.mktemp("preemption") / "reference"
-    old = os.environ.get("PEFTSEG_CACHE")
-    os.environ["PEFTSEG_CACHE"] = str(shapes_cache)
-    try:
+    with _in(os.getcwd(), shapes_cache):  # the shapes data the session shares
         assert launch_run(compose_config(SETUP), run_dir, "reference").status == "ok"
-    finally:
-        if old is None:
-            os.environ.pop("PEFTSEG_CACHE")
-        else:
-            os.environ["PEFTSEG_CACHE"] = old
     return run_dir
 
 

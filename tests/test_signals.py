@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from peftseg.engine.interrupt import RunInterrupted
-from helpers import cli_env, cli_in_process, run_in_process
+from helpers import _in, cli_env, cli_in_process, run_in_process
 
 SETUP = ["train=smoke", "train.max_iter=4", "train.warmup_iters=0", "model.score_thresh_test=0.0", "train.log_period=1",
          "train.progress=false", "train.device=cpu", "train.num_workers=2", "dataset.num_train=8",
@@ -83,15 +83,8 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_interrupted_and_res
 
     # the reference: the same run, uninterrupted
     reference = tmp_path / "reference"
-    old = os.environ.get("PEFTSEG_CACHE")
-    os.environ["PEFTSEG_CACHE"] = str(shapes_cache)
-    try:
+    with _in(os.getcwd(), shapes_cache):  # the shapes data the session shares
         assert launch_run(compose_config(SETUP), reference, "reference").status == "ok"
-    finally:
-        if old is None:
-            os.environ.pop("PEFTSEG_CACHE")
-        else:
-            os.environ["PEFTSEG_CACHE"] = old
     wa, wb = final_weights(reference), final_weights(resumed)
     assert wa.keys() == wb.keys() and wa
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
