@@ -82,12 +82,9 @@ def route_mask2former_deformable_attention(model, kernel) -> int:
 # optimize loop and optuna-integration's TorchDistributedTrial build them with this constructor,
 # whose docs advise against calling it directly.
 
-def reopen_trial(study, number: int):
-    """The running trial `number` of `study` (loaded from its storage), to report to and ask
-    the pruner about, as the process that asked for it would."""
+def reopen_trial(study, trial_id: int):
+    """The running trial of `study` whose storage id is `trial_id`, to report to and ask the
+    pruner about, as the process that asked for it would."""
     import optuna
 
-    storage = study._storage
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                              number)
     return optuna.trial.Trial(study, trial_id)

@@ -67,10 +67,13 @@ def test_optuna_reopens_a_running_trial_that_reports_and_is_judged_like_the_one_
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    from peftseg.experiments.study_storage import trial_id
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, pruner=optuna.pruners.ThresholdPruner(lower=0.5))
     study.ask()
     asked = study.ask()
-    reopened = compat.reopen_trial(study, asked.number)
+    reopened = compat.reopen_trial(study, trial_id(storage, study.study_name, asked.number))
     reopened.report(0.1, step=3)
     assert reopened.number == asked.number and reopened.should_prune()
     assert study.get_trials()[1].intermediate_values == {3: 0.1} and not study.get_trials()[0].intermediate_values

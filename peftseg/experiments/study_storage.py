@@ -106,6 +106,12 @@ def workers_lock(storage: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def trial_id(storage, study_name: str, number: int) -> int:
+    """The storage's id of trial `number` of study `study_name`: what a storage's own methods
+    take to change a trial that another process asked for."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
 def canonical_storage(storage: str) -> str:
     path = storage_file(storage)
     if path is not None:

@@ -53,14 +53,15 @@ class TrialPruner:
             import optuna
 
             from peftseg.compat import reopen_trial
-            from peftseg.experiments.study_storage import open_storage
+            from peftseg.experiments.study_storage import open_storage, trial_id
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
+            storage = open_storage(self.storage)
             # a random sampler: opening a trial runs the sampler's before_trial, which must not
             # touch a trial that is already running
-            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage),
-                                      pruner=self.pruner, sampler=optuna.samplers.RandomSampler())
-            self._trial = reopen_trial(study, self.number)
+            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner,
+                                      sampler=optuna.samplers.RandomSampler())
+            self._trial = reopen_trial(study, trial_id(storage, self.study_name, self.number))
         return self._trial
 
     def _judge(self, iteration: int, results: dict) -> tuple[float, bool]:

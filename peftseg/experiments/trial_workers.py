@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from peftseg.experiments.study_storage import trial_id
+
 log = logging.getLogger(__name__)
 
 STATUS_ATTR = "peftseg.status"  # ok | failed | pruned | lost | running
@@ -58,11 +60,10 @@ def reclaim_lost(study, storage, grace_s: float) -> list[int]:
             continue
         # through the storage (the study's own, as opened), as Optuna's fail_stale_trials fails
         # another worker's trial: a Trial object can only finish the trials its process asked for
-        trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(study.study_name), trial.number)
+        stored_as = trial_id(storage, study.study_name, trial.number)
         try:
-            storage.set_trial_user_attr(trial_id, STATUS_ATTR, "lost")
-            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(stored_as, STATUS_ATTR, "lost")
+            storage.set_trial_state_values(stored_as, TrialState.FAIL)
         except UpdateFinishedTrialError:  # its worker finished it after all
             continue
         study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
