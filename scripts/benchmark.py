@@ -19,10 +19,13 @@ detectron2's `get_default_optimizer_params` (no peftseg method, optimizer or pre
 in the loop): what users would otherwise run, so peftseg's overhead shows against it.
 
 Every method trains the same model (same seed, so the same initial weights), on the same
-fixed batch, in one process: all models are built up front, then visited in rounds, each
-round in a rotated order and each visit starting with an untimed warm-up step, so that
-thermal and background-load drift spreads over all methods instead of landing on one.
-Step time is the median over all timed steps (forward + backward + optimizer step).
+fixed batch, in one process: all models are built up front, then visited `--repeat` times
+in alternation (A B A B …, never A A … B B …), each visit an untimed warm-up step and
+`--steps` timed ones, so that thermal and background-load drift lands on every row alike
+instead of on whichever ran last. Step time is the median over all timed steps (forward +
+backward + optimizer step), with its quartiles as the spread. The ratio against the
+baseline is the median of the per-round ratios: each round's row time over the baseline's
+time in the same round, neighbours in time, so drift between rounds cancels.
 
 Peak memory is counted the same way on both devices, as tensor bytes, which is what CUDA's
 max_memory_allocated measures: the method's own resident tensors (parameters, buffers,
@@ -65,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method per round (default 5)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all methods (default 3)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds over all rows in alternation, A B A B … (default 3)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated METHOD or LABEL:METHOD:KEY=VALUE[:KEY=VALUE…] entries (default: "
                         f"those of {','.join(DEFAULT_METHODS)} that are registered)")
@@ -139,7 +143,7 @@ class Bench:
         self.precision, self.cfg = precision, cfg
         # a detectron2 trainer whose run_step is the step (None: the bare loop of `step`)
         self.trainer = trainer
-        self.times: list[float] = []
+        self.rounds: list[list[float]] = []  # the timed steps of each round's visit
         self.step_peak_bytes = 0
         self.grad_bytes = 0
 
@@ -165,12 +169,16 @@ class Bench:
         self.grad_bytes = tensor_bytes([p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
 
-    def timed_step(self, batch) -> None:
+    @property
+    def times(self) -> list[float]:
+        return [t for visit in self.rounds for t in visit]
+
+    def timed_step(self, batch) -> float:
         sync(self.device)
         t0 = time.perf_counter()
         self.step(batch)
         sync(self.device)
-        self.times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
     def measure_memory(self, batch) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -301,20 +309,15 @@ def run(args, console: Console) -> dict:
     entries = pick_methods(args.methods)
     benches, batch, image_size = build(entries, args, device, console)
     console.print(f"{args.model} @ {image_size}px, batch {args.batch}, {device}: "
-                  f"{args.rounds} rounds x {args.steps} timed steps per method", highlight=False)
+                  f"{args.repeat} alternating rounds x {args.steps} timed steps per method", highlight=False)
     with EventStorage(0):  # detectron2's losses log into one
         for b in benches:
             b.step(batch)  # first step: optimizer state is created, lazy inits run
             b.measure_memory(batch)
-        for r in range(args.rounds):
-            k = r % len(benches)
-            for b in benches[k:] + benches[:k]:
-                b.step(batch)  # untimed: the caches still hold the previous method's tensors
-                for _ in range(args.steps):
-                    b.timed_step(batch)
+        alternate(benches, batch, args.repeat, args.steps)
     results = {
         "model": args.model, "image_size": image_size, "batch": args.batch, "device": str(device),
-        "steps_per_method": args.rounds * args.steps, "overrides": list(args.override),
+        "steps_per_method": args.repeat * args.steps, "repeat": args.repeat, "overrides": list(args.override),
         "memory": "tensor bytes: resident params+buffers+optimizer state + peak allocated during one step "
                   + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler CPU allocator accounting)"),
         "methods": {},
@@ -322,8 +325,7 @@ def run(args, console: Console) -> dict:
     for b in benches:
         results["methods"][b.name] = {
             "trainable": b.params.trainable, "total": b.params.total, "ratio": b.params.ratio,
-            "step_time_s": statistics.median(b.times),
-            "step_time_min_s": min(b.times), "step_time_max_s": max(b.times),
+            **step_time_stats(b.times),
             "peak_memory_bytes": b.peak_bytes, **b.breakdown(),
             "method": b.cfg.method.name, "precision": b.precision,
             "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
@@ -333,10 +335,38 @@ def run(args, console: Console) -> dict:
         }
     results["baseline"] = args.baseline
     base = results["methods"].get(args.baseline)
-    for m in results["methods"].values():
-        m["step_time_ratio"] = m["step_time_s"] / base["step_time_s"] if base else None
+    base_bench = next((b for b in benches if b.name == args.baseline), None)
+    for b in benches:
+        m = results["methods"][b.name]
+        m.update(pair_ratios(b, base_bench))
         m["peak_memory_ratio"] = m["peak_memory_bytes"] / base["peak_memory_bytes"] if base else None
     return results
+
+
+def alternate(benches, batch, repeat: int, steps: int) -> None:
+    """`repeat` rounds over all rows in the same order (A B A B …): a row's visit is one untimed
+    step (the caches still hold the previous row's tensors) and `steps` timed ones."""
+    for _ in range(repeat):
+        for b in benches:
+            b.step(batch)
+            b.rounds.append([b.timed_step(batch) for _ in range(steps)])
+
+
+def step_time_stats(times: list[float]) -> dict:
+    """Median step time and its spread: the quartiles, and min/max."""
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return {"step_time_s": statistics.median(times), "step_time_p25_s": q1, "step_time_p75_s": q3,
+            "step_time_min_s": min(times), "step_time_max_s": max(times)}
+
+
+def pair_ratios(bench, base) -> dict:
+    """The row's time against the baseline's, round by round: the median of the rounds' ratios,
+    and their range (each round's ratio compares two neighbours in time)."""
+    if base is None:
+        return {"step_time_ratio": None, "step_time_ratio_min": None, "step_time_ratio_max": None}
+    ratios = [statistics.median(own) / statistics.median(theirs) for own, theirs in zip(bench.rounds, base.rounds)]
+    return {"step_time_ratio": statistics.median(ratios),
+            "step_time_ratio_min": min(ratios), "step_time_ratio_max": max(ratios)}
 
 
 def table(results: dict) -> Table:
@@ -344,7 +374,7 @@ def table(results: dict) -> Table:
 
     t = Table(title=f"{results['model']} · {results['image_size']}px · batch {results['batch']} · "
                     f"{results['device']} · {results['steps_per_method']} steps/method")
-    for col, just in (("method", "left"), ("trainable %", "right"), ("step time", "right"),
+    for col, just in (("method", "left"), ("trainable %", "right"), ("step time (quartiles)", "right"),
                       (f"× {results['baseline']}", "right"), ("peak mem", "right"), (f"× {results['baseline']} ", "right"),
                       ("weights", "right"),
                       ("grads", "right"), ("optim", "right"), ("activations", "right")):
@@ -352,8 +382,9 @@ def table(results: dict) -> Table:
     for name, m in results["methods"].items():
         t.add_row(
             name, f"{100 * m['ratio']:.3f}",
-            f"{m['step_time_s'] * 1000:.0f} ms",
-            "—" if m["step_time_ratio"] is None else f"{m['step_time_ratio']:.2f}",
+            f"{m['step_time_s'] * 1000:.0f} ms ({m['step_time_p25_s'] * 1000:.0f}–{m['step_time_p75_s'] * 1000:.0f})",
+            "—" if m["step_time_ratio"] is None
+            else f"{m['step_time_ratio']:.2f} ({m['step_time_ratio_min']:.2f}–{m['step_time_ratio_max']:.2f})",
             fmt_bytes(m["peak_memory_bytes"]),
             "—" if m["peak_memory_ratio"] is None else f"{m['peak_memory_ratio']:.2f}",
             fmt_bytes(m["weights_bytes"]), fmt_bytes(m["gradients_bytes"]),
@@ -370,8 +401,8 @@ def main(argv=None) -> int:
     # 80 columns rich assumes without a terminal: cells would wrap into unreadable stubs.
     console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=180)
     try:
-        if args.batch < 1 or args.steps < 1 or args.rounds < 1:
-            raise UserError("--batch, --steps and --rounds must each be at least 1.")
+        if args.batch < 1 or args.steps < 1 or args.repeat < 1:
+            raise UserError("--batch, --steps and --repeat must each be at least 1.")
         if args.peer and args.methods and any(e.split(":")[0] == "peer" for e in args.methods.split(",")):
             raise UserError("--methods uses the label `peer`, which --peer adds; rename that entry.")
         results = run(args, console)

@@ -120,7 +120,7 @@ def train_eval(args, out_dir: Path) -> dict:
 # ---------------------------------------------------------------- memory / step time tables
 def _bench(args, model: str, image_size: int | None, batch: int, methods: str, peer: bool, steps: int) -> dict:
     bench = _benchmark_module()
-    bargs = bench.parse_args(["--model", model, "--batch", str(batch), "--steps", str(steps), "--rounds", "1",
+    bargs = bench.parse_args(["--model", model, "--batch", str(batch), "--steps", str(steps), "--repeat", "1",
                               "--methods", methods, "--device", args.device, "--baseline", methods.split(",")[0].split(":")[0],
                               *(["--image-size", str(image_size)] if image_size else []),
                               *(["--peer"] if peer else [])])

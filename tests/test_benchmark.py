@@ -30,7 +30,7 @@ def test_benchmark_reports_time_and_memory_ratios_against_full(tmp_path, bench):
     out = tmp_path / "bench.json"
     proc = bench("--methods", "full,heads,lora,full-again:full,lora+ckpt:lora:"
                  "train.activation_checkpointing=true", "--override", "train.seed=1", "--steps", "2",
-                 "--rounds", "2", "--device", "cpu", "--json", str(out))
+                 "--repeat", "2", "--device", "cpu", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     methods = result["methods"]
@@ -49,10 +49,49 @@ def test_benchmark_reports_time_and_memory_ratios_against_full(tmp_path, bench):
     for m in methods.values():
         assert m["step_time_s"] > 0 and m["peak_memory_bytes"] > 0 and m["step_time_ratio"] > 0
     assert methods["heads"]["trainable"] < methods["full"]["trainable"]
-    assert result["steps_per_method"] == 4
+    assert result["steps_per_method"] == 4 and result["repeat"] == 2
+    for m in methods.values():  # the quartiles and the rounds' ratios bracket the medians
+        assert m["step_time_min_s"] <= m["step_time_p25_s"] <= m["step_time_s"] <= m["step_time_p75_s"] <= m["step_time_max_s"]
+        assert m["step_time_ratio_min"] <= m["step_time_ratio"] <= m["step_time_ratio_max"]
     # Frozen backbone: no gradients or AdamW state for it, so less memory than full.
     assert methods["heads"]["peak_memory_ratio"] < 1.0
     assert "× full" in proc.stdout and "heads" in proc.stdout
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("peftseg_benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_rows_alternate_and_ratios_pair_each_round_with_its_neighbour():
+    """Rows are visited A B A B … (each visit: one untimed step, then the timed ones), and a row's
+    ratio is the median of its per-round ratios: a slowdown that hits one whole round (both rows
+    alike) leaves the ratio alone, where a ratio of overall medians would move."""
+    script = _script()
+    visits = []
+    # round times: the baseline 1 s, the other 2 s, except round 2 when the machine ran 10x slower
+    times = {"A": iter([1.0, 10.0, 1.0]), "B": iter([2.0, 20.0, 2.0])}
+
+    class Row:
+        def __init__(self, name):
+            self.name, self.rounds = name, []
+
+        def step(self, batch):
+            visits.append(self.name + "-warm")
+
+        def timed_step(self, batch):
+            visits.append(self.name)
+            return next(times[self.name])
+
+    a, b = Row("A"), Row("B")
+    script.alternate([a, b], batch=None, repeat=3, steps=1)
+    assert visits == ["A-warm", "A", "B-warm", "B"] * 3
+    assert a.rounds == [[1.0], [10.0], [1.0]]
+    assert script.pair_ratios(b, a) == {"step_time_ratio": 2.0, "step_time_ratio_min": 2.0, "step_time_ratio_max": 2.0}
+    stats = script.step_time_stats([1.0, 10.0, 1.0, 3.0])
+    assert stats["step_time_s"] == 2.0 and stats["step_time_p25_s"] == 1.0 and stats["step_time_p75_s"] == 4.75
 
 
 def test_benchmark_names_the_registered_methods_for_an_unknown_one(bench):
@@ -85,7 +124,7 @@ def test_benchmark_peer_row_and_stock_baseline(tmp_path, bench):
     the row ratios are taken against."""
     out = tmp_path / "bench.json"
     proc = bench("--methods", "full,stock:full:model.attention=detectron2", "--peer", "--baseline", "stock",
-                 "--steps", "1", "--rounds", "1", "--device", "cpu", "--json", str(out))
+                 "--steps", "1", "--repeat", "1", "--device", "cpu", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     methods = result["methods"]
