@@ -326,6 +326,8 @@ def run(args, console: Console) -> dict:
         results["methods"][b.name] = {
             "trainable": b.params.trainable, "total": b.params.total, "ratio": b.params.ratio,
             **step_time_stats(b.times),
+            # each round's median: any two rows' paired ratios can be taken from these later
+            "step_time_rounds_s": [statistics.median(visit) for visit in b.rounds],
             "peak_memory_bytes": b.peak_bytes, **b.breakdown(),
             "method": b.cfg.method.name, "precision": b.precision,
             "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),

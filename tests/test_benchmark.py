@@ -53,6 +53,7 @@ def test_benchmark_reports_time_and_memory_ratios_against_full(tmp_path, bench):
     for m in methods.values():  # the quartiles and the rounds' ratios bracket the medians
         assert m["step_time_min_s"] <= m["step_time_p25_s"] <= m["step_time_s"] <= m["step_time_p75_s"] <= m["step_time_max_s"]
         assert m["step_time_ratio_min"] <= m["step_time_ratio"] <= m["step_time_ratio_max"]
+        assert len(m["step_time_rounds_s"]) == 2
     # Frozen backbone: no gradients or AdamW state for it, so less memory than full.
     assert methods["heads"]["peak_memory_ratio"] < 1.0
     assert "× full" in proc.stdout and "heads" in proc.stdout
