@@ -1,7 +1,7 @@
 """Method `adalora`: AdaLoRA, through HF peft — SVD-shaped low-rank updates P·diag(E)·Q whose
 rank budget is reallocated among the targeted layers while training.
 
-Every targeted Linear (in → out) starts at rank `rank` with 2·r·(in+out) + r parameters
+Every targeted Linear (in → out) starts at rank `rank` with r·(in+out) + r parameters
 (A: r × in, B: out × r, E: r; peft's `ranknum` is a buffer). The allocator scores each
 singular value by a smoothed sensitivity |p·∂L/∂p| (`beta1`, `beta2`) and, between step `tinit`
 and step total_step − `tfinal`, masks the lowest-scored ones every `delta_t` steps until the
