@@ -54,6 +54,19 @@ def test_glora_counts_follow_its_forms(base, model):
     assert peft_params(vectors) == sum(2 * o + i + 2 * o for i, o in layers)
 
 
+def test_glora_bias_scale_trains_on_a_nonzero_bias(model):
+    """D scales the base bias (b0 ⊙ D): on the random tiny backbone's zero biases it has no
+    gradient (test_contract leaves it out there); on a nonzero bias it trains like the rest."""
+    model = apply_method(model, method("glora")).train()
+    layer = model.backbone.net.blocks[0].attn.qkv
+    with torch.no_grad():
+        layer.get_base_layer().bias.fill_(0.5)
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    sum(f.square().mean() for f in model.backbone(x).values()).backward()
+    assert layer.glora_D["default"].X.grad.abs().item() > 0
+    assert model.backbone.net.blocks[1].attn.qkv.glora_D["default"].X.grad.item() == 0  # b0 = 0 there
+
+
 @pytest.mark.parametrize("name,overrides,needle", [
     ("oft", {"block_size": 7}, r"oft: method\.block_size=7 does not split the 96 input features of "
                                r"backbone\.net\.blocks\.0\.attn\.qkv"),
