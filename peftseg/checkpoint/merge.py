@@ -1,7 +1,7 @@
 """`peftseg merge`: fold a trained method into the base weights — a plain detectron2 model,
 no extra modules — and write it with the metadata that rebuilds it.
 
-peft's layers merge their own update (LoRA/DoRA/LoHa/LoKr/IA3/VeRA) into the wrapped
+peft's layers merge their own update (LoRA/DoRA/LoHa/LoKr/IA3/VeRA/AdaLoRA/OFT/BOFT/GLoRA) into the wrapped
 layer; we then put the wrapped layer back in its parent's place, as peft's unload does.
 Which methods can be merged is a property of their registration (`mergeable`); the
 methods applied to a model are known from its ownership record (params.mark_added).
