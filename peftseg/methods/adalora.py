@@ -23,7 +23,7 @@ from peftseg import checks
 from peftseg.errors import UserError
 from peftseg.methods.lowrank import TARGET_SETS, LowRankConfig, check_alpha, check_probability
 from peftseg.registry import register_method
-from peftseg.search_space import Float, Int
+from peftseg.search_space import Int
 
 
 @dataclass
@@ -75,8 +75,9 @@ def check_schedule(cfg: AdaloraConfig) -> None:
         )
 
 
-# initial ranks and the budget they shrink to (target_rank is sampled below rank by its ratio)
-SEARCH_SPACE = (Int("rank", 4, 32, log=True), Int("target_rank", 2, 16, log=True), TARGET_SETS)
+# the initial rank the budget starts from, down to the configured target_rank (8 by default: a
+# sampled target could exceed the sampled rank, which AdaLoRA refuses)
+SEARCH_SPACE = (Int("rank", 8, 32, log=True), TARGET_SETS)
 
 
 @register_method("adalora", config=AdaloraConfig, colour="#ad494a", block_aware=True, mergeable=True,
@@ -93,10 +94,6 @@ def apply(model, cfg: AdaloraConfig, adapter_name: str = "default"):
             "conf/method/adalora.yaml takes from train.max_iter; compose the method with method=adalora "
             "(or set method.total_step=<train.max_iter>)."
         )
-    check_schedule(cfg)
-    if cfg.target_rank > cfg.rank:  # a search may sample target_rank above rank
-        raise UserError(f"method.target_rank={cfg.target_rank} is above method.rank={cfg.rank}; "
-                        "AdaLoRA only prunes ranks, so keep method.target_rank <= method.rank.")
     peft_cfg = peft.AdaLoraConfig(
         init_r=cfg.rank,
         target_r=cfg.target_rank,
