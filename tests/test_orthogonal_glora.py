@@ -72,7 +72,8 @@ def test_glora_bias_scale_trains_on_a_nonzero_bias(model):
                                r"backbone\.net\.blocks\.0\.attn\.qkv"),
     ("oft", {"block_size": 8, "num_blocks": 4}, "give exactly one of them"),
     ("boft", {"block_size": 0, "num_blocks": 0}, "give exactly one of them"),
-    ("boft", {"block_size": 0, "num_blocks": 6, "butterfly_factor": 2}, r"into a multiple of 2 blocks|BOFT CUDA extension"),
+    ("oft", {"block_size": 0, "num_blocks": 5}, r"oft: method\.num_blocks=5 does not split the 96 input features"),
+    ("boft", {"block_size": 5}, r"boft: method\.block_size=5 does not split the 96 input features"),
     ("boft", {"butterfly_factor": 2}, r"method\.butterfly_factor=2 needs peft's BOFT CUDA extension"),
     ("glora", {"ab": "full"}, r"method\.ab"),
 ])
