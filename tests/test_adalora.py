@@ -152,3 +152,24 @@ def test_an_adalora_run_refuses_to_resume(model):
     hook.trainer = SimpleNamespace(start_iter=7)
     with pytest.raises(UserError, match="an AdaLoRA run cannot be resumed"):
         hook.before_train()
+
+
+def test_a_step_with_overflowed_gradients_is_not_scored(model):
+    """fp16 training skips a step whose gradients overflowed; the allocator must not average them in."""
+    from types import SimpleNamespace
+
+    from peftseg.engine.rank_budget import rank_budget_hook
+
+    model = apply_method(model, adalora(total_step=20))
+    hook = rank_budget_hook(model, 20)
+    hook.trainer = SimpleNamespace(iter=3, start_iter=0)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[0].grad[0] = float("inf")
+    hook.after_step()
+    allocator = hook._tuner.rankallocator
+    assert allocator.exp_avg_ipt == {}
+    params[0].grad[0] = 1.0
+    hook.after_step()
+    assert allocator.exp_avg_ipt and all(torch.isfinite(v).all() for v in allocator.exp_avg_ipt.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from detectron2.engine import HookBase
 
 from peftseg.errors import UserError
@@ -51,7 +52,18 @@ class RankBudget(HookBase):
             )
 
     def after_step(self):
+        # fp16 training (train.amp_dtype=fp16) skips a step whose gradients overflowed; scored with
+        # them, every importance average would turn inf/NaN and the masks with it, so the allocator
+        # skips that step too
+        grads = [p.grad for p in self._adapter_params() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            log.warning("AdaLoRA: non-finite gradients at iteration %d (a skipped fp16 step); the rank "
+                        "allocation skips it too", self.trainer.iter)
+            return
         self._tuner.update_and_allocate(self.trainer.iter)
+
+    def _adapter_params(self):
+        return [p for n, p in self._tuner.model.named_parameters() if "lora_" in n and self._adapter in n]
 
     def after_train(self):
         self.summary = budget_summary(self._tuner, self._adapter)
