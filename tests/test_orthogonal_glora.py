@@ -103,6 +103,9 @@ def test_merged_model_equals_the_unmerged_one(base, name):
         before, bare = model.backbone(x), base.backbone(x)
         after = merge_and_unload(model).backbone(x)
     assert not any(k in n for n, _ in model.named_parameters() for k in MERGEABLE_NEW[name])
+    from peftseg.methods._peft import tuner_of
+
+    assert tuner_of(model) is None  # AdaLoRA's allocator goes with its layers
     for k in before:
         assert not torch.allclose(before[k], bare[k], rtol=0, atol=ulps(before[k], 32)), "the update is trivial"
         # folding rounds each weight once and makes two matmuls one (a rotation: a product of the

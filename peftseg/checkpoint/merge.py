@@ -27,6 +27,7 @@ from peftseg.io.safe_load import load_torch
 from peftseg.io.output_guard import output_file, own_earlier_output, write_errors
 
 from peftseg.errors import UserError
+from peftseg.methods._peft import forget_tuners
 from peftseg.methods.options import widen_frozen
 from peftseg.params import added_params, forget_added
 from peftseg.registry import METHODS
@@ -47,6 +48,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     fold_tuner_layers(model)
     if hasattr(model, "peft_config"):  # set by peft.inject_adapter_in_model
         del model.peft_config
+    forget_tuners(model)  # AdaLoRA's tuner and allocator: nothing is left for them to allocate
     forget_added(model)  # nothing is left of the method's modules
     return model
 

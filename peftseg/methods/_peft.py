@@ -32,6 +32,11 @@ def tuner_of(model: nn.Module, adapter_name: str = "default"):
     return vars(model).get(_TUNERS, {}).get(adapter_name)
 
 
+def forget_tuners(model: nn.Module) -> None:
+    """Drop the tuners kept beside the model (its peft layers were merged away)."""
+    vars(model).pop(_TUNERS, None)
+
+
 def targeted_modules(model: nn.Module, regex: str) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs peft will wrap for `regex` (family_targets' answer): peft
     re.fullmatch-es a str target against every module name."""
