@@ -10,7 +10,7 @@ Linear trains (in/b)·b(b−1)/2 parameters, or b(b−1)/2 with `block_share` (o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peftseg import checks
 from peftseg.errors import UserError
@@ -18,7 +18,6 @@ from peftseg.methods.lowrank import TARGET_SETS, default_targets, check_probabil
 from peftseg.methods.options import PeftOptions
 from peftseg.registry import register_method
 from peftseg.search_space import Choice
-from dataclasses import field
 
 
 @dataclass
