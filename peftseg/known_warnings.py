@@ -24,6 +24,11 @@ class Known:
 
 
 KNOWN: tuple[Known, ...] = (
+    Known(UserWarning, r"Failed to load the CUDA extension: .*check if ninja is available", r"peft\.tuners\.boft\.",
+          "peft's BOFT tries to build its CUDA kernel for every layer it wraps; without it (CPU) method=boft "
+          "runs its PyTorch path, and refuses method.butterfly_factor > 1, the one setting the kernel serves"),
+    Known(UserWarning, r"Setting boft_n_butterfly_factor to 1", r"peft\.tuners\.boft\.",
+          "the same fallback of peft's BOFT; method=boft refuses a butterfly_factor it would override"),
     Known(UserWarning, r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing "
           r"argument", r"torch\.functional\Z",
           "detectron2's anchor generator and ViT position code call torch.meshgrid without indexing="),

@@ -59,6 +59,9 @@ class Record:
     # the training data as used: train_images (after dataset.train_subset), train_images_available,
     # train_subset, subset_seed (peftseg.data.subset.training_data)
     data: dict[str, Any] | None = None
+    # method=adalora: the rank budget it ended at — initial_total, target_total, final_total and
+    # `final`, the rank of every adapted layer (peftseg.engine.rank_budget.budget_summary)
+    rank_budget: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     # the numbers every table reads; None when the run has none
@@ -124,6 +127,7 @@ class Record:
             versions=data.get("versions") or {}, error=data.get("error"), schema_version=version,
             interrupted=data.get("interrupted"), data_notes=data.get("data_notes"), pruned=data.get("pruned"),
             data=data.get("data") if isinstance(data.get("data"), dict) else None,
+            rank_budget=data.get("rank_budget") if isinstance(data.get("rank_budget"), dict) else None,
         )
 
 

@@ -112,5 +112,10 @@ def test_method_contract(family_base, batch, name):
         assert lr_of[id(params[n])] == pytest.approx(LR[group]), f"{n} ({group})"
     assert all(id(params[n]) not in lr_of for n in set(params) - trainable)
 
-    # 4. after 3 steps: frozen tensors bit-identical, every trainable one moved
-    train_steps_and_check(model, batch, optimizer, trainable, f"{name} on {family}")
+    # 4. after 3 steps: frozen tensors bit-identical, every trainable one moved. GLoRA's bias scale D
+    # multiplies the base bias (b0 ⊙ D), and the tiny presets' random backbones start with zero
+    # biases (detectron2's ViT/Swin init), so there D has no gradient and must stay exactly as it was;
+    # test_orthogonal_glora trains it on a nonzero bias
+    idle = {n for n in trainable if ".glora_D." in n
+            and not model.get_submodule(n.split(".glora_D.")[0]).get_base_layer().bias.any()}
+    train_steps_and_check(model, batch, optimizer, trainable - idle, f"{name} on {family}")

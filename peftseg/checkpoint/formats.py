@@ -55,6 +55,33 @@ def peft_owned(model: nn.Module) -> set[str]:
     return owned
 
 
+def _adapter_tensors(model: nn.Module, adapter: str, config) -> dict[str, torch.Tensor]:
+    """peft's adapter state dict of `adapter`, as a PeftModel saves it.
+
+    AdaLoRA after an allocation (config.rank_pattern set): peft saves each layer cut to the ranks
+    it kept, and resizes the layers to them on load. Its cut is a method of the tuner
+    (resize_state_dict_by_rank_pattern), which addresses tensors by a PeftModel's names
+    (base_model.model.<name>): the tuner kept beside the model is handed to peft under that name."""
+    from peft.utils import get_peft_model_state_dict
+
+    from peftseg.methods._peft import tuner_of
+
+    tuner = tuner_of(model, adapter)
+    if not getattr(config, "rank_pattern", None) or not hasattr(tuner, "resize_state_dict_by_rank_pattern"):
+        return get_peft_model_state_dict(model, adapter_name=adapter)
+
+    class _AsPeftModel(nn.Module):  # what get_peft_model_state_dict reads of a PeftModel
+        def __init__(self):
+            super().__init__()
+            self.base_model = tuner
+            self.peft_config = tuner.peft_config
+            self.resize_state_dict_by_rank_pattern = tuner.resize_state_dict_by_rank_pattern
+
+    # peft also rewrites config.rank_pattern's keys without the adapter's name, as it saves them
+    tensors = get_peft_model_state_dict(_AsPeftModel(), adapter_name=adapter)
+    return {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
+
+
 def write_peft_export(model: nn.Module, trained: dict[str, torch.Tensor], run_dir: Path) -> Path | None:
     """`run_dir/peft` (replaced whole, atomically by rename); None when no peft method ran."""
     configs = getattr(model, "peft_config", None)  # set by peft.inject_adapter_in_model
@@ -71,8 +98,8 @@ def write_peft_export(model: nn.Module, trained: dict[str, torch.Tensor], run_di
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder a normal mode
         for adapter, config in configs.items():
             where = tmp if adapter == "default" else tmp / adapter
+            tensors = _adapter_tensors(model, adapter, config)  # before the config: AdaLoRA's is rewritten
             config.save_pretrained(str(where))
-            tensors = get_peft_model_state_dict(model, adapter_name=adapter)
             (where / "adapter_model.safetensors").write_bytes(
                 safetensors_bytes({_PREFIX + k: v for k, v in tensors.items()}))
         owned = peft_owned(model)

@@ -1,7 +1,7 @@
 """`peftseg merge`: fold a trained method into the base weights — a plain detectron2 model,
 no extra modules — and write it with the metadata that rebuilds it.
 
-peft's layers merge their own update (LoRA/DoRA/LoHa/LoKr/IA3/VeRA) into the wrapped
+peft's layers merge their own update (LoRA/DoRA/LoHa/LoKr/IA3/VeRA/AdaLoRA/OFT/BOFT/GLoRA) into the wrapped
 layer; we then put the wrapped layer back in its parent's place, as peft's unload does.
 Which methods can be merged is a property of their registration (`mergeable`); the
 methods applied to a model are known from its ownership record (params.mark_added).
@@ -27,6 +27,7 @@ from peftseg.io.safe_load import load_torch
 from peftseg.io.output_guard import output_file, own_earlier_output, write_errors
 
 from peftseg.errors import UserError
+from peftseg.methods._peft import forget_tuners
 from peftseg.methods.options import widen_frozen
 from peftseg.params import added_params, forget_added
 from peftseg.registry import METHODS
@@ -47,6 +48,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     fold_tuner_layers(model)
     if hasattr(model, "peft_config"):  # set by peft.inject_adapter_in_model
         del model.peft_config
+    forget_tuners(model)  # AdaLoRA's tuner and allocator: nothing is left for them to allocate
     forget_added(model)  # nothing is left of the method's modules
     return model
 

@@ -88,6 +88,7 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
             outcome = train_and_evaluate(model, splits, cfg, run_dir, device, cfg.model.image_size, meta, stop,
                                          on_evaluation)
             record.metrics = evaluator_metrics(outcome.eval_results)
+            record.rank_budget = outcome.rank_budget
             # COCOEvaluator returns the numbers on rank 0 only (the others get {})
             if comm.is_main_process():  # entries COCOeval leaves undefined are stored null, with the reason
                 undefined = check_result(record.metrics, f"evaluation on {splits.val!r}", "this run has")

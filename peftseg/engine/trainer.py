@@ -24,6 +24,7 @@ from peftseg.engine.interrupt import RunInterrupted, StopAtStepBoundary, StopReq
 from peftseg.engine.optim import build_lr_scheduler, build_optimizer, clip_norm_of
 from peftseg.engine.precision import make_trainer, run_precision
 from peftseg.engine.progress import RichProgress
+from peftseg.engine.rank_budget import rank_budget_hook
 from peftseg.data.loading.resume_state import rng_untouched, set_rng_state
 from peftseg.engine.pruning import EvaluationListener
 from peftseg.engine.rundir import trim_metrics
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 class TrainOutcome:
     eval_results: dict = field(default_factory=dict)
     efficiency: dict = field(default_factory=dict)
+    # AdaLoRA: the rank budget the allocator ended at (peftseg.engine.rank_budget), else None
+    rank_budget: dict | None = None
 
 
 class _TrainClock(HookBase):
@@ -189,10 +192,14 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
     writers = [JSONWriter(str(run_dir / "metrics.json")), TensorboardXWriter(str(run_dir / "tb"))] if main else []
     if main and not tcfg.progress:
         writers.append(CommonMetricPrinter(tcfg.max_iter))
+    budget = rank_budget_hook(model, tcfg.max_iter)  # AdaLoRA only
     trainer.register_hooks([
         hooks.IterationTimer(warmup_iter=tcfg.timing_warmup_iters),
         _TrainClock(outcome, tcfg.ims_per_batch, device),
         hooks.LRScheduler(optimizer, scheduler),
+        # after the optimizer step, while this step's gradients are still there; before any
+        # checkpoint or evaluation, so both see the weights as the allocation left them
+        budget,
         RichProgress(log_period=tcfg.log_period) if tcfg.progress and main else None,  # before EvalHook: bar closes before eval logs
         # more torch threads than free cores: one line with the fix (CPU runs)
         OversubscriptionCheck(device, comm.get_local_size(), tcfg.timing_warmup_iters)
@@ -213,6 +220,8 @@ def train_and_evaluate(model, splits, cfg, run_dir: Path, device: torch.device, 
         trainer.train(start_iter, tcfg.max_iter)
     except FloatingPointError as e:  # detectron2's NaN/inf checks
         raise diverged(e, trainer.iter) from e
+    if budget is not None:
+        outcome.rank_budget = budget.summary
     final = run_dir / f"{FINAL}.safetensors"
     outcome.efficiency["checkpoint_bytes"] = final.stat().st_size if final.exists() else None
     return outcome

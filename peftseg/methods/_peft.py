@@ -1,4 +1,5 @@
-"""Shared plumbing of the peft-backed methods (lora, loha, lokr, ia3, vera).
+"""Shared plumbing of the peft-backed methods (lora, loha, lokr, ia3, vera, adalora, oft, boft,
+glora).
 
 Targets are group names (`attn_qkv`, `attn_proj`, `mlp`, `heads`, …) that the model's
 FamilyMap turns into module-name regexes; peft matches their union with `re.fullmatch`.
@@ -21,6 +22,25 @@ from peftseg.errors import UserError
 from peftseg.methods.freeze import train_only_added
 from peftseg.models import family_of
 from peftseg.models.family import FamilyMap
+
+
+_TUNERS = "_peftseg_peft_tuners"
+
+
+def tuner_of(model: nn.Module, adapter_name: str = "default"):
+    """The peft tuner kept for adapter `adapter_name` (AdaLoRA's, with its rank allocator), or None."""
+    return vars(model).get(_TUNERS, {}).get(adapter_name)
+
+
+def forget_tuners(model: nn.Module) -> None:
+    """Drop the tuners kept beside the model (its peft layers were merged away)."""
+    vars(model).pop(_TUNERS, None)
+
+
+def targeted_modules(model: nn.Module, regex: str) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs peft will wrap for `regex` (family_targets' answer): peft
+    re.fullmatch-es a str target against every module name."""
+    return [(n, m) for n, m in model.named_modules() if n and re.fullmatch(regex, n)]
 
 
 def adapters_in(layer: BaseTunerLayer) -> set[str]:
@@ -106,6 +126,14 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bo
             # inject_adapter_in_model refuses it; the tuner injects in place all the same, and
             # every layer holds the shared BufferDict as a submodule, so the tuner can go
             model = tuner_cls(model, peft_config, adapter_name=adapter_name).model
+        elif hasattr(tuner_cls, "update_and_allocate"):
+            # AdaLoRA's rank allocator lives on the tuner, and training must call it every
+            # step: the tuner injects in place and is kept beside the model (tuner_of)
+            tuner = tuner_cls(model, peft_config, adapter_name=adapter_name)
+            model = tuner.model
+            # in the instance dict, not as a submodule: the tuner holds the model, and a
+            # submodule cycle would make state_dict and named_modules recurse forever
+            vars(model).setdefault(_TUNERS, {})[adapter_name] = tuner
         else:
             model = peft.inject_adapter_in_model(peft_config, model, adapter_name=adapter_name)
     except ValueError as e:  # peft's word for a layer type this method has no version of

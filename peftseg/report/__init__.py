@@ -20,7 +20,7 @@ from peftseg.report.csvfile import flat_row, write_csv
 from peftseg.report.curves import curves_path, write_group_curves
 from peftseg.report.markdown import write_report_md
 from peftseg.report.plots import DATA_PLOT_NAME, write_data_efficiency_plot, write_plot
-from peftseg.report.tables import DASH, RSS_NOTE, group_rows, group_table, is_rss
+from peftseg.report.tables import DASH, RSS_NOTE, budget_notes, group_rows, group_table, is_rss
 
 CSV_NAME = "report.csv"
 PLOT_NAME = "pareto.png"
@@ -66,6 +66,8 @@ def _build(root: Path, records, groups, baseline: str | None, console: Console) 
         for note in (g.baseline_note, g.timing_note):
             if note:
                 console.print(f"[yellow]note:[/] {note}", highlight=False)
+        for note in budget_notes(g):
+            console.print(note, highlight=False)
         if any(is_rss(r) for r in g.records):
             console.print(RSS_NOTE, highlight=False)
         rows += [flat_row(r, extras.get(id(r), {})) for r in g.records]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftseg.io.atomic import write_atomic
+from peftseg.report.tables import budget_notes
 
 
 def _cell(text: str) -> str:
@@ -30,7 +31,7 @@ def write_report_md(path: Path, sections: list, plot_name: str, footnote: str | 
              "training-set size).", ""]
     for group, headers, rows, curves in sections:
         parts += [f"## {group.title}", "", markdown_table(headers, rows), ""]
-        for note in (group.baseline_note, group.timing_note):
+        for note in (group.baseline_note, group.timing_note, *budget_notes(group)):
             if note:
                 parts += [f"> {note}", ""]
         if curves is not None:

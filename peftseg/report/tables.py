@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 from rich.text import Text
 
@@ -112,6 +114,20 @@ def backbone_pct(record: Record) -> float | None:
         return None
     tuned = (groups.get("backbone") or {}).get("trainable", 0) + (groups.get("peft") or {}).get("trainable", 0)
     return 100 * tuned / backbone
+
+
+def budget_notes(group: Group) -> list[str]:
+    """One line per run that reallocated a rank budget (method=adalora): the total rank over its
+    adapted layers at the start and at the end, against the target the schedule aimed at."""
+    notes = []
+    for r in group.records:
+        b = r.rank_budget
+        if not b:
+            continue
+        notes.append(f"AdaLoRA budget of {Path(r.run.dir).name}: initial total rank {b.get('initial_total')} → "
+                     f"final {b.get('final_total')} (target {b.get('target_total')}) over "
+                     f"{len(b.get('final') or {})} layers")
+    return notes
 
 
 def is_rss(record: Record) -> bool:
