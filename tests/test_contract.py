@@ -46,17 +46,18 @@ def test_every_family_has_a_tiny_preset():
     assert set(PRESETS) == set(FAMILIES.names())
 
 
-@pytest.fixture(scope="module", params=sorted(PRESETS))
-def family_base(request):
-    family = request.param
-    torch.manual_seed(0)
-    model = build_model(preset("model", PRESETS[family], FAMILIES.get(family).config), num_classes=3)
-    return family, model.eval()
-
-
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     return shapes_batch(tmp_path_factory.mktemp("contract"), n=2)
+
+
+@pytest.fixture(scope="module", params=sorted(PRESETS))
+def family_base(request, batch):
+    """A family's tiny model and its outputs on `batch` (every method's init is compared to them)."""
+    family = request.param
+    torch.manual_seed(0)
+    model = build_model(preset("model", PRESETS[family], FAMILIES.get(family).config), num_classes=3).eval()
+    return family, model, _outputs(model, batch)
 
 
 def _outputs(model, batch):
@@ -66,7 +67,7 @@ def _outputs(model, batch):
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_contract(family_base, batch, name):
-    family, base = family_base
+    family, base, base_outputs = family_base
     spec = METHODS.get(name)
     missing = [need for need in spec.requires if not getattr(base.peftseg_facts.family, need)]
     if missing:  # a family without what the method needs: a clear refusal, nothing half-applied
@@ -89,7 +90,7 @@ def test_method_contract(family_base, batch, name):
     # 2. output at init equals the base model's (zero-initialised updates)
     if spec.adds_parameters:
         model.eval()
-        for ob, om in zip(_outputs(base, batch), _outputs(model, batch)):
+        for ob, om in zip(base_outputs, _outputs(model, batch)):
             a, b = ob["instances"], om["instances"]
             assert len(a) == len(b), f"{name} on {family}: {len(a)} vs {len(b)} detections at init"
             # the update adds exact zeros, but a wrapped layer may run another kernel (reduction order):
