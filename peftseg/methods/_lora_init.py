@@ -274,7 +274,7 @@ def converted_peft_config(config, adapter: str, model: nn.Module):
     """peft's LoraConfig of a converted adapter (rank 2r, same scale, plain init), for the peft/ export."""
     facts = facts_of(model)
     if facts is None or adapter not in facts.mutated_init:
-        if str(config.init_lora_weights) in ("eva", "corda"):
+        if str(getattr(config, "init_lora_weights", "")) in ("eva", "corda"):  # LoRA's field only
             config = copy.deepcopy(config)
             config.init_lora_weights = True
             config.eva_config = config.corda_config = None
