@@ -304,3 +304,20 @@ def test_lora_optimisers_refuse_a_method_without_lora(base, optimizer):
     with pytest.raises(UserError, match=rf"train.optimizer={optimizer} treats LoRA's A and B factors differently.*"
                                         "use train.optimizer=adamw"):
         build_optimizer(model, _train_cfg(optimizer=optimizer))
+
+
+def test_a_run_feeds_eva_and_corda_its_own_train_loader(base, tmp_path, shapes_cache, monkeypatch):
+    from peftseg.config import compose_config
+    from peftseg.data import register_splits
+    from peftseg.engine.run import calibration_batches
+
+    monkeypatch.setenv("PEFTSEG_CACHE", str(shapes_cache))
+    cfg = compose_config(["model=vitdet_tiny", "train=smoke", "method=lora", "method.init=eva",
+                          "dataset.num_train=8", "dataset.num_val=4"])
+    splits = register_splits(cfg.dataset)
+    batches = calibration_batches(splits, cfg)
+    batch = next(iter(batches(base)))
+    # a training batch as the trainer gets it: train.ims_per_batch mapped dicts with instances
+    assert len(batch) == cfg.train.ims_per_batch and all("instances" in d and "image" in d for d in batch)
+    cfg.method.init = "pissa"  # computed from the weights alone: no batches drawn
+    assert calibration_batches(splits, cfg) is None
