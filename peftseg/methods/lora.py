@@ -39,9 +39,10 @@ class LoraConfig(LowRankConfig):
     # olora (QR of W) | orthogonal | eva (SVD of train activations) | corda (train-activation covariance)
     init: str = "default"
     init_batches: int = 4  # eva/corda: batches of the run's train loader their start is computed from
-    # target group (or module regex) -> its own rank / alpha, e.g. {mlp: 16}; others use rank / alpha
-    # (null or a mapping: a typed dict field could not be set from the command line)
+    # null, or {target group or module regex: rank}, e.g. {mlp: 16}; other targets use method.rank
+    # (typed Any: Hydra cannot set a typed dict field from the command line)
     rank_pattern: Any = None
+    # null, or {target group or module regex: alpha}, e.g. {mlp: 32}; other targets use method.alpha
     alpha_pattern: Any = None
 
     def __post_init__(self) -> None:
