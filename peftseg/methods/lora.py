@@ -86,7 +86,7 @@ def check_init(cfg: LoraConfig) -> None:
 
 
 @register_method("lora", config=LoraConfig, colour="#9467bd", block_aware=True, mergeable=True, adds_parameters=True, order=40, search_space=SEARCH_SPACE,
-                 summary="low-rank updates W + (alpha/r)BA on target groups (HF peft); rsLoRA, DoRA")
+                 summary="low-rank updates W + (alpha/r)BA on target groups (HF peft); rsLoRA, DoRA, PiSSA/OLoRA/EVA/CorDA starts, per-group ranks")
 def apply(model, cfg: LoraConfig, adapter_name: str = "default"):
     import peft
 
