@@ -29,7 +29,7 @@ from peftseg.errors import UserError
 from peftseg.registry import DATASETS, FAMILIES, GROUPS, METHODS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "loraplus", "lorafa")
 LR_SCHEDULES = ("cosine", "step")
 AMP_DTYPES = ("bf16", "fp16")  # bf16 first: the default, and the one CPUs run
 
@@ -46,7 +46,10 @@ class TrainConfig:
     name: str = "default"
     max_iter: int = 1000
     ims_per_batch: int = 4
-    optimizer: str = "adamw"  # adamw | sgd
+    # adamw | sgd | loraplus (AdamW, LoRA's B at loraplus_lr_ratio x the LR of A) |
+    # lorafa (LoRA-FA: A frozen at its start, B trained with a projected AdamW); the last two: LoRA methods only
+    optimizer: str = "adamw"
+    loraplus_lr_ratio: float = 16.0  # train.optimizer=loraplus: LR of LoRA's B / LR of its A
     base_lr: float = 1e-3  # backbone (and anything without a group LR below)
     peft_lr: Optional[float] = None  # LR of method modules (LoRA, adapters…); None: base_lr
     non_backbone_lr: Optional[float] = None  # LR of neck, decoder and task heads; None: base_lr
@@ -102,6 +105,8 @@ class TrainConfig:
             if getattr(self, key) is not None:
                 checks.number(f"train.{key}", getattr(self, key), low=0, low_open=True,
                               why="or null to use train.base_lr")
+        checks.number("train.loraplus_lr_ratio", self.loraplus_lr_ratio, low=0, low_open=True,
+                      why="B's learning rate is this times A's; LoRA+ suggests 16, and 1 is plain AdamW")
         checks.number("train.momentum", self.momentum, low=0, high=1, high_open=True)
         checks.number("train.weight_decay", self.weight_decay, low=0, why="0 disables weight decay")
         checks.number("train.warmup_factor", self.warmup_factor, low=0, high=1,

@@ -32,3 +32,32 @@ def test_smoke_grid_runs_every_setting_and_reports_against_full(tmp_path, shapes
     (table,) = list((tmp_path / "multirun").glob("*/*/*.csv"))
     rows = list(csv.DictReader(table.open()))
     assert len(rows) == 8 and "baseline.delta_mask_AP" in rows[0]
+
+
+def test_lora_variants_grid_sweeps_every_start_optimizer_and_rank_pattern_on_both_tiny_models():
+    import importlib.util
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from peftseg.config import compose_config, validate
+    from peftseg.methods.lora import INITS
+
+    spec = importlib.util.spec_from_file_location("reproduce_study", ROOT / "scripts" / "reproduce_study.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = script.overrides(*script.parse(["--lora-variants", "--smoke", "train.max_iter=2"]))
+    assert argv[0] == "-m" and argv[-1] == "train.max_iter=2"
+    parsed = OverridesParser.create().parse_overrides(argv[1:])
+    axes = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    assert axes == {"method.init": list(INITS), "train.optimizer": ["adamw", "loraplus"],
+                    "method.rank_pattern": ["null", "{mlp:16}"], "model": ["maskdino_tiny", "seem_tiny"]}
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    members = list(itertools.product(*([f"{k}={v}" for v in vs] for k, vs in axes.items())))
+    assert len(members) == len(INITS) * 2 * 2 * 2
+    # the grid's corners compose and pass the run's checks (each member is a valid run config)
+    for member in (members[0], members[-1]):
+        cfg = compose_config([*fixed, *member])
+        validate(cfg)
+        assert cfg.method.name == "lora" and list(cfg.method.targets) == ["attn_qkv", "attn_proj", "mlp"]
+    assert cfg.method.init == "corda" and cfg.train.optimizer == "loraplus" and dict(cfg.method.rank_pattern) == {"mlp": 16}

@@ -33,13 +33,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)  # the value was checked against its choices at compose time
 
 
-def build_for_run(cfg: DictConfig, num_classes: int, class_names=None) -> torch.nn.Module:
+def build_for_run(cfg: DictConfig, num_classes: int, class_names=None, calibration=None) -> torch.nn.Module:
     """The model as a run trains it. Seeded first: a randomly initialised base must come
     out identical when `peftseg eval`/`merge`/resume rebuild it around a PEFT checkpoint.
-    `class_names`: the dataset's, for a family that classifies by name (seem)."""
+    `class_names`: the dataset's, for a family that classifies by name (seem).
+    `calibration(model)`: the run's training batches (an iterable), for a method whose start is
+    computed from data (LoRA's method.init=eva|corda); None where no training follows."""
     seed_all_rng(cfg.train.seed)
     model = build_model(cfg.model, num_classes=num_classes, class_names=class_names)
-    model = apply_method(model, cfg.method)
+    facts = facts_of(model)
+    facts.calibration = (lambda: calibration(model)) if calibration is not None else None
+    try:
+        model = apply_method(model, cfg.method)
+    finally:
+        facts.calibration = None  # the loader is not the model's to keep
+    if cfg.train.optimizer == "lorafa":
+        from peftseg.methods._lora_factors import freeze_lora_a
+
+        freeze_lora_a(model)
     if cfg.train.activation_checkpointing:
         facts_of(model).checkpointed_blocks = len(enable_activation_checkpointing(model))
     return model

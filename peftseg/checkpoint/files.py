@@ -34,8 +34,12 @@ MERGED_KEY = "peftseg_merged"  # metadata key of a `peftseg merge` file, beside 
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters, and buffers of the modules that own a trainable parameter."""
-    state = {}
+    """Trainable parameters, the method's own frozen ones (LoRA-FA's A), and buffers of the
+    modules that own a trainable parameter."""
+    from peftseg.params import added_params
+
+    added = added_params(model)
+    state = {n: p.detach() for n, p in model.named_parameters() if n in added and not p.requires_grad}
     for mod_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not any(p.requires_grad for _, p in own):
@@ -49,8 +53,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """sha256 over the frozen parameters: a checkpoint only fits the base it was trained on."""
-    return fingerprint((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+    """sha256 over the frozen parameters of the base: a checkpoint only fits the base it was
+    trained on. A method's own frozen parameters (LoRA-FA's A) are saved, not the base's; a
+    weight a LoRA start rewrote into a residual (pissa/olora/corda) counts as the untouched
+    weight it replaced, which is the base its final checkpoint is converted to."""
+    from peftseg.methods._lora_init import original_frozen
+    from peftseg.params import added_params
+
+    added, originals = added_params(model), original_frozen(model)
+    return fingerprint((name, originals.get(name, p)) for name, p in model.named_parameters()
+                       if not p.requires_grad and name not in added)
 
 
 def fingerprint(params) -> str:
@@ -186,7 +198,16 @@ class PeftCheckpointer(DetectionCheckpointer):
             "peftseg": {**self.meta, "trainable": sorted(state), "base_fingerprint": self.fingerprint},
         }
         if name == FINAL:
-            # tensors + JSON metadata, and peft's own layout of the peft-backed part
+            # tensors + JSON metadata, and peft's own layout of the peft-backed part; a LoRA that
+            # started from the data or rewrote the base is saved as the plain LoRA it amounts to
+            # on the untouched base (peftseg.methods._lora_init), which is what loads it
+            from peftseg.methods._lora_init import converted_method_config, converted_state
+
+            state = converted_state(self.model, state)
+            data["model"] = {k: v.to("cpu") for k, v in state.items()}
+            config = self.meta.get("config")
+            if isinstance(config, dict) and "method" in config:
+                data["peftseg"]["config"] = {**config, "method": converted_method_config(config["method"])}
             basename = f"{name}.safetensors"
             meta = {**data["peftseg"], **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))}}
             payload = safetensors_bytes(data["model"], checkpoint_metadata(meta))

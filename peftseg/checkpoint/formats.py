@@ -82,6 +82,12 @@ def _adapter_tensors(model: nn.Module, adapter: str, config) -> dict[str, torch.
     return {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
 
 
+def _with_adapter(peft_key: str, adapter: str) -> str:
+    """peft's saved key (`x.lora_A.weight`) as the model names the parameter (`x.lora_A.<adapter>.weight`)."""
+    head, sep, tail = peft_key.rpartition(".")
+    return f"{head}.{adapter}.{tail}" if sep else peft_key
+
+
 def write_peft_export(model: nn.Module, trained: dict[str, torch.Tensor], run_dir: Path) -> Path | None:
     """`run_dir/peft` (replaced whole, atomically by rename); None when no peft method ran."""
     configs = getattr(model, "peft_config", None)  # set by peft.inject_adapter_in_model
@@ -96,10 +102,15 @@ def write_peft_export(model: nn.Module, trained: dict[str, torch.Tensor], run_di
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder a normal mode
+        from peftseg.methods._lora_init import converted_peft_config, converted_state
+
         for adapter, config in configs.items():
             where = tmp if adapter == "default" else tmp / adapter
             tensors = _adapter_tensors(model, adapter, config)  # before the config: AdaLoRA's is rewritten
-            config.save_pretrained(str(where))
+            # a LoRA whose start rewrote the base: its plain-LoRA form on the untouched base
+            converted_peft_config(config, adapter, model).save_pretrained(str(where))
+            plain = converted_state(model, {})
+            tensors = {k: plain.get(_with_adapter(k, adapter), v) for k, v in tensors.items()}
             (where / "adapter_model.safetensors").write_bytes(
                 safetensors_bytes({_PREFIX + k: v for k, v in tensors.items()}))
         owned = peft_owned(model)

@@ -73,10 +73,13 @@ def build_optimizer(model: torch.nn.Module, cfg, clip_grad_norm: float = 0.0) ->
             "Pick a method that trains something (e.g. method=lora, method=heads) or enable "
             "method.train_task_layers=true."
         )
-    cls, kwargs = {
-        "adamw": (torch.optim.AdamW, {}),
-        "sgd": (torch.optim.SGD, {"momentum": cfg.momentum}),
-    }[cfg.optimizer]
+    if cfg.optimizer in ("loraplus", "lorafa"):
+        cls, kwargs, params = _lora_optimizer(model, cfg, params)
+    else:
+        cls, kwargs = {
+            "adamw": (torch.optim.AdamW, {}),
+            "sgd": (torch.optim.SGD, {"momentum": cfg.momentum}),
+        }[cfg.optimizer]
     if clip_grad_norm > 0:
         # detectron2's clipped-optimizer class with a global clipper: one norm over every
         # trainable parameter (DETR/Mask2Former's "full_model" clipping), checked each step
@@ -85,6 +88,94 @@ def build_optimizer(model: torch.nn.Module, cfg, clip_grad_norm: float = 0.0) ->
 
         cls = _generate_optimizer_class_with_gradient_clipping(cls, global_clipper=clip)
     return cls(params, lr=cfg.base_lr, **kwargs)
+
+
+def _lora_optimizer(model: torch.nn.Module, cfg, params: list[dict]):
+    """LoRA+ (B's LR = train.loraplus_lr_ratio x A's) or LoRA-FA (A frozen, B's gradient
+    projected), on peftseg's parameter groups: the per-group LRs (train.peft_lr,
+    train.non_backbone_lr) and the no-decay norms stay as for adamw; only LoRA's factors change."""
+    from peftseg.methods._lora_factors import lora_pairs
+
+    pairs = lora_pairs(model)
+    if not pairs:
+        raise UserError(
+            f"train.optimizer={cfg.optimizer} treats LoRA's A and B factors differently, but this model has no "
+            "LoRA layers (its method adds none); use train.optimizer=adamw with this method, or train a LoRA "
+            "method (method=lora or method=adapter_lora) with it."
+        )
+    if cfg.optimizer == "loraplus":
+        return torch.optim.AdamW, {}, _loraplus_groups(model, params, pairs, cfg.loraplus_lr_ratio)
+    dora = [p.layer for p in pairs if p.dora]
+    if dora:
+        raise UserError(
+            f"train.optimizer=lorafa pairs each LoRA A with its B, and DoRA's magnitude vector ({dora[0]}) has no "
+            "place in that pairing (peft's LoRA-FA supports plain LoRA); set method.use_dora=false, or use "
+            "train.optimizer=adamw (or loraplus) with DoRA."
+        )
+    return _lorafa_class(), {}, _lorafa_groups(model, params, pairs)
+
+
+def _loraplus_groups(model: torch.nn.Module, params: list[dict], pairs, ratio: float) -> list[dict]:
+    """Which LoRA parameters take B's LR is peft's rule (create_loraplus_optimizer: lora_B, and
+    1-D LoRA parameters such as DoRA's magnitude); the helper builds its own groups for every
+    trainable parameter (task heads' biases at B's LR too), so it is asked for its grouping
+    only and the LoRA parameters it raises get ratio x their peftseg LR here."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    def grouping(groups, **kwargs):  # stands in for the optimizer class: returns peft's groups
+        return groups
+
+    lora_ids = {id(p) for pair in pairs for p in (pair.a, pair.b)}
+    for module in model.modules():  # DoRA magnitudes are LoRA parameters too
+        for ad in getattr(module, "lora_magnitude_vector", {}) or {}:
+            lora_ids.update(id(p) for p in module.lora_magnitude_vector[ad].parameters())
+    raised = set()
+    if ratio != 1.0:
+        for group in create_loraplus_optimizer(model, grouping, lr=1.0, loraplus_lr_ratio=ratio):
+            if group["lr"] == ratio:
+                raised |= {id(p) for p in group["params"] if id(p) in lora_ids}
+    out = []
+    for g in params:
+        up = [p for p in g["params"] if id(p) in raised]
+        rest = [p for p in g["params"] if id(p) not in raised]
+        if rest:
+            out.append({**g, "params": rest})
+        if up:
+            out.append({**g, "params": up, "lr": g["lr"] * ratio})
+    return out
+
+
+def _lorafa_class():
+    # LoRA-FA's optimizer (peft.optimizers.lorafa); its create_lorafa_optimizer needs a PeftModel
+    # wrapper and puts every parameter in one group at one LR, so the groups are built here
+    from peft.optimizers.lorafa import LoraFAOptimizer
+
+    return LoraFAOptimizer
+
+
+def _lorafa_groups(model: torch.nn.Module, params: list[dict], pairs) -> list[dict]:
+    """peftseg's groups in LoRA-FA's form: each group lists its parameters' names and LoRA
+    scaling, and each trained B comes right after its frozen A (the optimizer pairs them)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    a_of = {id(pair.b): pair for pair in pairs}
+    out = []
+    for g in params:
+        ps, ns, scales = [], [], []
+        for p in g["params"]:
+            pair = a_of.get(id(p))
+            if pair is not None:
+                ps += [pair.a, pair.b]
+                ns += [names[id(pair.a)], names[id(pair.b)]]
+                scales += [pair.scaling, pair.scaling]
+            else:
+                if "lora" in names[id(p)]:  # the optimizer would take it for half of a pair
+                    raise UserError(f"train.optimizer=lorafa cannot place the parameter {names[id(p)]} (a LoRA "
+                                    "parameter that is not a factor); use train.optimizer=adamw or loraplus.")
+                ps.append(p)
+                ns.append(names[id(p)])
+                scales.append(None)
+        out.append({**g, "params": ps, "names": ns, "scaling_factors": scales})
+    return out
 
 
 def _multiplier(cfg) -> ParamScheduler:

@@ -53,6 +53,32 @@ def _write_record_safely(run_dir: Path, record: Record) -> None:
         log.error("could not write the run record %s (%s)", run_dir / "results.json", e)
 
 
+def calibration_batches(splits, cfg: DictConfig):
+    """What a LoRA start computed from data reads (method.init=eva|corda): the run's own train
+    loader (its augmentations, from the first sample, in this process), as a callable of the
+    model; None when the method needs no data."""
+    method = cfg.method
+    init = OmegaConf.select(method, "lora.init" if method.name == "adapter_lora" else "init", default=None)
+    if init not in ("eva", "corda"):
+        return None
+    if comm.get_world_size() > 1:
+        from peftseg.errors import UserError
+
+        raise UserError(
+            f"method.init={init} computes LoRA's start from training batches in one process; with "
+            f"{comm.get_world_size()} processes each would see other batches (and corda would rewrite each "
+            "process's base differently). Train it with train.num_gpus=1 and train.num_machines=1, or use "
+            "method.init=pissa (computed from the weights alone)."
+        )
+    from peftseg.data.loading.loaders import train_loader
+
+    def batches(model):
+        return train_loader(splits.train, cfg.model.image_size, model.input_format, cfg.train.ims_per_batch, 0,
+                            cfg.train.seed, mask_format=splits.mask_format)
+
+    return batches
+
+
 def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationListener | None = None) -> Record:
     """Run one experiment; leaves a results.json in run_dir: "running" from the start, then
     "ok", "failed" (with the cause) or "interrupted" (with the iteration to resume from).
@@ -76,7 +102,8 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
             record.data = training_data(splits, cfg.dataset)
             log.info("training images: %d of %d", record.data["train_images"], record.data["train_images_available"])
             device = resolve_device(cfg.train.device)
-            model = build_for_run(cfg, len(splits.class_names), splits.class_names)
+            model = build_for_run(cfg, len(splits.class_names), splits.class_names,
+                                  calibration=calibration_batches(splits, cfg))
             counts = count_parameters(model)
             record.params = counts.to_dict()
             log.info("parameters: %d total, %d trainable (%.3f%%)", counts.total, counts.trainable, 100 * counts.ratio)
@@ -100,6 +127,9 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
                 # memory options as they ran: blocks recomputed in backward, frozen-weight storage
                 "checkpointed_blocks": facts_of(model).checkpointed_blocks,
                 "base_dtype": facts_of(model).base_dtype,
+                # seconds the method's non-default initialisation took (LoRA's method.init: the
+                # SVDs of pissa, eva's and corda's passes over training batches); null: none ran
+                "init_s": facts_of(model).init_seconds,
                 "run_wall_time_s": time.perf_counter() - start,
             }
             if main:  # an inf step time or a NaN ratio is no more a result than a NaN AP

@@ -23,6 +23,18 @@ class AdapterLoraConfig(MemoryOptions):  # + base_dtype, blocks
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # the combination stores the frozen base: the same refusal as method.base_dtype on lora
+        if self.base_dtype != "fp32" and self.lora.init in ("pissa", "olora", "corda"):
+            from peftseg.errors import UserError
+
+            raise UserError(
+                f"method.lora.init={self.lora.init} with method.base_dtype={self.base_dtype} is not supported: the "
+                f"residual base that {self.lora.init} trains on would be rounded to {self.base_dtype}, so the model "
+                "saved relative to the untouched base would not be the one trained; use method.base_dtype=fp32."
+            )
+
 
 @register_method("adapter_lora", config=AdapterLoraConfig, colour="#bcbd22", adds_parameters=True, order=70,
                  search_space=prefixed("adapter", adapter.SEARCH_SPACE) + prefixed("lora", lora.SEARCH_SPACE),

@@ -7,7 +7,7 @@ through it, so a new family needs no change in any method.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 # backbone: the pretrained feature extractor; neck: FPN / pixel decoder; decoder: a query-based
 # model's transformer decoder; task_heads: the class, box and mask predictors (and an R-CNN's
@@ -110,6 +110,13 @@ class ModelFacts:
     # parameter name -> the method that inserted it (peftseg.params.mark_added): accounting,
     # learning-rate groups and checkpoints read this instead of guessing from names
     added: dict = field(default_factory=dict)
+    # a run's train batches for a LoRA start computed from data (method.init=eva|corda): a
+    # callable returning an iterable of batches, set by the run while the method is applied
+    calibration: object = None
+    init_seconds: Optional[float] = None  # time the method's initialisation took (non-default method.init)
+    # adapter -> {"init", "originals", "factors"} of a LoRA whose init rewrote the base
+    # (pissa/olora/corda): the untouched weights and the initial factors, for the conversion at save
+    mutated_init: dict = field(default_factory=dict)
 
 
 FACTS_ATTR = "peftseg_facts"
