@@ -278,7 +278,7 @@ def build(entries, args, device, console):
         torch.manual_seed(args.seed)  # same initial weights for every method
         model = apply_method(build_model(cfg.model, num_classes=len(splits.class_names), class_names=splits.class_names), cfg.method)
         if cfg.train.activation_checkpointing:
-            enable_activation_checkpointing(model)
+            enable_activation_checkpointing(model, tuple(cfg.train.checkpoint_parts))
         params = count_parameters(model)
         model.to(device).train()
         precision = run_precision(cfg.train, device, model)
@@ -327,6 +327,7 @@ def run(args, console: Console) -> dict:
             "peak_memory_bytes": b.peak_bytes, **b.breakdown(),
             "method": b.cfg.method.name, "precision": b.precision,
             "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
+            "checkpoint_parts": list(b.cfg.train.checkpoint_parts) if b.cfg.train.activation_checkpointing else [],
             "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
             "attention": str(b.cfg.model.get("attention", "")),
             "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,

@@ -41,5 +41,6 @@ def build_for_run(cfg: DictConfig, num_classes: int, class_names=None) -> torch.
     model = build_model(cfg.model, num_classes=num_classes, class_names=class_names)
     model = apply_method(model, cfg.method)
     if cfg.train.activation_checkpointing:
-        facts_of(model).checkpointed_blocks = len(enable_activation_checkpointing(model))
+        facts_of(model).checkpointed_blocks = len(
+            enable_activation_checkpointing(model, tuple(cfg.train.checkpoint_parts)))
     return model

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 from peftseg.errors import UserError
 from peftseg import checks
 from peftseg.models.family import FamilyMap, TokenGrid, WeightLayout
-from peftseg.models.rcnn import HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
+from peftseg.models.rcnn import HEAD_CHECKPOINT, HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
 from peftseg.registry import register_family
 
 _BLOCK = r"backbone\.net\.blocks\.\d+"
@@ -39,6 +39,10 @@ FAMILY = FamilyMap(
         "task_heads": HEADS_LORA_TARGETS,
     },
     checkpoint_blocks=(_BLOCK,),
+    # SimpleFeaturePyramid's per-scale stages (simfp_2 … simfp_5): each keeps only the ViT's
+    # feature map, where its LayerNorms would keep several full-size maps each
+    checkpoint_neck=(r"backbone\.simfp_\d+",),
+    checkpoint_heads=HEAD_CHECKPOINT,
     backbone_blocks=_BLOCK,
     # every ViT block feeds the one plain feature map SimpleFeaturePyramid reads
     side_body="backbone.net",
