@@ -77,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
+    p.add_argument("--memory-only", action="store_true",
+                   help="measure peak memory only, one row at a time (built, stepped, measured, freed), "
+                        "so that only one model is held at once; no step times. The JSON is rewritten "
+                        "after every row")
     return p.parse_args(argv)
 
 
@@ -273,8 +277,8 @@ def build(entries, args, device, console):
     image_size = first.model.image_size
     # One fixed batch for every method and every step.
     batch = next(iter(train_loader(splits.train, image_size, first.model.input_format, args.batch, 0, args.seed)))
-    benches = []
-    for label, cfg in cfgs.items():
+
+    def build_one(label, cfg) -> Bench:
         torch.manual_seed(args.seed)  # same initial weights for every method
         model = apply_method(build_model(cfg.model, num_classes=len(splits.class_names), class_names=splits.class_names), cfg.method)
         if cfg.train.activation_checkpointing:
@@ -284,12 +288,76 @@ def build(entries, args, device, console):
         precision = run_precision(cfg.train, device, model)
         optimizer = build_optimizer(model, cfg.train)
         trainer = make_trainer(model, itertools.repeat(batch), optimizer, precision, device)
-        benches.append(Bench(label, model, optimizer, params, device, precision, cfg, trainer=trainer))
         console.print(f"built {label}: {params.trainable:,} of {params.total:,} parameters train, {precision}",
                       highlight=False)
+        return Bench(label, model, optimizer, params, device, precision, cfg, trainer=trainer)
+
+    if args.memory_only:  # builders, called one at a time by run_memory_only
+        makers = [(label, (lambda label=label, cfg=cfg: build_one(label, cfg))) for label, cfg in cfgs.items()]
+        if args.peer:
+            makers.append(("peer", lambda: build_peer(args, device, len(splits.class_names), batch, console)))
+        return makers, batch, image_size
+    benches = [build_one(label, cfg) for label, cfg in cfgs.items()]
     if args.peer:
         benches.append(build_peer(args, device, len(splits.class_names), batch, console))
     return benches, batch, image_size
+
+
+def row(b: Bench) -> dict:
+    return {
+        "trainable": b.params.trainable, "total": b.params.total, "ratio": b.params.ratio,
+        "step_time_s": statistics.median(b.times) if b.times else None,
+        "step_time_min_s": min(b.times) if b.times else None, "step_time_max_s": max(b.times) if b.times else None,
+        "peak_memory_bytes": b.peak_bytes, **b.breakdown(),
+        "method": b.cfg.method.name, "precision": b.precision,
+        "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
+        "checkpoint_parts": list(b.cfg.train.checkpoint_parts) if b.cfg.train.activation_checkpointing else [],
+        "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
+        "attention": str(b.cfg.model.get("attention", "")),
+        "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,
+    }
+
+
+def with_ratios(results: dict, baseline: str) -> dict:
+    results["baseline"] = baseline
+    base = results["methods"].get(baseline)
+    for m in results["methods"].values():
+        m["step_time_ratio"] = (m["step_time_s"] / base["step_time_s"]
+                                if base and m["step_time_s"] is not None and base["step_time_s"] else None)
+        m["peak_memory_ratio"] = m["peak_memory_bytes"] / base["peak_memory_bytes"] if base else None
+    return results
+
+
+def run_memory_only(args, console: Console, device, makers, batch, image_size) -> dict:
+    """--memory-only: each row built, stepped once (optimizer state, lazy inits), measured and
+    freed before the next is built; the JSON is rewritten after every row, so a long CPU run
+    that is stopped keeps the rows it finished."""
+    import gc
+
+    from detectron2.utils.events import EventStorage
+
+    results = {
+        "model": args.model, "image_size": image_size, "batch": args.batch, "device": str(device),
+        "steps_per_method": 0, "overrides": list(args.override),
+        "memory": "tensor bytes: resident params+buffers+optimizer state + peak allocated during one step "
+                  + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler CPU allocator accounting)")
+                  + "; rows measured one after another in one process, one model held at a time",
+        "methods": {},
+    }
+    console.print(f"{args.model} @ {image_size}px, batch {args.batch}, {device}: memory only, row by row",
+                  highlight=False)
+    for label, make in makers:
+        b = make()
+        with EventStorage(0):  # detectron2's losses log into one
+            b.step(batch)  # first step: optimizer state is created, lazy inits run
+            b.measure_memory(batch)
+        results["methods"][label] = row(b)
+        console.print(f"  {label}: peak {b.peak_bytes / 2**20:,.0f} MiB", highlight=False)
+        del b
+        gc.collect()
+        if args.json:
+            args.json.write_text(json.dumps(with_ratios(results, args.baseline), indent=2) + "\n")
+    return with_ratios(results, args.baseline)
 
 
 def run(args, console: Console) -> dict:
@@ -300,6 +368,8 @@ def run(args, console: Console) -> dict:
     device = resolve_device(args.device)
     entries = pick_methods(args.methods)
     benches, batch, image_size = build(entries, args, device, console)
+    if args.memory_only:
+        return run_memory_only(args, console, device, benches, batch, image_size)
     console.print(f"{args.model} @ {image_size}px, batch {args.batch}, {device}: "
                   f"{args.rounds} rounds x {args.steps} timed steps per method", highlight=False)
     with EventStorage(0):  # detectron2's losses log into one
@@ -320,24 +390,8 @@ def run(args, console: Console) -> dict:
         "methods": {},
     }
     for b in benches:
-        results["methods"][b.name] = {
-            "trainable": b.params.trainable, "total": b.params.total, "ratio": b.params.ratio,
-            "step_time_s": statistics.median(b.times),
-            "step_time_min_s": min(b.times), "step_time_max_s": max(b.times),
-            "peak_memory_bytes": b.peak_bytes, **b.breakdown(),
-            "method": b.cfg.method.name, "precision": b.precision,
-            "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
-            "checkpoint_parts": list(b.cfg.train.checkpoint_parts) if b.cfg.train.activation_checkpointing else [],
-            "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
-            "attention": str(b.cfg.model.get("attention", "")),
-            "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,
-        }
-    results["baseline"] = args.baseline
-    base = results["methods"].get(args.baseline)
-    for m in results["methods"].values():
-        m["step_time_ratio"] = m["step_time_s"] / base["step_time_s"] if base else None
-        m["peak_memory_ratio"] = m["peak_memory_bytes"] / base["peak_memory_bytes"] if base else None
-    return results
+        results["methods"][b.name] = row(b)
+    return with_ratios(results, args.baseline)
 
 
 def table(results: dict) -> Table:
@@ -353,7 +407,7 @@ def table(results: dict) -> Table:
     for name, m in results["methods"].items():
         t.add_row(
             name, f"{100 * m['ratio']:.3f}",
-            f"{m['step_time_s'] * 1000:.0f} ms",
+            "—" if m["step_time_s"] is None else f"{m['step_time_s'] * 1000:.0f} ms",
             "—" if m["step_time_ratio"] is None else f"{m['step_time_ratio']:.2f}",
             fmt_bytes(m["peak_memory_bytes"]),
             "—" if m["peak_memory_ratio"] is None else f"{m['peak_memory_ratio']:.2f}",
