@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
+    p.add_argument("--goals", default=None, metavar="LABEL=RATIO[,…]",
+                   help="memory goals as fractions of the baseline's peak, e.g. heads=0.22,full=0.55: each "
+                        "row named gets `goal` and `goal_met` (peak ratio <= goal) in the JSON")
     p.add_argument("--memory-only", action="store_true",
                    help="measure peak memory only, one row at a time (built, stepped, measured, freed), "
                         "so that only one model is held at once; no step times. The JSON is rewritten "
@@ -328,6 +331,32 @@ def with_ratios(results: dict, baseline: str) -> dict:
     return results
 
 
+def parse_goals(arg: str | None) -> dict[str, float]:
+    from peftseg.errors import UserError
+
+    goals = {}
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        label, _, value = item.partition("=")
+        try:
+            goals[label.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--goals entry {item!r} is not LABEL=RATIO (e.g. heads=0.22).") from None
+    return goals
+
+
+def with_goals(results: dict, goals: dict[str, float]) -> dict:
+    """Mark each row that has a goal met or not (its peak memory ratio against the baseline at
+    most the goal); rows without a goal get None."""
+    for label, m in results["methods"].items():
+        goal = goals.get(label)
+        ratio = m.get("peak_memory_ratio")
+        m["goal"] = goal
+        m["goal_met"] = None if goal is None or ratio is None else bool(ratio <= goal)
+    return results
+
+
 def run_memory_only(args, console: Console, device, makers, batch, image_size) -> dict:
     """--memory-only: each row built, stepped once (optimizer state, lazy inits), measured and
     freed before the next is built; the JSON is rewritten after every row, so a long CPU run
@@ -356,7 +385,8 @@ def run_memory_only(args, console: Console, device, makers, batch, image_size) -
         del b
         gc.collect()
         if args.json:
-            args.json.write_text(json.dumps(with_ratios(results, args.baseline), indent=2) + "\n")
+            args.json.write_text(json.dumps(with_goals(with_ratios(results, args.baseline), parse_goals(args.goals)),
+                                            indent=2) + "\n")
     return with_ratios(results, args.baseline)
 
 
@@ -365,11 +395,17 @@ def run(args, console: Console) -> dict:
 
     from peftseg.build import resolve_device
 
+    from peftseg.errors import UserError
+
     device = resolve_device(args.device)
     entries = pick_methods(args.methods)
+    # checked before the (long) run: a typo would otherwise leave a goal silently unchecked
+    missing = [g for g in parse_goals(args.goals) if g not in {label for label, _, _ in entries} | {"peer"}]
+    if missing:
+        raise UserError(f"--goals names {missing}, which --methods has no row for.")
     benches, batch, image_size = build(entries, args, device, console)
     if args.memory_only:
-        return run_memory_only(args, console, device, benches, batch, image_size)
+        return with_goals(run_memory_only(args, console, device, benches, batch, image_size), parse_goals(args.goals))
     console.print(f"{args.model} @ {image_size}px, batch {args.batch}, {device}: "
                   f"{args.rounds} rounds x {args.steps} timed steps per method", highlight=False)
     with EventStorage(0):  # detectron2's losses log into one
@@ -391,7 +427,7 @@ def run(args, console: Console) -> dict:
     }
     for b in benches:
         results["methods"][b.name] = row(b)
-    return with_ratios(results, args.baseline)
+    return with_goals(with_ratios(results, args.baseline), parse_goals(args.goals))
 
 
 def table(results: dict) -> Table:
