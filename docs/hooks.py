@@ -489,7 +489,7 @@ def memory_goals_table(name: str) -> str:
         if r.get("attention") == "detectron2":
             what.append("detectron2 attention")
         goal = r.get("goal")
-        met = "" if goal is None else ("met" if r["goal_met"] else "**not met**")
+        met = "" if goal is None else ("met" if r["goal_met"] else "NOT met")
         rows.append([f"`{label}`", ", ".join(what), f"{r['activations_bytes'] / 2**20:,.0f}",
                      f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['peak_memory_ratio']:.3f}",
                      "" if goal is None else f"≤ {goal:.2f}", met])
