@@ -10,7 +10,7 @@ code when the site is built.
 - `<!-- gen: NAME ARGS -->` in any page is replaced by a generated table: `registry methods`,
   `registry families`, `registry datasets` (from peftseg.registry, also kept in README.md by
   `python docs/hooks.py --write-readme`), `benchmark FILE [time]`, `export_parity FILE`,
-  `coco_eval FILE`, `attention_block FILE`, `variants_memory FILE` and `params FILE` (each
+  `coco_eval FILE`, `attention_block FILE`, `memory_goals FILE` (also in README.md), `variants_memory FILE` and `params FILE` (each
   from docs/benchmarks/FILE, as the script that measured it wrote it).
 
 Nothing here imports torch except the export-parity table (for today's tolerance).
@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 GEN = re.compile(r"<!-- gen: ([\w-]+)((?: [^>]*?)?) -->")
-README_BLOCK = re.compile(r"(<!-- gen: (registry \w+) -->\n)(.*?)(<!-- /gen -->)", re.S)
+README_BLOCK = re.compile(r"(<!-- gen: ((?:registry \w+|memory_goals \S+)) -->\n)(.*?)(<!-- /gen -->)", re.S)
 
 
 # --- small formatting helpers -------------------------------------------------------------
@@ -474,6 +474,31 @@ def benchmark_table(name: str, time: bool = False) -> str:
     return _table(header, rows, align) + "\n\n" + note
 
 
+def memory_goals_table(name: str) -> str:
+    """A `scripts/benchmark.py --memory-only --goals …` file: activations, peak and ratio of each
+    row, and whether it meets its goal (a goal not met says so)."""
+    data = _load(name)
+    base = data.get("baseline", "full")
+    rows = []
+    for label, r in data["methods"].items():
+        what = [r["method"]]
+        if r.get("checkpoint_parts"):
+            what.append("checkpointing " + "+".join(r["checkpoint_parts"]))
+        if r.get("precision") not in (None, "fp32"):
+            what.append(r["precision"].replace("amp_", "AMP "))
+        if r.get("attention") == "detectron2":
+            what.append("detectron2 attention")
+        goal = r.get("goal")
+        met = "" if goal is None else ("met" if r["goal_met"] else "NOT met")
+        rows.append([f"`{label}`", ", ".join(what), f"{r['activations_bytes'] / 2**20:,.0f}",
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['peak_memory_ratio']:.3f}",
+                     "" if goal is None else f"≤ {goal:.2f}", met])
+    note = (f"`{data['model']}` at {data['image_size']} px, batch {data['batch']}, {data['device']}; "
+            f"ratios against `{base}`; memory: {data['memory']}. Source: `docs/benchmarks/{name}`.")
+    return _table(["variant", "what runs", "activations MiB", "peak MiB", f"× {base}", "goal", "met"], rows,
+                  "llrrrll") + "\n\n" + note
+
+
 def export_parity_table(name: str) -> str:
     from peftseg.checkpoint.export import tolerance_for
 
@@ -607,7 +632,7 @@ def generate(name: str, args: list[str]) -> str:
         return benchmark_table(args[0], time="time" in args[1:])
     tables = {"export_parity": export_parity_table, "coco_eval": coco_eval_table,
               "attention_block": attention_block_table, "variants_memory": variants_memory_table,
-              "params": params_table}
+              "params": params_table, "memory_goals": memory_goals_table}
     if name not in tables:
         raise ValueError(f"<!-- gen: {name} --> is not a generated table; known: registry, benchmark, "
                          + ", ".join(tables))
@@ -621,8 +646,8 @@ def expand(markdown: str) -> str:
 # --- README.md: its registry tables are generated too -------------------------------------
 
 def readme_with_tables(text: str) -> str:
-    return README_BLOCK.sub(lambda m: m.group(1) + generate("registry", m.group(2).split()[1:]) + "\n" + m.group(4),
-                            text)
+    return README_BLOCK.sub(lambda m: m.group(1) + generate(m.group(2).split()[0], m.group(2).split()[1:]) + "\n"
+                            + m.group(4), text)
 
 
 # --- MkDocs events ------------------------------------------------------------------------

@@ -32,6 +32,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OPTIMIZERS = ("adamw", "sgd", "loraplus", "lorafa")
 LR_SCHEDULES = ("cosine", "step")
 AMP_DTYPES = ("bf16", "fp16")  # bf16 first: the default, and the one CPUs run
+# what train.checkpoint_parts may name (peftseg/build/activation_checkpointing.py reads them)
+CHECKPOINT_PARTS = ("blocks", "mlp", "neck", "heads")
 
 
 @dataclass
@@ -39,6 +41,22 @@ class TrackingConfig:
     """`tracking.*` (set by +tracking=mlflow)."""
     uri: str = ""  # empty: sqlite:///mlflow.db here (MLflow's default); or http://host:5000, ./mlruns (file store)
     experiment: str = "peftseg"
+
+
+def check_checkpoint_parts(parts) -> tuple[str, ...]:
+    """train.checkpoint_parts as a tuple, or one UserError paragraph naming the fix."""
+    parts = tuple(parts)
+    unknown = [p for p in parts if p not in CHECKPOINT_PARTS]
+    if unknown or not parts or len(set(parts)) != len(parts):
+        why = (f"names {unknown}, which {'is not a part' if len(unknown) == 1 else 'are not parts'}"
+               if unknown else "is empty" if not parts else "names a part twice")
+        raise UserError(
+            f"train.checkpoint_parts={list(parts)} {why}. List one or more of {list(CHECKPOINT_PARTS)}, "
+            "each once: blocks (the transformer blocks, what train.activation_checkpointing=true "
+            "recomputes by default), mlp (only each backbone block's MLP), neck (the feature pyramid "
+            "or pixel decoder), heads (the RPN/ROI or prediction heads); e.g. "
+            "train.checkpoint_parts=[blocks,neck,heads].")
+    return parts
 
 
 @dataclass
@@ -71,6 +89,10 @@ class TrainConfig:
     amp_dtype: str = "bf16"  # bf16 | fp16 (fp16: CUDA only)
     # recompute each transformer block in backward instead of storing its activations
     activation_checkpointing: bool = False
+    # what activation checkpointing recomputes: blocks (the transformer blocks), mlp (only each
+    # backbone block's MLP), neck (feature pyramid / pixel decoder), heads (RPN/ROI or
+    # prediction heads); read only with train.activation_checkpointing=true
+    checkpoint_parts: list[str] = field(default_factory=lambda: ["blocks"])
     num_workers: int = 2
     # CPU threads torch computes with in this run (torch.set_num_threads); null: torch's default
     # (OMP_NUM_THREADS, else one per core). 1 when other jobs share the cores; the record keeps
@@ -120,6 +142,13 @@ class TrainConfig:
         if list(self.lr_steps) != sorted(set(self.lr_steps)):  # [0.5, 0.5] is one step given twice
             raise UserError(f"train.lr_steps={list(self.lr_steps)} must be strictly increasing fractions (each "
                             "step once), e.g. [0.8, 0.9].")
+        check_checkpoint_parts(self.checkpoint_parts)
+        if not self.activation_checkpointing and list(self.checkpoint_parts) != ["blocks"]:
+            # refused: the parts would be read by nothing, and the run's record would claim them
+            raise UserError(
+                f"train.checkpoint_parts={list(self.checkpoint_parts)} is set but train.activation_checkpointing "
+                "is false, so nothing would be checkpointed. Add train.activation_checkpointing=true, or "
+                "drop the train.checkpoint_parts override.")
         if self.warmup_iters >= self.max_iter:
             # refused, not warned: the record would carry a base_lr the run never trained at
             peak = self.warmup_factor + (1 - self.warmup_factor) * (self.max_iter - 1) / self.warmup_iters

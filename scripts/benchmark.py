@@ -81,6 +81,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
+    p.add_argument("--goals", default=None, metavar="LABEL=RATIO[,…]",
+                   help="memory goals as fractions of the baseline's peak, e.g. heads=0.22,full=0.55: each "
+                        "row named gets `goal` and `goal_met` (peak ratio <= goal) in the JSON")
+    p.add_argument("--memory-only", action="store_true",
+                   help="measure peak memory only, one row at a time (built, stepped, measured, freed), "
+                        "so that only one model is held at once; no step times. The JSON is rewritten "
+                        "after every row")
     return p.parse_args(argv)
 
 
@@ -281,23 +288,114 @@ def build(entries, args, device, console):
     image_size = first.model.image_size
     # One fixed batch for every method and every step.
     batch = next(iter(train_loader(splits.train, image_size, first.model.input_format, args.batch, 0, args.seed)))
-    benches = []
-    for label, cfg in cfgs.items():
+
+    def build_one(label, cfg) -> Bench:
         torch.manual_seed(args.seed)  # same initial weights for every method
         model = apply_method(build_model(cfg.model, num_classes=len(splits.class_names), class_names=splits.class_names), cfg.method)
         if cfg.train.activation_checkpointing:
-            enable_activation_checkpointing(model)
+            enable_activation_checkpointing(model, tuple(cfg.train.checkpoint_parts))
         params = count_parameters(model)
         model.to(device).train()
         precision = run_precision(cfg.train, device, model)
         optimizer = build_optimizer(model, cfg.train)
         trainer = make_trainer(model, itertools.repeat(batch), optimizer, precision, device)
-        benches.append(Bench(label, model, optimizer, params, device, precision, cfg, trainer=trainer))
         console.print(f"built {label}: {params.trainable:,} of {params.total:,} parameters train, {precision}",
                       highlight=False)
+        return Bench(label, model, optimizer, params, device, precision, cfg, trainer=trainer)
+
+    if args.memory_only:  # builders, called one at a time by run_memory_only
+        makers = [(label, (lambda label=label, cfg=cfg: build_one(label, cfg))) for label, cfg in cfgs.items()]
+        if args.peer:
+            makers.append(("peer", lambda: build_peer(args, device, len(splits.class_names), batch, console)))
+        return makers, batch, image_size
+    benches = [build_one(label, cfg) for label, cfg in cfgs.items()]
     if args.peer:
         benches.append(build_peer(args, device, len(splits.class_names), batch, console))
     return benches, batch, image_size
+
+
+def row(b: Bench) -> dict:
+    return {
+        "trainable": b.params.trainable, "total": b.params.total, "ratio": b.params.ratio,
+        **step_time_stats(b.times),
+        # each round's median: any two rows' paired ratios can be taken from these later
+        "step_time_rounds_s": [statistics.median(visit) for visit in b.rounds],
+        "peak_memory_bytes": b.peak_bytes, **b.breakdown(),
+        "method": b.cfg.method.name, "precision": b.precision,
+        "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
+        "checkpoint_parts": list(b.cfg.train.checkpoint_parts) if b.cfg.train.activation_checkpointing else [],
+        "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
+        "attention": str(b.cfg.model.get("attention", "")),
+        "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,
+    }
+
+
+def with_ratios(results: dict, baseline: str) -> dict:
+    results["baseline"] = baseline
+    base = results["methods"].get(baseline)
+    for m in results["methods"].values():
+        m.update(pair_ratios(m, base))
+        m["peak_memory_ratio"] = m["peak_memory_bytes"] / base["peak_memory_bytes"] if base else None
+    return results
+
+
+def parse_goals(arg: str | None) -> dict[str, float]:
+    from peftseg.errors import UserError
+
+    goals = {}
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        label, _, value = item.partition("=")
+        try:
+            goals[label.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--goals entry {item!r} is not LABEL=RATIO (e.g. heads=0.22).") from None
+    return goals
+
+
+def with_goals(results: dict, goals: dict[str, float]) -> dict:
+    """Mark each row that has a goal met or not (its peak memory ratio against the baseline at
+    most the goal); rows without a goal get None."""
+    for label, m in results["methods"].items():
+        goal = goals.get(label)
+        ratio = m.get("peak_memory_ratio")
+        m["goal"] = goal
+        m["goal_met"] = None if goal is None or ratio is None else bool(ratio <= goal)
+    return results
+
+
+def run_memory_only(args, console: Console, device, makers, batch, image_size) -> dict:
+    """--memory-only: each row built, stepped once (optimizer state, lazy inits), measured and
+    freed before the next is built; the JSON is rewritten after every row, so a long CPU run
+    that is stopped keeps the rows it finished."""
+    import gc
+
+    from detectron2.utils.events import EventStorage
+
+    results = {
+        "model": args.model, "image_size": image_size, "batch": args.batch, "device": str(device),
+        "steps_per_method": 0, "overrides": list(args.override),
+        "memory": "tensor bytes: resident params+buffers+optimizer state + peak allocated during one step "
+                  + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler CPU allocator accounting)")
+                  + "; rows measured one after another in one process, one model held at a time",
+        "methods": {},
+    }
+    console.print(f"{args.model} @ {image_size}px, batch {args.batch}, {device}: memory only, row by row",
+                  highlight=False)
+    for label, make in makers:
+        b = make()
+        with EventStorage(0):  # detectron2's losses log into one
+            b.step(batch)  # first step: optimizer state is created, lazy inits run
+            b.measure_memory(batch)
+        results["methods"][label] = row(b)
+        console.print(f"  {label}: peak {b.peak_bytes / 2**20:,.0f} MiB", highlight=False)
+        del b
+        gc.collect()
+        if args.json:
+            args.json.write_text(json.dumps(with_goals(with_ratios(results, args.baseline), parse_goals(args.goals)),
+                                            indent=2) + "\n")
+    return with_ratios(results, args.baseline)
 
 
 def run(args, console: Console) -> dict:
@@ -305,9 +403,17 @@ def run(args, console: Console) -> dict:
 
     from peftseg.build import resolve_device
 
+    from peftseg.errors import UserError
+
     device = resolve_device(args.device)
     entries = pick_methods(args.methods)
+    # checked before the (long) run: a typo would otherwise leave a goal silently unchecked
+    missing = [g for g in parse_goals(args.goals) if g not in {label for label, _, _ in entries} | {"peer"}]
+    if missing:
+        raise UserError(f"--goals names {missing}, which --methods has no row for.")
     benches, batch, image_size = build(entries, args, device, console)
+    if args.memory_only:
+        return with_goals(run_memory_only(args, console, device, benches, batch, image_size), parse_goals(args.goals))
     console.print(f"{args.model} @ {image_size}px, batch {args.batch}, {device}: "
                   f"{args.repeat} alternating rounds x {args.steps} timed steps per method", highlight=False)
     with EventStorage(0):  # detectron2's losses log into one
@@ -323,26 +429,8 @@ def run(args, console: Console) -> dict:
         "methods": {},
     }
     for b in benches:
-        results["methods"][b.name] = {
-            "trainable": b.params.trainable, "total": b.params.total, "ratio": b.params.ratio,
-            **step_time_stats(b.times),
-            # each round's median: any two rows' paired ratios can be taken from these later
-            "step_time_rounds_s": [statistics.median(visit) for visit in b.rounds],
-            "peak_memory_bytes": b.peak_bytes, **b.breakdown(),
-            "method": b.cfg.method.name, "precision": b.precision,
-            "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
-            "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
-            "attention": str(b.cfg.model.get("attention", "")),
-            "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,
-        }
-    results["baseline"] = args.baseline
-    base = results["methods"].get(args.baseline)
-    base_bench = next((b for b in benches if b.name == args.baseline), None)
-    for b in benches:
-        m = results["methods"][b.name]
-        m.update(pair_ratios(b, base_bench))
-        m["peak_memory_ratio"] = m["peak_memory_bytes"] / base["peak_memory_bytes"] if base else None
-    return results
+        results["methods"][b.name] = row(b)
+    return with_goals(with_ratios(results, args.baseline), parse_goals(args.goals))
 
 
 def alternate(benches, batch, repeat: int, steps: int) -> None:
@@ -355,18 +443,21 @@ def alternate(benches, batch, repeat: int, steps: int) -> None:
 
 
 def step_time_stats(times: list[float]) -> dict:
-    """Median step time and its spread: the quartiles, and min/max."""
+    """Median step time and its spread: the quartiles, and min/max (all None: no timed steps)."""
+    if not times:
+        return dict.fromkeys(("step_time_s", "step_time_p25_s", "step_time_p75_s", "step_time_min_s", "step_time_max_s"))
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
     return {"step_time_s": statistics.median(times), "step_time_p25_s": q1, "step_time_p75_s": q3,
             "step_time_min_s": min(times), "step_time_max_s": max(times)}
 
 
-def pair_ratios(bench, base) -> dict:
-    """The row's time against the baseline's, round by round: the median of the rounds' ratios,
-    and their range (each round's ratio compares two neighbours in time)."""
-    if base is None:
+def pair_ratios(row: dict, base: dict | None) -> dict:
+    """A row's time against the baseline's, round by round (`step_time_rounds_s`): the median of
+    the rounds' ratios, and their range (each round's ratio compares two neighbours in time)."""
+    rounds = list(zip(row.get("step_time_rounds_s") or [], (base or {}).get("step_time_rounds_s") or []))
+    if not rounds:
         return {"step_time_ratio": None, "step_time_ratio_min": None, "step_time_ratio_max": None}
-    ratios = [statistics.median(own) / statistics.median(theirs) for own, theirs in zip(bench.rounds, base.rounds)]
+    ratios = [own / theirs for own, theirs in rounds]
     return {"step_time_ratio": statistics.median(ratios),
             "step_time_ratio_min": min(ratios), "step_time_ratio_max": max(ratios)}
 
@@ -384,7 +475,8 @@ def table(results: dict) -> Table:
     for name, m in results["methods"].items():
         t.add_row(
             name, f"{100 * m['ratio']:.3f}",
-            f"{m['step_time_s'] * 1000:.0f} ms ({m['step_time_p25_s'] * 1000:.0f}–{m['step_time_p75_s'] * 1000:.0f})",
+            "—" if m["step_time_s"] is None
+            else f"{m['step_time_s'] * 1000:.0f} ms ({m['step_time_p25_s'] * 1000:.0f}–{m['step_time_p75_s'] * 1000:.0f})",
             "—" if m["step_time_ratio"] is None
             else f"{m['step_time_ratio']:.2f} ({m['step_time_ratio_min']:.2f}–{m['step_time_ratio_max']:.2f})",
             fmt_bytes(m["peak_memory_bytes"]),

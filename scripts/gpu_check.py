@@ -13,6 +13,12 @@ never as numbers):
               side, LoRA + checkpointing and the detectron2 SimpleTrainer peer, through
               scripts/benchmark.py (torch.cuda.max_memory_allocated, median step times)
   maskdino    maskdino_swin_l at 1024 px, one step: full vs LoRA + checkpointing
+  ckpt_memory vitdet_b at 1024 px, batch 1, memory only (benchmark.py --memory-only): stock full
+              against full/heads/side/LoRA with the neck and heads checkpointed
+              (train.checkpoint_parts), in fp32 and bf16 AMP, each ratio against its goal
+  vit_attention  one ViT-B global attention block at 1024 px: detectron2's forward against the
+              chunked, SDPA-with-bias and FlexAttention paths, forward + backward time, peak
+              memory, max relative difference of output and gradients (ok only within 1e-3)
   msda        Triton vs PyTorch (grid_sample) deformable attention at the maskdino encoder's
               shapes at 1024 px: forward + backward time and max |difference| of output and
               gradients (the numbers that decide models/_msda.py's TRITON_MEASURED_FASTER)
@@ -148,6 +154,57 @@ def maskdino(args) -> dict:
     return _bench(args, "maskdino_swin_l", 1024, 1, rows, peer=False, steps=1)
 
 
+# ---------------------------------------------------------------- checkpointed neck/heads memory
+_CKPT = "train.activation_checkpointing=true:train.checkpoint_parts"
+# label -> (row, goal as a fraction of stock full's peak)
+CKPT_ROWS = {
+    "stock": ("stock:full:model.attention=detectron2", None),
+    "full": ("full", 0.55),
+    "full+ckpt-nh": (f"full+ckpt-nh:full:{_CKPT}=[neck,heads]", 0.55),
+    "heads+ckpt": (f"heads+ckpt:heads:{_CKPT}=[neck,heads]", 0.22),
+    "side+ckpt": (f"side+ckpt:side:{_CKPT}=[neck,heads]", 0.22),
+    "lora+ckpt-all": (f"lora+ckpt-all:lora:{_CKPT}=[blocks,neck,heads]", 0.25),
+}
+
+
+def ckpt_memory(args) -> dict:
+    bench = _benchmark_module()
+    rows = dict(CKPT_ROWS)
+    for label in ("full+ckpt-nh", "heads+ckpt", "side+ckpt", "lora+ckpt-all"):  # the same rows under bf16 AMP
+        entry, goal = CKPT_ROWS[label]
+        rows[label + "-amp"] = (entry.replace(label + ":", label + "-amp:", 1) + ":train.amp=true", goal)
+    if args.quick:
+        rows = {k: rows[k] for k in ("stock", "heads+ckpt-amp")}  # checkpointing and AMP, two rows
+    model, size = ("vitdet_tiny", None) if args.quick else ("vitdet_b", 1024)
+    goals = ",".join(f"{label}={goal}" for label, (_, goal) in rows.items() if goal is not None)
+    bargs = bench.parse_args(["--model", model, "--batch", "1", "--memory-only", "--baseline", "stock",
+                              "--methods", ",".join(r for r, _ in rows.values()), "--goals", goals,
+                              "--device", args.device, *(["--image-size", str(size)] if size else [])])
+    results = bench.run(bargs, Console(quiet=True))
+    for label, m in results["methods"].items():
+        if not m["peak_memory_bytes"] > 0:
+            raise RuntimeError(f"{model} {label}: memory {m['peak_memory_bytes']!r}")
+    return results
+
+
+# ---------------------------------------------------------------- ViT rel-pos attention paths
+def vit_attention(args) -> dict:
+    spec = importlib.util.spec_from_file_location("peftseg_attention_script", ROOT / "scripts" / "attention_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "scripts"))  # it imports benchmark.py's accounting
+    spec.loader.exec_module(mod)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "attention.json"
+        size = ["--tokens", "8", "--dim", "96", "--heads", "3", "--reps", "1"] if args.quick else ["--reps", "5"]
+        mod.main([*size, "--device", args.device, "--json", str(out)])
+        res = json.loads(out.read_text())
+    bad = {k: r["max_rel_diff"] for k, r in res["rows"].items()
+           if "max_rel_diff" in r and not all(_finite(v) and v <= 1e-3 for v in r["max_rel_diff"].values())}
+    if bad:
+        raise RuntimeError(f"attention paths differ from detectron2's by more than 1e-3 (relative): {bad}")
+    return res
+
+
 # ---------------------------------------------------------------- deformable attention kernel
 def _time(fn, device, reps: int) -> float:
     fn()  # warm-up (Triton compiles here)
@@ -248,18 +305,28 @@ def tables(results: dict) -> list[Table]:
                   f"{1000 * r['step_time_s']:.0f} ms" if _finite(r.get("step_time_s")) else "—",
                   _mib(r.get("peak_memory_bytes")))
     out.append(t)
-    for name in ("vitdet_b", "maskdino"):
+    for name in ("vitdet_b", "maskdino", "ckpt_memory"):
         r = results.get(name, {})
         t = Table(title=f"{name}: {r.get('model', '')} @ {r.get('image_size', '')}px, batch {r.get('batch', '')} · "
                         f"{r.get('status')} · ratios against {r.get('baseline', '')}")
         for c in ("row", "trainable %", "step time", "× base", "peak mem", "× base "):
             t.add_column(c)
         for label, m in r.get("methods", {}).items():
-            t.add_row(label, f"{100 * m['ratio']:.2f}", f"{1000 * m['step_time_s']:.0f} ms",
+            goal = "" if m.get("goal") is None else f" (goal ≤ {m['goal']:.2f}: {'met' if m['goal_met'] else 'NOT met'})"
+            t.add_row(label, f"{100 * m['ratio']:.2f}",
+                      f"{1000 * m['step_time_s']:.0f} ms" if _finite(m.get("step_time_s")) else "—",
                       f"{m['step_time_ratio']:.2f}" if m.get("step_time_ratio") else "—",
                       _mib(m["peak_memory_bytes"]),
-                      f"{m['peak_memory_ratio']:.2f}" if m.get("peak_memory_ratio") else "—")
+                      (f"{m['peak_memory_ratio']:.2f}" if m.get("peak_memory_ratio") else "—") + goal)
         out.append(t)
+    r = results.get("vit_attention", {})
+    t = Table(title=f"ViT rel-pos attention paths, {r.get('tokens', '')} tokens · {r.get('status')} · "
+                    f"efficient picks {r.get('efficient', '')}")
+    for c in ("path", "peak mem", "f+b time", "max rel diff"):
+        t.add_column(c)
+    for name, row in r.get("rows", {}).items():
+        t.add_row(name, _mib(row["peak_bytes"]), f"{1000 * row['time_s']:.1f} ms", str(row.get("max_rel_diff", "")))
+    out.append(t)
     r = results.get("msda", {})
     t = Table(title=f"deformable attention, Triton vs grid_sample · {r.get('status')}")
     for c in ("shapes", "pytorch f+b", "triton f+b", "speed-up", "max |diff|", "goal (>=3x, <=1e-4)"):
@@ -301,7 +368,8 @@ def main(argv=None) -> int:
     except ImportError:
         env["triton"] = None
     results: dict = {"env": env}
-    sections = {"train_eval": None, "vitdet_b": vitdet_b, "maskdino": maskdino, "msda": msda, "nccl": process_group}
+    sections = {"train_eval": None, "vitdet_b": vitdet_b, "maskdino": maskdino, "ckpt_memory": ckpt_memory,
+                "vit_attention": vit_attention, "msda": msda, "nccl": process_group}
     only = set(args.only.split(",")) if args.only else set(sections)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.out or Path(tmp)

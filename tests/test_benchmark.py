@@ -90,7 +90,9 @@ def test_rows_alternate_and_ratios_pair_each_round_with_its_neighbour():
     script.alternate([a, b], batch=None, repeat=3, steps=1)
     assert visits == ["A-warm", "A", "B-warm", "B"] * 3
     assert a.rounds == [[1.0], [10.0], [1.0]]
-    assert script.pair_ratios(b, a) == {"step_time_ratio": 2.0, "step_time_ratio_min": 2.0, "step_time_ratio_max": 2.0}
+    rows = {r.name: {"step_time_rounds_s": [t for (t,) in r.rounds]} for r in (a, b)}
+    assert script.pair_ratios(rows["B"], rows["A"]) == {
+        "step_time_ratio": 2.0, "step_time_ratio_min": 2.0, "step_time_ratio_max": 2.0}
     stats = script.step_time_stats([1.0, 10.0, 1.0, 3.0])
     assert stats["step_time_s"] == 2.0 and stats["step_time_p25_s"] == 1.0 and stats["step_time_p75_s"] == 4.75
 

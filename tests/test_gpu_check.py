@@ -27,13 +27,22 @@ def test_gpu_check_quick_on_cpu(gpu_check, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert code == 0, (result.get("failed_sections"), printed)
     assert result["failed_sections"] == []
-    for name in ("train_eval", "vitdet_b", "maskdino", "msda", "nccl"):
+    for name in ("train_eval", "vitdet_b", "maskdino", "ckpt_memory", "vit_attention", "msda", "nccl"):
         assert result[name]["status"] == "ok", name
     rows = result["train_eval"]["rows"]
     assert set(rows) == {"vitdet_tiny/fp32", "vitdet_tiny/amp_bf16"}
     assert all(r["mask_AP"] >= 0 and r["step_time_s"] > 0 for r in rows.values())
     vit = result["vitdet_b"]
     assert list(vit["methods"]) == ["stock", "full", "peer"] and vit["baseline"] == "stock"
+    ckpt = result["ckpt_memory"]["methods"]
+    assert list(ckpt) == ["stock", "heads+ckpt-amp"] and ckpt["stock"]["goal_met"] is None
+    assert ckpt["heads+ckpt-amp"]["checkpoint_parts"] == ["neck", "heads"]
+    assert ckpt["heads+ckpt-amp"]["precision"] == "amp_bf16"
+    assert all(0 < m["peak_memory_ratio"] < 1 and isinstance(m["goal_met"], bool)
+               for k, m in ckpt.items() if k != "stock")
+    attn = result["vit_attention"]
+    assert set(attn["rows"]) == {"detectron2", "chunked", "sdpa"} and attn["efficient"] == "chunked"
+    assert all(0 < r["max_rel_diff"]["grads"] <= 1e-3 for k, r in attn["rows"].items() if k != "detectron2")
     # the interpreter: each output sums 4 corners x 3 levels x 2 points of N(0,1) values with convex
     # weights in another order (<= 24 roundings; 32), so |output| < 5 for the script's few hundred draws
     assert result["msda"]["max_abs_diff"]["output"] <= ulps(5.0, 32) and result["msda"]["correct"]

@@ -128,3 +128,59 @@ def test_vitdet_with_lora_and_adapters_matches_stock_attention():
 def test_unknown_attention_is_a_user_error():
     with pytest.raises(UserError, match="model.attention=efficient"):
         build_model(preset("model", "vitdet_tiny", attention="flash"), num_classes=3)
+
+
+# ---- the rel-pos paths: SDPA with the bias as mask, FlexAttention ------------------------
+
+def _block_pair(window: int, path: str):
+    """detectron2's ViT Block (windowed when window > 0: 6x7 tokens padded into 4x4 windows),
+    and a copy whose attention runs `path`."""
+    from detectron2.modeling.backbone.vit import Block
+
+    torch.manual_seed(0)
+    size = (window, window) if window else (6, 7)
+    stock = Block(48, num_heads=3, window_size=window, use_rel_pos=True, rel_pos_zero_init=False, input_size=size)
+    eff = copy.deepcopy(stock)
+    eff.attn = EfficientAttention.from_detectron2(eff.attn)
+    eff.attn.path = path
+    return stock, eff
+
+
+@pytest.mark.parametrize("window", [0, 4], ids=["global", "windowed"])
+def test_sdpa_path_matches_detectron2_forward_and_backward(window):
+    stock, eff = _block_pair(window, "sdpa")
+    x = torch.randn(2, 6, 7, 48, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = stock(x), eff(x2)
+    _close(y, y2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    _close(x.grad, x2.grad)
+    ref = dict(stock.named_parameters())
+    compared = []
+    for n, p in eff.named_parameters():
+        _close(ref[n].grad, p.grad)
+        compared.append(n)
+    # the q/k/v projection and both rel-pos tables are among the gradients compared
+    assert {"attn.qkv.weight", "attn.rel_pos_h", "attn.rel_pos_w"} <= set(compared)
+
+
+def test_flex_path_matches_detectron2_forward_and_refuses_to_train_on_cpu():
+    """FlexAttention runs eagerly on the CPU without autograd (this torch has no CPU backward):
+    its forward is compared here; its backward is scripts/gpu_check.py's, on CUDA."""
+    stock, eff = _block_pair(0, "flex")
+    x = torch.randn(1, 6, 7, 48)
+    with torch.no_grad():
+        _close(stock(x), eff(x))
+    with pytest.raises(UserError, match="no FlexAttention backward on the CPU"):
+        eff(x)
+
+
+def test_auto_path_is_picked_per_device():
+    from peftseg.models._vit_attention import rel_pos_path
+
+    assert rel_pos_path(torch.device("cpu")) == "chunked"
+    assert rel_pos_path(torch.device("cuda", 0)) == "sdpa"
+    assert {m.path for m in build_model(preset("model", "vitdet_tiny", attention="sdpa"), num_classes=3).modules()
+            if isinstance(m, EfficientAttention)} == {"sdpa"}

@@ -52,5 +52,6 @@ def build_for_run(cfg: DictConfig, num_classes: int, class_names=None, calibrati
 
         freeze_lora_a(model)
     if cfg.train.activation_checkpointing:
-        facts_of(model).checkpointed_blocks = len(enable_activation_checkpointing(model))
+        facts_of(model).checkpointed_blocks = len(
+            enable_activation_checkpointing(model, tuple(cfg.train.checkpoint_parts)))
     return model

@@ -36,7 +36,7 @@ from peftseg.registry import GROUPS
 APPLICABLE = frozenset({
     "train.resume", "train.device", "train.num_workers", "train.threads", "train.progress", "train.log_period",
     "train.eval_period", "train.checkpoint_period", "train.timing_warmup_iters",
-    "train.activation_checkpointing", "train.num_gpus", "train.num_machines", "train.machine_rank",
+    "train.activation_checkpointing", "train.checkpoint_parts", "train.num_gpus", "train.num_machines", "train.machine_rank",
     "train.dist_url", "train.find_unused_parameters",
     "model.weights",  # where the base weights are read from; the base fingerprint checks they are the same
     "dataset.cache_dir", "dataset.root",  # where the data lies; the class names are compared

@@ -10,16 +10,25 @@ checkpoints, LoRA targets and adapter sites are untouched) with a different forw
 
 - without relative position: `F.scaled_dot_product_attention` (flash / memory-efficient
   kernels where the device has them);
-- with it: `rel_pos_attention`, an autograd.Function that walks the queries in chunks. The
-  bias of a chunk is built from the small decomposed terms rel_h (B·heads, N, kh) and
-  rel_w (B·heads, N, kw), never for the whole sequence; backward recomputes each chunk's
-  scores from q, k and the terms (flash-attention style: only the output and the row
-  log-sum-exp are kept), and returns the gradients of rel_h/rel_w, which autograd carries
-  on to q and the rel-pos tables through the einsums that made them.
+- with it, one of three paths (REL_POS_PATHS), chosen per device by `rel_pos_path`:
+  - `chunked`: `rel_pos_attention`, an autograd.Function that walks the queries in chunks.
+    The bias of a chunk is built from the small decomposed terms rel_h (B·heads, N, kh) and
+    rel_w (B·heads, N, kw), never for the whole sequence; backward recomputes each chunk's
+    scores from q, k and the terms (flash-attention style: only the output and the row
+    log-sum-exp are kept), and returns the gradients of rel_h/rel_w, which autograd carries
+    on to q and the rel-pos tables through the einsums that made them. The CPU's choice:
+    measured at one ViT-B global block (docs/performance.md), SDPA with the dense bias keeps
+    the N x N bias and its gradient (~1.6 GiB at 1024 px) where this keeps ~0.25 GiB.
+  - `sdpa`: `F.scaled_dot_product_attention` with the dense bias rel_h + rel_w as its
+    additive `attn_mask` (as timm's SAM ViT does): the N x N bias is built, but the softmax
+    is not stored, and CUDA's memory-efficient kernel computes the bias's gradient. The
+    choice on CUDA.
+  - `flex`: FlexAttention (`torch.nn.attention.flex_attention`, compiled) with a `score_mod`
+    that adds rel_h[q, k // kw] + rel_w[q, k % kw], so no N x N tensor exists at all. Only by
+    `model.attention=flex`, on CUDA: this torch has no FlexAttention backward on the CPU.
 
-Why our own Function: PyTorch's SDPA takes a dense additive mask (timm's SAM ViT passes the
-N x N bias that way, so that map is still built), and the Triton kernel of
-segment-anything-fast that takes rel_h/rel_w separately has no backward.
+Why our own Function for the CPU: PyTorch's SDPA takes the bias only as a dense mask, and the
+Triton kernel of segment-anything-fast that takes rel_h/rel_w separately has no backward.
 """
 
 from __future__ import annotations
@@ -124,11 +133,66 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float, chunk: int | None = N
     return _RelPosAttention.apply(q, k, v, rel_h, rel_w, float(scale), int(chunk))
 
 
+# the rel-pos attention paths; "auto" in EfficientAttention.path picks one per device
+REL_POS_PATHS = ("chunked", "sdpa", "flex")
+
+
+def rel_pos_path(device: torch.device) -> str:
+    """The path `auto` takes on `device`: sdpa on CUDA (its memory-efficient kernel takes the
+    additive bias with its gradient), chunked elsewhere (the CPU kernels gain no time with the
+    dense bias, and keep it and its gradient: see the module docstring)."""
+    return "sdpa" if device.type == "cuda" else "chunked"
+
+
+def dense_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """The (B·heads, N, kh·kw) bias rel_h[n, i] + rel_w[n, j] that detectron2's attention adds."""
+    n_bh, n, kh = rel_h.shape
+    return (rel_h[:, :, :, None] + rel_w[:, :, None, :]).reshape(n_bh, n, kh * rel_w.shape[-1])
+
+
+def sdpa_rel_pos_attention(q, k, v, rel_h, rel_w, scale: float):
+    """rel_pos_attention through SDPA, the bias passed densely as `attn_mask`."""
+    bias = dense_bias(rel_h, rel_w)
+    # SDPA wants the mask in the dtype it computes in: autocast's, when on (detectron2 adds the
+    # bias in that dtype too, before its float32 softmax)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(_scores_dtype(q)), scale=scale)
+
+
+_compiled_flex = None
+
+
+def flex_rel_pos_attention(q, k, v, rel_h, rel_w, scale: float, heads: int, compiled: bool = True):
+    """rel_pos_attention through FlexAttention: q, k, v (B·heads, N, C) are viewed as
+    (B, heads, N, C), and the score_mod reads rel_h/rel_w per (query, key) pair. `compiled`:
+    through torch.compile (the fused kernel; eager FlexAttention is a reference that
+    materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    n_bh, n, c = q.shape
+    kw = rel_w.shape[-1]
+    b = n_bh // heads
+    rh = rel_h.reshape(b, heads, n, -1)
+    rw = rel_w.reshape(b, heads, n, kw)
+
+    def score_mod(score, bi, hi, qi, ki):
+        return score + rh[bi, hi, qi, ki // kw] + rw[bi, hi, qi, ki % kw]
+
+    if compiled and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    fn = _compiled_flex if compiled else flex_attention
+    out = fn(q.reshape(b, heads, n, c), k.reshape(b, heads, n, c), v.reshape(b, heads, n, -1),
+             score_mod=score_mod, scale=scale)
+    return out.reshape(n_bh, n, -1)
+
+
 class EfficientAttention(Attention):
     """detectron2.modeling.backbone.vit.Attention with a forward that never holds an N x N
     map per head for the whole sequence (see the module docstring); same parameters."""
 
     chunk: int | None = None  # query rows per chunk; None: from CHUNK_BYTES (tests set it small)
+    # the rel-pos path (REL_POS_PATHS), or auto: rel_pos_path(device) at each call
+    path: str = "auto"
 
     @classmethod
     def from_detectron2(cls, stock: Attention) -> "EfficientAttention":
@@ -157,20 +221,38 @@ class EfficientAttention(Attention):
             r_q = q.reshape(B * self.num_heads, H, W, -1)
             rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).reshape(B * self.num_heads, H * W, H)
             rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).reshape(B * self.num_heads, H * W, W)
-            x = rel_pos_attention(q, k, v, rel_h, rel_w, self.scale, self.chunk)
+            path = rel_pos_path(x.device) if self.path == "auto" else self.path
+            if path == "sdpa":
+                x = sdpa_rel_pos_attention(q, k, v, rel_h, rel_w, self.scale)
+            elif path == "flex":
+                if x.device.type == "cpu" and torch.is_grad_enabled() and (
+                        q.requires_grad or self.rel_pos_h.requires_grad):
+                    from peftseg.errors import UserError
+
+                    raise UserError(
+                        "model.attention=flex: this torch has no FlexAttention backward on the CPU, so it "
+                        "cannot train there; use model.attention=efficient (it picks the chunked path on the "
+                        "CPU and SDPA on CUDA), or train on a CUDA device.")
+                # compiled only on CUDA: the CPU's eager forward serves evaluation and tests
+                x = flex_rel_pos_attention(q, k, v, rel_h, rel_w, self.scale, self.num_heads,
+                                           compiled=x.device.type == "cuda")
+            else:
+                x = rel_pos_attention(q, k, v, rel_h, rel_w, self.scale, self.chunk)
         else:
             x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         x = x.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
 
 
-def use_efficient_attention(vit: nn.Module) -> int:
-    """Swap every detectron2 ViT `Attention` under `vit` for `EfficientAttention` in place;
-    returns how many were swapped."""
+def use_efficient_attention(vit: nn.Module, path: str = "auto") -> int:
+    """Swap every detectron2 ViT `Attention` under `vit` for `EfficientAttention` in place,
+    its rel-pos path `path` (auto or one of REL_POS_PATHS); returns how many were swapped."""
     swapped = 0
     for name, module in list(vit.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is Attention:
-                setattr(module, child_name, EfficientAttention.from_detectron2(child))
+                new = EfficientAttention.from_detectron2(child)
+                new.path = path
+                setattr(module, child_name, new)
                 swapped += 1
     return swapped

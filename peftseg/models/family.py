@@ -55,6 +55,11 @@ class FamilyMap:
     # regexes that fullmatch the modules recomputed in backward under
     # train.activation_checkpointing (one per transformer block / layer, wherever it sits)
     checkpoint_blocks: tuple[str, ...] = ()
+    # regexes of the neck's and the heads' modules recomputed when train.checkpoint_parts
+    # names `neck` / `heads`: modules that take tensors (or lists of them) and compute no loss,
+    # e.g. SimpleFeaturePyramid's per-scale stages, the RPN head, the ROI box head
+    checkpoint_neck: tuple[str, ...] = ()
+    checkpoint_heads: tuple[str, ...] = ()
     # regex that fullmatches the backbone's transformer blocks, in forward order: what
     # `method.blocks` indexes (e.g. last:4) and what feeds the `side` method
     backbone_blocks: str = ""
@@ -106,7 +111,7 @@ class ModelFacts:
     family: FamilyMap
     weights: object = None  # peftseg.models._weights.WeightsReport of model.weights; None: no file loaded
     base_dtype: str = "fp32"  # how frozen weights are stored (a method's base_dtype): fp32 | bf16
-    checkpointed_blocks: int = 0  # blocks recomputed in backward (train.activation_checkpointing)
+    checkpointed_blocks: int = 0  # modules recomputed in backward (train.activation_checkpointing)
     # parameter name -> the method that inserted it (peftseg.params.mark_added): accounting,
     # learning-rate groups and checkpoints read this instead of guessing from names
     added: dict = field(default_factory=dict)

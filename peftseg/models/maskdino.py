@@ -84,6 +84,10 @@ FAMILY = FamilyMap(
     # recomputed in backward under train.activation_checkpointing: Swin blocks, and every
     # deformable encoder layer and decoder layer
     checkpoint_blocks=(_SWIN_BLOCK, _ENC, _DEC),
+    # the pixel decoder's convs around its encoder (whose layers are blocks), and the
+    # decoder's prediction heads, whose per-layer mask logits are its biggest tensors
+    checkpoint_neck=(r"sem_seg_head\.pixel_decoder\.(?:input_proj\.\d+|adapter_\d+|layer_\d+|mask_features)",),
+    checkpoint_heads=(_P + ":prediction_heads",),
     side_body="backbone",
     side_features={f"res{i + 2}": rf"backbone\.layers\.{i}\.blocks\.\d+" for i in range(4)},
     # detectron2's Swin blocks (the ResNet backbone has none: Mona then refuses)

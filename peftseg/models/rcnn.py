@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 # accounting groups of the parts built here, for the family maps
 HEAD_PREFIXES = ("proposal_generator.", "roi_heads.")
+# train.checkpoint_parts=[heads]: the RPN head (it takes the list of pyramid levels), the box
+# head's convs and FCs, and the mask head's conv stack (`layers`: its forward also computes the
+# loss from Instances, which a recomputation should not redo)
+HEAD_CHECKPOINT = (r"proposal_generator\.rpn_head", r"roi_heads\.box_head", r"roi_heads\.mask_head:layers")
 # the Linears of the box head and its predictor: LoRA target group `heads`
 HEADS_LORA_TARGETS = r"roi_heads\.(box_head\.fc\d+|box_predictor\.(cls_score|bbox_pred))"
 

@@ -16,7 +16,7 @@ from omegaconf import MISSING
 from peftseg.errors import UserError
 from peftseg import checks
 from peftseg.models.family import FamilyMap, TokenGrid, WeightLayout
-from peftseg.models.rcnn import HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
+from peftseg.models.rcnn import HEAD_CHECKPOINT, HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
 from peftseg.registry import register_family
 
 _BLOCK = r"backbone\.bottom_up\.layers\.\d+\.blocks\.\d+"
@@ -42,6 +42,9 @@ FAMILY = FamilyMap(
         "task_heads": HEADS_LORA_TARGETS,
     },
     checkpoint_blocks=(_BLOCK,),
+    # detectron2's FPN: each lateral and output conv with its norm (the top-down sums are cheap)
+    checkpoint_neck=(r"backbone\.fpn_(?:lateral|output)\d+",),
+    checkpoint_heads=HEAD_CHECKPOINT,
     backbone_blocks=_BLOCK,
     # stage i's blocks feed its output p{i} (detectron2's SwinTransformer names them by stage)
     side_body="backbone.bottom_up",

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 from peftseg.errors import UserError
 from peftseg import checks
 from peftseg.models.family import FamilyMap, TokenGrid, WeightLayout
-from peftseg.models.rcnn import HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
+from peftseg.models.rcnn import HEAD_CHECKPOINT, HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
 from peftseg.registry import register_family
 
 _BLOCK = r"backbone\.net\.blocks\.\d+"
@@ -39,6 +39,10 @@ FAMILY = FamilyMap(
         "task_heads": HEADS_LORA_TARGETS,
     },
     checkpoint_blocks=(_BLOCK,),
+    # SimpleFeaturePyramid's per-scale stages (simfp_2 … simfp_5): each keeps only the ViT's
+    # feature map, where its LayerNorms would keep several full-size maps each
+    checkpoint_neck=(r"backbone\.simfp_\d+",),
+    checkpoint_heads=HEAD_CHECKPOINT,
     backbone_blocks=_BLOCK,
     # every ViT block feeds the one plain feature map SimpleFeaturePyramid reads
     side_body="backbone.net",
@@ -49,8 +53,9 @@ FAMILY = FamilyMap(
 
 # the scale factors SimpleFeaturePyramid implements
 _SUPPORTED_SCALES = (4.0, 2.0, 1.0, 0.5)
-# model.attention's choices: efficient builds models/_vit_attention.py's module, detectron2 its own
-ATTENTIONS = ("efficient", "detectron2")
+# model.attention's choices: efficient builds models/_vit_attention.py's module with the rel-pos
+# path picked per device; chunked, sdpa, flex pin one path; detectron2 builds detectron2's own
+ATTENTIONS = ("efficient", "chunked", "sdpa", "flex", "detectron2")
 
 
 @dataclass
@@ -73,9 +78,11 @@ class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
     window_size: int = 14
     window_block_indexes: list[int] = field(default_factory=lambda: [0, 1, 3, 4, 6, 7, 9, 10])
     use_rel_pos: bool = True
-    # efficient: the same attention computed without N x N maps for the whole sequence
-    # (models/_vit_attention.py); detectron2: the stock forward (the reference, and the peer
-    # row of scripts/benchmark.py). Parameters and checkpoints are the same for both.
+    # efficient: the same attention without detectron2's stored N x N maps
+    # (models/_vit_attention.py), its rel-pos path picked per device (CUDA: SDPA with the bias
+    # as mask; CPU: query chunks); chunked | sdpa | flex: that path on any device (flex: CUDA
+    # for training); detectron2: the stock forward (the reference, and the peer row of
+    # scripts/benchmark.py). Parameters and checkpoints are the same for all.
     attention: str = "efficient"
     drop_path_rate: float = 0.1
     pretrain_img_size: int = 224  # size of the absolute position table in pretrained weights
@@ -105,7 +112,8 @@ class VitDetConfig(MaskRCNNConfig):  # + RPN/ROI-head sizes, pixel mean/std
         if self.attention not in ATTENTIONS:
             raise UserError(
                 f"model.attention={self.attention!r} is not an attention implementation; use "
-                "model.attention=efficient (default: same results, no full attention maps) or "
+                "model.attention=efficient (default: same results, no stored full attention maps, the "
+                "path picked per device), chunked, sdpa or flex (one path on every device) or "
                 "model.attention=detectron2 (detectron2's own forward, the reference)."
             )
         # shapes detectron2 would reject with a bare assertion, or not at all
@@ -166,10 +174,10 @@ def _backbone(cfg: VitDetConfig):
         pretrain_img_size=cfg.pretrain_img_size,
         out_feature="last_feat",
     )
-    if cfg.attention == "efficient":
+    if cfg.attention != "detectron2":
         from peftseg.models._vit_attention import use_efficient_attention
 
-        use_efficient_attention(net)
+        use_efficient_attention(net, "auto" if cfg.attention == "efficient" else cfg.attention)
     return SimpleFeaturePyramid(
         net=net,
         in_feature="last_feat",
