@@ -41,7 +41,7 @@ def apply(model, cfg: LoraConfig, adapter_name: str = "default"):
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name),
+        target_modules=family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name, convs=True),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         bias="none",
