@@ -142,7 +142,46 @@ def inject(model: nn.Module, peft_config: peft.PeftConfig, train_task_layers: bo
     from peftseg.methods._mha_pin import pin_multihead_attention_bases
 
     pin_multihead_attention_bases(model)
+    rebind_plain_references(model, {id(inner): layer for layer, inner in _wrapped_by(model)})
     return train_only_added(model, peft_added_parameters(model, adapter_name), owner, train_task_layers)
+
+
+def _wrapped_by(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(outermost tuner layer, a module it wraps) for every module inside a chain of wrappers."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            inner = module
+            while isinstance(inner, BaseTunerLayer):
+                inner = inner.base_layer
+                pairs.append((module, inner))
+    wrapped = {id(inner) for _, inner in pairs}
+    return [(outer, inner) for outer, inner in pairs if id(outer) not in wrapped]
+
+
+def rebind_plain_references(model: nn.Module, replaced: dict[int, nn.Module]) -> int:
+    """Point the plain Python lists and tuples that modules keep as attributes at the module that
+    replaced one of their items (`replaced`: id of the old module -> the new one); returns how
+    many references moved.
+
+    peft (and its unload) puts a wrapper in the parent's registered child slot only, but some
+    modules call their layers through a plain list kept beside the registered children:
+    detectron2's FPN (`lateral_convs`, `output_convs`) and the Mask DINO / SEEM pixel decoders.
+    Those calls would bypass the wrapper: the update never computed, its factors never trained."""
+    moved = 0
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if key.startswith("_") or not isinstance(value, (list, tuple)):
+                continue  # _modules/_parameters: the registered slots peft already set
+            if not any(id(item) in replaced for item in value):
+                continue
+            new = [replaced.get(id(item), item) for item in value]
+            moved += sum(a is not b for a, b in zip(value, new))
+            if isinstance(value, list):
+                value[:] = new
+            else:
+                vars(module)[key] = type(value)(new) if type(value) is tuple else type(value)(*new)
+    return moved
 
 
 def peft_added_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
