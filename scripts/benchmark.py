@@ -328,6 +328,9 @@ def run(args, console: Console) -> dict:
             "method": b.cfg.method.name, "precision": b.precision,
             "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
             "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
+            # the target groups of a targeted method (LoRA on Linears vs on convolutions), else absent
+            **({"targets": list(b.cfg.method.targets)} if "targets" in b.cfg.method else {}),
+            "train_task_layers": bool(b.cfg.method.get("train_task_layers", False)),
             "attention": str(b.cfg.model.get("attention", "")),
             "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,
         }

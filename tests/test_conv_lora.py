@@ -271,3 +271,14 @@ def test_fpn_convs_called_through_plain_lists_run_the_wrapper_and_then_the_merge
     for k in before:
         # folding rounds each conv weight once and makes three convolutions one, before an LN
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=ulps(before[k], 64))
+
+
+def test_a_group_whose_convs_sit_in_a_sequential_wraps_the_convs_not_the_sequential():
+    # detectron2's RPN head names one conv `conv`, two or more `conv.conv0`, `conv.conv1`, …
+    from peftseg.models import build_model
+
+    base = build_model(preset("model", "vitdet_tiny", FAMILIES.get("vitdet").config, rpn_head_convs=2), num_classes=3)
+    model = apply_method(base, lora(targets=["rpn_head_conv"], rank=2, train_task_layers=False))
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, NormedConv2d))
+    assert wrapped == ["proposal_generator.rpn_head.conv.conv0", "proposal_generator.rpn_head.conv.conv1"]
+    assert count_parameters(model).by_group["peft"]["total"] == 2 * 2 * (64 * 9 + 64)

@@ -68,10 +68,18 @@ def resolve_targets(model: nn.Module, family: FamilyMap, targets: list[str], fie
                 f"{field} group {group!r} (pattern {pattern!r}) matches no module of "
                 f"this {family.name} model; the target groups of this family are: {known}."
             )
+        hits = [n for n in hits if n not in _containers(hits)]
         for name in hits:
             _check_wrappable(name, modules[name], group, field, adapter_name, convs)
         chosen += [n for n in hits if n not in chosen]
     return chosen
+
+
+def _containers(hits: list[str]) -> set[str]:
+    """The hits that hold other hits: a group whose layer is one module in one model and a
+    Sequential of them in another (detectron2's RPN head: `conv`, or `conv.conv0`, `conv.conv1`)
+    names both; the layers inside are the targets, the container is skipped."""
+    return {n for n in hits if any(h.startswith(n + ".") for h in hits)}
 
 
 def _check_wrappable(name: str, module: nn.Module, group: str, field: str, adapter_name: str,
@@ -222,5 +230,9 @@ def family_targets(model: nn.Module, targets: list[str], field: str = "method.ta
             f"{blocks_field}={blocks!r} leaves none of the modules {field}={list(targets)} selects: "
             "they all sit in blocks the selection skips; select other blocks or other targets."
         )
-    # a negative lookahead skips every module inside an unselected block
-    return exclusion_regex(excluded) + f"(?:{target_regex(family, list(targets))})"
+    # a negative lookahead skips every module inside an unselected block, and one the containers
+    # a pattern reaches its layers through (peft would try to wrap them whole)
+    regex = target_regex(family, list(targets))
+    containers = _containers([n for n, _ in model.named_modules() if re.fullmatch(regex, n)])
+    skip = "(?!(?:" + "|".join(re.escape(c) for c in sorted(containers)) + ")$)" if containers else ""
+    return exclusion_regex(excluded) + skip + f"(?:{regex})"
