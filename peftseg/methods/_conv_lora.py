@@ -60,9 +60,6 @@ class NormedConv2d(PeftLoraConv2d):
             result = base.activation(result)
         return result
 
-    def __repr__(self) -> str:
-        return "lora.NormedConv2d" + super().__repr__()[len("lora."):]
-
 
 def custom_layers() -> dict[type[nn.Module], type[nn.Module]]:
     """Layer type -> peftseg's LoRA layer for it, for peft's custom-module mapping."""
