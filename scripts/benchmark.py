@@ -325,6 +325,9 @@ def row(b: Bench) -> dict:
         "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
         "checkpoint_parts": list(b.cfg.train.checkpoint_parts) if b.cfg.train.activation_checkpointing else [],
         "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
+        # the target groups of a targeted method (LoRA on Linears vs on convolutions), else absent
+        **({"targets": list(b.cfg.method.targets)} if "targets" in b.cfg.method else {}),
+        "train_task_layers": bool(b.cfg.method.get("train_task_layers", False)),
         "attention": str(b.cfg.model.get("attention", "")),
         "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,
     }
