@@ -202,6 +202,9 @@ def test_every_lora_group_selects_linears_of_its_part(tiny):
     modules = dict(tiny.named_modules())
     selected = {g: sorted(n for n in modules if re.fullmatch(p, n)) for g, p in FAMILY.lora_targets.items()}
     cross = selected.pop("decoder_cross_attn")
+    convs = selected.pop("pixel_decoder_conv")
+    # input projections of the 3 encoder levels, the stride-4 lateral and output convs, mask projection
+    assert len(convs) == 3 + 2 + 1 and all(isinstance(modules[n], nn.Conv2d) for n in convs)
     assert all(isinstance(modules[n], nn.Linear) for names in selected.values() for n in names)
     assert cross and all(isinstance(modules[n], nn.MultiheadAttention) for n in cross)
     blocks, dec_layers = sum(cfg.depths), cfg.decoder_layers - 1

@@ -92,6 +92,9 @@ def test_family_map_sites_and_lora_groups_match_the_study_layout(model):
         "output_proj": enc + dec, "decoder_self_attn": dec,
         "attn_qkv": 5, "attn_proj": 5, "mlp": 10,  # Swin depths [1, 1, 2, 1]
         "task_heads": 1 + 3 + 3,  # class head, mask MLP, the shared box MLP (under its first name)
+        # input projections of the 3 encoder levels, the stride-4 lateral and output convs, mask features;
+        # the ResNet group matches nothing on this Swin backbone (LoRA refuses it by name there)
+        "pixel_decoder_conv": 3 + 2 + 1, "backbone_conv": 0,
     }
     heads = {n for n, _ in model.named_parameters() if FAMILY.group_of(n) == "task_heads"}
     assert any(".class_embed." in n for n in heads) and any(".bbox_embed.0." in n for n in heads)

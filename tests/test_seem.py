@@ -147,6 +147,8 @@ def test_family_map_sites_and_lora_groups_match_the_study_layout(model):
         "attn_qkv": blocks, "attn_proj": blocks, "mlp": 2 * blocks,
         "decoder_attn": 2 * dec, "decoder_self_attn": dec, "decoder_cross_attn": dec,
         "pixel_decoder_attn": enc, "encoder_attn": enc, "decoder_ffn": 2 * dec, "pixel_decoder_ffn": 2 * enc, "task_heads": 3,
+        # the FPN's 3 lateral (adapter_*) and 4 output (layer_*) convs, mask features, input projection
+        "pixel_decoder_conv": 3 + 4 + 1 + 1,
     }
     assert all(isinstance(model.get_submodule(n), torch.nn.MultiheadAttention)
                for n in hits(FAMILY.lora_targets["decoder_attn"]) + hits(FAMILY.lora_targets["pixel_decoder_attn"]))
