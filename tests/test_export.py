@@ -406,17 +406,17 @@ def test_export_is_a_command_with_help_and_the_readme_commands_use_its_suffixes(
 
     from peftseg.cli import main
 
-    assert main(["--help"]) == 0 and "export   the model as one ONNX or TorchScript file" in capsys.readouterr().out
+    assert main(["--help"]) == 0 and "export   the model as one ONNX, PyTorch 2 (.pt2) or TorchScript file" in capsys.readouterr().out
     assert main(["export", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "format=onnx|torchscript" in out and "scores 1024 ulps, boxes 64 ulps of the image side, masks 1024 ulps" in out
+    assert "format=onnx|pt2|torchscript" in out and "format=torchscript is deprecated by torch" in out and "scores 1024 ulps, boxes 64 ulps of the image side, masks 1024 ulps" in out
     assert f"fewer than\n{ex.MIN_COMPARED} detections" in out and "<name>.FAILED-parity<suffix>" in out
     assert main(["export", "checkpoint=x"]) == 2  # no format: one paragraph, exit 2
     assert "needs format=" in capsys.readouterr().err
-    # the README's export commands name outputs the command writes (.onnx for onnx, .pt for torchscript)
+    # the README's export commands name outputs the command writes (.onnx for onnx, .pt2, .pt for torchscript)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     commands = re.findall(r"peftseg export [^\n`]*format=(\w+)[^\n`]*output=(\S+)", readme)
-    assert commands and all(Path(o).suffix == {"onnx": ".onnx", "torchscript": ".pt"}[f] for f, o in commands)
+    assert commands and all(Path(o).suffix == {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}[f] for f, o in commands)
 
 
 def test_export_says_each_step_on_stderr_and_keeps_stdout_for_what_it_wrote(tmp_path, shapes_cache):
@@ -434,7 +434,9 @@ def test_export_says_each_step_on_stderr_and_keeps_stdout_for_what_it_wrote(tmp_
     # not a terminal here: one line per step, as it starts, in order
     steps = [line for line in proc.stderr.splitlines() if line.startswith("export: ")]
     assert steps == [f"export: loading {run}", "export: running PyTorch on 2 parity images",
-                     "export: tracing the model and writing it as TorchScript",
+                     "export: tracing the model and writing it as TorchScript (deprecated by torch)",
                      "export: parity check: the file in torch.jit.load vs PyTorch on 2 images"]
     assert "export:" not in proc.stdout and "exported vitdet_tiny + lora" in proc.stdout
+    assert "note: format=torchscript is deprecated: TorchScript is deprecated by torch" in proc.stdout
+    assert "format=pt2 is its successor" in proc.stdout
     assert f"skipped labels.csv in {images}: not an image" in proc.stdout

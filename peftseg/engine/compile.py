@@ -9,6 +9,10 @@ those and recompile whenever a batch has another number of boxes. The blocks are
 functions of a fixed structure, where most of a step's time goes, and identical blocks share one
 compiled graph (dynamo inlines nn.Modules, so their parameters are graph inputs, not constants).
 
+Random numbers: inductor draws dropout and drop-path masks from its own generator, so where a
+method or model drops (mona's dropout, model.drop_path_rate) a compiled run's masks, and so its
+losses, differ from an eager run's of the same seed; everything else agrees within float rounding.
+
 `nn.Module.compile()` compiles each block in place: the module tree, and so the state_dict keys
 of every checkpoint, stay those of an uncompiled run (a `torch.compile(module)` wrapper would
 prefix them with `_orig_mod.`). Hooks a method registers on a block still run inside it.
@@ -52,8 +56,10 @@ def refuse(cfg, device_type: str) -> None:
             f"`apt-get install g++`) or set CXX to its path. {fix}.")
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile (in place) every block the family lists; returns how many. Refuses a family with none."""
+def compile_blocks(model: nn.Module, backend: str = BACKEND) -> int:
+    """Compile (in place) every block the family lists; returns how many. Refuses a family with none.
+    `backend`: inductor for runs; scripts/gpu_check.py --quick exercises the same capture with
+    aot_eager, which builds no C++ kernels."""
     from peftseg.build.activation_checkpointing import checkpoint_block_names
     from peftseg.models import family_of
 
@@ -64,5 +70,5 @@ def compile_blocks(model: nn.Module) -> int:
             f"{family_of(model).name!r} lists none (its FamilyMap.checkpoint_blocks is empty). Run with "
             "train.compile=false.")
     for name in names:
-        model.get_submodule(name).compile(backend=BACKEND)
+        model.get_submodule(name).compile(backend=backend)
     return len(names)
