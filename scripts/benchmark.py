@@ -81,7 +81,7 @@ def parse_args(argv=None):
                    help="a Hydra override applied to every entry (repeatable), e.g. train.amp=true")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of train.compile=true rows (default inductor, as runs use; "
-                        "aot_eager captures the same graphs without building kernels)")
+                        "eager captures the same graphs and runs them uncompiled)")
     p.add_argument("--baseline", default="full", help="label of the row ratios are taken against (default full)")
     p.add_argument("--peer", action="store_true",
                    help="add the row `peer`: detectron2's SimpleTrainer, stock attention, full fine-tuning")

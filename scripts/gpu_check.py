@@ -28,8 +28,8 @@ never as numbers):
 
 --quick shrinks every section to CPU-test size (vitdet_tiny, maskdino_tiny, tiny msda shapes,
 2 training steps, one family), so the script is exercised on every test run and never rots; its
-compile row captures the blocks with the aot_eager backend (inductor's C++ build of the CPU
-kernels takes a minute, which the test suite cannot spend; tests/test_compile.py runs inductor).
+compile row captures the blocks with dynamo's `eager` backend (inductor takes a minute or more on
+a CPU, which the test suite cannot spend twice; tests/test_compile.py runs inductor).
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ COMPILE_ROWS = "lora,lora+compile:lora:train.compile=true"
 def compiled(args) -> dict:
     if args.quick:
         return _bench(args, "vitdet_tiny", None, 1, COMPILE_ROWS, peer=False, steps=1,
-                      extra=("--compile-backend", "aot_eager"))
+                      extra=("--compile-backend", "eager"))
     return _bench(args, "vitdet_b", 1024, 2, COMPILE_ROWS, peer=False, steps=3)
 
 

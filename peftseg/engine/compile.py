@@ -59,7 +59,7 @@ def refuse(cfg, device_type: str) -> None:
 def compile_blocks(model: nn.Module, backend: str = BACKEND) -> int:
     """Compile (in place) every block the family lists; returns how many. Refuses a family with none.
     `backend`: inductor for runs; scripts/gpu_check.py --quick exercises the same capture with
-    aot_eager, which builds no C++ kernels."""
+    dynamo's eager backend, which compiles nothing."""
     from peftseg.build.activation_checkpointing import checkpoint_block_names
     from peftseg.models import family_of
 
