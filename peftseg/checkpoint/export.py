@@ -9,7 +9,11 @@ Formats:
   `torch.export.load` unpickles them with code execution allowed (torch warns: never load one
   from an untrusted source). peftseg loads no .pt2 file a user gives it: the parity check loads
   the bytes this command has just written, in memory;
-- `onnx`: torch.onnx.export, TorchScript-based until onnxscript is installed (ONNX_DYNAMO);
+- `onnx`: torch's dynamo exporter (`torch.onnx.export(dynamo=True)` of the ExportedProgram pt2
+  makes, translated by onnxscript, opset ONNX_OPSET). Where torch.export cannot capture the model
+  (the Mask R-CNN families: Detectron2's RPN branches in Python on how many proposals survive)
+  the TorchScript-based exporter (dynamo=False, opset OPSET) writes it instead; the record's
+  `onnx_exporter` says which ran, and why when it is the older one;
 - `torchscript`: deprecated by torch (torch.jit warns: switch to torch.export); kept while torch
   ships it, for deployments that load it. Prefer `pt2`.
 
@@ -67,12 +71,8 @@ from peftseg.io.output_guard import check_targets, output_file, replaceable, wri
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".torchscript.pt"}
 DEPRECATED = {"torchscript": "TorchScript is deprecated by torch (torch.jit: \"switch to torch.export\"); "
                              "format=pt2 is its successor"}
-OPSET = 17  # GridSample (deformable attention) needs >= 16
-# The one switch between torch's two ONNX exporters. The dynamo one (torch.export, then onnxscript's
-# translation) is torch's current exporter; it needs the onnxscript package, which this environment
-# does not install, so the TorchScript-based one (dynamo=False, deprecated with TorchScript) runs
-# until it does. Turning it on re-runs the parity matrix (scripts/export_parity.py).
-ONNX_DYNAMO = False
+OPSET = 17  # the TorchScript-based exporter's: GridSample (deformable attention) needs >= 16
+ONNX_OPSET = 18  # the dynamo exporter's (its lowest)
 # Max abs difference accepted between the exported file and PyTorch, per output, in float32
 # roundings (ulps) of the size compared: another runtime's kernels sum the same network in
 # other orders and fuse ops, and that error grows with depth (about 100 ulps seen on ViT-B at
@@ -200,25 +200,60 @@ def _quiet_symbolic_shapes():
         logger.setLevel(level)
 
 
-def _serialise(adapter, image: torch.Tensor, fmt: str, family: str, names: list[str]) -> bytes:
+def _exported_program(adapter, image: torch.Tensor):
+    """torch.export of the model, non-strict: torch.export runs the Python (detectron2's Instances,
+    TracingAdapter's flattening) as it is and records the tensor ops, as tracing does, but refuses what
+    depends on data instead of freezing it."""
+    from peftseg.compat import static_image_padding
+
+    with static_image_padding(), _quiet_symbolic_shapes():
+        return torch.export.export(adapter, (image,), strict=False)
+
+
+# Detectron2's GeneralizedRCNN: its RPN keeps the top proposals with Python branches on how many there
+# are, which torch.export refuses (GuardOnDataDependentSymNode, torch 2.14): not tried for ONNX, where
+# it would cost half a minute to fail. format=pt2 still tries it, and tests/test_export.py holds that
+# refusal, so a torch that captures it shows there.
+_NOT_CAPTURED = {"GeneralizedRCNN": "Detectron2's RPN selects proposals with Python branches on how many there are"}
+
+
+class _NotCaptured(Exception):
+    pass
+
+
+def _onnx(adapter, image: torch.Tensor, names: list[str], buf) -> dict:
+    """ONNX by the dynamo exporter from the ExportedProgram, else (torch.export cannot capture the
+    model) by the TorchScript-based exporter; returns what ran, for the record."""
+    arch = type(adapter.model).__name__
+    try:
+        if arch in _NOT_CAPTURED:
+            raise _NotCaptured(_NOT_CAPTURED[arch])
+        program = _exported_program(adapter, image)
+    except Exception as e:  # noqa: BLE001 (torch.export's refusal: the older exporter traces instead)
+        text = str(e)
+        why = text if isinstance(e, _NotCaptured) else f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        torch.onnx.export(adapter, (image,), buf, dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=names, do_constant_folding=True)
+        return {"onnx_exporter": "torchscript", "opset": OPSET,
+                "onnx_exporter_why": f"torch.export cannot capture this model ({why})"}
+    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET, input_names=["image"],
+                                     output_names=names, external_data=False)
+    buf.write(onnx_program.model_proto.SerializeToString())
+    return {"onnx_exporter": "dynamo", "opset": ONNX_OPSET}
+
+
+def _serialise(adapter, image: torch.Tensor, fmt: str, family: str, names: list[str]) -> tuple[bytes, dict]:
     import warnings
 
     buf = io.BytesIO()
+    how: dict = {}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings on every Python-level shape check
             if fmt == "onnx":
-                torch.onnx.export(adapter, (image,), buf, dynamo=ONNX_DYNAMO, opset_version=OPSET,
-                                  input_names=["image"], output_names=names, do_constant_folding=True)
+                how = _onnx(adapter, image, names, buf)
             elif fmt == "pt2":
-                from peftseg.compat import static_image_padding
-
-                # non-strict: torch.export runs the Python (detectron2's Instances, TracingAdapter's
-                # flattening) as it is and records the tensor ops, as tracing does, but refuses what
-                # depends on data instead of freezing it
-                with static_image_padding(), _quiet_symbolic_shapes():
-                    program = torch.export.export(adapter, (image,), strict=False)
-                torch.export.save(program, buf)
+                torch.export.save(_exported_program(adapter, image), buf)
             else:
                 traced = torch.jit.trace(adapter, (image,), check_trace=False)
                 torch.jit.save(traced, buf)
@@ -228,7 +263,7 @@ def _serialise(adapter, image: torch.Tensor, fmt: str, family: str, names: list[
         raise _unsupported(e, family, fmt) from None
     finally:
         adapter.eval()  # torch.onnx.export restores the mode it found; keep eval either way
-    return buf.getvalue()
+    return buf.getvalue(), how
 
 
 def _runner(payload: bytes, fmt: str):
@@ -475,11 +510,11 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
         names = _output_names(adapter, adapter(trace_image))
     refs = reference_outputs(adapter, names, parity_images,
                              f"{loaded.cfg.model.name} + {loaded.cfg.method.name} from {loaded.source}", described)
-    stage({"onnx": f"tracing the model and writing it as ONNX (opset {OPSET})",
+    stage({"onnx": "exporting the model and writing it as ONNX",
            "pt2": "exporting the model with torch.export and writing it as an ExportedProgram",
            "torchscript": "tracing the model and writing it as TorchScript (deprecated by torch)"}[fmt])
     start = time.perf_counter()
-    payload = _serialise(adapter, trace_image, fmt, family, names)
+    payload, how = _serialise(adapter, trace_image, fmt, family, names)
     seconds = time.perf_counter() - start
     if fmt == "onnx" and not payload:
         raise UserError(f"the ONNX exporter produced an empty graph for family {family!r}; nothing was written.")
@@ -493,8 +528,7 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
     record = {
         "status": "ok" if ok else "failed", **owner, "file": str(path), "checkpoint_kind": loaded.kind,
         "model": loaded.cfg.model.name, "family": family, "method": loaded.cfg.method.name,
-        "class_names": loaded.class_names, "export_seconds": round(seconds, 3), "opset": OPSET if fmt == "onnx" else None,
-        "onnx_exporter": ("dynamo" if ONNX_DYNAMO else "torchscript") if fmt == "onnx" else None,
+        "class_names": loaded.class_names, "export_seconds": round(seconds, 3), "opset": None, "onnx_exporter": None, **how,
         "deprecated": DEPRECATED.get(fmt),
         "input": {"name": "image", "shape": [3, size, size], "dtype": "float32",
                   "values": f"0..255, {model.input_format} channel order"},
