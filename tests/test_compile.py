@@ -38,7 +38,7 @@ def _losses(cfg, batch, compiled: bool, steps: int = 2):
 
 
 # inductor builds C++ kernels on the CPU: this test compiles vitdet_tiny's blocks (forward and
-# backward), about 30-50 s with an empty inductor cache on 2 shared cores, ~15 s with a warm one.
+# backward), 30-100 s with an empty inductor cache on 2 busy shared cores, ~10 s with a warm one.
 # It is the one test in the suite that runs inductor; everything else here is cheap.
 @pytest.mark.skipif(comp.cpp_compiler() is None,
                     reason="no C++ compiler ($CXX, g++, c++, clang++) on PATH: inductor cannot build CPU kernels")
