@@ -428,8 +428,11 @@ def test_an_op_without_an_onnx_form_is_refused_by_name_and_nothing_is_written(tm
     assert not list(run.glob("*.onnx*")) and not list(run.glob(".*tmp"))
     with pytest.raises(UserError, match="ends in '.safetensors'; the format follows the suffix"):  # the output guard
         ex.export_checkpoint(str(run), "onnx", str(run / "model_final.safetensors"), [])
-    with pytest.raises(UserError, match="format=onnx or format=torchscript"):
+    with pytest.raises(UserError, match=r"choose format=onnx, format=pt2 or format=torchscript \(deprecated by torch\)"):
         ex.export_checkpoint(str(run), "tflite", None, [])
+    # pt2 has the same output guard: its suffix, never an input
+    with pytest.raises(UserError, match="ends in '.onnx'; the format follows the suffix"):
+        ex.export_checkpoint(str(run), "pt2", str(tmp_path / "m.onnx"), [])
 
 
 def test_export_is_a_command_with_help_and_the_readme_commands_use_its_suffixes(capsys):
