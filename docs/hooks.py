@@ -433,8 +433,10 @@ def _load(name: str):
     return json.loads((BENCHMARKS / name).read_text())
 
 
-def _describe(row: dict, attention: bool = True) -> str:
+def _describe(row: dict, attention: bool = True, targets: bool = False) -> str:
     parts = [row["method"]]
+    if targets and row.get("targets"):  # only where the rows differ in them
+        parts.append("on " + ", ".join(row["targets"]))
     if row.get("blocks") not in (None, "all"):
         parts.append(f"blocks={row['blocks']}")
     if row.get("base_dtype") not in (None, "fp32"):
@@ -461,8 +463,9 @@ def benchmark_table(name: str, time: bool = False) -> str:
     align += "rrrrrr"
     rows = []
     attentions = {r.get("attention") for r in data["methods"].values()}
+    targets = {tuple(r.get("targets", ())) for r in data["methods"].values()}
     for label, r in data["methods"].items():
-        row = [f"`{label}`", _describe(r, len(attentions) > 1), f"{100 * r['ratio']:.1f}"]
+        row = [f"`{label}`", _describe(r, len(attentions) > 1, len(targets) > 1), f"{100 * r['ratio']:.1f}"]
         if time:
             row += [f"{r['step_time_s']:.1f} s", f"{r['step_time_ratio']:.2f}"]
         row += [_bytes(r["peak_memory_bytes"]), f"{r['peak_memory_ratio']:.2f}", _bytes(r["weights_bytes"]),

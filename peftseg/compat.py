@@ -116,6 +116,19 @@ def route_mask2former_deformable_attention(model, kernel) -> int:
     return n
 
 
+# --- peft -------------------------------------------------------------------------------------
+# peft's LoRA picks its layer class by the wrapped module's type; a detectron2 Conv2d is an
+# nn.Conv2d to it, so it gets lora.Conv2d, which adds the update after the Conv2d's own
+# norm/activation. The one way peft offers to choose another layer class for a module type is
+# LoraConfig._register_custom_module (documented as experimental in peft's "Custom models"
+# guide, but underscore-named), which its LoRA model then dispatches on before its own types.
+
+def register_custom_lora_layers(lora_config, mapping: dict) -> None:
+    """Make peft wrap modules of each type in `mapping` with the LoRA layer class it maps to
+    (isinstance match, checked before peft's own layer types)."""
+    lora_config._register_custom_module(mapping)
+
+
 # --- optuna -----------------------------------------------------------------------------------
 # A trial that trains in several spawned processes is judged in rank 0, which is not the process
 # that asked for it, so rank 0 must open the running trial again from the storage. Optuna's

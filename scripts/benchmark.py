@@ -341,6 +341,9 @@ def row(b: Bench) -> dict:
         "compile": bool(b.cfg.train.get("compile", False)), "compiled_blocks": b.compiled_blocks,
         "compile_backend": b.compile_backend, "first_step_s": b.first_step_s,
         "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
+        # the target groups of a targeted method (LoRA on Linears vs on convolutions), else absent
+        **({"targets": list(b.cfg.method.targets)} if "targets" in b.cfg.method else {}),
+        "train_task_layers": bool(b.cfg.method.get("train_task_layers", False)),
         "attention": str(b.cfg.model.get("attention", "")),
         "loop": "detectron2 SimpleTrainer (peer)" if b.name == "peer" else type(b.trainer).__name__,
     }

@@ -92,3 +92,22 @@ def test_static_image_padding_pads_as_detectron2_does_and_is_undone():
         assert torch.equal(got.tensor, want.tensor), kwargs
         assert [tuple(map(int, s)) for s in got.image_sizes] == [tuple(map(int, s)) for s in want.image_sizes]
     assert ImageList.__dict__["from_tensors"] is original
+
+
+def test_peft_lora_takes_a_registered_layer_class_for_a_module_type_before_its_own():
+    """A registered custom LoRA layer wraps the modules of its type (subclasses of nn.Conv2d
+    included); the other modules keep peft's own layers."""
+    import peft
+    from detectron2.layers import Conv2d as D2Conv2d
+
+    class Marked(peft.tuners.lora.Conv2d):
+        pass
+
+    model = torch.nn.Sequential()
+    model.add_module("d2", D2Conv2d(3, 4, 3, norm=torch.nn.GroupNorm(2, 4)))
+    model.add_module("plain", torch.nn.Conv2d(4, 4, 1))
+    cfg = peft.LoraConfig(r=2, target_modules=["d2", "plain"])
+    compat.register_custom_lora_layers(cfg, {D2Conv2d: Marked})
+    model = peft.inject_adapter_in_model(cfg, model)
+    assert type(model.d2) is Marked and type(model.plain) is peft.tuners.lora.Conv2d
+    assert model.d2.base_layer.norm is not None  # the wrapped layer is the detectron2 one, whole

@@ -65,6 +65,19 @@ def _outputs(model, batch):
         return model([{"image": d["image"], "height": d["height"], "width": d["width"]} for d in batch])
 
 
+def _same_outputs_at_init(base_outputs, model, batch, label):
+    model.eval()
+    for ob, om in zip(base_outputs, _outputs(model, batch)):
+        a, b = ob["instances"], om["instances"]
+        assert len(a) == len(b), f"{label}: {len(a)} vs {len(b)} detections at init"
+        # the update adds exact zeros, but a wrapped layer may run another kernel (reduction order):
+        # a few ulps per layer; scores: the logits' error relative to the score (measured <= 7 ulps)
+        torch.testing.assert_close(b.scores, a.scores, atol=ulps(a.scores, 64), rtol=0)
+        # boxes are in pixels of the output image: ulps of its side (their largest possible value)
+        side = max(max(d["height"], d["width"]) for d in batch)
+        torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, atol=ulps(side, 64), rtol=0)
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_contract(family_base, batch, name):
     family, base, base_outputs = family_base
@@ -89,16 +102,7 @@ def test_method_contract(family_base, batch, name):
 
     # 2. output at init equals the base model's (zero-initialised updates)
     if spec.adds_parameters:
-        model.eval()
-        for ob, om in zip(base_outputs, _outputs(model, batch)):
-            a, b = ob["instances"], om["instances"]
-            assert len(a) == len(b), f"{name} on {family}: {len(a)} vs {len(b)} detections at init"
-            # the update adds exact zeros, but a wrapped layer may run another kernel (reduction order):
-            # a few ulps per layer; scores: the logits' error relative to the score (measured <= 7 ulps)
-            torch.testing.assert_close(b.scores, a.scores, atol=ulps(a.scores, 64), rtol=0)
-            # boxes are in pixels of the output image: ulps of its side (their largest possible value)
-            side = max(max(d["height"], d["width"]) for d in batch)
-            torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, atol=ulps(side, 64), rtol=0)
+        _same_outputs_at_init(base_outputs, model, batch, f"{name} on {family}")
 
     # 3. each trainable parameter is in the optimizer at its group's learning rate
     optimizer = build_optimizer(model, TRAIN)
@@ -120,3 +124,27 @@ def test_method_contract(family_base, batch, name):
     idle = {n for n in trainable if ".glora_D." in n
             and not model.get_submodule(n.split(".glora_D.")[0]).get_base_layer().bias.any()}
     train_steps_and_check(model, batch, optimizer, trainable - idle, f"{name} on {family}")
+
+
+def test_lora_on_the_conv_groups(family_base, batch):
+    """LoRA on every convolution group (`*_conv`) the family's tiny preset has: every selected conv
+    is wrapped, the output at init is the base model's, and real steps train only the factors."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    family, base, base_outputs = family_base
+    fmap = base.peftseg_facts.family
+    names = [n for n, _ in base.named_modules()]
+    groups = [g for g, pattern in fmap.lora_targets.items()
+              if g.endswith("_conv") and any(re.fullmatch(pattern, n) for n in names)]
+    assert groups, f"{family} has no convolution group its tiny preset fills"
+    spec = METHODS.get("lora")
+    model = apply_method(copy.deepcopy(base), preset("method", "lora", spec.config, targets=groups,
+                                                     train_task_layers=False))
+    selected = {n for g in groups for n in names if re.fullmatch(fmap.lora_targets[g], n)}
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert wrapped == selected
+    _same_outputs_at_init(base_outputs, model, batch, f"conv lora on {family}")
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable == set(added_params(model)) and all(".lora_" in n for n in trainable)
+    train_steps_and_check(model, batch, build_optimizer(model, TRAIN), trainable, f"conv lora on {family}")

@@ -231,9 +231,12 @@ def test_non_linear_targets_refuse_weight_based_starts():
 
     holder = nn.Module()
     holder.attn = nn.MultiheadAttention(8, 2)
-    with pytest.raises(UserError, match=r"method.init=pissa .* nn.Linear targets only.*nn.MultiheadAttention"):
+    holder.conv = nn.Conv2d(8, 8, 3)
+    with pytest.raises(UserError, match=r"method.init=pissa .* nn.Linear targets only.*MultiheadAttention layers \(attn"):
         check_layers(holder, ["attn"], "pissa", "method.init")
-    check_layers(holder, ["attn"], "gaussian", "method.init")  # peft draws these without the weight
+    with pytest.raises(UserError, match=r"method.init=eva .* nn.Linear targets only.*Conv2d layers \(conv, 1 non-Linear"):
+        check_layers(holder, ["conv"], "eva", "method.init")
+    check_layers(holder, ["attn", "conv"], "gaussian", "method.init")  # peft draws these without the weight
 
 
 def _train_cfg(**kw):

@@ -125,18 +125,6 @@ def test_target_group_matching_nothing_is_refused(model):
     assert "attn_qkv" in str(e.value)
 
 
-def test_conv_with_norm_target_is_refused(model):
-    # backbone.simfp_3.1: SimpleFeaturePyramid's 1x1 lateral conv, a detectron2 Conv2d with LN
-    assert getattr(model.backbone.simfp_3[1], "norm", None) is not None
-    model.peftseg_facts.family = dataclasses.replace(
-        model.peftseg_facts.family,
-        lora_targets={**model.peftseg_facts.family.lora_targets, "neck_conv": r"backbone\.simfp_3\.1"},
-    )
-    with pytest.raises(UserError, match="norm") as e:
-        apply_method(model, lora_cfg(targets=["neck_conv"]))
-    assert "nn.Linear" in str(e.value)
-
-
 def test_unknown_method_is_a_user_error(model):
     with pytest.raises(UserError, match="lora"):
         apply_method(model, OmegaConf.create({"name": "prefix_tuning"}))

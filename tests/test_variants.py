@@ -29,8 +29,10 @@ OTHER_CLASSES = ["apple", "banana", "cherry"]  # a run on other data: seem class
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("variants")
     return [
-        make_run(root / "lora_a", "method=lora", noise_seed=1),
-        make_run(root / "lora_b", "method=lora", "method.targets=[attn_proj,mlp]", "method.rank=2", noise_seed=2),
+        # both also in the neck's convs (detectron2 Conv2d: the update before their LN), lora_b in the mask head's
+        make_run(root / "lora_a", "method=lora", "method.targets=[attn_qkv,attn_proj,neck_conv]", noise_seed=1),
+        make_run(root / "lora_b", "method=lora", "method.targets=[attn_proj,mlp,neck_conv,mask_head_conv]",
+                 "method.rank=2", noise_seed=2),
         make_run(root / "adapter", "method=adapter", noise_seed=3),
         make_run(root / "side", "method=side", noise_seed=4),  # attached modules + hooks of its own
         make_run(root / "bitfit", "method=bitfit", noise_seed=5),  # trains base tensors (biases) only
@@ -54,7 +56,7 @@ def _outputs(model, inputs):
 
 
 def test_each_variant_computes_exactly_what_it_computes_alone(vset):
-    """Two LoRA variants (peft adapters in the same layers), adapters, a side path, bitfit."""
+    """Two LoRA variants (peft adapters in the same Linears and convs), adapters, a side path, bitfit."""
     assert [v.name for v in vset] == ["lora_a", "lora_b", "adapter", "side", "bitfit"]
     inputs = _inputs()
     shared = {v.name: _outputs(vset.activate(v), inputs) for v in vset}
@@ -74,6 +76,10 @@ def test_each_variant_computes_exactly_what_it_computes_alone(vset):
     # two LoRA adapters in the same peft layers (qkv only in lora_a, proj/mlp in both)
     proj = vset.model.get_submodule("backbone.net.blocks.0.attn.proj")
     assert set(proj.lora_A) == {"variant0", "variant1"}
+    # and two in the same convs, which switch as the Linears do
+    conv = vset.model.get_submodule("backbone.simfp_4.1")
+    assert set(conv.lora_A) == {"variant0", "variant1"} and conv.lora_A["variant1"].out_channels == 2
+    assert set(vset.model.get_submodule("roi_heads.mask_head.mask_fcn1").lora_A) == {"variant1"}
 
 
 def test_memory_is_the_base_once_plus_measured_deltas(vset, runs):
@@ -405,3 +411,4 @@ def test_variants_of_lora_on_multihead_attention_and_bitfit_share_its_nested_pef
         for field in ("scores", "pred_classes", "pred_masks"):
             assert torch.equal(getattr(ref, field), getattr(got, field)), (v.name, field)
         assert vset.param_counts(v) == count_parameters(alone), v.name
+

@@ -27,7 +27,7 @@ from peftseg.io.safe_load import load_torch
 from peftseg.io.output_guard import output_file, own_earlier_output, write_errors
 
 from peftseg.errors import UserError
-from peftseg.methods._peft import forget_tuners
+from peftseg.methods._peft import forget_tuners, rebind_plain_references
 from peftseg.methods.options import widen_frozen
 from peftseg.params import added_params, forget_added
 from peftseg.registry import METHODS
@@ -72,6 +72,8 @@ def fold_tuner_layers(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, base)
+        # plain lists that call the wrapper (detectron2's FPN convs) get the merged layer too
+        rebind_plain_references(model, {id(layer): base})
     return model
 
 

@@ -95,15 +95,20 @@ def resolve_pattern(model: nn.Module, targeted: list[str], pattern: dict, field:
 
 def check_layers(model: nn.Module, targeted: list[str], init: str, field: str) -> None:
     """peft runs these inits on a Linear's weight; its LoRA on nn.MultiheadAttention (e.g. the
-    decoder_cross_attn group) keeps in_proj as a bare Parameter, which they cannot factor."""
+    decoder_cross_attn group) keeps in_proj as a bare Parameter, which they cannot factor, and a
+    convolution's kernel is no matrix."""
     if init in ("default", "gaussian"):
         return
-    mha = [n for n in targeted if isinstance(model.get_submodule(n), nn.MultiheadAttention)]
-    if mha:
+    # convolutions too: their 4-d weight is no matrix to factor, and these starts' conversion to a
+    # plain LoRA on the untouched base is written for matrices
+    other = [n for n in targeted if not isinstance(model.get_submodule(n), nn.Linear)]
+    if other:
+        kind = type(model.get_submodule(other[0])).__name__
         raise UserError(
             f"{field}={init} starts the factors from each layer's weight or inputs, which peft supports on "
-            f"nn.Linear targets only, but the targets include nn.MultiheadAttention layers ({mha[0]}, "
-            f"{len(mha)} in all); drop those target groups or use {field}=default (or gaussian)."
+            f"nn.Linear targets only, but the targets include {kind} layers ({other[0]}, "
+            f"{len(other)} non-Linear targets in all); drop those target groups (e.g. the *_conv groups) "
+            f"or use {field}=default (or gaussian)."
         )
 
 

@@ -94,7 +94,7 @@ def apply(model, cfg: LoraConfig, adapter_name: str = "default"):
     from peftseg.methods._peft import family_targets, inject
     from peftseg.models import family_of
 
-    target = family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name)
+    target = family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name, convs=True)
     targeted = _lora_init.targeted_modules(model, target)
     groups = family_of(model).lora_targets
     _lora_init.check_layers(model, targeted, cfg.init, "method.init")

@@ -66,6 +66,10 @@ FAMILY = FamilyMap(
         "mlp": rf"{_SWIN_BLOCK}\.(?:mlp\.fc[12]|intermediate\.dense|output\.dense)",
         "task_heads": r"m2f\.class_predictor|m2f\.model\.transformer_module\.decoder\.mask_predictor"
                  r"\.mask_embedder\.\d+\.0",
+        # the pixel decoder's convs: input projections (1x1), FPN adapters (1x1) and layers (3x3),
+        # the mask projection; plain nn.Conv2d, each followed by its GroupNorm as its own module
+        "pixel_decoder_conv": r"m2f\.model\.pixel_level_module\.decoder\.(?:"
+                              r"(?:input_projections\.\d+|adapter_\d+|layer_\d+)\.0|mask_projection)",
     },
     # Swin blocks, deformable-attention encoder layers, masked-attention decoder layers
     checkpoint_blocks=(_SWIN_BLOCK, _PIXEL_ENC_LAYER, _DEC_LAYER),

@@ -77,6 +77,12 @@ FAMILY = FamilyMap(
         "attn_proj": rf"{_SWIN_BLOCK}\.attn\.proj",
         "mlp": rf"{_SWIN_BLOCK}\.mlp\.fc[12]",
         "task_heads": rf"{_P}\.(?:class_embed|mask_embed\.layers\.\d+|decoder\.bbox_embed\.\d+\.layers\.\d+)",
+        # the pixel decoder's convs: input projections (nn.Conv2d, GroupNorm beside it), the FPN
+        # adapters and layers (detectron2 Conv2d with GroupNorm inside) and the mask-feature conv
+        "pixel_decoder_conv": r"sem_seg_head\.pixel_decoder\.(?:input_proj\.\d+\.0|adapter_\d+|layer_\d+|mask_features)",
+        # the ResNet backbone's convs (detectron2 Conv2d with FrozenBatchNorm inside): stem, the
+        # blocks' convs and projection shortcuts (the Swin backbone has none: this matches nothing)
+        "backbone_conv": r"backbone\.(?:stem\.conv1|res[2-5]\.\d+\.(?:conv[1-3]|shortcut))",
     },
     # the Swin backbone's blocks: `method.blocks` indexes them, and stage i's blocks feed its
     # output res{i+2} for the `side` method (the ResNet backbone has none: both then refuse)

@@ -32,6 +32,15 @@ HEAD_PREFIXES = ("proposal_generator.", "roi_heads.")
 HEAD_CHECKPOINT = (r"proposal_generator\.rpn_head", r"roi_heads\.box_head", r"roi_heads\.mask_head:layers")
 # the Linears of the box head and its predictor: LoRA target group `heads`
 HEADS_LORA_TARGETS = r"roi_heads\.(box_head\.fc\d+|box_predictor\.(cls_score|bbox_pred))"
+# the head convs as LoRA target groups (detectron2 Conv2d with the pyramid's norm and a ReLU
+# inside: LoRA's update joins before them). The mask head's upsampling ConvTranspose2d and its
+# 1x1 predictor are left out: peft's LoRA has no transposed-conv layer, and the predictor is a
+# task head that method.train_task_layers trains whole.
+HEAD_CONV_LORA_TARGETS = {
+    "rpn_head_conv": r"proposal_generator\.rpn_head\.conv(?:\.conv\d+)?",  # one conv, or a Sequential conv0, conv1, …
+    "box_head_conv": r"roi_heads\.box_head\.conv\d+",
+    "mask_head_conv": r"roi_heads\.mask_head\.mask_fcn\d+",
+}
 
 
 @dataclass

@@ -78,6 +78,9 @@ FAMILY = FamilyMap(
         "decoder_ffn": rf"{_DEC_FFN}\.linear[12]",
         "pixel_decoder_ffn": rf"{_ENC}\.linear[12]",
         "task_heads": rf"{_P}\.mask_embed\.layers\.\d+",
+        # the pixel decoder's convs (detectron2 Conv2d; adapters and layers with GroupNorm inside):
+        # the input projection, FPN adapters and layers, the mask-feature conv
+        "pixel_decoder_conv": r"sem_seg_head\.pixel_decoder\.(?:input_proj|adapter_\d+|layer_\d+|mask_features)",
     },
     checkpoint_blocks=(_BLOCK, _ENC, _DEC_SELF, _DEC_CROSS, _DEC_FFN),
     backbone_blocks=_BLOCK,

@@ -16,7 +16,8 @@ from omegaconf import MISSING
 from peftseg.errors import UserError
 from peftseg import checks
 from peftseg.models.family import FamilyMap, TokenGrid, WeightLayout
-from peftseg.models.rcnn import HEAD_CHECKPOINT, HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
+from peftseg.models.rcnn import (HEAD_CHECKPOINT, HEAD_CONV_LORA_TARGETS, HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig,
+                                  build_mask_rcnn)
 from peftseg.registry import register_family
 
 _BLOCK = r"backbone\.bottom_up\.layers\.\d+\.blocks\.\d+"
@@ -40,6 +41,9 @@ FAMILY = FamilyMap(
         "attn_proj": _BLOCK + r"\.attn\.proj",
         "mlp": _BLOCK + r"\.mlp\.fc[12]",
         "task_heads": HEADS_LORA_TARGETS,
+        # the FPN's lateral (1x1) and output (3x3) convs, detectron2 Conv2d with LN inside
+        "neck_conv": r"backbone\.fpn_(?:lateral|output)\d+",
+        **HEAD_CONV_LORA_TARGETS,
     },
     checkpoint_blocks=(_BLOCK,),
     # detectron2's FPN: each lateral and output conv with its norm (the top-down sums are cheap)

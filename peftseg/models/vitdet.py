@@ -17,7 +17,8 @@ from omegaconf import MISSING
 from peftseg.errors import UserError
 from peftseg import checks
 from peftseg.models.family import FamilyMap, TokenGrid, WeightLayout
-from peftseg.models.rcnn import HEAD_CHECKPOINT, HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig, build_mask_rcnn
+from peftseg.models.rcnn import (HEAD_CHECKPOINT, HEAD_CONV_LORA_TARGETS, HEAD_PREFIXES, HEADS_LORA_TARGETS, MaskRCNNConfig,
+                                  build_mask_rcnn)
 from peftseg.registry import register_family
 
 _BLOCK = r"backbone\.net\.blocks\.\d+"
@@ -37,6 +38,12 @@ FAMILY = FamilyMap(
         "attn_proj": _BLOCK + r"\.attn\.proj",
         "mlp": _BLOCK + r"\.mlp\.fc[12]",
         "task_heads": HEADS_LORA_TARGETS,
+        # SimpleFeaturePyramid's 1x1 and 3x3 convs (detectron2 Conv2d with LN inside), the last two
+        # modules of each stage; before them a stage has ConvTranspose2d/LN/GELU (scale 4: 0-3,
+        # scale 2: 0) or a max-pool (scale 0.5: 0), which LoRA does not wrap. The stage names
+        # simfp_2..5 are those of the 16-px patch every preset uses (stride = patch / scale).
+        "neck_conv": r"backbone\.simfp_2\.[45]|backbone\.simfp_[35]\.[12]|backbone\.simfp_4\.[01]",
+        **HEAD_CONV_LORA_TARGETS,
     },
     checkpoint_blocks=(_BLOCK,),
     # SimpleFeaturePyramid's per-scale stages (simfp_2 … simfp_5): each keeps only the ViT's
