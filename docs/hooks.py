@@ -509,14 +509,18 @@ def export_parity_table(name: str) -> str:
     for r in _load(name):
         label = [f"`{r['model']}`", r["method"], r["format"]]
         if r.get("refused"):
-            rows.append(label + ["refused: " + r["refused"].split(": the onnx exporter")[0], "", "", "", "", "", "", ""])
+            rows.append(label + ["refused: " + re.split(r": the \w+ exporter", r["refused"])[0], "", "", "", "", "", "", ""])
             continue
         diff = r["max_abs_diff"]
         tol = tolerance_for(_image_size(r["model"]))
-        within = all(diff[k] <= tol[k] for k in ("scores", "boxes", "masks")) and r["classes_equal"]
+        pixels = r.get("mask_pixels")  # binary masks: a pixel flips or not, counted against its allowance
+        within = (all(diff[k] <= tol[k] for k in ("scores", "boxes") + (() if pixels else ("masks",)))
+                  and r["classes_equal"] and (not pixels or pixels["differing"] <= pixels["allowed"]))
+        cells = [("0" if diff[k] == 0 else f"{diff[k]:.1e}") for k in ("scores", "boxes", "masks")]
+        if pixels and pixels["differing"]:
+            cells[2] = f"{pixels['differing']} of {pixels['compared']} px"
         rows.append(label + [f"{r['export_seconds']:.1f}", f"{r['file_bytes'] / 2 ** 20:.1f}",
-                             str(r.get("compared_detections", sum(r.get("detections", [])))),
-                             *(("0" if diff[k] == 0 else f"{diff[k]:.1e}") for k in ("scores", "boxes", "masks")),
+                             str(r.get("compared_detections", sum(r.get("detections", [])))), *cells,
                              "yes" if r["classes_equal"] else "no", "yes" if within else "**no**"])
     header = ["model", "method", "format", "export s", "MiB", "compared", "scores", "boxes (px)", "masks",
               "classes equal", "within tolerance"]

@@ -5,6 +5,7 @@ one fails there by name, not somewhere in a run.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 
 
@@ -22,6 +23,46 @@ def start_data_iterator(trainer) -> None:
     """Create the trainer's data iterator now (detectron2 makes it on first use): the loader's
     iterator draws its base seed from torch's RNG when it is made."""
     trainer._data_loader_iter  # noqa: B018 (the lazy property creates the iterator)
+
+
+# --- detectron2: ImageList padding under torch.export ----------------------------------------
+# ImageList.from_tensors computes the padded batch size with tensor ops (stack, max, div: so that
+# torch.jit.trace records them); under torch.export those tensors are symbolic, their values
+# unknown, and the F.pad that reads them needs a data-dependent size torch.export cannot guard on
+# (u0 - 128 != 0). No setting of detectron2 or torch.export computes it in Python ints. Exporting
+# one fixed S x S image, the padded size is known when the graph is made, so while exporting,
+# `from_tensors` is detectron2's rule (square_size, size_divisibility) computed in Python ints.
+
+def _static_from_tensors(tensors, size_divisibility: int = 0, pad_value: float = 0.0, padding_constraints=None):
+    import torch
+    import torch.nn.functional as F
+    from detectron2.structures import ImageList
+
+    sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    if padding_constraints:
+        if padding_constraints.get("square_size", 0) > 0:
+            height = width = padding_constraints["square_size"]
+        size_divisibility = padding_constraints.get("size_divisibility", size_divisibility)
+    if size_divisibility > 1:
+        height = -(-height // size_divisibility) * size_divisibility
+        width = -(-width // size_divisibility) * size_divisibility
+    batch = torch.stack([F.pad(t, [0, width - t.shape[-1], 0, height - t.shape[-2]], value=pad_value)
+                         for t in tensors])
+    return ImageList(batch.contiguous(), sizes)
+
+
+@contextlib.contextmanager
+def static_image_padding():
+    """detectron2's ImageList.from_tensors with the padded size in Python ints, for torch.export."""
+    from detectron2.structures import ImageList
+
+    original = ImageList.__dict__["from_tensors"]
+    ImageList.from_tensors = staticmethod(_static_from_tensors)
+    try:
+        yield
+    finally:
+        ImageList.from_tensors = original
 
 
 # --- transformers -----------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class TrainConfig:
     # backbone block's MLP), neck (feature pyramid / pixel decoder), heads (RPN/ROI or
     # prediction heads); read only with train.activation_checkpointing=true
     checkpoint_parts: list[str] = field(default_factory=lambda: ["blocks"])
+    # torch.compile (inductor) of the model's transformer blocks, in place (peftseg.engine.compile):
+    # the first step compiles (tens of seconds on the CPU); checkpoints keep the uncompiled keys
+    compile: bool = False
     num_workers: int = 2
     # CPU threads torch computes with in this run (torch.set_num_threads); null: torch's default
     # (OMP_NUM_THREADS, else one per core). 1 when other jobs share the cores; the record keeps
@@ -163,6 +166,12 @@ class TrainConfig:
                 f"train.device={self.device!r} is not one of the choices: auto, cpu, cuda, cuda:N "
                 "(e.g. train.device=auto)."
             )
+        if self.compile and self.num_gpus * self.num_machines > 1:
+            raise UserError(
+                f"train.compile=true is not supported with multi-process training (train.num_gpus={self.num_gpus}, "
+                f"train.num_machines={self.num_machines}): compiled blocks inside DistributedDataParallel are not "
+                "verified by peftseg. Run with train.compile=false (eager PyTorch, the same training), or train on "
+                "one process.")
         if not 0 <= self.machine_rank < self.num_machines:
             raise UserError(
                 f"train.machine_rank={self.machine_rank} must be in [0, train.num_machines="

@@ -36,7 +36,7 @@ HEADLINE = ("AP", "AP50", "AP75")
 COCO_UNDEFINED = -1  # COCOeval's value for an AP it cannot define
 PERCENT = (0, 100)
 SIZE_RANGES = ("APs", "APm", "APl")  # COCOeval's area ranges: small, medium, large
-COUNTS = {"timed_steps": 0, "checkpointed_blocks": 0, "num_processes": 1, "threads": 1}  # efficiency counts: minimum
+COUNTS = {"timed_steps": 0, "checkpointed_blocks": 0, "compiled_blocks": 0, "num_processes": 1, "threads": 1}  # efficiency counts: minimum
 
 
 def _number(value: Any) -> bool:

@@ -5,6 +5,8 @@
     .venv/bin/python scripts/benchmark.py --model vitdet_b --image-size 256 --batch 1 --steps 3
     .venv/bin/python scripts/benchmark.py --model vitdet_b --image-size 1024 --batch 1 \
         --methods full,heads,side,lora,lora+ckpt:lora:train.activation_checkpointing=true
+    .venv/bin/python scripts/benchmark.py --model vitdet_tiny --methods lora,lora+compile:lora:train.compile=true \
+        --baseline lora
 
 `--methods` entries are `METHOD` or `LABEL:METHOD:KEY=VALUE[:KEY=VALUE…]` (a labelled
 variant with its own Hydra overrides); `--override KEY=VALUE` applies to every entry.
@@ -26,6 +28,8 @@ instead of on whichever ran last. Step time is the median over all timed steps (
 backward + optimizer step), with its quartiles as the spread. The ratio against the
 baseline is the median of the per-round ratios: each round's row time over the baseline's
 time in the same round, neighbours in time, so drift between rounds cancels.
+A `train.compile=true` row compiles its transformer blocks as runs do (peftseg.engine.compile);
+its first step, which compiles, is reported apart (`first_step_s`) and never timed.
 
 Peak memory is counted the same way on both devices, as tensor bytes, which is what CUDA's
 max_memory_allocated measures: the method's own resident tensors (parameters, buffers,
@@ -75,6 +79,9 @@ def parse_args(argv=None):
                         f"those of {','.join(DEFAULT_METHODS)} that are registered)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override applied to every entry (repeatable), e.g. train.amp=true")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of train.compile=true rows (default inductor, as runs use; "
+                        "eager captures the same graphs and runs them uncompiled)")
     p.add_argument("--baseline", default="full", help="label of the row ratios are taken against (default full)")
     p.add_argument("--peer", action="store_true",
                    help="add the row `peer`: detectron2's SimpleTrainer, stock attention, full fine-tuning")
@@ -151,6 +158,9 @@ class Bench:
         # a detectron2 trainer whose run_step is the step (None: the bare loop of `step`)
         self.trainer = trainer
         self.rounds: list[list[float]] = []  # the timed steps of each round's visit
+        self.first_step_s = None  # the first step: lazy inits, and compilation under train.compile
+        self.compiled_blocks = 0
+        self.compile_backend = None
         self.step_peak_bytes = 0
         self.grad_bytes = 0
 
@@ -276,6 +286,7 @@ def build(entries, args, device, console):
     from peftseg.data import register_splits
     from peftseg.data.loading.loaders import train_loader
     from peftseg.build.activation_checkpointing import enable_activation_checkpointing
+    from peftseg.engine.compile import compile_blocks
     from peftseg.engine.optim import build_optimizer
     from peftseg.engine.precision import make_trainer, run_precision
     from peftseg.methods import apply_method
@@ -296,12 +307,15 @@ def build(entries, args, device, console):
             enable_activation_checkpointing(model, tuple(cfg.train.checkpoint_parts))
         params = count_parameters(model)
         model.to(device).train()
+        compiled = compile_blocks(model, args.compile_backend) if cfg.train.compile else 0
         precision = run_precision(cfg.train, device, model)
         optimizer = build_optimizer(model, cfg.train)
         trainer = make_trainer(model, itertools.repeat(batch), optimizer, precision, device)
         console.print(f"built {label}: {params.trainable:,} of {params.total:,} parameters train, {precision}",
                       highlight=False)
-        return Bench(label, model, optimizer, params, device, precision, cfg, trainer=trainer)
+        bench = Bench(label, model, optimizer, params, device, precision, cfg, trainer=trainer)
+        bench.compiled_blocks, bench.compile_backend = compiled, args.compile_backend if compiled else None
+        return bench
 
     if args.memory_only:  # builders, called one at a time by run_memory_only
         makers = [(label, (lambda label=label, cfg=cfg: build_one(label, cfg))) for label, cfg in cfgs.items()]
@@ -324,6 +338,8 @@ def row(b: Bench) -> dict:
         "method": b.cfg.method.name, "precision": b.precision,
         "activation_checkpointing": bool(b.cfg.train.activation_checkpointing),
         "checkpoint_parts": list(b.cfg.train.checkpoint_parts) if b.cfg.train.activation_checkpointing else [],
+        "compile": bool(b.cfg.train.get("compile", False)), "compiled_blocks": b.compiled_blocks,
+        "compile_backend": b.compile_backend, "first_step_s": b.first_step_s,
         "base_dtype": b.cfg.method.base_dtype, "blocks": str(b.cfg.method.blocks),
         # the target groups of a targeted method (LoRA on Linears vs on convolutions), else absent
         **({"targets": list(b.cfg.method.targets)} if "targets" in b.cfg.method else {}),
@@ -421,7 +437,11 @@ def run(args, console: Console) -> dict:
                   f"{args.repeat} alternating rounds x {args.steps} timed steps per method", highlight=False)
     with EventStorage(0):  # detectron2's losses log into one
         for b in benches:
-            b.step(batch)  # first step: optimizer state is created, lazy inits run
+            start = time.perf_counter()
+            b.step(batch)  # first step: optimizer state is created, lazy inits run, compiled blocks compile
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            b.first_step_s = time.perf_counter() - start
             b.measure_memory(batch)
         alternate(benches, batch, args.repeat, args.steps)
     results = {

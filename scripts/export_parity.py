@@ -43,7 +43,7 @@ def trained_run(run_dir: Path, overrides: list[str], iters: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, help="MODEL:METHOD entries")
-    ap.add_argument("--formats", nargs="+", default=["onnx", "torchscript"])
+    ap.add_argument("--formats", nargs="+", default=["onnx", "pt2", "torchscript"])
     ap.add_argument("--train-iters", type=int, default=0, help="train each run this long (0: synthetic tensors)")
     ap.add_argument("--images", type=Path, help="a folder of images to check parity on (default: synthetic ones)")
     ap.add_argument("--out", type=Path, default=Path("export_parity"))
@@ -74,7 +74,9 @@ def main() -> None:
                          "file": result.path.name, "file_bytes": result.path.stat().st_size,
                          "max_abs_diff": p["max_abs_diff"], "classes_equal": p["classes_equal"],
                          "compared_detections": p["compared_detections"], "within_tolerance": p["within_tolerance"],
-                         "problems": p["problems"], "detections": [i["detections_pytorch"] for i in p["images"]]})
+                         "problems": p["problems"], "detections": [i["detections_pytorch"] for i in p["images"]],
+                         "onnx_exporter": p.get("onnx_exporter"), "opset": p.get("opset"),
+                         "mask_pixels": p.get("mask_pixels")})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_parity.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("| model | method | format | export s | MiB | compared | scores | boxes (px) | masks | classes equal | ok |")

@@ -19,13 +19,17 @@ never as numbers):
   vit_attention  one ViT-B global attention block at 1024 px: detectron2's forward against the
               chunked, SDPA-with-bias and FlexAttention paths, forward + backward time, peak
               memory, max relative difference of output and gradients (ok only within 1e-3)
+  compile     vitdet_b at 1024 px, batch 2: LoRA eager vs LoRA with train.compile=true (inductor),
+              median step times and the compiled row's first step (compilation included)
   msda        Triton vs PyTorch (grid_sample) deformable attention at the maskdino encoder's
               shapes at 1024 px: forward + backward time and max |difference| of output and
               gradients (the numbers that decide models/_msda.py's TRITON_MEASURED_FASTER)
   nccl        a 1-process process group (NCCL on CUDA, gloo on the CPU) and one all_reduce
 
 --quick shrinks every section to CPU-test size (vitdet_tiny, maskdino_tiny, tiny msda shapes,
-2 training steps, one family), so the script is exercised on every test run and never rots.
+2 training steps, one family), so the script is exercised on every test run and never rots; its
+compile row captures the blocks with dynamo's `eager` backend (inductor takes a minute or more on
+a CPU, which the test suite cannot spend twice; tests/test_compile.py runs inductor).
 """
 
 from __future__ import annotations
@@ -124,9 +128,10 @@ def train_eval(args, out_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------- memory / step time tables
-def _bench(args, model: str, image_size: int | None, batch: int, methods: str, peer: bool, steps: int) -> dict:
+def _bench(args, model: str, image_size: int | None, batch: int, methods: str, peer: bool, steps: int,
+           extra: tuple[str, ...] = ()) -> dict:
     bench = _benchmark_module()
-    bargs = bench.parse_args(["--model", model, "--batch", str(batch), "--steps", str(steps), "--repeat", "1",
+    bargs = bench.parse_args([*extra, "--model", model, "--batch", str(batch), "--steps", str(steps), "--repeat", "1",
                               "--methods", methods, "--device", args.device, "--baseline", methods.split(",")[0].split(":")[0],
                               *(["--image-size", str(image_size)] if image_size else []),
                               *(["--peer"] if peer else [])])
@@ -290,6 +295,16 @@ def process_group(args) -> dict:
 
 
 # ---------------------------------------------------------------- report
+COMPILE_ROWS = "lora,lora+compile:lora:train.compile=true"
+
+
+def compiled(args) -> dict:
+    if args.quick:
+        return _bench(args, "vitdet_tiny", None, 1, COMPILE_ROWS, peer=False, steps=1,
+                      extra=("--compile-backend", "eager"))
+    return _bench(args, "vitdet_b", 1024, 2, COMPILE_ROWS, peer=False, steps=3)
+
+
 def _mib(b):
     return f"{b / 2**20:,.0f} MiB" if b else "—"
 
@@ -305,11 +320,11 @@ def tables(results: dict) -> list[Table]:
                   f"{1000 * r['step_time_s']:.0f} ms" if _finite(r.get("step_time_s")) else "—",
                   _mib(r.get("peak_memory_bytes")))
     out.append(t)
-    for name in ("vitdet_b", "maskdino", "ckpt_memory"):
+    for name in ("vitdet_b", "maskdino", "ckpt_memory", "compile"):
         r = results.get(name, {})
         t = Table(title=f"{name}: {r.get('model', '')} @ {r.get('image_size', '')}px, batch {r.get('batch', '')} · "
                         f"{r.get('status')} · ratios against {r.get('baseline', '')}")
-        for c in ("row", "trainable %", "step time", "× base", "peak mem", "× base "):
+        for c in ("row", "trainable %", "step time", "× base", "peak mem", "× base ", "first step"):
             t.add_column(c)
         for label, m in r.get("methods", {}).items():
             goal = "" if m.get("goal") is None else f" (goal ≤ {m['goal']:.2f}: {'met' if m['goal_met'] else 'NOT met'})"
@@ -317,7 +332,8 @@ def tables(results: dict) -> list[Table]:
                       f"{1000 * m['step_time_s']:.0f} ms" if _finite(m.get("step_time_s")) else "—",
                       f"{m['step_time_ratio']:.2f}" if m.get("step_time_ratio") else "—",
                       _mib(m["peak_memory_bytes"]),
-                      (f"{m['peak_memory_ratio']:.2f}" if m.get("peak_memory_ratio") else "—") + goal)
+                      (f"{m['peak_memory_ratio']:.2f}" if m.get("peak_memory_ratio") else "—") + goal,
+                      f"{m['first_step_s']:.1f} s" if _finite(m.get("first_step_s")) else "—")
         out.append(t)
     r = results.get("vit_attention", {})
     t = Table(title=f"ViT rel-pos attention paths, {r.get('tokens', '')} tokens · {r.get('status')} · "
@@ -369,7 +385,7 @@ def main(argv=None) -> int:
         env["triton"] = None
     results: dict = {"env": env}
     sections = {"train_eval": None, "vitdet_b": vitdet_b, "maskdino": maskdino, "ckpt_memory": ckpt_memory,
-                "vit_attention": vit_attention, "msda": msda, "nccl": process_group}
+                "vit_attention": vit_attention, "compile": compiled, "msda": msda, "nccl": process_group}
     only = set(args.only.split(",")) if args.only else set(sections)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.out or Path(tmp)

@@ -79,6 +79,21 @@ def test_optuna_reopens_a_running_trial_that_reports_and_is_judged_like_the_one_
     assert study.get_trials()[1].intermediate_values == {3: 0.1} and not study.get_trials()[0].intermediate_values
 
 
+def test_static_image_padding_pads_as_detectron2_does_and_is_undone():
+    from detectron2.structures import ImageList
+
+    original = ImageList.__dict__["from_tensors"]
+    images = [torch.rand(3, 50, 70), torch.rand(3, 64, 40)]
+    for kwargs in ({}, {"size_divisibility": 32}, {"padding_constraints": {"square_size": 96}},
+                   {"size_divisibility": 16, "padding_constraints": {"size_divisibility": 32, "square_size": 0}}):
+        want = ImageList.from_tensors(images, **kwargs)
+        with compat.static_image_padding():
+            got = ImageList.from_tensors(images, **kwargs)
+        assert torch.equal(got.tensor, want.tensor), kwargs
+        assert [tuple(map(int, s)) for s in got.image_sizes] == [tuple(map(int, s)) for s in want.image_sizes]
+    assert ImageList.__dict__["from_tensors"] is original
+
+
 def test_peft_lora_takes_a_registered_layer_class_for_a_module_type_before_its_own():
     """A registered custom LoRA layer wraps the modules of its type (subclasses of nn.Conv2d
     included); the other modules keep peft's own layers."""

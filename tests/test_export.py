@@ -100,7 +100,16 @@ def _torchscript(path):
     return run
 
 
-RUNTIMES = {"onnx": _onnxruntime, "torchscript": _torchscript}
+def _exported_program(path):
+    program = torch.export.load(str(path)).module()  # the test's own file: unpickling it is safe
+
+    def run(image):
+        with torch.no_grad():
+            return [t.numpy() for t in program(image)]
+    return run
+
+
+RUNTIMES = {"onnx": _onnxruntime, "pt2": _exported_program, "torchscript": _torchscript}
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +141,23 @@ def checkpoints(tmp_path_factory, shapes_cache):
 # stage's feature map is no larger than one window (swin_tiny's last stage at 128 px: 4 px, window 7)
 # those slices are empty, and torch's ONNX shape inference fails on them (at 256 px it exports)
 REFUSED = {("swin", "onnx"): "model family 'swin' cannot be exported to onnx: the onnx exporter failed inside torch "
-                             "(RuntimeError: minus_one_pos != -1 INTERNAL ASSERT FAILED"}
+                             "(RuntimeError: minus_one_pos != -1 INTERNAL ASSERT FAILED",
+           # Detectron2's RPN keeps the top-k proposals with Python branches on how many there are: a
+           # value torch.export does not trace through
+           ("vitdet", "pt2"): "model family 'vitdet' cannot be exported to pt2: the pt2 exporter failed inside torch "
+                              "(GuardOnDataDependentSymNode: Could not guard on data-dependent expression"}
 # one xdist group per family: each family's runs are built once, beside the other families'
+# ONNX: the Mask R-CNN families through the TorchScript-based exporter (seconds), the query families
+# through the dynamo exporter (~40-90 s a model here), one of them in the suite; the full matrix is
+# scripts/export_parity.py's (docs/benchmarks)
 MATRIX = [pytest.param(family, method, fmt, marks=pytest.mark.xdist_group(f"export-{family}"))
-          for family in FAMILIES for method in ("lora", "adapter", "side") for fmt in ("onnx", "torchscript")]
+          for family in FAMILIES for method in ("lora", "adapter", "side") for fmt in ("onnx", "torchscript")
+          if fmt == "torchscript" or family in ("vitdet", "swin") or (family, method) == ("mask2former", "lora")]
+# pt2 (torch.export takes ~30-70 s a model here): one query family (seem, the quickest), with LoRA
+# folded in, and one Mask R-CNN family, refused; the full matrix is scripts/export_parity.py's
+# (docs/benchmarks/export_parity_pt2.json)
+MATRIX += [pytest.param("seem", "lora", "pt2", marks=pytest.mark.xdist_group("export-seem")),
+           pytest.param("vitdet", "lora", "pt2", marks=pytest.mark.xdist_group("export-vitdet"))]
 
 
 @pytest.mark.parametrize("family, method, fmt", MATRIX)
@@ -155,11 +177,21 @@ def test_every_family_and_method_exports_with_parity(family, method, fmt, checkp
     if fmt == "onnx":
         import onnx
 
+        # torch.export captures the query families (dynamo exporter); detectron2's RPN it cannot
+        assert result.parity["onnx_exporter"] == ("torchscript" if family in ("vitdet", "swin") else "dynamo")
+        assert result.parity["opset"] == (ex.OPSET if family in ("vitdet", "swin") else ex.ONNX_OPSET)
+        if family == "vitdet":
+            assert "RPN" in result.parity["onnx_exporter_why"]
+
         graph = onnx.load(str(result.path)).graph
         # LoRA is folded into the weights: no LoRA branch is left (adapters and side paths stay)
         assert not any("lora" in i.name for i in graph.initializer)
         if family == "maskdino":
             assert "GridSample" in {n.op_type for n in graph.node}  # deformable attention as standard ops
+    if fmt == "pt2":
+        program = torch.export.load(str(result.path))
+        assert result.parity["opset"] is None and result.parity["deprecated"] is None
+        assert program.state_dict and not any("lora" in k for k in program.state_dict)  # folded in
 
 
 def test_a_run_dir_exports_beside_its_checkpoint_with_the_adapters_in_the_graph(tmp_path):
@@ -396,8 +428,11 @@ def test_an_op_without_an_onnx_form_is_refused_by_name_and_nothing_is_written(tm
     assert not list(run.glob("*.onnx*")) and not list(run.glob(".*tmp"))
     with pytest.raises(UserError, match="ends in '.safetensors'; the format follows the suffix"):  # the output guard
         ex.export_checkpoint(str(run), "onnx", str(run / "model_final.safetensors"), [])
-    with pytest.raises(UserError, match="format=onnx or format=torchscript"):
+    with pytest.raises(UserError, match=r"choose format=onnx, format=pt2 or format=torchscript \(deprecated by torch\)"):
         ex.export_checkpoint(str(run), "tflite", None, [])
+    # pt2 has the same output guard: its suffix, never an input
+    with pytest.raises(UserError, match="ends in '.onnx'; the format follows the suffix"):
+        ex.export_checkpoint(str(run), "pt2", str(tmp_path / "m.onnx"), [])
 
 
 def test_export_is_a_command_with_help_and_the_readme_commands_use_its_suffixes(capsys):
@@ -406,17 +441,17 @@ def test_export_is_a_command_with_help_and_the_readme_commands_use_its_suffixes(
 
     from peftseg.cli import main
 
-    assert main(["--help"]) == 0 and "export   the model as one ONNX or TorchScript file" in capsys.readouterr().out
+    assert main(["--help"]) == 0 and "export   the model as one ONNX, PyTorch 2 (.pt2) or TorchScript file" in capsys.readouterr().out
     assert main(["export", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "format=onnx|torchscript" in out and "scores 1024 ulps, boxes 64 ulps of the image side, masks 1024 ulps" in out
+    assert "format=onnx|pt2|torchscript" in out and "format=torchscript is deprecated by torch" in out and "scores 1024 ulps, boxes 64 ulps of the image side, masks 1024 ulps" in out
     assert f"fewer than\n{ex.MIN_COMPARED} detections" in out and "<name>.FAILED-parity<suffix>" in out
     assert main(["export", "checkpoint=x"]) == 2  # no format: one paragraph, exit 2
     assert "needs format=" in capsys.readouterr().err
-    # the README's export commands name outputs the command writes (.onnx for onnx, .pt for torchscript)
+    # the README's export commands name outputs the command writes (.onnx for onnx, .pt2, .pt for torchscript)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     commands = re.findall(r"peftseg export [^\n`]*format=(\w+)[^\n`]*output=(\S+)", readme)
-    assert commands and all(Path(o).suffix == {"onnx": ".onnx", "torchscript": ".pt"}[f] for f, o in commands)
+    assert commands and all(Path(o).suffix == {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}[f] for f, o in commands)
 
 
 def test_export_says_each_step_on_stderr_and_keeps_stdout_for_what_it_wrote(tmp_path, shapes_cache):
@@ -434,7 +469,9 @@ def test_export_says_each_step_on_stderr_and_keeps_stdout_for_what_it_wrote(tmp_
     # not a terminal here: one line per step, as it starts, in order
     steps = [line for line in proc.stderr.splitlines() if line.startswith("export: ")]
     assert steps == [f"export: loading {run}", "export: running PyTorch on 2 parity images",
-                     "export: tracing the model and writing it as TorchScript",
+                     "export: tracing the model and writing it as TorchScript (deprecated by torch)",
                      "export: parity check: the file in torch.jit.load vs PyTorch on 2 images"]
     assert "export:" not in proc.stdout and "exported vitdet_tiny + lora" in proc.stdout
+    assert "note: format=torchscript is deprecated: TorchScript is deprecated by torch" in proc.stdout
+    assert "format=pt2 is its successor" in proc.stdout
     assert f"skipped labels.csv in {images}: not an image" in proc.stdout

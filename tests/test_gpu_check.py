@@ -27,7 +27,7 @@ def test_gpu_check_quick_on_cpu(gpu_check, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert code == 0, (result.get("failed_sections"), printed)
     assert result["failed_sections"] == []
-    for name in ("train_eval", "vitdet_b", "maskdino", "ckpt_memory", "vit_attention", "msda", "nccl"):
+    for name in ("train_eval", "vitdet_b", "maskdino", "ckpt_memory", "vit_attention", "compile", "msda", "nccl"):
         assert result[name]["status"] == "ok", name
     rows = result["train_eval"]["rows"]
     assert set(rows) == {"vitdet_tiny/fp32", "vitdet_tiny/amp_bf16"}
@@ -43,6 +43,12 @@ def test_gpu_check_quick_on_cpu(gpu_check, tmp_path, capsys):
     attn = result["vit_attention"]
     assert set(attn["rows"]) == {"detectron2", "chunked", "sdpa"} and attn["efficient"] == "chunked"
     assert all(0 < r["max_rel_diff"]["grads"] <= 1e-3 for k, r in attn["rows"].items() if k != "detectron2")
+    comp = result["compile"]
+    assert list(comp["methods"]) == ["lora", "lora+compile"] and comp["baseline"] == "lora"
+    eager, compiled = comp["methods"]["lora"], comp["methods"]["lora+compile"]
+    assert (eager["compiled_blocks"], compiled["compiled_blocks"]) == (0, 4)  # vitdet_tiny's blocks
+    assert compiled["compile"] and compiled["compile_backend"] == "eager" and eager["compile_backend"] is None
+    assert compiled["step_time_s"] > 0 and compiled["first_step_s"] > 0
     # the interpreter: each output sums 4 corners x 3 levels x 2 points of N(0,1) values with convex
     # weights in another order (<= 24 roundings; 32), so |output| < 5 for the script's few hundred draws
     assert result["msda"]["max_abs_diff"]["output"] <= ulps(5.0, 32) and result["msda"]["correct"]

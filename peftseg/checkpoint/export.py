@@ -1,4 +1,21 @@
-"""`peftseg export`: a trained model as one ONNX or TorchScript file, its parity checked.
+"""`peftseg export`: a trained model as one ONNX, PyTorch 2 (ExportedProgram) or TorchScript file,
+its parity checked.
+
+Formats:
+- `pt2`: torch.export's ExportedProgram (`torch.export.export` + `torch.export.save`), the graph
+  torch itself serves (`torch.export.load(f).module()`, AOTInductor, ExecuTorch). While exporting,
+  detectron2's padding of the input is computed in Python ints (compat.static_image_padding):
+  otherwise torch.export meets a data-dependent size. A .pt2 file holds pickled tensors, and
+  `torch.export.load` unpickles them with code execution allowed (torch warns: never load one
+  from an untrusted source). peftseg loads no .pt2 file a user gives it: the parity check loads
+  the bytes this command has just written, in memory;
+- `onnx`: torch's dynamo exporter (`torch.onnx.export(dynamo=True)` of the ExportedProgram pt2
+  makes, translated by onnxscript, opset ONNX_OPSET). Where torch.export cannot capture the model
+  (the Mask R-CNN families: Detectron2's RPN branches in Python on how many proposals survive)
+  the TorchScript-based exporter (dynamo=False, opset OPSET) writes it instead; the record's
+  `onnx_exporter` says which ran, and why when it is the older one;
+- `torchscript`: deprecated by torch (torch.jit warns: switch to torch.export); kept while torch
+  ships it, for deployments that load it. Prefer `pt2`.
 
 The graph maps one image tensor (float32, (3, S, S), values 0..255 in the model's channel
 order, S = model.image_size: resizing is the caller's) to boxes (x1, y1, x2, y2 in input
@@ -23,7 +40,7 @@ Checks, in order (nothing is written until the last):
 - the model's weights are finite, and so are its PyTorch outputs on the parity images
   (PARITY_IMAGES synthetic ones, or the first MAX_GIVEN_IMAGES of `images=`), which hold at
   least MIN_COMPARED detections: otherwise there is nothing to compare;
-- the written bytes, loaded by their runtime (onnxruntime / torch.jit.load), give the same
+- the written bytes, loaded by their runtime (onnxruntime / torch.export.load / torch.jit.load), give the same
   detections within the tolerance (parity_problems). A pass writes `<output>` and
   `<output>.parity.json`; a failure writes the file as `<name>.FAILED-parity<suffix>` (with its
   record) and removes this checkpoint's earlier export at `<output>`, so that no file that failed
@@ -32,8 +49,10 @@ Checks, in order (nothing is written until the last):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import os
 import re
 import time
@@ -49,8 +68,11 @@ from peftseg.errors import UserError
 from peftseg.io.atomic import write_atomic_with, write_json
 from peftseg.io.output_guard import check_targets, output_file, replaceable, write_errors
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-OPSET = 17  # GridSample (deformable attention) needs >= 16
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".torchscript.pt"}
+DEPRECATED = {"torchscript": "TorchScript is deprecated by torch (torch.jit: \"switch to torch.export\"); "
+                             "format=pt2 is its successor"}
+OPSET = 17  # the TorchScript-based exporter's: GridSample (deformable attention) needs >= 16
+ONNX_OPSET = 18  # the dynamo exporter's (its lowest)
 # Max abs difference accepted between the exported file and PyTorch, per output, in float32
 # roundings (ulps) of the size compared: another runtime's kernels sum the same network in
 # other orders and fuse ops, and that error grows with depth (about 100 ulps seen on ViT-B at
@@ -154,24 +176,84 @@ def _unsupported(e: Exception, family: str, fmt: str) -> UserError:
     text = str(e)
     first = text.splitlines()[0][:300] if text else type(e).__name__
     m = re.search(r"operator '?([\w:.]+)'?", text) or re.search(r"(aten::\w+|prim::\w+)", text)
+    # torch.export names the detectron2 line whose data-dependent value it cannot capture
+    where = re.search(r"Caused by: \(([^)]+)\)", text)
+    at = f" at {where.group(1)}" if where else ""
     what = (f"operator {m.group(1)} has no {fmt} form ({first})" if m
-            else f"the {fmt} exporter failed inside torch ({type(e).__name__}: {first})")
+            else f"the {fmt} exporter failed inside torch ({type(e).__name__}: {first}{at})")
     return UserError(
         f"model family {family!r} cannot be exported to {fmt}: {what}. Nothing was written; export another "
         "format, or serve this model with PyTorch (`peftseg predict`)."
     )
 
 
-def _serialise(adapter, image: torch.Tensor, fmt: str, family: str, names: list[str]) -> bytes:
+@contextlib.contextmanager
+def _quiet_symbolic_shapes():
+    """torch.export logs the whole traced graph (thousands of lines) as a warning before it raises on a
+    data-dependent value; the refusal (_unsupported) names the expression and the line instead."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _exported_program(adapter, image: torch.Tensor):
+    """torch.export of the model, non-strict: torch.export runs the Python (detectron2's Instances,
+    TracingAdapter's flattening) as it is and records the tensor ops, as tracing does, but refuses what
+    depends on data instead of freezing it."""
+    from peftseg.compat import static_image_padding
+
+    with static_image_padding(), _quiet_symbolic_shapes():
+        return torch.export.export(adapter, (image,), strict=False)
+
+
+# Detectron2's GeneralizedRCNN: its RPN keeps the top proposals with Python branches on how many there
+# are, which torch.export refuses (GuardOnDataDependentSymNode, torch 2.14): not tried for ONNX, where
+# it would cost half a minute to fail. format=pt2 still tries it, and tests/test_export.py holds that
+# refusal, so a torch that captures it shows there.
+_NOT_CAPTURED = {"GeneralizedRCNN": "Detectron2's RPN selects proposals with Python branches on how many there are"}
+
+
+class _NotCaptured(Exception):
+    pass
+
+
+def _onnx(adapter, image: torch.Tensor, names: list[str], buf) -> dict:
+    """ONNX by the dynamo exporter from the ExportedProgram, else (torch.export cannot capture the
+    model) by the TorchScript-based exporter; returns what ran, for the record."""
+    arch = type(adapter.model).__name__
+    try:
+        if arch in _NOT_CAPTURED:
+            raise _NotCaptured(_NOT_CAPTURED[arch])
+        program = _exported_program(adapter, image)
+    except Exception as e:  # noqa: BLE001 (torch.export's refusal: the older exporter traces instead)
+        text = str(e)
+        why = text if isinstance(e, _NotCaptured) else f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        torch.onnx.export(adapter, (image,), buf, dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=names, do_constant_folding=True)
+        return {"onnx_exporter": "torchscript", "opset": OPSET,
+                "onnx_exporter_why": f"torch.export cannot capture this model ({why})"}
+    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET, input_names=["image"],
+                                     output_names=names, external_data=False)
+    buf.write(onnx_program.model_proto.SerializeToString())
+    return {"onnx_exporter": "dynamo", "opset": ONNX_OPSET}
+
+
+def _serialise(adapter, image: torch.Tensor, fmt: str, family: str, names: list[str]) -> tuple[bytes, dict]:
     import warnings
 
     buf = io.BytesIO()
+    how: dict = {}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings on every Python-level shape check
             if fmt == "onnx":
-                torch.onnx.export(adapter, (image,), buf, dynamo=False, opset_version=OPSET,
-                                  input_names=["image"], output_names=names, do_constant_folding=True)
+                how = _onnx(adapter, image, names, buf)
+            elif fmt == "pt2":
+                torch.export.save(_exported_program(adapter, image), buf)
             else:
                 traced = torch.jit.trace(adapter, (image,), check_trace=False)
                 torch.jit.save(traced, buf)
@@ -181,7 +263,7 @@ def _serialise(adapter, image: torch.Tensor, fmt: str, family: str, names: list[
         raise _unsupported(e, family, fmt) from None
     finally:
         adapter.eval()  # torch.onnx.export restores the mode it found; keep eval either way
-    return buf.getvalue()
+    return buf.getvalue(), how
 
 
 def _runner(payload: bytes, fmt: str):
@@ -191,7 +273,11 @@ def _runner(payload: bytes, fmt: str):
 
         session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
         return lambda image: session.run(None, {"image": image.numpy()})
-    loaded = torch.jit.load(io.BytesIO(payload), map_location="cpu").eval()
+    if fmt == "pt2":
+        # the bytes this command serialised a moment ago, never a file from elsewhere (module docstring)
+        loaded = torch.export.load(io.BytesIO(payload)).module()
+    else:
+        loaded = torch.jit.load(io.BytesIO(payload), map_location="cpu").eval()
 
     def run(image):
         with torch.no_grad():
@@ -391,7 +477,8 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
     from peftseg.checkpoint.merge import fold_tuner_layers
 
     if fmt not in FORMATS:
-        raise UserError(f"format={fmt!r} is not an export format; choose format=onnx or format=torchscript.")
+        raise UserError(f"format={fmt!r} is not an export format; choose format=onnx, format=pt2 or "
+                        "format=torchscript (deprecated by torch).")
     stage = stage or (lambda text: None)
     stage(f"loading {checkpoint or 'the model'}")
     loaded = load_model(checkpoint, overrides, classes=classes)  # classes: a plain checkpoint's
@@ -423,14 +510,16 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
         names = _output_names(adapter, adapter(trace_image))
     refs = reference_outputs(adapter, names, parity_images,
                              f"{loaded.cfg.model.name} + {loaded.cfg.method.name} from {loaded.source}", described)
-    stage(f"tracing the model and writing it as ONNX (opset {OPSET})" if fmt == "onnx"
-          else "tracing the model and writing it as TorchScript")
+    stage({"onnx": "exporting the model and writing it as ONNX",
+           "pt2": "exporting the model with torch.export and writing it as an ExportedProgram",
+           "torchscript": "tracing the model and writing it as TorchScript (deprecated by torch)"}[fmt])
     start = time.perf_counter()
-    payload = _serialise(adapter, trace_image, fmt, family, names)
+    payload, how = _serialise(adapter, trace_image, fmt, family, names)
     seconds = time.perf_counter() - start
     if fmt == "onnx" and not payload:
         raise UserError(f"the ONNX exporter produced an empty graph for family {family!r}; nothing was written.")
-    stage(f"parity check: the file in {'onnxruntime' if fmt == 'onnx' else 'torch.jit.load'} vs PyTorch on "
+    runtime = {"onnx": "onnxruntime", "pt2": "torch.export.load", "torchscript": "torch.jit.load"}[fmt]
+    stage(f"parity check: the file in {runtime} vs PyTorch on "
           f"{len(parity_images)} images")
     run = _runner(payload, fmt)  # loads before anything is written: a file its runtime rejects is never left
     parity = check_parity(refs, run, parity_images)
@@ -439,7 +528,8 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | None, overrides: 
     record = {
         "status": "ok" if ok else "failed", **owner, "file": str(path), "checkpoint_kind": loaded.kind,
         "model": loaded.cfg.model.name, "family": family, "method": loaded.cfg.method.name,
-        "class_names": loaded.class_names, "export_seconds": round(seconds, 3), "opset": OPSET if fmt == "onnx" else None,
+        "class_names": loaded.class_names, "export_seconds": round(seconds, 3), "opset": None, "onnx_exporter": None, **how,
+        "deprecated": DEPRECATED.get(fmt),
         "input": {"name": "image", "shape": [3, size, size], "dtype": "float32",
                   "values": f"0..255, {model.input_format} channel order"},
         "outputs": names,

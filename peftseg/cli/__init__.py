@@ -26,8 +26,8 @@ COMMANDS = {
              "checkpoint=<run dir or model_* file> [output=<file .safetensors or .pth>]",
     "report": "table, report.csv, report.md, pareto.png and training curves of every results.json under a\n"
               "directory (a sweep)",
-    "export": "the model as one ONNX or TorchScript file (LoRA folded in), parity with PyTorch checked:\n"
-              "checkpoint=<run dir, model_* file or merged file> format=onnx|torchscript [output=<file>]",
+    "export": "the model as one ONNX, PyTorch 2 (.pt2) or TorchScript file (LoRA folded in), parity with PyTorch checked:\n"
+              "checkpoint=<run dir, model_* file or merged file> format=onnx|pt2|torchscript [output=<file>]",
     "predict": "masks on new images: checkpoint=<run dir or model file> input=<image, folder or glob> output=<dir>\n"
                "[score_thresh=0.5] [max_size=<px>]; a plain checkpoint also needs model=<preset> classes=[a,b];\n"
                "checkpoint=[runA,runB,…]: task variants of one base, the base in memory once",

@@ -1,26 +1,32 @@
-"""`peftseg export`: a trained model as an ONNX or TorchScript file, its parity with PyTorch checked."""
+"""`peftseg export`: a trained model as an ONNX, PyTorch 2 (.pt2) or TorchScript file, its parity with
+PyTorch checked."""
 
 from __future__ import annotations
 
 from peftseg.cli.common import Stages, console, err_console, print_text, split_args, wants_help
 
 EXPORT_HELP = """\
-usage: peftseg export checkpoint=<run dir, model_* file or merged file> format=onnx|torchscript [output=<file>]
+usage: peftseg export checkpoint=<run dir, model_* file or merged file> format=onnx|pt2|torchscript [output=<file>]
                       [images=<image, folder or glob>]
        (a plain detectron2 checkpoint also needs model=<preset> classes=[a,b])
 
 Writes the model as one file whose graph maps an image tensor (float32, 3 x S x S with S the
 model's image_size, values 0..255 in the model's channel order) to boxes, classes, masks and
 scores. LoRA-family updates are folded into the weights (peft's merge); adapters and side
-paths are exported as part of the graph. Default output: the checkpoint's name with .onnx or
-.torchscript.pt for its last suffix, beside it (v1.2.safetensors -> v1.2.onnx); output= must end
-in .onnx (format=onnx) or .pt (format=torchscript). An existing file is replaced only when it is
-this command's own earlier export of the same checkpoint to the same format.
+paths are exported as part of the graph. Default output: the checkpoint's name with .onnx, .pt2
+or .torchscript.pt for its last suffix, beside it (v1.2.safetensors -> v1.2.onnx); output= must
+end in .onnx (format=onnx), .pt2 (format=pt2) or .pt (format=torchscript). An existing file is
+replaced only when it is this command's own earlier export of the same checkpoint to the same format.
+
+format=pt2 writes torch.export's ExportedProgram (load it with torch.export.load(f).module()).
+A .pt2 file holds pickled tensors that torch.export.load unpickles with code execution allowed:
+load only files you made or trust. format=torchscript is deprecated by torch (torch.jit warns to
+switch to torch.export): it stays while torch ships TorchScript; prefer format=pt2.
 
 A model with NaN or infinite weights is refused (exit 2), and so is one that finds fewer than
 {min} detections on the parity images: there would be nothing to compare. Those are {n} seeded
 synthetic images (coloured discs over noise), or the first {max_given} of images=, resized to S x S.
-The file is run by its runtime (onnxruntime / torch.jit.load) on them next to PyTorch; the max abs
+The file is run by its runtime (onnxruntime / torch.export.load / torch.jit.load) on them next to PyTorch; the max abs
 differences of scores, boxes and mask probabilities are printed and saved in <file>.parity.json.
 When the detections differ in number or class, or a difference exceeds the tolerance, the file
 is kept only as <name>.FAILED-parity<suffix> and the exit status is 1. The tolerance is counted
@@ -71,6 +77,8 @@ def main(argv: list[str]) -> int:
             + (f"; binary masks: {p['mask_pixels']['differing']} of {p['mask_pixels']['compared']} pixels differ"
                if p["binary_masks"] else "")
             + f"; classes {'equal' if p['classes_equal'] else 'DIFFER'}")
+    if p.get("deprecated"):
+        say(f"note: format={p['format']} is deprecated: {p['deprecated']}")
     say(f"record: {result.parity_path}")
     if not result.ok:
         text = (f"the exported file does not match PyTorch: {'; '.join(p['problems'])} (tolerance "

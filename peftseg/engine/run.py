@@ -15,6 +15,7 @@ from peftseg.checkpoint.files import FINAL
 from peftseg.build import build_for_run, resolve_device
 from peftseg.data import register_splits
 from peftseg.data.subset import training_data
+from peftseg.engine.compile import compile_blocks, refuse as refuse_compile
 from peftseg.engine.failure import explain
 from peftseg.environment import versions
 from peftseg.engine.interrupt import RunInterrupted, StopRequest
@@ -102,12 +103,17 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
             record.data = training_data(splits, cfg.dataset)
             log.info("training images: %d of %d", record.data["train_images"], record.data["train_images_available"])
             device = resolve_device(cfg.train.device)
+            refuse_compile(cfg, device.type)  # before minutes of model building
             model = build_for_run(cfg, len(splits.class_names), splits.class_names,
                                   calibration=calibration_batches(splits, cfg))
             counts = count_parameters(model)
             record.params = counts.to_dict()
             log.info("parameters: %d total, %d trainable (%.3f%%)", counts.total, counts.trainable, 100 * counts.ratio)
             model.to(device)
+            # after the model is complete (method, checkpointing) and on its device; in place, so the
+            # checkpoints' keys are the uncompiled ones. Not in build_for_run: loading a checkpoint of a
+            # compiled run (eval, merge, export) rebuilds an eager model
+            compiled = compile_blocks(model) if cfg.train.compile else 0
             # versions: what the checkpoints were made with (loading warns when they moved, and
             # converts what a library changed the meaning of: peftseg.checkpoint.provenance)
             meta = {"config": OmegaConf.to_container(cfg, resolve=True), "class_names": list(splits.class_names),
@@ -130,6 +136,7 @@ def run(cfg: DictConfig, run_dir: Path, run_id: str, on_evaluation: EvaluationLi
                 # seconds the method's non-default initialisation took (LoRA's method.init: the
                 # SVDs of pissa, eva's and corda's passes over training batches); null: none ran
                 "init_s": facts_of(model).init_seconds,
+                "compiled_blocks": compiled,  # blocks torch.compile ran (train.compile), 0: eager
                 "run_wall_time_s": time.perf_counter() - start,
             }
             if main:  # an inf step time or a NaN ratio is no more a result than a NaN AP
