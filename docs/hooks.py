@@ -450,6 +450,23 @@ def _describe(row: dict, attention: bool = True, targets: bool = False) -> str:
     return ", ".join(parts)
 
 
+def _time_cell(r: dict) -> str:
+    """The median step time, with its quartiles where the file has them (benchmark.py --repeat)."""
+    cell = f"{r['step_time_s']:.1f} s"
+    if r.get("step_time_p25_s") is not None and r["step_time_p25_s"] != r["step_time_p75_s"]:
+        cell += f" ({r['step_time_p25_s']:.1f}–{r['step_time_p75_s']:.1f})"
+    return cell
+
+
+def _ratio_cell(r: dict) -> str:
+    """The time ratio, with the range of the per-round ratios where the file has them."""
+    cell = f"{r['step_time_ratio']:.2f}"
+    low, high = r.get("step_time_ratio_min"), r.get("step_time_ratio_max")
+    if low is not None and low != high:
+        cell += f" ({low:.2f}–{high:.2f})"
+    return cell
+
+
 def benchmark_table(name: str, time: bool = False) -> str:
     """A `scripts/benchmark.py --json` file: one row per variant, ratios against its baseline."""
     data = _load(name)
@@ -467,7 +484,7 @@ def benchmark_table(name: str, time: bool = False) -> str:
     for label, r in data["methods"].items():
         row = [f"`{label}`", _describe(r, len(attentions) > 1, len(targets) > 1), f"{100 * r['ratio']:.1f}"]
         if time:
-            row += [f"{r['step_time_s']:.1f} s", f"{r['step_time_ratio']:.2f}"]
+            row += [_time_cell(r), _ratio_cell(r)]
         row += [_bytes(r["peak_memory_bytes"]), f"{r['peak_memory_ratio']:.2f}", _bytes(r["weights_bytes"]),
                 _bytes(r["gradients_bytes"]), _bytes(r["optimizer_state_bytes"]), _bytes(r["activations_bytes"])]
         rows.append(row)

@@ -142,3 +142,14 @@ def reopen_trial(study, trial_id: int):
     import optuna
 
     return optuna.trial.Trial(study, trial_id)
+
+
+def allow_recompiles(variants: int) -> None:
+    """torch.compile compiles a frame once per set of constants it meets: every ViT block is its
+    own (a drop-path rate of its own, window or global attention), times training and evaluation.
+    Past `torch._dynamo.config.recompile_limit` (8 by default) dynamo warns once and runs every
+    further variant eagerly, so a 12-block ViT-B would silently train a third of its blocks
+    uncompiled. The limit has no public setter; it is raised to cover `variants`, never lowered."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, variants)

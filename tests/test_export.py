@@ -148,11 +148,16 @@ REFUSED = {("swin", "onnx"): "model family 'swin' cannot be exported to onnx: th
                               "(GuardOnDataDependentSymNode: Could not guard on data-dependent expression"}
 # one xdist group per family: each family's runs are built once, beside the other families'
 # ONNX: the Mask R-CNN families through the TorchScript-based exporter (seconds), the query families
-# through the dynamo exporter (~40-90 s a model here), one of them in the suite; the full matrix is
-# scripts/export_parity.py's (docs/benchmarks)
+# through the dynamo exporter (~40-90 s a model here), one of them in the suite; the full matrix of
+# families x methods x formats is scripts/export_parity.py's (docs/benchmarks)
+# TorchScript (deprecated by torch): every family with LoRA folded in, the adapter and side graphs on
+# one query family each
+CASES = [(family, "lora", "torchscript") for family in FAMILIES]
+CASES += [("maskdino", "adapter", "torchscript"), ("mask2former", "side", "torchscript")]
+CASES += [("vitdet", method, "onnx") for method in ("lora", "adapter", "side")]
+CASES += [("swin", "lora", "onnx"), ("mask2former", "lora", "onnx")]
 MATRIX = [pytest.param(family, method, fmt, marks=pytest.mark.xdist_group(f"export-{family}"))
-          for family in FAMILIES for method in ("lora", "adapter", "side") for fmt in ("onnx", "torchscript")
-          if fmt == "torchscript" or family in ("vitdet", "swin") or (family, method) == ("mask2former", "lora")]
+          for family, method, fmt in CASES]
 # pt2 (torch.export takes ~30-70 s a model here): one query family (seem, the quickest), with LoRA
 # folded in, and one Mask R-CNN family, refused; the full matrix is scripts/export_parity.py's
 # (docs/benchmarks/export_parity_pt2.json)

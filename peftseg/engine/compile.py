@@ -69,6 +69,11 @@ def compile_blocks(model: nn.Module, backend: str = BACKEND) -> int:
             f"train.compile=true compiles the model's transformer blocks, and model family "
             f"{family_of(model).name!r} lists none (its FamilyMap.checkpoint_blocks is empty). Run with "
             "train.compile=false.")
+    from peftseg.compat import allow_recompiles
+
+    # each block may differ from its neighbours in constants (its drop-path rate, its attention
+    # window), and each runs in training, in evaluation and without grad: room for all of them
+    allow_recompiles(4 * len(names) + 8)
     for name in names:
         model.get_submodule(name).compile(backend=backend)
     return len(names)
