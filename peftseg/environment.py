@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import re
+import sysconfig
 from importlib.metadata import PackageNotFoundError, distributions, version
 from pathlib import Path
 
@@ -44,7 +45,12 @@ def locked_versions(lock: str | Path = LOCK_FILE) -> dict[str, str]:
 
 
 def installed_versions() -> dict[str, str]:
-    return {canonical(d.metadata["Name"]): d.version for d in distributions() if d.metadata["Name"]}
+    """What this environment installed: the distributions in its own site-packages. Not whatever
+    else is on sys.path: a library may put its vendored packages there while a process runs
+    (building peft's BOFT CUDA extension adds setuptools' _vendor, with older packaging, zipp, …),
+    which would make the lock look modified for every later run of that process."""
+    paths = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    return {canonical(d.metadata["Name"]): d.version for d in distributions(path=paths) if d.metadata["Name"]}
 
 
 def _not_locked(locked: dict[str, str], installed: dict[str, str]) -> list[str]:

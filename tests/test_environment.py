@@ -140,3 +140,20 @@ def test_the_detectron2_rebuild_says_each_step(tmp_path, monkeypatch, capsys):
     assert lines[-1].startswith("detectron2: installed detectron2 0.7.2 in ")
     (wheel,) = installed
     assert wheel.endswith("detectron2-0.7.2-py3-none-any.whl")
+
+
+def test_packages_a_library_puts_on_sys_path_are_not_the_environment(tmp_path, monkeypatch):
+    """Building peft's BOFT CUDA extension puts setuptools' vendored packages (an older packaging,
+    zipp, …) on sys.path for the rest of the process; the lock state of a later run must not change."""
+    import sys
+
+    from peftseg.environment import installed_versions, lock_state
+
+    before, state = installed_versions(), lock_state()
+    for name in ("packaging", "vendoredonly"):
+        info = tmp_path / f"{name}-0.0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    assert installed_versions() == before
+    assert lock_state() == state
