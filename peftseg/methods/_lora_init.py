@@ -59,11 +59,6 @@ def init_configs(init: str) -> dict:
     return {}
 
 
-def targeted_modules(model: nn.Module, target_regex: str) -> list[str]:
-    """Full names of the modules peft will wrap (it re.fullmatch-es a str target against names)."""
-    return [n for n, _ in model.named_modules() if n and re.fullmatch(target_regex, n)]
-
-
 def resolve_pattern(model: nn.Module, targeted: list[str], pattern: dict, field: str, groups: dict) -> dict:
     """`method.rank_pattern`-style {group name or module regex: value} as peft's pattern dict,
     keyed by the exact (escaped) module names it selects among `targeted`: peft matches its

@@ -91,11 +91,11 @@ def apply(model, cfg: LoraConfig, adapter_name: str = "default"):
     import peft
 
     from peftseg.methods import _lora_init
-    from peftseg.methods._peft import family_targets, inject
+    from peftseg.methods._peft import family_targets, inject, targeted_modules
     from peftseg.models import family_of
 
     target = family_targets(model, cfg.targets, blocks=cfg.blocks, adapter_name=adapter_name, convs=True)
-    targeted = _lora_init.targeted_modules(model, target)
+    targeted = [name for name, _ in targeted_modules(model, target)]
     groups = family_of(model).lora_targets
     _lora_init.check_layers(model, targeted, cfg.init, "method.init")
     peft_cfg = peft.LoraConfig(
